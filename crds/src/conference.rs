@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 /// A Chorus conference: media servers placed in several regions that share one global list of top
 /// speakers and mix it once, near each listener.
+// Each `printcolumn(...)` repeats the same keys, which clippy takes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "chorus.dev",

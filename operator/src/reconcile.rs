@@ -210,11 +210,7 @@ async fn ensure_secrets(
             (SecretPlan::MeshCa { .. }, None) => {
                 let data = secret_material::new_mesh_ca(&plan.conference)?;
                 create_secret(&api, conf, plan, name, data.clone(), "mesh CA").await?;
-                events.push(normal(
-                    "SecretCreated",
-                    "CreateSecret",
-                    format!("created mesh CA Secret {name}"),
-                ));
+                events.push(secret_created(name, &plan.namespace, "mesh CA"));
                 ca_data = Some(data);
             }
             (SecretPlan::MeshTls { servers, .. }, found) => {
@@ -274,11 +270,7 @@ async fn ensure_secrets(
                     "join-token key",
                 )
                 .await?;
-                events.push(normal(
-                    "SecretCreated",
-                    "CreateSecret",
-                    format!("created join-token key Secret {name}"),
-                ));
+                events.push(secret_created(name, &plan.namespace, "join-token key"));
             }
             (SecretPlan::External { key, purpose, .. }, found) => {
                 let has_key = found
@@ -512,6 +504,25 @@ fn normal(reason: &str, action: &str, note: String) -> Event {
         note: Some(note),
         action: action.to_owned(),
         secondary: None,
+    }
+}
+
+/// A Secret was created. The Secret is the event's related object, which also keeps two such
+/// events in one reconcile from being folded into one series by the recorder.
+fn secret_created(name: &str, namespace: &str, what: &str) -> Event {
+    Event {
+        secondary: Some(ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Secret".to_owned()),
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectReference::default()
+        }),
+        ..normal(
+            "SecretCreated",
+            "CreateSecret",
+            format!("created {what} Secret {name}"),
+        )
     }
 }
 
