@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.regions) >= 1").message("at least one region is required"))]
 #[x_kube(validation = Rule::new("self.regions.all(r, self.regions.exists_one(o, o.name == r.name))").message("region names must be unique"))]
 pub struct ConferenceSpec {
     /// The regions the conference spans. Each gets its own media servers, placed on nodes of that
