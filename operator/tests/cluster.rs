@@ -26,8 +26,12 @@ async fn example_conference_becomes_ready() -> anyhow::Result<()> {
     let ssa = PatchParams::apply("chorus-e2e").force();
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch("conferences.chorus.dev", &ssa, &Patch::Apply(Conference::crd()))
-        .await?;
+    crds.patch(
+        "conferences.chorus.dev",
+        &ssa,
+        &Patch::Apply(Conference::crd()),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // let the API server publish the new type
 
     let ns = "chorus-e2e";
@@ -40,7 +44,10 @@ async fn example_conference_becomes_ready() -> anyhow::Result<()> {
         )
         .await?;
 
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/conference.yaml"))?;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/conference.yaml"
+    ))?;
     let mut conf = manifests::read_conference(&text, ns)?;
     for region in &mut conf.spec.regions {
         region.node_selector = Some(Default::default());

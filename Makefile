@@ -1,0 +1,37 @@
+# The project's commands. `make demo` and `make test` start with scripts/bootstrap, which installs
+# what is missing and takes a fraction of a second when nothing is.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+# Plain output: CI logs and test expectations should not depend on a terminal.
+export CARGO_TERM_COLOR := never
+
+# Where scripts/bootstrap puts the pinned tools (kubernetes-validate, jsonschema, helm).
+TOOLS_PATH := $(CURDIR)/.venv/bin:$(CURDIR)/.tools/bin
+
+.PHONY: bootstrap test demo bench crds
+
+bootstrap:
+	scripts/bootstrap
+
+# What CI runs (.ci/run). Formatting and lints first: they fail in seconds, the tests in minutes.
+test: bootstrap
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	PATH="$(TOOLS_PATH):$$PATH" cargo test --workspace
+
+demo: bootstrap
+	@echo "make demo: the Chorus media server is not built yet, so there is no local conference to run."
+	@echo "Meanwhile, these are the Kubernetes objects the operator would create for examples/conference.yaml"
+	@echo "(cargo run -p chorus-operator -- plan -f examples/conference.yaml):"
+	@echo
+	@cargo run -q -p chorus-operator -- plan -f examples/conference.yaml
+
+bench:
+	@echo "make bench: the benchmarks arrive with the media server; there is nothing to measure yet."
+
+# Regenerates the CRD from crds/src/conference.rs. A test fails when the two differ. Written to a
+# temporary file first, so a failed build leaves the old CRD in place instead of an empty one.
+crds:
+	cargo run -q -p chorus-operator -- crd > crds/conference.yaml.tmp || { rm -f crds/conference.yaml.tmp; exit 1; }
+	mv crds/conference.yaml.tmp crds/conference.yaml

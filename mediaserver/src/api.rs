@@ -1,0 +1,276 @@
+//! The HTTP API (axum): joining works the way WHIP does, plus room info, the web client, metrics
+//! and probes.
+//!
+//! - `POST /v1/rooms/{room}/participants`: `Authorization: Bearer <join token>`,
+//!   `Content-Type: application/sdp`, body = SDP offer. `201 Created` with the SDP answer, a
+//!   `Location` to DELETE for leaving, and the participant id in `Chorus-Participant-Id`.
+//! - `DELETE /v1/rooms/{room}/participants/{id}`: the same token; `204`.
+//! - `GET /v1/rooms/{room}`: the same token; participants and active speakers as JSON.
+//! - `GET /`: the web client. `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Every refusal is JSON `{"error": <message>, "reason": <static code>}` with a 4xx/5xx status, and is
+//! counted by reason. Messages never contain tokens or keys.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::room::{JoinError, Rooms};
+use crate::token::{TokenError, TokenKey};
+
+/// Largest SDP offer accepted. Browsers send a few kilobytes.
+const MAX_SDP_BYTES: usize = 64 * 1024;
+
+/// What every handler reads.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The running configuration.
+    pub config: Arc<Config>,
+    /// Checks join tokens.
+    pub key: TokenKey,
+    /// The rooms of this server.
+    pub rooms: Arc<Rooms>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set once the server can accept participants; cleared on shutdown.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(app_js))
+        .route("/v1/rooms/{room}", get(room_info))
+        .route("/v1/rooms/{room}/participants", post(join))
+        .route("/v1/rooms/{room}/participants/{id}", delete(leave))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(MAX_SDP_BYTES))
+        .with_state(state)
+}
+
+/// A refusal: status, static reason, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            axum::Json(json!({"error": self.message, "reason": self.reason})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, e.category(), e.to_string())
+    }
+}
+
+impl From<JoinError> for ApiError {
+    fn from(e: JoinError) -> Self {
+        let status = match &e {
+            JoinError::BadOffer(_) => StatusCode::BAD_REQUEST,
+            JoinError::RoomFull { .. } => StatusCode::FORBIDDEN,
+            JoinError::ServerFull { .. } | JoinError::TooManyRooms { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            JoinError::NotFound => StatusCode::NOT_FOUND,
+            JoinError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.category(), e.to_string())
+    }
+}
+
+fn check_room_name(room: &str) -> Result<(), ApiError> {
+    let ok = !room.is_empty()
+        && room.len() <= 64
+        && room
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_room_name",
+            "room names are 1 to 64 characters of letters, digits, '-' and '_'",
+        ))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, TokenError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(TokenError::Missing)
+}
+
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    room: &str,
+) -> Result<crate::token::Claims, ApiError> {
+    check_room_name(room)?;
+    let token = bearer(headers)?;
+    Ok(state
+        .key
+        .verify(token, &state.config.conference, room, SystemTime::now())?)
+}
+
+/// Count a refusal and pass it on.
+fn counted(state: &AppState, e: ApiError) -> ApiError {
+    state
+        .metrics
+        .joins_rejected
+        .with_label_values(&[e.reason])
+        .inc();
+    e
+}
+
+async fn join(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let claims = authorize(&state, &headers, &room).map_err(|e| counted(&state, e))?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !content_type.starts_with("application/sdp") {
+        return Err(counted(
+            &state,
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "bad_content_type",
+                "send the SDP offer with Content-Type: application/sdp",
+            ),
+        ));
+    }
+    let offer = std::str::from_utf8(&body).map_err(|_| {
+        counted(
+            &state,
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_offer",
+                "the SDP offer is not UTF-8",
+            ),
+        )
+    })?;
+    let joined = state
+        .rooms
+        .join(&room, &claims.sub, offer)
+        .await
+        .map_err(|e| counted(&state, e.into()))?;
+    let location = format!("/v1/rooms/{room}/participants/{}", joined.id);
+    Ok((
+        StatusCode::CREATED,
+        [
+            (header::CONTENT_TYPE, "application/sdp".to_owned()),
+            (header::LOCATION, location),
+            (
+                header::HeaderName::from_static("chorus-participant-id"),
+                joined.id.to_string(),
+            ),
+        ],
+        joined.answer,
+    )
+        .into_response())
+}
+
+async fn leave(
+    State(state): State<AppState>,
+    Path((room, id)): Path<(String, u64)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &headers, &room)?;
+    state.rooms.leave(&room, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn room_info(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers, &room)?;
+    let info = state.rooms.info(&room).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_room",
+            format!("room {room:?} has nobody in it"),
+        )
+    })?;
+    Ok(axum::Json(info).into_response())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+    }
+}
+
+async fn index() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../web/index.html"),
+    )
+        .into_response()
+}
+
+async fn app_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../web/app.js"),
+    )
+        .into_response()
+}

@@ -1,0 +1,443 @@
+//! Media-server configuration, in layers: defaults, then a TOML file, then the environment, then
+//! command-line flags. Each layer only overrides what it names.
+//!
+//! Strict: unknown keys in the file are errors (`deny_unknown_fields`), and [`Config::validate`]
+//! checks every value at startup with a message naming the setting. The join key itself never
+//! appears in `Debug` output or error messages.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use chorus_crds::names::env;
+use serde::Deserialize;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the unknown or mistyped key).
+        message: String,
+    },
+    /// An environment variable has a value of the wrong shape.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or missing.
+    #[error("setting {setting}: {message}")]
+    Invalid {
+        /// The setting's file key.
+        setting: &'static str,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+/// The running configuration.
+#[derive(Clone)]
+pub struct Config {
+    /// The HTTP API, web client, metrics and probes.
+    pub http_addr: SocketAddr,
+    /// The one UDP port every participant's media uses.
+    pub udp_addr: SocketAddr,
+    /// The address advertised in ICE candidates.
+    pub public_address: IpAddr,
+    /// This server's id (its pod name in a cluster).
+    pub server_id: String,
+    /// Its region.
+    pub region: String,
+    /// The conference it serves (join tokens must name it).
+    pub conference: String,
+    /// The join-token HMAC key.
+    pub join_key: Vec<u8>,
+    /// Participants this server accepts, over all rooms.
+    pub max_participants: usize,
+    /// Rooms this server hosts at once.
+    pub max_rooms: usize,
+    /// Participants one room accepts.
+    pub max_room_participants: usize,
+    /// Audio frame length: 10 or 20 ms.
+    pub frame_ms: u32,
+    /// Length of the top list.
+    pub top_speakers: usize,
+    /// Candidates forwarded beyond the top list.
+    pub extra_candidates: usize,
+    /// Jitter-buffer lower bound.
+    pub jitter_min_ms: u32,
+    /// Jitter-buffer upper bound.
+    pub jitter_max_ms: u32,
+    /// How often local top lists are computed (and sent to the mesh primary).
+    pub rank_interval_ms: u32,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("http_addr", &self.http_addr)
+            .field("udp_addr", &self.udp_addr)
+            .field("public_address", &self.public_address)
+            .field("server_id", &self.server_id)
+            .field("region", &self.region)
+            .field("conference", &self.conference)
+            .field("join_key", &"<redacted>")
+            .field("max_participants", &self.max_participants)
+            .field("max_rooms", &self.max_rooms)
+            .field("max_room_participants", &self.max_room_participants)
+            .field("frame_ms", &self.frame_ms)
+            .field("top_speakers", &self.top_speakers)
+            .field("extra_candidates", &self.extra_candidates)
+            .field("jitter_min_ms", &self.jitter_min_ms)
+            .field("jitter_max_ms", &self.jitter_max_ms)
+            .field("rank_interval_ms", &self.rank_interval_ms)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([0, 0, 0, 0], chorus_crds::names::SIGNAL_PORT)),
+            udp_addr: SocketAddr::from(([0, 0, 0, 0], 40000)),
+            public_address: IpAddr::from([127, 0, 0, 1]),
+            server_id: "chorus-local-0".to_owned(),
+            region: "local".to_owned(),
+            conference: "local".to_owned(),
+            join_key: Vec::new(),
+            max_participants: 500,
+            max_rooms: 100,
+            max_room_participants: 500,
+            frame_ms: 20,
+            top_speakers: 3,
+            extra_candidates: 1,
+            jitter_min_ms: 20,
+            jitter_max_ms: 120,
+            rank_interval_ms: 100,
+        }
+    }
+}
+
+/// One layer: every field optional. The TOML file and the flags both fill one of these.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Layer {
+    /// See [`Config::http_addr`].
+    pub http_addr: Option<SocketAddr>,
+    /// See [`Config::udp_addr`].
+    pub udp_addr: Option<SocketAddr>,
+    /// See [`Config::public_address`].
+    pub public_address: Option<IpAddr>,
+    /// See [`Config::server_id`].
+    pub server_id: Option<String>,
+    /// See [`Config::region`].
+    pub region: Option<String>,
+    /// See [`Config::conference`].
+    pub conference: Option<String>,
+    /// A file holding the join key (its whole content, trailing newline trimmed).
+    pub join_key_file: Option<PathBuf>,
+    /// See [`Config::max_participants`].
+    pub max_participants: Option<usize>,
+    /// See [`Config::max_rooms`].
+    pub max_rooms: Option<usize>,
+    /// See [`Config::max_room_participants`].
+    pub max_room_participants: Option<usize>,
+    /// See [`Config::frame_ms`].
+    pub frame_ms: Option<u32>,
+    /// See [`Config::top_speakers`].
+    pub top_speakers: Option<usize>,
+    /// See [`Config::extra_candidates`].
+    pub extra_candidates: Option<usize>,
+    /// See [`Config::jitter_min_ms`].
+    pub jitter_min_ms: Option<u32>,
+    /// See [`Config::jitter_max_ms`].
+    pub jitter_max_ms: Option<u32>,
+    /// See [`Config::rank_interval_ms`].
+    pub rank_interval_ms: Option<u32>,
+}
+
+impl Layer {
+    /// Read a TOML layer.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The layer the environment gives: the variables the operator sets on pods.
+    pub fn from_env(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Self, Option<Vec<u8>>), ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+        ) -> Result<Option<T>, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            get(name)
+                .map(|v| {
+                    v.parse::<T>().map_err(|e| ConfigError::Env {
+                        name,
+                        message: format!("{v:?}: {e}"),
+                    })
+                })
+                .transpose()
+        }
+        let udp_port: Option<u16> = parse(&get, env::UDP_PORT)?;
+        let layer = Layer {
+            server_id: get(env::SERVER_ID),
+            region: get(env::REGION),
+            conference: get(env::CONFERENCE),
+            public_address: parse(&get, env::PUBLIC_ADDRESS)?,
+            udp_addr: udp_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
+            max_participants: parse(&get, env::MAX_PARTICIPANTS)?,
+            ..Layer::default()
+        };
+        // The key comes straight from the Secret; it is never written to a file by us.
+        let key = get(env::JOIN_KEY).map(|k| k.trim_end().as_bytes().to_vec());
+        Ok((layer, key))
+    }
+}
+
+impl Config {
+    /// Apply one layer over this configuration.
+    pub fn apply(&mut self, layer: &Layer) -> Result<(), ConfigError> {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = &layer.$field { self.$field = v.clone(); } )* };
+        }
+        take!(
+            http_addr,
+            udp_addr,
+            public_address,
+            server_id,
+            region,
+            conference,
+            max_participants,
+            max_rooms,
+            max_room_participants,
+            frame_ms,
+            top_speakers,
+            extra_candidates,
+            jitter_min_ms,
+            jitter_max_ms,
+            rank_interval_ms
+        );
+        if let Some(path) = &layer.join_key_file {
+            let key = std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            self.join_key = trim_newline(key);
+        }
+        Ok(())
+    }
+
+    /// Check every value; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |setting: &'static str, message: String| Err(ConfigError::Invalid { setting, message });
+        if self.join_key.len() < crate::token::MIN_KEY_BYTES {
+            return invalid(
+                "join-key-file",
+                format!(
+                    "a join key of at least {} bytes is required (join-key-file or {})",
+                    crate::token::MIN_KEY_BYTES,
+                    env::JOIN_KEY
+                ),
+            );
+        }
+        if self.frame_ms != 10 && self.frame_ms != 20 {
+            return invalid("frame-ms", format!("{} is not 10 or 20", self.frame_ms));
+        }
+        if !(1..=16).contains(&self.top_speakers) {
+            return invalid(
+                "top-speakers",
+                format!("{} is not in 1..=16", self.top_speakers),
+            );
+        }
+        if self.top_speakers + self.extra_candidates > 16 {
+            return invalid(
+                "extra-candidates",
+                "top-speakers + extra-candidates must be at most 16".to_owned(),
+            );
+        }
+        if self.jitter_max_ms < self.jitter_min_ms + self.frame_ms || self.jitter_max_ms > 2000 {
+            return invalid(
+                "jitter-max-ms",
+                format!(
+                    "{} must be at least jitter-min-ms + frame-ms ({}) and at most 2000",
+                    self.jitter_max_ms,
+                    self.jitter_min_ms + self.frame_ms
+                ),
+            );
+        }
+        if self.rank_interval_ms < self.frame_ms || self.rank_interval_ms > 2000 {
+            return invalid(
+                "rank-interval-ms",
+                format!("{} must be within frame-ms..=2000", self.rank_interval_ms),
+            );
+        }
+        for (setting, v) in [
+            ("max-participants", self.max_participants),
+            ("max-rooms", self.max_rooms),
+            ("max-room-participants", self.max_room_participants),
+        ] {
+            if v == 0 || v > 100_000 {
+                return invalid(setting, format!("{v} is not in 1..=100000"));
+            }
+        }
+        for (setting, v) in [
+            ("server-id", &self.server_id),
+            ("region", &self.region),
+            ("conference", &self.conference),
+        ] {
+            if v.is_empty() || v.len() > 63 {
+                return invalid(setting, "must be 1 to 63 characters".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// The mixer's settings.
+    pub fn mixer(&self) -> crate::media::MixerConfig {
+        crate::media::MixerConfig {
+            frame_ms: self.frame_ms,
+            top_speakers: self.top_speakers,
+            extra_candidates: self.extra_candidates,
+            jitter_min_ms: self.jitter_min_ms,
+            jitter_max_ms: self.jitter_max_ms,
+        }
+    }
+}
+
+fn trim_newline(mut key: Vec<u8>) -> Vec<u8> {
+    while matches!(key.last(), Some(b'\n' | b'\r')) {
+        key.pop();
+    }
+    key
+}
+
+/// Build the configuration from every layer: defaults, file, environment, flags.
+pub fn load(
+    file: Option<&std::path::Path>,
+    get_env: impl Fn(&str) -> Option<String>,
+    flags: &Layer,
+) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    if let Some(path) = file {
+        config.apply(&Layer::from_file(path)?)?;
+    }
+    let (env_layer, env_key) = Layer::from_env(get_env)?;
+    config.apply(&env_layer)?;
+    if let Some(key) = env_key {
+        config.join_key = key;
+    }
+    config.apply(flags)?;
+    config.validate()?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("chorus-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "top-speakers = 4\nregion = \"file\"\nframe-ms = 10\n",
+        )
+        .unwrap();
+        let flags = Layer {
+            region: Some("flag".into()),
+            ..Layer::default()
+        };
+        let c = load(
+            Some(&file),
+            env_of(&[
+                ("CHORUS_REGION", "env"),
+                ("CHORUS_JOIN_KEY", KEY),
+                ("CHORUS_UDP_PORT", "41000"),
+            ]),
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(c.top_speakers, 4); // file over default
+        assert_eq!(c.frame_ms, 10);
+        assert_eq!(c.region, "flag"); // flag over env over file
+        assert_eq!(c.udp_addr.port(), 41000);
+        assert!(!format!("{c:?}").contains(KEY));
+    }
+
+    #[test]
+    fn strict_and_validated() {
+        let dir = std::env::temp_dir().join(format!("chorus-config-b-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "top-speakerz = 4\n").unwrap();
+        let err = load(
+            Some(&file),
+            env_of(&[("CHORUS_JOIN_KEY", KEY)]),
+            &Layer::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("top-speakerz"), "{err}");
+
+        let bad = Layer {
+            frame_ms: Some(15),
+            ..Layer::default()
+        };
+        let err = load(None, env_of(&[("CHORUS_JOIN_KEY", KEY)]), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("frame-ms") && err.contains("15"), "{err}");
+
+        let err = load(None, env_of(&[]), &Layer::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("join key"), "{err}");
+
+        let err = load(
+            None,
+            env_of(&[("CHORUS_JOIN_KEY", KEY), ("CHORUS_UDP_PORT", "x")]),
+            &Layer::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("CHORUS_UDP_PORT"), "{err}");
+    }
+}

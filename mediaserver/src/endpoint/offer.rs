@@ -1,0 +1,191 @@
+//! Checking a participant's SDP offer before the WebRTC stack sees it.
+//!
+//! The `rtc` crate parses SDP and negotiates, but its errors name internal states
+//! (`ErrSessionDescriptionMissingIceUfrag`, ...). An application developer calling the join API
+//! needs to read what is wrong with the offer instead. So this module parses the offer with
+//! `rtc`'s SDP parser and checks, in order, what Chorus needs: parseable SDP; exactly one audio
+//! section, not rejected; Opus at 48000 Hz with 2 channels; sendrecv; ICE credentials; a DTLS
+//! fingerprint. The RFC 6464 audio-level extension is optional: without it, levels are `None`.
+
+use rtc::peer_connection::sdp::RTCSessionDescription;
+
+use super::EndpointError;
+
+/// The RFC 6464 client-to-mixer audio level header extension.
+pub(crate) const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
+/// Largest offer accepted; real audio offers are a few kilobytes.
+const MAX_OFFER_BYTES: usize = 64 * 1024;
+
+/// What the checks learned about an acceptable offer.
+#[derive(Debug)]
+pub(crate) struct CheckedOffer {
+    /// The parsed offer, ready for `set_remote_description`.
+    pub(crate) description: RTCSessionDescription,
+}
+
+/// Checks `sdp` and returns it parsed, or an error saying what is wrong with it.
+pub(crate) fn check_offer(sdp: &str) -> Result<CheckedOffer, EndpointError> {
+    if sdp.trim().is_empty() {
+        return Err(EndpointError::MalformedSdp("the offer is empty".into()));
+    }
+    if sdp.len() > MAX_OFFER_BYTES {
+        return Err(EndpointError::MalformedSdp(format!(
+            "the offer is {} bytes; at most {MAX_OFFER_BYTES} are accepted",
+            sdp.len()
+        )));
+    }
+    if !sdp.trim_start().starts_with("v=") {
+        return Err(EndpointError::MalformedSdp(
+            "the offer does not start with `v=0` (is it SDP, or JSON around SDP?)".into(),
+        ));
+    }
+    // The SDP grammar wants CRLF; many clients and hand-written offers use LF alone.
+    let normalized = if sdp.contains("\r\n") {
+        sdp.to_owned()
+    } else {
+        sdp.replace('\n', "\r\n")
+    };
+    let description = RTCSessionDescription::offer(normalized)
+        .map_err(|err| EndpointError::MalformedSdp(format!("the offer is not valid SDP: {err}")))?;
+    let parsed = description
+        .unmarshal()
+        .map_err(|err| EndpointError::MalformedSdp(format!("the offer is not valid SDP: {err}")))?;
+
+    let audio: Vec<_> = parsed
+        .media_descriptions
+        .iter()
+        .filter(|media| media.media_name.media == "audio")
+        .collect();
+    let section = match audio.as_slice() {
+        [] => {
+            return Err(EndpointError::UnsupportedOffer(
+                "the offer has no audio (`m=audio`) section".into(),
+            ));
+        }
+        [one] => *one,
+        many => {
+            return Err(EndpointError::UnsupportedOffer(format!(
+                "the offer has {} audio sections; a participant sends exactly one",
+                many.len()
+            )));
+        }
+    };
+    if section.media_name.port.value == 0 {
+        return Err(EndpointError::UnsupportedOffer(
+            "the audio section is rejected (port 0)".into(),
+        ));
+    }
+
+    let codecs = section.codecs();
+    let has_opus = codecs.values().any(|codec| {
+        codec.name.eq_ignore_ascii_case("opus")
+            && codec.clock_rate == 48_000
+            && codec.encoding_parameters.trim() == "2"
+    });
+    if !has_opus {
+        let mut offered: Vec<String> = codecs
+            .values()
+            .map(|codec| {
+                let mut name = format!("{}/{}", codec.name, codec.clock_rate);
+                if !codec.encoding_parameters.is_empty() {
+                    name.push('/');
+                    name.push_str(&codec.encoding_parameters);
+                }
+                name
+            })
+            .collect();
+        offered.sort();
+        let offered = if offered.is_empty() {
+            "no a=rtpmap codecs".to_owned()
+        } else {
+            offered.join(", ")
+        };
+        return Err(EndpointError::UnsupportedOffer(format!(
+            "the audio section does not offer opus/48000/2 (it offers: {offered})"
+        )));
+    }
+
+    for direction in ["sendonly", "recvonly", "inactive"] {
+        if section.has_attribute(direction) {
+            return Err(EndpointError::UnsupportedOffer(format!(
+                "the audio section is `a={direction}`; a participant must be sendrecv"
+            )));
+        }
+    }
+
+    let session_or_media = |key: &str| {
+        section
+            .attribute(key)
+            .flatten()
+            .map(str::to_owned)
+            .or_else(|| parsed.attribute(key).cloned())
+            .filter(|value| !value.trim().is_empty())
+    };
+    if session_or_media("ice-ufrag").is_none() || session_or_media("ice-pwd").is_none() {
+        return Err(EndpointError::MalformedSdp(
+            "the offer has no ICE credentials (`a=ice-ufrag` and `a=ice-pwd`)".into(),
+        ));
+    }
+    if session_or_media("fingerprint").is_none() {
+        return Err(EndpointError::MalformedSdp(
+            "the offer has no DTLS fingerprint (`a=fingerprint`)".into(),
+        ));
+    }
+
+    Ok(CheckedOffer { description })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "v=0\r\n\
+o=- 1 2 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+t=0 0\r\n\
+a=group:BUNDLE 0\r\n\
+a=fingerprint:sha-256 AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+c=IN IP4 0.0.0.0\r\n\
+a=mid:0\r\n\
+a=ice-ufrag:abcd\r\n\
+a=ice-pwd:abcdefghijklmnopqrstuvwxyz\r\n\
+a=setup:actpass\r\n\
+a=rtcp-mux\r\n\
+a=rtpmap:111 opus/48000/2\r\n\
+a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n\
+a=sendrecv\r\n";
+
+    fn message(sdp: &str) -> String {
+        check_offer(sdp)
+            .err()
+            .map(|err| err.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_good_offer_passes() {
+        check_offer(GOOD).unwrap();
+        check_offer(&GOOD.replace("\r\n", "\n")).unwrap();
+    }
+
+    #[test]
+    fn each_problem_gets_its_own_message() {
+        assert!(message("").contains("empty"));
+        assert!(message("{\"type\":\"offer\"}").contains("v=0"));
+        assert!(message("v=0\r\nthis is not sdp\r\n").contains("not valid SDP"));
+        assert!(message(&GOOD.replace("m=audio", "m=video")).contains("no audio"));
+        assert!(message(&GOOD.replace("opus/48000/2", "PCMU/8000")).contains("PCMU/8000"));
+        assert!(message(&GOOD.replace("a=sendrecv", "a=recvonly")).contains("recvonly"));
+        assert!(message(&GOOD.replace("a=ice-ufrag:abcd\r\n", "")).contains("ICE credentials"));
+        assert!(message(&GOOD.replace("a=fingerprint", "a=x-fingerprint")).contains("fingerprint"));
+        assert!(message(&GOOD.replace("m=audio 9", "m=audio 0")).contains("port 0"));
+    }
+
+    #[test]
+    fn malformed_sdp_has_the_right_category() {
+        let err = check_offer("v=0\r\nm=\r\n").unwrap_err();
+        assert_eq!(err.category(), "sdp_malformed");
+    }
+}

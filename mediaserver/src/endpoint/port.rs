@@ -1,0 +1,744 @@
+//! [`MediaPort`]: one UDP socket, one task, every participant of the server.
+//!
+//! The task owns the socket and every [`Session`]. It waits for whichever comes first — a
+//! datagram, a command (register, send audio, close), the earliest connection timer, or
+//! shutdown — handles it, and sends what the affected connections produced. Datagrams are
+//! routed (hand-written; see `demux.rs`) by, in order:
+//! 1. a STUN binding request's local ufrag (first contact, and re-routing if an address is
+//!    reused by another participant);
+//! 2. the source address, learned from earlier binding requests.
+//!
+//! Anything else is dropped and counted in [`PortStats::dropped_malformed`].
+//!
+//! Invariants:
+//! - At most [`PortConfig::max_peers`] sessions; at most [`MAX_ADDRS_PER_PEER`] learned
+//!   addresses per session, so a flood of forged binding requests cannot grow memory.
+//! - A session that reaches `Failed`/`Closed`, or does not connect within
+//!   [`PortConfig::connect_timeout`], is removed with its ufrag and addresses.
+//! - Senders never wait: the command queue is bounded and a full queue drops the frame.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::demux::{Datagram, classify, is_binding_success};
+use super::session::{Session, SessionChannels};
+use super::{EndpointError, InboundAudio, PeerState};
+
+/// Addresses remembered per session (a participant has a few candidates at most).
+pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
+/// Largest datagram read; bigger ones are truncated by the OS and then fail their checks.
+const RECEIVE_BUFFER: usize = 2048;
+/// Datagrams read per wake-up before looking at commands and timers again.
+const RECEIVE_BATCH: usize = 64;
+/// Commands handled per wake-up before looking at the socket again.
+const COMMAND_BATCH: usize = 256;
+/// The soonest a session's timer may fire after it is armed.
+const MIN_TIMER_DELAY: Duration = Duration::from_millis(1);
+
+/// Tunables of a [`MediaPort`]. `Default` suits production; tests shrink the timeouts.
+#[derive(Debug, Clone)]
+pub struct PortConfig {
+    /// The address put in the host ICE candidate (the pod's or node's reachable IP).
+    pub public_ip: IpAddr,
+    /// The port put in the host ICE candidate; `None` = the socket's own port.
+    pub public_port: Option<u16>,
+    /// Most participants on this port; `accept` beyond it fails with `TooManyPeers`.
+    pub max_peers: usize,
+    /// A participant that is not connected this long after its answer is removed.
+    pub connect_timeout: Duration,
+    /// Frames buffered per participant's inbound queue before new ones are dropped.
+    pub inbound_queue: usize,
+    /// Commands (mostly outbound frames, all participants together) buffered for the task.
+    pub command_queue: usize,
+}
+
+impl PortConfig {
+    /// Defaults, advertising `public_ip`.
+    pub fn new(public_ip: IpAddr) -> Self {
+        PortConfig {
+            public_ip,
+            public_port: None,
+            max_peers: 4096,
+            connect_timeout: Duration::from_secs(30),
+            inbound_queue: 256,
+            command_queue: 16 * 1024,
+        }
+    }
+}
+
+/// Counters of a port, read with [`MediaPort::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Datagrams read from the socket.
+    pub datagrams_in: u64,
+    /// Datagrams written to the socket.
+    pub datagrams_out: u64,
+    /// Datagrams dropped by the demultiplexer: malformed (not STUN/DTLS/RTP/RTCP by their first
+    /// byte, or a broken STUN/RTP/RTCP header), or well-formed but from an unknown address with
+    /// no known ufrag. [`PortStats::dropped_unroutable`] counts the latter part separately.
+    pub dropped_malformed: u64,
+    /// The part of `dropped_malformed` that was well-formed but belonged to no participant.
+    pub dropped_unroutable: u64,
+    /// Audio frames delivered to participants' inbound queues.
+    pub inbound_frames: u64,
+    /// Received audio frames dropped (inbound queue full or closed, or wrong payload type).
+    pub inbound_dropped: u64,
+    /// Audio frames sent.
+    pub outbound_frames: u64,
+    /// Audio frames not sent (command queue full, participant not connected or gone).
+    pub outbound_dropped: u64,
+    /// Socket send errors.
+    pub send_errors: u64,
+    /// Participants currently on the port.
+    pub peers: u64,
+}
+
+/// Shared counters, written by the task and read by [`MediaPort::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    datagrams_in: AtomicU64,
+    datagrams_out: AtomicU64,
+    dropped_malformed: AtomicU64,
+    dropped_unroutable: AtomicU64,
+    inbound_frames: AtomicU64,
+    inbound_dropped: AtomicU64,
+    outbound_frames: AtomicU64,
+    outbound_dropped: AtomicU64,
+    send_errors: AtomicU64,
+    peers: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    if by > 0 {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// What the rest of the server asks of the port's task.
+enum Command {
+    Register {
+        session: Box<Session>,
+        reply: oneshot::Sender<Result<(), EndpointError>>,
+    },
+    SendOpus {
+        peer: u64,
+        payload: Bytes,
+        samples: u32,
+    },
+    FanOut {
+        peers: Arc<[u64]>,
+        payload: Bytes,
+        samples: u32,
+    },
+    Close {
+        peer: u64,
+    },
+}
+
+/// The shared UDP media port. Cheap to share behind an `Arc`; dropping it does not stop the
+/// task — cancel the token given to [`MediaPort::start`].
+#[derive(Debug)]
+pub struct MediaPort {
+    local_addr: SocketAddr,
+    candidate_addr: SocketAddr,
+    config: PortConfig,
+    commands: mpsc::Sender<Command>,
+    counters: Arc<Counters>,
+    next_peer_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Register { session, .. } => write!(f, "Register({})", session.id),
+            Command::SendOpus { peer, samples, .. } => write!(f, "SendOpus({peer}, {samples})"),
+            Command::FanOut { peers, samples, .. } => {
+                write!(f, "FanOut({} peers, {samples})", peers.len())
+            }
+            Command::Close { peer } => write!(f, "Close({peer})"),
+        }
+    }
+}
+
+/// Sends Opus frames to one participant. Cheap to clone; never waits.
+#[derive(Debug, Clone)]
+pub struct PeerSender {
+    peer: u64,
+    commands: mpsc::Sender<Command>,
+    counters: Arc<Counters>,
+}
+
+impl PeerSender {
+    /// The participant this sender writes to.
+    pub fn peer_id(&self) -> u64 {
+        self.peer
+    }
+
+    /// Queues one Opus frame lasting `samples` samples at 48 kHz (960 for 20 ms). The port
+    /// stamps the participant's SSRC, sequence number, timestamp and payload type. `payload`
+    /// is shared, not copied: give every listener a clone of the same `Bytes`.
+    ///
+    /// Fails at once, dropping the frame, if the port's queue is full or the port is gone.
+    /// Frames for a participant that is not connected (yet, or any more) are dropped by the
+    /// port and counted in [`PortStats::outbound_dropped`].
+    pub fn send_opus(&self, payload: Bytes, samples: u32) -> Result<(), EndpointError> {
+        let command = Command::SendOpus {
+            peer: self.peer,
+            payload,
+            samples,
+        };
+        self.commands.try_send(command).map_err(|err| {
+            bump(&self.counters.outbound_dropped, 1);
+            match err {
+                mpsc::error::TrySendError::Full(_) => EndpointError::SendQueueFull,
+                mpsc::error::TrySendError::Closed(_) => EndpointError::PortClosed,
+            }
+        })
+    }
+}
+
+/// One participant on the port, as returned by [`MediaPort::accept`].
+///
+/// Dropping the handle does not end the session (the fields may live in different places);
+/// call [`PeerHandle::close`]. Sessions that fail or never connect are removed by the port.
+#[derive(Debug)]
+pub struct PeerHandle {
+    /// Unique on this port.
+    pub id: u64,
+    /// Audio received from the participant, in arrival order.
+    pub inbound: mpsc::Receiver<InboundAudio>,
+    /// Sends audio to the participant.
+    pub outbound: PeerSender,
+    /// The connection's state; ends at `Failed` or `Closed`.
+    pub state: watch::Receiver<PeerState>,
+}
+
+impl PeerHandle {
+    /// Tears the session down (DTLS close_notify, then removal). Idempotent; never waits.
+    pub fn close(&self) {
+        close_peer(&self.outbound.commands, self.id);
+    }
+
+    /// A clone of the outbound sender, for a mixer that keeps its own list.
+    pub fn sender(&self) -> PeerSender {
+        self.outbound.clone()
+    }
+
+    /// Waits until the state is `Connected` (true) or terminal (false).
+    pub async fn wait_connected(&mut self) -> bool {
+        match self
+            .state
+            .wait_for(|state| *state == PeerState::Connected || state.is_terminal())
+            .await
+        {
+            Ok(state) => *state == PeerState::Connected,
+            Err(_) => false,
+        }
+    }
+}
+
+fn close_peer(commands: &mpsc::Sender<Command>, peer: u64) {
+    // A close must not be lost to a full queue of audio frames; it may wait for room, but the
+    // caller does not: a detached task does the waiting.
+    match commands.try_send(Command::Close { peer }) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(command)) => {
+            let commands = commands.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = commands.send(command).await;
+                });
+            }
+        }
+    }
+}
+
+impl MediaPort {
+    /// Starts the port's task on `socket`, advertising `public_ip` and the socket's port in
+    /// every answer's host candidate. Must be called inside a Tokio runtime.
+    pub fn start(
+        socket: UdpSocket,
+        public_ip: IpAddr,
+        shutdown: CancellationToken,
+    ) -> Result<Self, EndpointError> {
+        Self::start_with(socket, PortConfig::new(public_ip), shutdown)
+    }
+
+    /// [`MediaPort::start`] with explicit tunables.
+    pub fn start_with(
+        socket: UdpSocket,
+        config: PortConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, EndpointError> {
+        let local_addr = socket.local_addr().map_err(EndpointError::Socket)?;
+        let candidate_addr = SocketAddr::new(
+            config.public_ip,
+            config.public_port.unwrap_or(local_addr.port()),
+        );
+        let (commands, command_rx) = mpsc::channel(config.command_queue.max(1));
+        let counters = Arc::new(Counters::default());
+        let driver = Driver {
+            socket,
+            candidate_addr,
+            config: config.clone(),
+            sessions: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            timers: BTreeSet::new(),
+            commands: command_rx,
+            counters: Arc::clone(&counters),
+            outgoing: Vec::new(),
+        };
+        let runtime = tokio::runtime::Handle::try_current().map_err(|err| {
+            EndpointError::Socket(std::io::Error::other(format!(
+                "MediaPort::start needs a Tokio runtime: {err}"
+            )))
+        })?;
+        runtime.spawn(driver.run(shutdown));
+        info!(%local_addr, %candidate_addr, "media port started");
+        Ok(MediaPort {
+            local_addr,
+            candidate_addr,
+            config,
+            commands,
+            counters,
+            next_peer_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The socket's bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The address advertised in host candidates.
+    pub fn candidate_addr(&self) -> SocketAddr {
+        self.candidate_addr
+    }
+
+    /// Accepts a participant's SDP offer. The offer must have one audio section offering
+    /// Opus/48000/2, sendrecv; the RFC 6464 audio-level extension is negotiated when offered.
+    /// Returns the SDP answer (ICE-lite, one host candidate, no trickle) and the handle.
+    pub async fn accept(&self, offer_sdp: &str) -> Result<(String, PeerHandle), EndpointError> {
+        if self.commands.is_closed() {
+            return Err(EndpointError::PortClosed);
+        }
+        let id = self.next_peer_id.fetch_add(1, Ordering::Relaxed);
+        let (session, answer, channels) = Session::answer(
+            id,
+            offer_sdp,
+            self.candidate_addr,
+            self.config.inbound_queue,
+            Instant::now(),
+        )?;
+        let SessionChannels {
+            state_rx,
+            inbound_rx,
+        } = channels;
+        let (reply, reply_rx) = oneshot::channel();
+        self.commands
+            .send(Command::Register {
+                session: Box::new(session),
+                reply,
+            })
+            .await
+            .map_err(|_| EndpointError::PortClosed)?;
+        reply_rx.await.map_err(|_| EndpointError::PortClosed)??;
+        let handle = PeerHandle {
+            id,
+            inbound: inbound_rx,
+            outbound: PeerSender {
+                peer: id,
+                commands: self.commands.clone(),
+                counters: Arc::clone(&self.counters),
+            },
+            state: state_rx,
+        };
+        Ok((answer, handle))
+    }
+
+    /// Sends one Opus frame to each of `peers`, as [`PeerSender::send_opus`] does for one, in a
+    /// single queue entry: the mixer's shared mix goes to every listener for one channel send
+    /// and one reference count per listener. Fails at once (dropping the frame for all) if the
+    /// queue is full or the port is gone.
+    pub fn send_opus_to_all(
+        &self,
+        peers: Arc<[u64]>,
+        payload: Bytes,
+        samples: u32,
+    ) -> Result<(), EndpointError> {
+        let count = peers.len() as u64;
+        let command = Command::FanOut {
+            peers,
+            payload,
+            samples,
+        };
+        self.commands.try_send(command).map_err(|err| {
+            bump(&self.counters.outbound_dropped, count);
+            match err {
+                mpsc::error::TrySendError::Full(_) => EndpointError::SendQueueFull,
+                mpsc::error::TrySendError::Closed(_) => EndpointError::PortClosed,
+            }
+        })
+    }
+
+    /// Closes participant `peer`, as [`PeerHandle::close`] does.
+    pub fn close_peer(&self, peer: u64) {
+        close_peer(&self.commands, peer);
+    }
+
+    /// A snapshot of the port's counters.
+    pub fn stats(&self) -> PortStats {
+        let c = &self.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PortStats {
+            datagrams_in: load(&c.datagrams_in),
+            datagrams_out: load(&c.datagrams_out),
+            dropped_malformed: load(&c.dropped_malformed),
+            dropped_unroutable: load(&c.dropped_unroutable),
+            inbound_frames: load(&c.inbound_frames),
+            inbound_dropped: load(&c.inbound_dropped),
+            outbound_frames: load(&c.outbound_frames),
+            outbound_dropped: load(&c.outbound_dropped),
+            send_errors: load(&c.send_errors),
+            peers: load(&c.peers),
+        }
+    }
+}
+
+/// The port's task: owns the socket and every session.
+struct Driver {
+    socket: UdpSocket,
+    candidate_addr: SocketAddr,
+    config: PortConfig,
+    sessions: HashMap<u64, Session>,
+    by_ufrag: HashMap<String, u64>,
+    by_addr: HashMap<SocketAddr, u64>,
+    /// (deadline, peer) for every session's next timer.
+    timers: BTreeSet<(Instant, u64)>,
+    commands: mpsc::Receiver<Command>,
+    counters: Arc<Counters>,
+    /// Datagrams produced since the last flush.
+    outgoing: Vec<(SocketAddr, BytesMut)>,
+}
+
+impl Driver {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut buffer = vec![0u8; RECEIVE_BUFFER];
+        loop {
+            let next_timer = self.timers.first().map(|(deadline, _)| *deadline);
+            let sleep = async {
+                match next_timer {
+                    Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                readable = self.socket.readable() => {
+                    if let Err(err) = readable {
+                        warn!(%err, "media socket failed; stopping the port");
+                        break;
+                    }
+                    self.receive_batch(&mut buffer);
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else { break };
+                    self.handle_command(command);
+                    for _ in 1..COMMAND_BATCH {
+                        match self.commands.try_recv() {
+                            Ok(command) => self.handle_command(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep => self.handle_timers(),
+            }
+            self.flush().await;
+        }
+        self.shutdown().await;
+    }
+
+    fn receive_batch(&mut self, buffer: &mut [u8]) {
+        for _ in 0..RECEIVE_BATCH {
+            match self.socket.try_recv_from(buffer) {
+                Ok((len, from)) => {
+                    let datagram = buffer.get(..len).unwrap_or_default();
+                    self.handle_datagram(Instant::now(), from, datagram);
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => {
+                    // ICMP errors (port unreachable of a departed peer) surface here on some
+                    // systems; they concern one remote, not the port.
+                    debug!(%err, "media socket receive error");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        bump(&self.counters.datagrams_in, 1);
+        let target = match classify(datagram) {
+            Err(malformed) => {
+                debug!(%from, reason = malformed.0, "dropping malformed datagram");
+                bump(&self.counters.dropped_malformed, 1);
+                return;
+            }
+            Ok(Datagram::StunBindingRequest { local_ufrag }) => {
+                let by_ufrag = local_ufrag.and_then(|ufrag| self.by_ufrag.get(ufrag).copied());
+                if let Some(peer) = by_ufrag
+                    && self.by_addr.get(&from) != Some(&peer)
+                {
+                    self.first_contact(peer, now, from, datagram);
+                    return;
+                }
+                by_ufrag.or_else(|| self.by_addr.get(&from).copied())
+            }
+            Ok(Datagram::Stun | Datagram::Dtls | Datagram::Rtp | Datagram::Rtcp) => {
+                self.by_addr.get(&from).copied()
+            }
+        };
+        let Some(session) = target.and_then(|peer| self.sessions.get_mut(&peer)) else {
+            debug!(%from, "dropping datagram from an unknown address");
+            bump(&self.counters.dropped_malformed, 1);
+            bump(&self.counters.dropped_unroutable, 1);
+            return;
+        };
+        session.handle_datagram(now, self.candidate_addr, from, BytesMut::from(datagram));
+        let peer = session.id;
+        self.service(peer, now);
+    }
+
+    /// A binding request naming `peer`'s ufrag from an address not yet routed to it. The
+    /// address is learned only if the session answers with a binding success, i.e. the
+    /// request passed its MESSAGE-INTEGRITY check: a forged request cannot steer routing.
+    fn first_contact(&mut self, peer: u64, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        session.handle_datagram(now, self.candidate_addr, from, BytesMut::from(datagram));
+        let produced_from = self.outgoing.len();
+        self.service(peer, now);
+        let accepted = self.outgoing[produced_from..]
+            .iter()
+            .any(|(to, reply)| *to == from && is_binding_success(reply));
+        if accepted {
+            debug!(peer, %from, "learned a participant's address");
+            self.learn_address(peer, from);
+        }
+    }
+
+    /// Routes `from` to `peer` from now on (moving it if another session had it).
+    fn learn_address(&mut self, peer: u64, from: SocketAddr) {
+        match self.by_addr.get(&from) {
+            Some(&known) if known == peer => return,
+            Some(&other) => {
+                if let Some(session) = self.sessions.get_mut(&other) {
+                    session.remote_addrs.retain(|addr| *addr != from);
+                }
+            }
+            None => {}
+        }
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.remote_addrs.len() >= MAX_ADDRS_PER_PEER {
+            let oldest = session.remote_addrs.remove(0);
+            self.by_addr.remove(&oldest);
+        }
+        session.remote_addrs.push(from);
+        self.by_addr.insert(from, peer);
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Register { session, reply } => {
+                let peer = session.id;
+                let result = self.register(*session, now);
+                let registered = result.is_ok();
+                if reply.send(result).is_err() && registered {
+                    // The caller of `accept` gave up; nobody holds the handle.
+                    debug!(peer, "registration abandoned by its caller");
+                    self.remove(peer, PeerState::Closed);
+                }
+            }
+            Command::SendOpus {
+                peer,
+                payload,
+                samples,
+            } => self.send_opus(peer, payload, samples, now),
+            Command::FanOut {
+                peers,
+                payload,
+                samples,
+            } => {
+                for &peer in peers.iter() {
+                    self.send_opus(peer, payload.clone(), samples, now);
+                }
+            }
+            Command::Close { peer } => self.remove(peer, PeerState::Closed),
+        }
+    }
+
+    fn send_opus(&mut self, peer: u64, payload: Bytes, samples: u32, now: Instant) {
+        let sent = self
+            .sessions
+            .get_mut(&peer)
+            .is_some_and(|session| session.send_opus(now, payload, samples));
+        if sent {
+            bump(&self.counters.outbound_frames, 1);
+            self.service(peer, now);
+        } else {
+            bump(&self.counters.outbound_dropped, 1);
+        }
+    }
+
+    fn register(&mut self, session: Session, now: Instant) -> Result<(), EndpointError> {
+        if self.sessions.len() >= self.config.max_peers {
+            return Err(EndpointError::TooManyPeers(self.sessions.len()));
+        }
+        if self.by_ufrag.contains_key(&session.local_ufrag) {
+            // 16 random alphanumerics: a collision means something is badly wrong with rand.
+            return Err(EndpointError::Negotiation(
+                "ICE ufrag collision on this port; retry".into(),
+            ));
+        }
+        let peer = session.id;
+        self.by_ufrag.insert(session.local_ufrag.clone(), peer);
+        self.sessions.insert(peer, session);
+        self.counters
+            .peers
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+        debug!(peer, "participant registered on the media port");
+        self.service(peer, now);
+        Ok(())
+    }
+
+    fn handle_timers(&mut self) {
+        let now = Instant::now();
+        // Take the expired timers first: servicing a session re-arms its timer, and a timer
+        // that comes back already expired must wait for the next turn, not spin here.
+        let mut expired = Vec::new();
+        while let Some(&(deadline, peer)) = self.timers.first() {
+            if deadline > now {
+                break;
+            }
+            self.timers.remove(&(deadline, peer));
+            expired.push(peer);
+        }
+        for peer in expired {
+            if let Some(session) = self.sessions.get_mut(&peer) {
+                session.registered_deadline = None;
+                session.handle_timeout(now);
+                self.service(peer, now);
+            }
+        }
+    }
+
+    /// Drains session `peer` after anything happened to it: queues its datagrams, delivers
+    /// its audio, reaps it if it ended, and re-arms its timer.
+    fn service(&mut self, peer: u64, now: Instant) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let counts = session.drain(&mut self.outgoing);
+        bump(&self.counters.inbound_frames, counts.inbound_frames);
+        bump(&self.counters.inbound_dropped, counts.inbound_dropped);
+
+        let connect_deadline = session.created + self.config.connect_timeout;
+        if session.state().is_terminal() {
+            let state = session.state();
+            self.remove(peer, state);
+            return;
+        }
+        if !session.has_connected() && now >= connect_deadline {
+            info!(peer, "participant did not connect in time; removing it");
+            self.remove(peer, PeerState::Failed);
+            return;
+        }
+        let mut next = session.poll_timeout();
+        if !session.has_connected() {
+            next = Some(next.map_or(connect_deadline, |at| at.min(connect_deadline)));
+        }
+        // A connection asking to be woken in the past is woken on the next millisecond, so a
+        // confused timer costs a wake-up per millisecond, never a spinning task.
+        let next = next.map(|at| at.max(now + MIN_TIMER_DELAY));
+        if next != session.registered_deadline {
+            if let Some(old) = session.registered_deadline.take() {
+                self.timers.remove(&(old, peer));
+            }
+            if let Some(at) = next {
+                self.timers.insert((at, peer));
+            }
+            session.registered_deadline = next;
+        }
+    }
+
+    /// Closes and forgets session `peer`, publishing `state` (unless it already ended).
+    fn remove(&mut self, peer: u64, state: PeerState) {
+        let Some(mut session) = self.sessions.remove(&peer) else {
+            return;
+        };
+        if let Some(at) = session.registered_deadline.take() {
+            self.timers.remove(&(at, peer));
+        }
+        self.by_ufrag.remove(&session.local_ufrag);
+        for addr in &session.remote_addrs {
+            if self.by_addr.get(addr) == Some(&peer) {
+                self.by_addr.remove(addr);
+            }
+        }
+        self.counters
+            .peers
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+        // Published last, so whoever sees the terminal state also sees the port without it.
+        session.close(&mut self.outgoing, state);
+        debug!(peer, state = ?session.state(), "participant removed from the media port");
+    }
+
+    /// Sends every queued datagram. Waits only when the socket's send buffer is full.
+    async fn flush(&mut self) {
+        for (to, datagram) in std::mem::take(&mut self.outgoing) {
+            let result = match self.socket.try_send_to(&datagram, to) {
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.socket.send_to(&datagram, to).await
+                }
+                other => other,
+            };
+            match result {
+                Ok(_) => bump(&self.counters.datagrams_out, 1),
+                Err(err) => {
+                    debug!(%to, %err, "media socket send failed");
+                    bump(&self.counters.send_errors, 1);
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let peers: Vec<u64> = self.sessions.keys().copied().collect();
+        for peer in peers {
+            self.remove(peer, PeerState::Closed);
+        }
+        self.flush().await;
+        self.commands.close();
+        // Fail registrations that raced with shutdown instead of leaving their callers waiting.
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Register { reply, .. } = command {
+                let _ = reply.send(Err(EndpointError::PortClosed));
+            }
+        }
+        info!("media port stopped");
+    }
+}

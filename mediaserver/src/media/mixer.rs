@@ -1,0 +1,756 @@
+//! The room mixer: one per room per server, driven by a frame tick.
+//!
+//! Each tick ([`RoomMixer::tick`]):
+//! 1. pulls one [`Playout`] per stream from its jitter buffer;
+//! 2. updates each stream's importance: from the RFC 6464 levels that arrived since the last tick
+//!    (no decode), or, for senders without them, from the energy of the decoded frame;
+//! 3. chooses the mix set: the local top-N ([`Ranker`] with hysteresis over every unmuted stream),
+//!    or exactly the global list the mesh primary sent ([`RoomMixer::set_selection`]);
+//! 4. decodes what it still needs: the mix set, plus ONE backfill stream (the best-ranked stream
+//!    outside the set) when a local speaker needs it; nothing else;
+//! 5. sums in `i32` and encodes ONE shared frame for every listener who is not a selected speaker,
+//!    and one "mix minus self, backfilled" frame per LOCAL selected speaker.
+//!
+//! Invariants (each is tested):
+//! - encodes per tick = local selected speakers + 1, whatever the number of streams or listeners;
+//! - a muted stream is never decoded or mixed; a stream with RFC 6464 levels outside the mix set
+//!   (and not the backfill) is never decoded;
+//! - a speaker's own output never contains their own audio, and contains the N loudest others;
+//! - remote streams are mixed like local ones but never get a per-speaker output;
+//! - no sample wraps: sums are `i32` and a gain limiter ([`SoftLimiter`]) keeps every output
+//!   sample within -1 dBFS;
+//! - one stream's garbage is rejected at [`RoomMixer::push`] (or reported per stream by the
+//!   tick) and cannot change any other stream's audio.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::codec::{self, Decoder, Encoder};
+use super::jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
+use super::level::LevelTracker;
+use super::ranking::{Ranker, Ranking, RankingConfig, rank_order};
+use super::{AudioLevel, Candidate, InboundPacket, MediaError, StreamId, StreamOrigin};
+
+/// After an underrun, keep concealing a stream that was playing for this many ticks before
+/// letting it go quiet: short gaps sound continuous, long ones fade rather than loop.
+const MAX_UNDERRUN_CONCEAL_TICKS: u32 = 5;
+
+/// Largest supported top-N; a bound so a bad config cannot ask for thousands of encoders.
+const MAX_TOP_SPEAKERS: usize = 64;
+
+/// Parameters of a [`RoomMixer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixerConfig {
+    /// Frame duration: 10 or 20 ms. The tick period.
+    pub frame_ms: u32,
+    /// How many speakers are mixed (N).
+    pub top_speakers: usize,
+    /// Ranked streams reported beyond the top N (the mesh margin).
+    pub extra_candidates: usize,
+    /// Lowest jitter-buffer target delay (ms).
+    pub jitter_min_ms: u32,
+    /// Highest jitter-buffer target delay (ms), also the bound on buffered audio per stream.
+    pub jitter_max_ms: u32,
+}
+
+impl Default for MixerConfig {
+    fn default() -> Self {
+        Self {
+            frame_ms: 20,
+            top_speakers: 3,
+            extra_candidates: 2,
+            jitter_min_ms: 40,
+            jitter_max_ms: 200,
+        }
+    }
+}
+
+/// Work done and state seen during one tick: what the metrics export.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TickStats {
+    /// Opus decodes of real packets.
+    pub decodes: u32,
+    /// Lost frames recovered from the next packet's in-band FEC.
+    pub fec: u32,
+    /// Frames concealed (packet-loss concealment).
+    pub plc: u32,
+    /// Opus encodes (always local selected speakers + 1).
+    pub encodes: u32,
+    /// Streams that cost at least one decoder call this tick, sorted.
+    pub decoded: Vec<StreamId>,
+    /// Frames declared lost by the jitter buffers this tick.
+    pub lost: u32,
+    /// Streams whose frame could not be decoded this tick (they were treated as lost).
+    pub errors: Vec<(StreamId, MediaError)>,
+    /// Encoder failures (the affected output is an empty payload this tick).
+    pub output_errors: Vec<MediaError>,
+    /// Jitter-buffer depth per stream after this tick, sorted by stream.
+    pub jitter_depth: Vec<(StreamId, Duration)>,
+    /// Local streams among the mixed ones (each got its own encode).
+    pub local_speakers: usize,
+}
+
+impl TickStats {
+    /// Every decoder call: decodes, FEC recoveries and concealments.
+    pub fn decode_calls(&self) -> u32 {
+        self.decodes + self.fec + self.plc
+    }
+}
+
+/// The result of one tick.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MixOutput {
+    /// The set mixed this tick (sorted).
+    pub mixed: Vec<StreamId>,
+    /// ONE Opus frame for every listener who is not a selected local speaker (encoded once).
+    pub shared: Bytes,
+    /// For each LOCAL selected speaker, sorted by stream: its own mix, never containing itself.
+    pub per_speaker: Vec<(StreamId, Bytes)>,
+    /// For each mixed stream that contributed received audio this tick: the arrival time of the
+    /// packet it came from (the server-added-delay metric is `egress - arrival`).
+    pub carried: Vec<(StreamId, Duration)>,
+    /// Work counters.
+    pub stats: TickStats,
+}
+
+/// A gain-riding limiter: if a frame's peak would exceed the ceiling (-1 dBFS), the gain drops at
+/// once to exactly what that frame needs, then recovers slowly (≈150 ms time constant) with a
+/// per-sample ramp. Unlike a clipper it adds no harmonics to a steady signal: a constant overload
+/// gets a constant gain, so summed tones stay clean tones.
+///
+/// Invariant: every output sample's magnitude is at most the ceiling.
+#[derive(Clone, Debug)]
+pub struct SoftLimiter {
+    gain: f32,
+    release: f32,
+}
+
+impl SoftLimiter {
+    /// Output ceiling: -1 dBFS, leaving the encoder headroom for its own overshoot.
+    pub const CEILING: f32 = 32767.0 * 0.891_250_9;
+
+    const RELEASE_MS: f32 = 150.0;
+
+    /// A limiter for `frame_ms` frames, at unity gain.
+    pub fn new(frame_ms: u32) -> Self {
+        Self {
+            gain: 1.0,
+            release: 1.0 - (-(frame_ms.max(1) as f32) / Self::RELEASE_MS).exp(),
+        }
+    }
+
+    /// The gain reached at the end of the last frame (1.0 = not limiting).
+    pub fn gain(&self) -> f32 {
+        self.gain
+    }
+
+    /// Limits one frame of `i32` sums into `out` (which must be as long as `bus`; extra samples on
+    /// either side are ignored).
+    pub fn process(&mut self, bus: &[i32], out: &mut [i16]) {
+        let peak = bus.iter().map(|s| s.unsigned_abs()).max().unwrap_or(0) as f32;
+        let needed = if peak > Self::CEILING {
+            Self::CEILING / peak
+        } else {
+            1.0
+        };
+        // Never start above what this frame allows (instant attack) and never recover past it,
+        // so every interpolated gain in between is ≤ `needed`.
+        let start = self.gain.min(needed);
+        let end = (start + (1.0 - start) * self.release).min(needed);
+        let n = bus.len().min(out.len()).max(1) as f32;
+        for (i, (o, &s)) in out.iter_mut().zip(bus).enumerate() {
+            let g = start + (end - start) * (i as f32 + 1.0) / n;
+            *o = (s as f32 * g)
+                .round()
+                .clamp(f32::from(i16::MIN), f32::from(i16::MAX)) as i16;
+        }
+        self.gain = end;
+    }
+}
+
+/// One output encoder with its own limiter state (the shared mix, or one speaker's mix).
+#[derive(Debug)]
+struct Output {
+    encoder: Encoder,
+    limiter: SoftLimiter,
+}
+
+impl Output {
+    fn new(frame_ms: u32, loss_percent: Option<u8>) -> Result<Self, MediaError> {
+        let mut encoder = Encoder::new(frame_ms)?;
+        if let Some(p) = loss_percent {
+            encoder.set_packet_loss_percent(p)?;
+        }
+        Ok(Self {
+            encoder,
+            limiter: SoftLimiter::new(frame_ms),
+        })
+    }
+
+    fn encode(&mut self, bus: &[i32], scratch: &mut [i16]) -> Result<Bytes, MediaError> {
+        self.limiter.process(bus, scratch);
+        self.encoder.encode(scratch)
+    }
+}
+
+#[derive(Debug)]
+struct Stream {
+    origin: StreamOrigin,
+    muted: bool,
+    jitter: JitterBuffer,
+    /// Created on first need: a silent stream with RFC 6464 levels may never need one.
+    decoder: Option<Decoder>,
+    level: LevelTracker,
+    /// Loudest RFC 6464 level received since the last tick.
+    pending_level: Option<AudioLevel>,
+    /// Whether the newest packet carried an RFC 6464 level (then importance needs no decode).
+    header_levels: bool,
+    /// The decoder was fed during the current (or, until the tick starts, the previous) tick.
+    decoder_warm: bool,
+    /// Consecutive ticks concealed because of an underrun.
+    underrun_concealed: u32,
+}
+
+/// One tick's frame of one stream, decoded at most once.
+#[derive(Debug)]
+struct Pulled {
+    playout: Playout,
+    arrival: Option<Duration>,
+    pcm: Option<Vec<i16>>,
+    rendered: bool,
+    /// The stream's decoder was fed on the previous tick (its history is current).
+    warm: bool,
+    /// The audio came from a received packet (the frame itself or FEC), not concealment.
+    received: bool,
+}
+
+/// The mixer of one room on one server. See the module docs.
+#[derive(Debug)]
+pub struct RoomMixer {
+    cfg: MixerConfig,
+    jitter_cfg: JitterConfig,
+    frame_samples: usize,
+    streams: BTreeMap<StreamId, Stream>,
+    /// Ranks local streams only: the candidates this server reports to the mesh primary.
+    local_ranker: Ranker,
+    /// Ranks every stream: the mix set when no global list is imposed.
+    mix_ranker: Ranker,
+    last_local: Ranking,
+    selection: Option<Vec<StreamId>>,
+    shared: Output,
+    speakers: BTreeMap<StreamId, Output>,
+    loss_percent: Option<u8>,
+    bus: Vec<i32>,
+    scratch: Vec<i16>,
+}
+
+impl RoomMixer {
+    /// A mixer with no streams. Fails on an unsupported frame size or inconsistent bounds.
+    pub fn new(cfg: MixerConfig) -> Result<Self, MediaError> {
+        let frame_samples = codec::frame_samples_for(cfg.frame_ms)?;
+        if cfg.top_speakers == 0 || cfg.top_speakers > MAX_TOP_SPEAKERS {
+            return Err(MediaError::InvalidConfig(format!(
+                "top_speakers must be 1..={MAX_TOP_SPEAKERS}, got {}",
+                cfg.top_speakers
+            )));
+        }
+        if cfg.extra_candidates > MAX_TOP_SPEAKERS {
+            return Err(MediaError::InvalidConfig(format!(
+                "extra_candidates must be at most {MAX_TOP_SPEAKERS}, got {}",
+                cfg.extra_candidates
+            )));
+        }
+        let jitter_cfg = JitterConfig::new(cfg.frame_ms, cfg.jitter_min_ms, cfg.jitter_max_ms)?;
+        let ranking = RankingConfig::new(cfg.top_speakers, cfg.extra_candidates);
+        Ok(Self {
+            cfg,
+            jitter_cfg,
+            frame_samples,
+            streams: BTreeMap::new(),
+            local_ranker: Ranker::new(ranking),
+            mix_ranker: Ranker::new(ranking),
+            last_local: Ranking::default(),
+            selection: None,
+            shared: Output::new(cfg.frame_ms, None)?,
+            speakers: BTreeMap::new(),
+            loss_percent: None,
+            bus: vec![0; frame_samples],
+            scratch: vec![0; frame_samples],
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> MixerConfig {
+        self.cfg
+    }
+
+    /// Adds a stream. Adding an id that exists only updates its origin.
+    pub fn add_stream(&mut self, id: StreamId, origin: StreamOrigin) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.origin = origin;
+            return;
+        }
+        self.streams.insert(
+            id,
+            Stream {
+                origin,
+                muted: false,
+                jitter: JitterBuffer::new(self.jitter_cfg),
+                decoder: None,
+                level: LevelTracker::new(self.cfg.frame_ms),
+                pending_level: None,
+                header_levels: false,
+                decoder_warm: false,
+                underrun_concealed: 0,
+            },
+        );
+    }
+
+    /// Removes a stream and everything it holds (buffer, decoder, speaker encoder).
+    pub fn remove_stream(&mut self, id: StreamId) {
+        self.streams.remove(&id);
+        self.speakers.remove(&id);
+    }
+
+    /// Mutes or unmutes a stream. A muted stream is never ranked, decoded or mixed; its packets
+    /// still flow through the jitter buffer so unmuting is seamless. Unknown ids are ignored.
+    pub fn set_muted(&mut self, id: StreamId, muted: bool) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.muted = muted;
+            if muted {
+                s.level.reset();
+                s.pending_level = None;
+            }
+        }
+    }
+
+    /// The streams present, sorted.
+    pub fn streams(&self) -> Vec<StreamId> {
+        self.streams.keys().copied().collect()
+    }
+
+    /// A stream's jitter-buffer counters.
+    pub fn jitter_stats(&self, id: StreamId) -> Option<JitterStats> {
+        self.streams.get(&id).map(|s| s.jitter.stats())
+    }
+
+    /// A stream's current importance and voice flag, whatever its origin.
+    pub fn importance(&self, id: StreamId) -> Option<Candidate> {
+        self.streams.get(&id).map(|s| Candidate {
+            stream: id,
+            importance: s.level.importance(),
+            voice: s.level.voice(),
+        })
+    }
+
+    /// Tells every output encoder how much loss listeners report (sizes the Opus FEC).
+    pub fn set_output_loss_percent(&mut self, percent: u8) -> Result<(), MediaError> {
+        self.loss_percent = Some(percent);
+        self.shared.encoder.set_packet_loss_percent(percent)?;
+        for out in self.speakers.values_mut() {
+            out.encoder.set_packet_loss_percent(percent)?;
+        }
+        Ok(())
+    }
+
+    /// Files one packet. Unknown streams and payloads that are not one well-formed Opus frame of
+    /// the room's duration are refused, and nothing else changes.
+    pub fn push(&mut self, pkt: InboundPacket) -> Result<(), MediaError> {
+        let s = self
+            .streams
+            .get_mut(&pkt.stream)
+            .ok_or(MediaError::UnknownStream(pkt.stream))?;
+        codec::validate_packet(&pkt.payload, self.frame_samples)?;
+        s.header_levels = pkt.level.is_some();
+        if let Some(l) = pkt.level
+            && !s.muted
+        {
+            s.pending_level = Some(match s.pending_level {
+                Some(p) => AudioLevel {
+                    dbov: p.dbov.min(l.dbov),
+                    voice: p.voice || l.voice,
+                },
+                None => l,
+            });
+        }
+        s.jitter
+            .push(pkt.seq, pkt.rtp_timestamp, pkt.payload, pkt.arrival);
+        Ok(())
+    }
+
+    /// Local streams ranked at the last tick: the top N then the margin, for the mesh primary.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.last_local.candidates()
+    }
+
+    /// `Some(list)`: mix exactly these streams (the mesh's global list; ids not present here yet
+    /// are skipped until they arrive). `None`: mix the local top N.
+    pub fn set_selection(&mut self, selection: Option<Vec<StreamId>>) {
+        self.selection = selection.map(|mut list| {
+            list.sort_unstable();
+            list.dedup();
+            list
+        });
+    }
+
+    /// The imposed selection, if any.
+    pub fn selection(&self) -> Option<&[StreamId]> {
+        self.selection.as_deref()
+    }
+
+    /// Runs one frame tick at `now`. Call every `frame_ms`.
+    pub fn tick(&mut self, now: Duration) -> MixOutput {
+        let mut stats = TickStats::default();
+        let mut pulled: BTreeMap<StreamId, Pulled> = BTreeMap::new();
+
+        // 1-2. Pull a frame from every stream; update importance.
+        for (&id, s) in &mut self.streams {
+            let playout = s.jitter.tick(now);
+            let arrival = s.jitter.last_arrival();
+            stats.jitter_depth.push((id, s.jitter.depth()));
+            if matches!(playout, Playout::Lost { .. }) {
+                stats.lost += 1;
+            }
+            let warm = std::mem::replace(&mut s.decoder_warm, false);
+            if s.muted {
+                // Draining only: the muted stream costs no decode and keeps no level.
+                continue;
+            }
+            let mut p = Pulled {
+                playout,
+                arrival,
+                pcm: None,
+                rendered: false,
+                warm,
+                received: false,
+            };
+            if s.header_levels {
+                match s.pending_level.take() {
+                    Some(level) => s.level.observe_rfc6464(level),
+                    None => s.level.observe_silence(),
+                }
+            } else {
+                // No level in the header: the frame's energy is the only measure.
+                render(id, s, &mut p, &mut stats);
+                match (&p.pcm, p.received) {
+                    (Some(pcm), true) => s.level.observe_pcm(pcm),
+                    _ => s.level.observe_silence(),
+                }
+            }
+            pulled.insert(id, p);
+        }
+
+        // 3. Rank and choose the mix set.
+        let eligible: Vec<Candidate> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.muted)
+            .map(|(&id, s)| Candidate {
+                stream: id,
+                importance: s.level.importance(),
+                voice: s.level.voice(),
+            })
+            .collect();
+        let local: Vec<Candidate> = eligible
+            .iter()
+            .filter(|c| {
+                self.streams
+                    .get(&c.stream)
+                    .is_some_and(|s| s.origin == StreamOrigin::Local)
+            })
+            .copied()
+            .collect();
+        self.last_local = self.local_ranker.update(&local);
+        let ranked = self.mix_ranker.update(&eligible);
+        let (mix_set, backfill): (Vec<StreamId>, Option<StreamId>) = match &self.selection {
+            None => (ranked.selected_ids(), ranked.backfill()),
+            Some(list) => {
+                let set: Vec<StreamId> = list
+                    .iter()
+                    .copied()
+                    .filter(|id| pulled.contains_key(id))
+                    .collect();
+                let silence = self.mix_ranker.config().silence_dbov;
+                let mut outside: Vec<Candidate> = eligible
+                    .iter()
+                    .filter(|c| !set.contains(&c.stream) && c.importance >= silence)
+                    .copied()
+                    .collect();
+                outside.sort_by(rank_order);
+                (set, outside.first().map(|c| c.stream))
+            }
+        };
+        let local_speakers: Vec<StreamId> = mix_set
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.streams
+                    .get(id)
+                    .is_some_and(|s| s.origin == StreamOrigin::Local)
+            })
+            .collect();
+        // The backfill only serves speakers' own mixes; without local speakers it costs nothing.
+        let backfill = backfill.filter(|_| !local_speakers.is_empty());
+
+        // 4. Decode what the mixes need and was not decoded for energy already.
+        for &id in mix_set.iter().chain(backfill.iter()) {
+            if let (Some(s), Some(p)) = (self.streams.get_mut(&id), pulled.get_mut(&id))
+                && !p.rendered
+            {
+                render(id, s, p, &mut stats);
+            }
+        }
+
+        // 5. Mix: one i32 bus of the whole set, then each speaker's bus = set - self + backfill.
+        self.bus.fill(0);
+        let mut carried = Vec::new();
+        for id in &mix_set {
+            if let Some(p) = pulled.get(id)
+                && let Some(pcm) = &p.pcm
+            {
+                add_into(&mut self.bus, pcm, 1);
+                if p.received
+                    && let Some(at) = p.arrival
+                {
+                    carried.push((*id, at));
+                }
+            }
+        }
+        let shared = match self.shared.encode(&self.bus, &mut self.scratch) {
+            Ok(b) => b,
+            Err(e) => {
+                stats.output_errors.push(e);
+                Bytes::new()
+            }
+        };
+        stats.encodes += 1;
+
+        let backfill_pcm = backfill
+            .and_then(|id| pulled.get(&id))
+            .and_then(|p| p.pcm.as_deref());
+        let mut per_speaker = Vec::with_capacity(local_speakers.len());
+        let mut own = vec![0i32; self.frame_samples];
+        for &id in &local_speakers {
+            own.copy_from_slice(&self.bus);
+            if let Some(pcm) = pulled.get(&id).and_then(|p| p.pcm.as_deref()) {
+                add_into(&mut own, pcm, -1);
+            }
+            if let Some(pcm) = backfill_pcm {
+                add_into(&mut own, pcm, 1);
+            }
+            let out = match self.speakers.entry(id) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    match Output::new(self.cfg.frame_ms, self.loss_percent) {
+                        Ok(o) => v.insert(o),
+                        Err(e) => {
+                            stats.output_errors.push(e);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let bytes = match out.encode(&own, &mut self.scratch) {
+                Ok(b) => b,
+                Err(e) => {
+                    stats.output_errors.push(e);
+                    Bytes::new()
+                }
+            };
+            stats.encodes += 1;
+            per_speaker.push((id, bytes));
+        }
+        // A speaker's encoder lives exactly as long as they stay selected.
+        let keep: BTreeSet<StreamId> = local_speakers.iter().copied().collect();
+        self.speakers.retain(|id, _| keep.contains(id));
+
+        stats.decoded.sort_unstable();
+        stats.decoded.dedup();
+        stats.local_speakers = local_speakers.len();
+        MixOutput {
+            mixed: mix_set,
+            shared,
+            per_speaker,
+            carried,
+            stats,
+        }
+    }
+}
+
+/// `bus[i] += sign · pcm[i]`, in i32 (no overflow for any realistic stream count: 2^31 / 2^15).
+fn add_into(bus: &mut [i32], pcm: &[i16], sign: i32) {
+    for (b, &s) in bus.iter_mut().zip(pcm) {
+        *b = b.saturating_add(sign * i32::from(s));
+    }
+}
+
+/// Turns one stream's playout into PCM, at most once per tick.
+fn render(id: StreamId, s: &mut Stream, p: &mut Pulled, stats: &mut TickStats) {
+    p.rendered = true;
+    let warm = p.warm;
+    let frame_ms = s.jitter.config().frame_ms;
+    if s.decoder.is_none() {
+        match Decoder::new(frame_ms) {
+            Ok(d) => s.decoder = Some(d),
+            Err(e) => {
+                stats.errors.push((id, e));
+                return;
+            }
+        }
+    }
+    let Some(dec) = s.decoder.as_mut() else {
+        return;
+    };
+    // A decoder that skipped ticks holds stale history; a clean start sounds better.
+    if !warm && let Err(e) = dec.reset() {
+        stats.errors.push((id, e));
+        return;
+    }
+    let result = match &p.playout {
+        Playout::Frame(payload) => {
+            stats.decodes += 1;
+            s.underrun_concealed = 0;
+            p.received = true;
+            Some(dec.decode(payload))
+        }
+        Playout::Lost {
+            next: Some(next_payload),
+        } => {
+            stats.fec += 1;
+            s.underrun_concealed = 0;
+            p.received = true;
+            Some(dec.decode_fec(next_payload))
+        }
+        // Concealing from a cold decoder would only produce silence.
+        Playout::Lost { next: None } if warm => {
+            stats.plc += 1;
+            s.underrun_concealed = 0;
+            Some(dec.conceal())
+        }
+        Playout::Empty if warm && s.underrun_concealed < MAX_UNDERRUN_CONCEAL_TICKS => {
+            stats.plc += 1;
+            s.underrun_concealed += 1;
+            Some(dec.conceal())
+        }
+        Playout::Lost { next: None } | Playout::Empty => None,
+    };
+    let Some(result) = result else {
+        return;
+    };
+    stats.decoded.push(id);
+    match result {
+        Ok(pcm) => {
+            s.decoder_warm = true;
+            p.pcm = Some(pcm);
+        }
+        Err(e) => {
+            // Treated as a lost frame; the next tick starts from a clean decoder.
+            p.received = false;
+            stats.errors.push((id, e));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::spectrum::{ToneGenerator, ToneReport};
+
+    fn tone_bus(freqs: &[f64], dbfs: f64, samples: usize) -> Vec<i32> {
+        let mut gens: Vec<ToneGenerator> = freqs
+            .iter()
+            .map(|&f| ToneGenerator::new(f, dbfs, 48_000))
+            .collect();
+        let mut bus = vec![0i32; samples];
+        for g in &mut gens {
+            for (b, s) in bus.iter_mut().zip(g.frame(samples)) {
+                *b += i32::from(s);
+            }
+        }
+        bus
+    }
+
+    #[test]
+    fn limiter_keeps_three_full_scale_tones_clean_and_in_range() {
+        let freqs = [300.0, 700.0, 1300.0];
+        let bus = tone_bus(&freqs, 0.0, 48_000);
+        let mut lim = SoftLimiter::new(20);
+        let mut out = vec![0i16; bus.len()];
+        for (b, o) in bus.chunks(960).zip(out.chunks_mut(960)) {
+            lim.process(b, o);
+        }
+        let peak = out.iter().map(|s| s.unsigned_abs()).max().unwrap();
+        assert!(f32::from(peak) <= SoftLimiter::CEILING + 1.0, "peak {peak}");
+        let worst_step = out
+            .windows(2)
+            .map(|w| (i32::from(w[1]) - i32::from(w[0])).abs())
+            .max()
+            .unwrap();
+        assert!(worst_step < 10_000, "discontinuity of {worst_step}");
+        // After the first frame the gain is steady: the three tones are equal and nothing else
+        // appears (intermodulation products of a clipper would show at 400, 600, 1000 Hz).
+        let report = ToneReport::analyze(
+            &out[960..],
+            &[300.0, 700.0, 1300.0, 400.0, 600.0, 1000.0, 1600.0],
+            48_000,
+        );
+        assert_eq!(report.present(), freqs.to_vec(), "{report:?}");
+        let levels: Vec<f64> = freqs
+            .iter()
+            .map(|&f| report.tone(f).unwrap().level_dbfs)
+            .collect();
+        assert!(
+            levels.iter().all(|l| (l - levels[0]).abs() < 0.5),
+            "{levels:?}"
+        );
+        assert!(
+            report.loudest_absent_dbfs() < levels[0] - 60.0,
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn limiter_is_transparent_below_the_ceiling_and_recovers() {
+        let mut lim = SoftLimiter::new(20);
+        let quiet: Vec<i32> = (0..960).map(|i| (i % 100) * 100 - 5000).collect();
+        let mut out = vec![0i16; 960];
+        lim.process(&quiet, &mut out);
+        assert!(out.iter().zip(&quiet).all(|(&o, &q)| i32::from(o) == q));
+        lim.process(&[100_000; 960], &mut out);
+        assert!(lim.gain() < 0.3);
+        for _ in 0..100 {
+            lim.process(&quiet, &mut out);
+        }
+        assert!(lim.gain() > 0.99);
+        // Extreme sums never wrap.
+        lim.process(&[i32::MIN, i32::MAX, 0], &mut out[..3]);
+        assert!(out[0] < 0 && out[1] > 0);
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let ok = MixerConfig::default();
+        assert!(RoomMixer::new(ok).is_ok());
+        for bad in [
+            MixerConfig { frame_ms: 30, ..ok },
+            MixerConfig {
+                top_speakers: 0,
+                ..ok
+            },
+            MixerConfig {
+                extra_candidates: 1000,
+                ..ok
+            },
+            MixerConfig {
+                jitter_min_ms: 300,
+                jitter_max_ms: 200,
+                ..ok
+            },
+        ] {
+            let err = RoomMixer::new(bad).unwrap_err();
+            assert_eq!(err.category(), "invalid_config");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+// Chorus web client: joins a room over WebRTC the way WHIP does (one POST with the SDP offer),
+// shows who is speaking, and mutes. No framework: this file is the whole client.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+if (params.get("room")) $("room").value = params.get("room");
+if (params.get("token")) $("token").value = params.get("token");
+
+let pc = null;
+let local = null;
+let leaveUrl = null;
+let pollTimer = null;
+let audioCtx = null;
+let remoteAnalyser = null;
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function authHeaders() {
+  return { Authorization: "Bearer " + $("token").value.trim() };
+}
+
+// Gather every candidate before sending the offer: the server answers in one round trip.
+function gatheringComplete(conn) {
+  if (conn.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const check = () => {
+      if (conn.iceGatheringState === "complete") {
+        conn.removeEventListener("icegatheringstatechange", check);
+        resolve();
+      }
+    };
+    conn.addEventListener("icegatheringstatechange", check);
+    setTimeout(resolve, 2000); // host candidates arrive at once; don't wait on unreachable STUN
+  });
+}
+
+async function join() {
+  const room = $("room").value.trim();
+  $("join").disabled = true;
+  try {
+    setStatus("Asking for the microphone…");
+    // ?raw=1 turns voice processing off (music, or test tones that noise suppression would eat).
+    const raw = params.get("raw") === "1";
+    local = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: !raw, noiseSuppression: !raw, autoGainControl: !raw },
+    });
+    audioCtx = new AudioContext();
+    meterFor(local, $("micLevel"));
+
+    pc = new RTCPeerConnection();
+    pc.addTransceiver(local.getAudioTracks()[0], { direction: "sendrecv", streams: [local] });
+    pc.ontrack = (ev) => {
+      const stream = ev.streams[0] || new MediaStream([ev.track]);
+      $("remote").srcObject = stream; // Chrome only feeds WebAudio from a stream that also plays
+      remoteAnalyser = audioCtx.createAnalyser();
+      remoteAnalyser.fftSize = 8192;
+      audioCtx.createMediaStreamSource(stream).connect(remoteAnalyser);
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "connected") setStatus("Connected to room " + room + ".");
+      if (pc.connectionState === "failed") setStatus("Connection failed.", true);
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    setStatus("Connecting…");
+    await gatheringComplete(pc);
+
+    const res = await fetch("/v1/rooms/" + encodeURIComponent(room) + "/participants", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/sdp" },
+      body: pc.localDescription.sdp,
+    });
+    if (res.status !== 201) {
+      const body = await res.json().catch(() => ({ error: res.statusText }));
+      throw new Error(body.error || ("HTTP " + res.status));
+    }
+    leaveUrl = res.headers.get("Location");
+    window.chorusParticipantId = res.headers.get("Chorus-Participant-Id");
+    await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+    $("leave").disabled = false;
+    $("mute").disabled = false;
+    pollTimer = setInterval(() => poll(room), 500);
+  } catch (e) {
+    setStatus("Could not join: " + e.message, true);
+    cleanup();
+  }
+}
+
+async function leave() {
+  if (leaveUrl) {
+    await fetch(leaveUrl, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+  }
+  cleanup();
+  setStatus("Left the room.");
+}
+
+function cleanup() {
+  clearInterval(pollTimer);
+  if (pc) pc.close();
+  if (local) local.getTracks().forEach((t) => t.stop());
+  pc = null; local = null; leaveUrl = null;
+  $("join").disabled = false;
+  $("leave").disabled = true;
+  $("mute").disabled = true;
+  $("mute").textContent = "Mute";
+}
+
+function toggleMute() {
+  const track = local && local.getAudioTracks()[0];
+  if (!track) return;
+  // A disabled track sends silence, which the server ranks last and does not decode.
+  track.enabled = !track.enabled;
+  $("mute").textContent = track.enabled ? "Mute" : "Unmute";
+}
+
+async function poll(room) {
+  const res = await fetch("/v1/rooms/" + encodeURIComponent(room), { headers: authHeaders() }).catch(() => null);
+  if (!res || !res.ok) return;
+  const info = await res.json();
+  const list = $("participants");
+  list.replaceChildren();
+  for (const p of info.participants) {
+    const li = document.createElement("li");
+    li.className = p.speaking ? "speaking" : "";
+    const name = document.createElement("span");
+    name.textContent = p.identity + (String(p.id) === window.chorusParticipantId ? " (you)" : "");
+    const state = document.createElement("span");
+    state.textContent = p.speaking ? "speaking" : "";
+    li.append(name, state);
+    list.append(li);
+  }
+}
+
+function meterFor(stream, meter) {
+  const analyser = audioCtx.createAnalyser();
+  analyser.fftSize = 1024;
+  audioCtx.createMediaStreamSource(stream).connect(analyser);
+  const data = new Float32Array(analyser.fftSize);
+  const draw = () => {
+    analyser.getFloatTimeDomainData(data);
+    let sum = 0;
+    for (const v of data) sum += v * v;
+    meter.value = Math.min(1, Math.sqrt(sum / data.length) * 4);
+    requestAnimationFrame(draw);
+  };
+  draw();
+}
+
+// For tests and diagnostics: the level, in dB, of what this page hears at each frequency.
+window.chorusMeasure = (freqs) => {
+  if (!remoteAnalyser) return null;
+  const bins = new Float32Array(remoteAnalyser.frequencyBinCount);
+  remoteAnalyser.getFloatFrequencyData(bins);
+  const hzPerBin = audioCtx.sampleRate / remoteAnalyser.fftSize;
+  return freqs.map((f) => {
+    const i = Math.round(f / hzPerBin);
+    return Math.max(bins[i - 1] ?? -200, bins[i], bins[i + 1] ?? -200);
+  });
+};
+window.chorusState = () => (pc ? pc.connectionState : "none");
+
+$("join").onclick = join;
+$("leave").onclick = leave;
+$("mute").onclick = toggleMute;
+if (params.get("autojoin") === "1") join();

@@ -1,0 +1,1089 @@
+//! The bot: a real WebRTC participant for end-to-end tests, demos and benchmarks.
+//!
+//! Built on the async `webrtc` 0.21 crate (webrtc-rs), like any non-browser client would be. It
+//! offers one sendrecv Opus track with the RFC 6464 audio-level header extension, and joins
+//! either through the HTTP join API (a WHIP-like `POST {base}/v1/rooms/{room}/participants`,
+//! left with `DELETE` on the returned `Location`) or through any `offer -> answer` function
+//! (tests that talk to a `MediaPort` directly).
+//!
+//! What it sends: 20 ms frames, 48 kHz mono, encoded with real libopus and paced in real time —
+//! a tone, a WAV file (looped), speech-like audio, or silence. Every packet carries the RFC 6464
+//! level computed from that frame's RMS (-dBov) and a voice flag. The source and its level can
+//! be changed while the bot runs ([`Bot::set_source`], [`Bot::set_level_dbfs`]): a quiet bot
+//! can become loud.
+//!
+//! What it keeps: everything it receives, decoded with libopus (packet loss concealed), in
+//! memory and optionally in a WAV file; [`Bot::report`] says how loud each of a list of
+//! frequencies is (Goertzel) and the overall RMS.
+//!
+//! Signal tools (tone and speech generators, Goertzel, RMS) come from
+//! `chorus_mediaserver::media::spectrum`, so the bot and the server's tests measure alike.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use chorus_mediaserver::media::spectrum::{
+    SpeechLikeGenerator, ToneGenerator, ToneReport, rms_dbfs,
+};
+use rtc::rtp::extension::HeaderExtension;
+use rtc::rtp::extension::audio_level_extension::AudioLevelExtension;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RTCRtpHeaderExtensionCapability, RtpCodecKind,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use webrtc::media_stream::MediaStreamTrack;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
+};
+
+/// The bot's sample rate (Opus' native rate).
+pub const SAMPLE_RATE: u32 = 48_000;
+/// Samples per 20 ms frame.
+pub const FRAME_SAMPLES: usize = 960;
+/// The RFC 6464 client-to-mixer audio level extension.
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+/// Frames quieter than this (in -dBov) are sent with the voice flag off.
+const VOICE_THRESHOLD_DBOV: u8 = 70;
+/// Longest gap (in frames) filled with packet-loss concealment; longer gaps are not filled.
+const MAX_CONCEALED_FRAMES: u16 = 50;
+/// How long ICE gathering and connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the bot sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AudioSource {
+    /// A sine tone.
+    Tone {
+        /// Frequency in Hz.
+        hz: f64,
+        /// Level in dBFS (0 = full-scale sine).
+        level_dbfs: f64,
+    },
+    /// A WAV file, looped; any sample rate and channel count (mixed to 48 kHz mono).
+    Wav(PathBuf),
+    /// Speech-like audio: a harmonic voice with syllables and pauses.
+    Speech {
+        /// Syllable peak level in dBFS.
+        level_dbfs: f64,
+    },
+    /// Digital silence (frames are still sent, with level 127 and no voice).
+    Silence,
+}
+
+/// How a bot behaves.
+#[derive(Debug, Clone)]
+pub struct BotConfig {
+    /// What to send first (see [`Bot::set_source`]).
+    pub source: AudioSource,
+    /// Where to write what the bot hears, as 48 kHz mono 16-bit WAV, when it leaves.
+    pub record: Option<PathBuf>,
+    /// Local UDP address(es) for ICE; `None` picks 127.0.0.1 for a loopback server, else all
+    /// interfaces.
+    pub bind: Option<String>,
+}
+
+impl BotConfig {
+    /// A bot sending `source`, recording nothing.
+    pub fn new(source: AudioSource) -> Self {
+        BotConfig {
+            source,
+            record: None,
+            bind: None,
+        }
+    }
+}
+
+/// Energy at one frequency of what the bot heard.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FrequencyReport {
+    /// The frequency analysed.
+    pub freq_hz: f64,
+    /// Its level (Goertzel amplitude) in dBFS.
+    pub level_dbfs: f64,
+    /// Whether it stands well above the noise floor.
+    pub present: bool,
+}
+
+/// What the bot heard (and sent), as printed by `chorus-bot`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BotReport {
+    /// Seconds of audio analysed.
+    pub seconds_analyzed: f64,
+    /// Seconds of audio received in all.
+    pub seconds_received: f64,
+    /// RTP packets received.
+    pub packets_received: u64,
+    /// RTP packets sent.
+    pub packets_sent: u64,
+    /// Overall RMS of the analysed audio, dBFS.
+    pub rms_dbfs: f64,
+    /// The level at frequencies away from the ones asked for: what "nothing" reads.
+    pub noise_floor_dbfs: f64,
+    /// One entry per frequency asked for.
+    pub frequencies: Vec<FrequencyReport>,
+    /// Problems met while leaving (the `DELETE` or closing failed); empty when all went well.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The RFC 6464 level of a frame: its RMS in -dBov (0 = loudest, 127 = silence), where
+/// 0 dBov is a full-scale square wave.
+pub fn audio_level_dbov(samples: &[i16]) -> u8 {
+    if samples.is_empty() {
+        return 127;
+    }
+    let mean_square = samples
+        .iter()
+        .map(|&s| f64::from(s) * f64::from(s))
+        .sum::<f64>()
+        / samples.len() as f64;
+    let rms = mean_square.sqrt() / 32768.0;
+    if rms <= 0.0 {
+        return 127;
+    }
+    (-20.0 * rms.log10()).round().clamp(0.0, 127.0) as u8
+}
+
+/// Loads a WAV file as 48 kHz mono samples (channels averaged, linear resampling).
+pub fn load_wav_48k_mono(path: &Path) -> Result<Vec<i16>> {
+    let mut reader = hound::WavReader::open(path)
+        .with_context(|| format!("cannot open WAV file {}", path.display()))?;
+    let spec = reader.spec();
+    let channels = usize::from(spec.channels.max(1));
+    let interleaved: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => reader
+            .samples::<f32>()
+            .map(|s| s.map(|v| v * 32767.0))
+            .collect::<Result<_, _>>()?,
+        hound::SampleFormat::Int => {
+            let shift = i32::from(spec.bits_per_sample).saturating_sub(16);
+            reader
+                .samples::<i32>()
+                .map(|s| {
+                    s.map(|v| {
+                        if shift >= 0 {
+                            (v >> shift) as f32
+                        } else {
+                            (v << -shift) as f32
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let mono: Vec<f32> = interleaved
+        .chunks(channels)
+        .map(|frame| frame.iter().sum::<f32>() / frame.len() as f32)
+        .collect();
+    if mono.is_empty() {
+        bail!("WAV file {} has no samples", path.display());
+    }
+    let ratio = f64::from(spec.sample_rate.max(1)) / f64::from(SAMPLE_RATE);
+    let out_len = ((mono.len() as f64) / ratio).floor().max(1.0) as usize;
+    let resampled = (0..out_len)
+        .map(|i| {
+            let position = i as f64 * ratio;
+            let index = position.floor() as usize;
+            let fraction = (position - index as f64) as f32;
+            let a = mono.get(index).copied().unwrap_or(0.0);
+            let b = mono.get(index + 1).copied().unwrap_or(a);
+            (a + (b - a) * fraction).round().clamp(-32768.0, 32767.0) as i16
+        })
+        .collect();
+    Ok(resampled)
+}
+
+/// The live generator behind an [`AudioSource`].
+enum Generator {
+    Tone(ToneGenerator),
+    Wav {
+        samples: Arc<Vec<i16>>,
+        position: usize,
+        gain: f32,
+    },
+    Speech(SpeechLikeGenerator),
+    Silence,
+}
+
+impl Generator {
+    fn new(source: &AudioSource) -> Result<Self> {
+        Ok(match source {
+            AudioSource::Tone { hz, level_dbfs } => {
+                Generator::Tone(ToneGenerator::new(*hz, *level_dbfs, SAMPLE_RATE))
+            }
+            AudioSource::Wav(path) => Generator::Wav {
+                samples: Arc::new(load_wav_48k_mono(path)?),
+                position: 0,
+                gain: 1.0,
+            },
+            AudioSource::Speech { level_dbfs } => Generator::Speech(SpeechLikeGenerator::new(
+                140.0,
+                *level_dbfs,
+                SAMPLE_RATE,
+                rand::random(),
+            )),
+            AudioSource::Silence => Generator::Silence,
+        })
+    }
+
+    fn fill(&mut self, frame: &mut [i16]) {
+        match self {
+            Generator::Tone(tone) => tone.fill(frame),
+            Generator::Speech(speech) => speech.fill(frame),
+            Generator::Silence => frame.fill(0),
+            Generator::Wav {
+                samples,
+                position,
+                gain,
+            } => {
+                for sample in frame.iter_mut() {
+                    let value = samples.get(*position).copied().unwrap_or(0);
+                    *sample = (f32::from(value) * *gain).round().clamp(-32768.0, 32767.0) as i16;
+                    *position = (*position + 1) % samples.len().max(1);
+                }
+            }
+        }
+    }
+
+    fn set_level_dbfs(&mut self, level_dbfs: f64) {
+        match self {
+            Generator::Tone(tone) => tone.set_level_dbfs(level_dbfs),
+            Generator::Speech(speech) => {
+                // Keep the pitch, restart at the new level.
+                *speech = SpeechLikeGenerator::new(140.0, level_dbfs, SAMPLE_RATE, rand::random());
+            }
+            // For a file, the level is a gain relative to the file (0 dB = as recorded).
+            Generator::Wav { gain, .. } => *gain = 10f32.powf(level_dbfs as f32 / 20.0),
+            Generator::Silence => {}
+        }
+    }
+}
+
+/// What the send and receive tasks share with the [`Bot`].
+struct Shared {
+    generator: Mutex<Generator>,
+    received: Mutex<Vec<i16>>,
+    packets_sent: AtomicU64,
+    packets_received: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking audio task cannot leave these in a state worse than "partly filled".
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The peer connection's event handler. `PeerConnectionEventHandler` is declared with
+/// `async_trait`; these are that macro's expansion written out, so no extra dependency.
+struct BotEvents {
+    gathered: watch::Sender<bool>,
+    state: watch::Sender<RTCPeerConnectionState>,
+    shared: Arc<Shared>,
+}
+
+type EventFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+impl PeerConnectionEventHandler for BotEvents {
+    fn on_ice_gathering_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCIceGatheringState,
+    ) -> EventFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            if state == RTCIceGatheringState::Complete {
+                self.gathered.send_replace(true);
+            }
+        })
+    }
+
+    fn on_connection_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCPeerConnectionState,
+    ) -> EventFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            self.state.send_replace(state);
+        })
+    }
+
+    fn on_track<'life0, 'async_trait>(
+        &'life0 self,
+        track: Arc<dyn TrackRemote>,
+    ) -> EventFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            tokio::spawn(receive_audio(track, shared));
+        })
+    }
+}
+
+/// Decodes the received track with libopus into `shared.received`, concealing short losses.
+async fn receive_audio(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
+    let mut decoder = match opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono) {
+        Ok(decoder) => decoder,
+        Err(err) => {
+            eprintln!("chorus-bot: cannot create an Opus decoder: {err}");
+            return;
+        }
+    };
+    // Room for the longest Opus packet (120 ms).
+    let mut pcm = vec![0i16; FRAME_SAMPLES * 6];
+    let mut last_sequence: Option<u16> = None;
+    while let Some(event) = track.poll().await {
+        let TrackRemoteEvent::OnRtpPacket(packet) = event else {
+            continue;
+        };
+        shared.packets_received.fetch_add(1, Ordering::Relaxed);
+        let sequence = packet.header.sequence_number;
+        if let Some(last) = last_sequence {
+            let gap = sequence.wrapping_sub(last);
+            if gap == 0 || gap > u16::MAX / 2 {
+                continue; // duplicate or late: already concealed
+            }
+            for _ in 1..gap.min(MAX_CONCEALED_FRAMES) {
+                if let Ok(n) = decoder.decode(&[], &mut pcm[..FRAME_SAMPLES], false) {
+                    lock(&shared.received).extend_from_slice(&pcm[..n]);
+                }
+            }
+        }
+        last_sequence = Some(sequence);
+        if packet.payload.is_empty() {
+            continue;
+        }
+        match decoder.decode(&packet.payload, &mut pcm, false) {
+            Ok(n) => lock(&shared.received).extend_from_slice(&pcm[..n]),
+            Err(err) => eprintln!("chorus-bot: undecodable Opus packet: {err}"),
+        }
+    }
+}
+
+/// Sends 20 ms Opus frames from the shared generator, paced in real time, each with its RFC 6464
+/// level, until the track is closed.
+async fn send_audio(
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    track: Arc<TrackLocalStaticRTP>,
+    shared: Arc<Shared>,
+) {
+    let payload_type = match sender.get_parameters().await {
+        Ok(parameters) => match parameters.rtp_parameters.codecs.first() {
+            Some(codec) => codec.payload_type,
+            None => {
+                eprintln!("chorus-bot: no codec was negotiated; not sending");
+                return;
+            }
+        },
+        Err(err) => {
+            eprintln!("chorus-bot: cannot read the sender's parameters: {err}");
+            return;
+        }
+    };
+    let Some(ssrc) = track.track().await.ssrcs().next() else {
+        eprintln!("chorus-bot: the track has no SSRC; not sending");
+        return;
+    };
+    let mut encoder =
+        match opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip) {
+            Ok(encoder) => encoder,
+            Err(err) => {
+                eprintln!("chorus-bot: cannot create an Opus encoder: {err}");
+                return;
+            }
+        };
+    let mut frame = vec![0i16; FRAME_SAMPLES];
+    let mut encoded = vec![0u8; 1500];
+    let mut sequence_number: u16 = rand::random();
+    let mut timestamp: u32 = rand::random();
+    let mut first = true;
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        ticker.tick().await;
+        lock(&shared.generator).fill(&mut frame);
+        let level = audio_level_dbov(&frame);
+        let length = match encoder.encode(&frame, &mut encoded) {
+            Ok(length) => length,
+            Err(err) => {
+                eprintln!("chorus-bot: Opus encoding failed: {err}");
+                return;
+            }
+        };
+        let packet = rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                marker: std::mem::take(&mut first),
+                payload_type,
+                sequence_number,
+                timestamp,
+                ssrc,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(&encoded[..length]),
+        };
+        sequence_number = sequence_number.wrapping_add(1);
+        timestamp = timestamp.wrapping_add(FRAME_SAMPLES as u32);
+        let extension = HeaderExtension::AudioLevel(AudioLevelExtension {
+            level,
+            voice: level < VOICE_THRESHOLD_DBOV,
+        });
+        if track
+            .write_rtp_with_extensions(packet, &[extension])
+            .await
+            .is_err()
+        {
+            return; // closed
+        }
+        shared.packets_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Where to `DELETE` to leave, when the bot joined over HTTP.
+#[derive(Debug, Clone)]
+struct HttpSession {
+    client: reqwest::Client,
+    participant_url: String,
+    token: String,
+}
+
+/// A participant in a conference.
+pub struct Bot {
+    peer_connection: Arc<dyn PeerConnection>,
+    shared: Arc<Shared>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    sender: Option<JoinHandle<()>>,
+    record: Option<PathBuf>,
+    http: Option<HttpSession>,
+}
+
+impl std::fmt::Debug for Bot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bot")
+            .field("state", &*self.state.borrow())
+            .field("record", &self.record)
+            .field(
+                "participant_url",
+                &self.http.as_ref().map(|h| &h.participant_url),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `host` (from a URL) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Bot {
+    /// Joins room `room` of the server at `base_url` (e.g. `http://127.0.0.1:8080`) with the
+    /// join token `token`: `POST {base}/v1/rooms/{room}/participants` with the SDP offer,
+    /// expecting `201 Created`, the answer as the body, and `Location` naming the participant.
+    pub async fn join_http(
+        base_url: &str,
+        room: &str,
+        token: &str,
+        mut config: BotConfig,
+    ) -> Result<Bot> {
+        let base =
+            reqwest::Url::parse(base_url).with_context(|| format!("`{base_url}` is not a URL"))?;
+        if config.bind.is_none() {
+            let loopback = base.host_str().is_some_and(is_loopback_host);
+            config.bind = Some(if loopback { "127.0.0.1:0" } else { "0.0.0.0:0" }.to_owned());
+        }
+        let join_url = base
+            .join(&format!("/v1/rooms/{room}/participants"))
+            .context("cannot build the join URL")?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let session = Arc::new(Mutex::new(None::<HttpSession>));
+        let session_slot = Arc::clone(&session);
+        let token_owned = token.to_owned();
+        let bot = Bot::join_with(config, move |offer| async move {
+            let response = client
+                .post(join_url.clone())
+                .bearer_auth(&token_owned)
+                .header(reqwest::header::CONTENT_TYPE, "application/sdp")
+                .body(offer)
+                .send()
+                .await
+                .with_context(|| format!("POST {join_url} failed"))?;
+            let status = response.status();
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            let body = response.text().await.unwrap_or_default();
+            if status != reqwest::StatusCode::CREATED {
+                bail!(
+                    "joining failed: POST {join_url} answered {status}: {}",
+                    body.trim()
+                );
+            }
+            let location = location
+                .ok_or_else(|| anyhow!("POST {join_url} answered 201 without a Location header"))?;
+            let participant_url = join_url
+                .join(&location)
+                .with_context(|| format!("bad Location header `{location}`"))?
+                .to_string();
+            *lock(&session_slot) = Some(HttpSession {
+                client,
+                participant_url,
+                token: token_owned.clone(),
+            });
+            Ok(body)
+        })
+        .await?;
+        let mut bot = bot;
+        bot.http = lock(&session).take();
+        Ok(bot)
+    }
+
+    /// Joins through `signal`, which takes the SDP offer and returns the SDP answer (for tests
+    /// that hand the offer to a `MediaPort` directly). Returns once the connection is up.
+    pub async fn join_with<F, Fut>(config: BotConfig, signal: F) -> Result<Bot>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<String>>,
+    {
+        let generator = Generator::new(&config.source)?;
+        let shared = Arc::new(Shared {
+            generator: Mutex::new(generator),
+            received: Mutex::new(Vec::new()),
+            packets_sent: AtomicU64::new(0),
+            packets_received: AtomicU64::new(0),
+        });
+
+        let opus = RTCRtpCodec {
+            mime_type: "audio/opus".to_owned(),
+            clock_rate: SAMPLE_RATE,
+            channels: 2,
+            sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+            rtcp_feedback: vec![],
+        };
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: opus.clone(),
+                payload_type: 111,
+            },
+            RtpCodecKind::Audio,
+        )?;
+        media_engine.register_header_extension(
+            RTCRtpHeaderExtensionCapability {
+                uri: AUDIO_LEVEL_URI.to_owned(),
+            },
+            RtpCodecKind::Audio,
+            None,
+        )?;
+        let (gathered_tx, mut gathered) = watch::channel(false);
+        let (state_tx, mut state) = watch::channel(RTCPeerConnectionState::New);
+        let events = BotEvents {
+            gathered: gathered_tx,
+            state: state_tx,
+            shared: Arc::clone(&shared),
+        };
+        let bind = config
+            .bind
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+        let peer_connection = PeerConnectionBuilder::new()
+            .with_media_engine(media_engine)
+            .with_handler(Arc::new(events))
+            .with_udp_addrs(vec![bind])
+            .build()
+            .await
+            .context("cannot create the peer connection")?;
+        let peer_connection: Arc<dyn PeerConnection> = Arc::new(peer_connection);
+
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "chorus-bot".to_owned(),
+            "chorus-bot-audio".to_owned(),
+            "chorus bot".to_owned(),
+            RtpCodecKind::Audio,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(rand::random::<u32>()),
+                    ..Default::default()
+                },
+                codec: opus,
+                ..Default::default()
+            }],
+        )));
+        let sender = peer_connection
+            .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+            .await
+            .context("cannot add the audio track")?;
+
+        let offer = peer_connection.create_offer(None).await?;
+        peer_connection.set_local_description(offer).await?;
+        tokio::time::timeout(CONNECT_TIMEOUT, gathered.wait_for(|done| *done))
+            .await
+            .context("ICE gathering did not finish")?
+            .context("ICE gathering was abandoned")?;
+        let offer = peer_connection
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow!("no local description after gathering"))?
+            .sdp;
+
+        let connect = async {
+            let answer = signal(offer).await?;
+            let answer = RTCSessionDescription::answer(answer)
+                .context("the server's answer is not valid SDP")?;
+            peer_connection
+                .set_remote_description(answer)
+                .await
+                .context("the server's answer was refused")?;
+            let reached = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                state.wait_for(|state| {
+                    matches!(
+                        state,
+                        RTCPeerConnectionState::Connected
+                            | RTCPeerConnectionState::Failed
+                            | RTCPeerConnectionState::Closed
+                    )
+                }),
+            )
+            .await
+            .context("the connection did not come up in time")?
+            .map(|state| *state)
+            .context("the connection was dropped")?;
+            if reached != RTCPeerConnectionState::Connected {
+                bail!("the connection ended as {reached} before it was up");
+            }
+            Ok(())
+        };
+        if let Err(err) = connect.await {
+            let _ = peer_connection.close().await;
+            return Err(err);
+        }
+
+        let sending = tokio::spawn(send_audio(sender, track, Arc::clone(&shared)));
+        Ok(Bot {
+            peer_connection,
+            shared,
+            state,
+            sender: Some(sending),
+            record: config.record,
+            http: None,
+        })
+    }
+
+    /// Switches what the bot sends, from the next frame on.
+    pub fn set_source(&self, source: &AudioSource) -> Result<()> {
+        let generator = Generator::new(source)?;
+        *lock(&self.shared.generator) = generator;
+        Ok(())
+    }
+
+    /// Changes the level of the current source (a tone keeps its phase), from the next frame.
+    pub fn set_level_dbfs(&self, level_dbfs: f64) {
+        lock(&self.shared.generator).set_level_dbfs(level_dbfs);
+    }
+
+    /// The connection's current state.
+    pub fn connection_state(&self) -> RTCPeerConnectionState {
+        *self.state.borrow()
+    }
+
+    /// Where the bot's participant lives on the server, when it joined over HTTP.
+    pub fn participant_url(&self) -> Option<&str> {
+        self.http.as_ref().map(|h| h.participant_url.as_str())
+    }
+
+    /// Everything received so far, decoded (48 kHz mono).
+    pub fn received_samples(&self) -> Vec<i16> {
+        lock(&self.shared.received).clone()
+    }
+
+    /// Seconds of audio received so far.
+    pub fn seconds_received(&self) -> f64 {
+        lock(&self.shared.received).len() as f64 / f64::from(SAMPLE_RATE)
+    }
+
+    /// Analyses everything received so far at `freqs_hz`.
+    pub fn report(&self, freqs_hz: &[f64]) -> BotReport {
+        self.report_window(None, freqs_hz)
+    }
+
+    /// Analyses the last `window` of received audio (all of it if `None`) at `freqs_hz`.
+    pub fn report_window(&self, window: Option<Duration>, freqs_hz: &[f64]) -> BotReport {
+        let received = lock(&self.shared.received);
+        let start = window.map_or(0, |window| {
+            let wanted = (window.as_secs_f64() * f64::from(SAMPLE_RATE)) as usize;
+            received.len().saturating_sub(wanted)
+        });
+        let analyzed = &received[start..];
+        let tones = ToneReport::analyze(analyzed, freqs_hz, SAMPLE_RATE);
+        BotReport {
+            seconds_analyzed: analyzed.len() as f64 / f64::from(SAMPLE_RATE),
+            seconds_received: received.len() as f64 / f64::from(SAMPLE_RATE),
+            packets_received: self.shared.packets_received.load(Ordering::Relaxed),
+            packets_sent: self.shared.packets_sent.load(Ordering::Relaxed),
+            rms_dbfs: rms_dbfs(analyzed),
+            noise_floor_dbfs: tones.noise_floor_dbfs,
+            frequencies: tones
+                .tones
+                .iter()
+                .map(|tone| FrequencyReport {
+                    freq_hz: tone.freq_hz,
+                    level_dbfs: tone.level_dbfs,
+                    present: tone.present,
+                })
+                .collect(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Leaves: stops sending, `DELETE`s the participant (HTTP joins), closes the connection,
+    /// writes the recording, and reports on everything received. A failed `DELETE` or close is
+    /// a warning in the report; only failing to write the recording is an error.
+    pub async fn leave(mut self, freqs_hz: &[f64]) -> Result<BotReport> {
+        if let Some(sending) = self.sender.take() {
+            sending.abort();
+        }
+        let mut problems = Vec::new();
+        if let Some(http) = self.http.take() {
+            match http
+                .client
+                .delete(&http.participant_url)
+                .bearer_auth(&http.token)
+                .send()
+                .await
+            {
+                Ok(response) if response.status().is_success() => {}
+                Ok(response) => problems.push(format!(
+                    "DELETE {} answered {}",
+                    http.participant_url,
+                    response.status()
+                )),
+                Err(err) => problems.push(format!("DELETE {} failed: {err}", http.participant_url)),
+            }
+        }
+        if let Err(err) = self.peer_connection.close().await {
+            problems.push(format!("closing the connection failed: {err}"));
+        }
+        let mut report = self.report(freqs_hz);
+        report.warnings = problems;
+        if let Some(path) = &self.record {
+            write_wav(path, &lock(&self.shared.received))?;
+        }
+        Ok(report)
+    }
+}
+
+impl Drop for Bot {
+    fn drop(&mut self) {
+        if let Some(sending) = self.sender.take() {
+            sending.abort();
+        }
+    }
+}
+
+/// Writes `samples` as a 48 kHz mono 16-bit WAV file.
+pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    for &sample in samples {
+        writer.write_sample(sample)?;
+    }
+    writer
+        .finalize()
+        .with_context(|| format!("cannot finish {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_mediaserver::endpoint::{InboundAudio, MediaPort, PeerHandle, PeerSender};
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn audio_level_follows_rms() {
+        let tone = ToneGenerator::new(440.0, -12.0, SAMPLE_RATE).frame(FRAME_SAMPLES * 5);
+        assert_eq!(audio_level_dbov(&tone), 15);
+        assert_eq!(audio_level_dbov(&[0; 960]), 127);
+        assert_eq!(audio_level_dbov(&[]), 127);
+        assert_eq!(audio_level_dbov(&[i16::MIN; 960]), 0);
+    }
+
+    #[test]
+    fn wav_files_are_read_back_at_48k_mono() {
+        let dir = std::env::temp_dir().join(format!("chorus-bot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tone.wav");
+        let tone = ToneGenerator::new(500.0, -6.0, SAMPLE_RATE).frame(4800);
+        write_wav(&path, &tone).unwrap();
+        assert_eq!(load_wav_48k_mono(&path).unwrap(), tone);
+        // 16 kHz stereo is mixed down and resampled to 48 kHz.
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 16_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let path16 = dir.join("tone16.wav");
+        let mut writer = hound::WavWriter::create(&path16, spec).unwrap();
+        for sample in ToneGenerator::new(500.0, -6.0, 16_000).frame(1600) {
+            writer.write_sample(sample).unwrap();
+            writer.write_sample(sample).unwrap();
+        }
+        writer.finalize().unwrap();
+        let resampled = load_wav_48k_mono(&path16).unwrap();
+        assert_eq!(resampled.len(), 4800);
+        let report = ToneReport::analyze(&resampled, &[500.0, 1200.0], SAMPLE_RATE);
+        assert!(
+            report.tones[0].present && !report.tones[1].present,
+            "{report:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn relay(
+        mut from: tokio::sync::mpsc::Receiver<InboundAudio>,
+        to: PeerSender,
+        levels: Arc<Mutex<Vec<u8>>>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(audio) = from.recv().await {
+                if let Some((level, _voice)) = audio.level {
+                    lock(&levels).push(level);
+                }
+                let _ = to.send_opus(audio.payload, FRAME_SAMPLES as u32);
+            }
+        })
+    }
+
+    async fn join_port(port: &Arc<MediaPort>, source: AudioSource) -> (Bot, PeerHandle) {
+        let handle_slot = Arc::new(Mutex::new(None));
+        let slot = Arc::clone(&handle_slot);
+        let port = Arc::clone(port);
+        let bot = Bot::join_with(BotConfig::new(source), move |offer| async move {
+            let (answer, handle) = port.accept(&offer).await?;
+            *lock(&slot) = Some(handle);
+            Ok(answer)
+        })
+        .await
+        .unwrap();
+        let handle = lock(&handle_slot).take().unwrap();
+        (bot, handle)
+    }
+
+    /// A stand-in for the HTTP join API (the real one lives in the media server): bearer token
+    /// `secret`, `201` with the answer and a `Location`, `DELETE` closes. It echoes each
+    /// participant's audio back to it, and reports closed participants on `closed`.
+    async fn stub_join_api(
+        port: Arc<MediaPort>,
+        closed: tokio::sync::mpsc::UnboundedSender<u64>,
+    ) -> std::net::SocketAddr {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::{HeaderMap, StatusCode, header};
+        use axum::response::IntoResponse;
+        use axum::routing::{delete, post};
+
+        type Api = (Arc<MediaPort>, tokio::sync::mpsc::UnboundedSender<u64>);
+        fn authorized(headers: &HeaderMap) -> bool {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                == Some("Bearer secret")
+        }
+        async fn join(
+            State((port, _)): State<Api>,
+            UrlPath(room): UrlPath<String>,
+            headers: HeaderMap,
+            offer: String,
+        ) -> axum::response::Response {
+            if !authorized(&headers) {
+                return (StatusCode::UNAUTHORIZED, "no valid token").into_response();
+            }
+            match port.accept(&offer).await {
+                Ok((answer, handle)) => {
+                    let location = format!("/v1/rooms/{room}/participants/{}", handle.id);
+                    let PeerHandle {
+                        inbound, outbound, ..
+                    } = handle;
+                    relay(inbound, outbound, Arc::new(Mutex::new(Vec::new())));
+                    (StatusCode::CREATED, [(header::LOCATION, location)], answer).into_response()
+                }
+                Err(err) => (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+            }
+        }
+        async fn leave(
+            State((port, closed)): State<Api>,
+            UrlPath((_room, id)): UrlPath<(String, u64)>,
+            headers: HeaderMap,
+        ) -> StatusCode {
+            if !authorized(&headers) {
+                return StatusCode::UNAUTHORIZED;
+            }
+            port.close_peer(id);
+            let _ = closed.send(id);
+            StatusCode::NO_CONTENT
+        }
+        let router = axum::Router::new()
+            .route("/v1/rooms/{room}/participants", post(join))
+            .route("/v1/rooms/{room}/participants/{id}", delete(leave))
+            .with_state((port, closed));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    /// The HTTP join flow: a bad token is refused with the server's message; a good one joins
+    /// (201 + Location), audio flows, and leaving sends the DELETE.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn joins_and_leaves_over_http() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        let port = Arc::new(
+            MediaPort::start(socket, "127.0.0.1".parse().unwrap(), shutdown.clone()).unwrap(),
+        );
+        let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let api = stub_join_api(Arc::clone(&port), closed_tx).await;
+        let base = format!("http://{api}");
+        let tone = AudioSource::Tone {
+            hz: 800.0,
+            level_dbfs: -15.0,
+        };
+
+        let refused = Bot::join_http(&base, "lobby", "wrong", BotConfig::new(tone.clone()))
+            .await
+            .unwrap_err();
+        let message = format!("{refused:#}");
+        assert!(
+            message.contains("401") && message.contains("no valid token"),
+            "{message}"
+        );
+
+        let record =
+            std::env::temp_dir().join(format!("chorus-bot-http-{}.wav", std::process::id()));
+        let mut config = BotConfig::new(tone);
+        config.record = Some(record.clone());
+        let bot = Bot::join_http(&base, "lobby", "secret", config)
+            .await
+            .unwrap();
+        let participant = bot.participant_url().unwrap().to_owned();
+        assert!(
+            participant.starts_with(&format!("{base}/v1/rooms/lobby/participants/")),
+            "{participant}"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let report = bot.leave(&[800.0, 1500.0]).await.unwrap();
+        assert!(report.warnings.is_empty(), "{report:?}");
+        assert!(
+            report.frequencies[0].present && !report.frequencies[1].present,
+            "{report:?}"
+        );
+        let id: u64 = participant.rsplit('/').next().unwrap().parse().unwrap();
+        assert_eq!(closed_rx.recv().await, Some(id));
+        let recorded = load_wav_48k_mono(&record).unwrap();
+        assert!(recorded.len() as f64 >= report.seconds_received * f64::from(SAMPLE_RATE) - 1.0);
+        std::fs::remove_file(&record).unwrap();
+        shutdown.cancel();
+    }
+
+    /// Two bots through a `MediaPort` with a relay standing in for the mixer: each hears the
+    /// other's tone, and a quiet bot that turns loud shows up in the levels and the audio.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_bots_hear_each_other_and_a_quiet_bot_turns_loud() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        let port = Arc::new(
+            MediaPort::start(socket, "127.0.0.1".parse().unwrap(), shutdown.clone()).unwrap(),
+        );
+        let (loud, loud_handle) = join_port(
+            &port,
+            AudioSource::Tone {
+                hz: 500.0,
+                level_dbfs: -10.0,
+            },
+        )
+        .await;
+        let (quiet, quiet_handle) = join_port(
+            &port,
+            AudioSource::Tone {
+                hz: 1200.0,
+                level_dbfs: -60.0,
+            },
+        )
+        .await;
+        let quiet_levels = Arc::new(Mutex::new(Vec::new()));
+        let relays = [
+            relay(
+                loud_handle.inbound,
+                quiet_handle.outbound.clone(),
+                Arc::new(Mutex::new(Vec::new())),
+            ),
+            relay(
+                quiet_handle.inbound,
+                loud_handle.outbound.clone(),
+                Arc::clone(&quiet_levels),
+            ),
+        ];
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let quiet_report = quiet.report_window(Some(Duration::from_millis(800)), &[500.0, 1200.0]);
+        assert!(quiet_report.frequencies[0].present, "{quiet_report:?}");
+        assert!(!quiet_report.frequencies[1].present, "{quiet_report:?}");
+        let before = lock(&quiet_levels).last().copied().unwrap();
+        assert!((62..=64).contains(&before), "quiet level {before}");
+
+        quiet.set_level_dbfs(-10.0);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let after = lock(&quiet_levels).last().copied().unwrap();
+        assert!((12..=14).contains(&after), "loud level {after}");
+        let loud_report = loud.report_window(Some(Duration::from_millis(500)), &[500.0, 1200.0]);
+        assert!(loud_report.frequencies[1].present, "{loud_report:?}");
+        assert!(
+            (loud_report.frequencies[1].level_dbfs + 10.0).abs() < 3.0,
+            "{loud_report:?}"
+        );
+
+        let report = quiet.leave(&[500.0]).await.unwrap();
+        assert!(
+            report.packets_sent > 80 && report.packets_received > 80,
+            "{report:?}"
+        );
+        loud.leave(&[]).await.unwrap();
+        for relay in relays {
+            relay.abort();
+        }
+        shutdown.cancel();
+    }
+}

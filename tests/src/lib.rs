@@ -1,0 +1,143 @@
+//! `chorus-tests`: end-to-end tests that run the real binaries against real tools.
+//!
+//! This library holds what every test file needs to find those: the workspace root, the
+//! `chorus-operator` binary (built once per test process), and the external tools that
+//! `scripts/bootstrap` installs into `.venv/bin` and `.tools/bin`. A missing tool is a test
+//! failure with a message saying how to get it, never a silent skip: a skipped validation looks
+//! exactly like a passing one.
+
+pub mod bot;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// The Cargo workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// The `chorus-operator` binary, built by `cargo build -p chorus-operator` on first use.
+///
+/// Integration tests of another crate get no `CARGO_BIN_EXE_*`, so this crate builds the binary
+/// itself. Cargo reports where it put it (`--message-format=json`), which keeps this right under a
+/// custom `CARGO_TARGET_DIR`. The build runs once per test process; every caller shares its result,
+/// including a build failure, which is reported to each of them.
+pub fn operator_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build_bin("chorus-operator", "chorus-operator").map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// Builds binary `bin` of workspace package `package` and returns the executable's path.
+fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    // `CARGO` is the cargo running these tests; using it keeps toolchain and target dir the same.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--quiet",
+            "--message-format=json",
+            "--package",
+            package,
+            "--bin",
+            bin,
+        ])
+        .output()
+        .with_context(|| format!("cannot start {}", cargo.to_string_lossy()))?;
+    if !output.status.success() {
+        bail!(
+            "`cargo build -p {package} --bin {bin}` failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // One JSON message per line; the compiler-artifact of the binary carries its `executable`.
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == bin)
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo built {package} but reported no executable for `{bin}`"))
+}
+
+/// An external tool installed by `scripts/bootstrap`: `.venv/bin/<name>` or `.tools/bin/<name>`.
+///
+/// Only those two places are searched, not `PATH`, so the tests always run the pinned versions.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let root = workspace_root();
+    let candidates = [
+        root.join(".venv/bin").join(name),
+        root.join(".tools/bin").join(name),
+    ];
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "`{name}` is not installed (looked for {} and {}); run `scripts/bootstrap` \
+             (or `make bootstrap`) from {}",
+                candidates[0].display(),
+                candidates[1].display(),
+                root.display()
+            )
+        })
+}
+
+/// Runs `program args...` from the workspace root and returns its output, whatever the exit status.
+///
+/// Failing to start the program is an error; a non-zero exit is for the caller to judge, since
+/// several tests expect one.
+pub fn run<I, S>(program: &Path, args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    Command::new(program)
+        .current_dir(workspace_root())
+        .args(&args)
+        .output()
+        .with_context(|| format!("cannot start {}", describe(program, &args)))
+}
+
+/// Like [`run`], but a non-zero exit is an error carrying the program's stdout and stderr.
+pub fn run_ok<I, S>(program: &Path, args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let output = run(program, &args)?;
+    if !output.status.success() {
+        bail!(
+            "{} failed ({}):\n--- stdout\n{}--- stderr\n{}",
+            describe(program, &args),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// A command line for messages, such as `kubernetes-validate --strict crds/conference.yaml`.
+fn describe(program: &Path, args: &[std::ffi::OsString]) -> String {
+    let name = program.file_name().unwrap_or(program.as_os_str());
+    std::iter::once(name)
+        .chain(args.iter().map(|a| a.as_os_str()))
+        .map(|part| part.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
