@@ -7,6 +7,7 @@
 //! exactly like a passing one.
 
 pub mod bot;
+pub mod media_server;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,99 @@
+//! An in-process media server for end-to-end tests: real sockets on 127.0.0.1 port 0, a fresh
+//! join key, and a handle that mints tokens and stops the server when dropped.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use chorus_mediaserver::config::Config;
+use chorus_mediaserver::server::{self, Running};
+use chorus_mediaserver::token::TokenKey;
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+
+/// A running media server.
+#[derive(Debug)]
+pub struct MediaServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    /// The UDP media address.
+    pub udp: SocketAddr,
+    /// Metrics and rooms, for assertions.
+    pub running: Running,
+    key: TokenKey,
+    conference: String,
+    shutdown: CancellationToken,
+}
+
+impl MediaServer {
+    /// Start a server; `adjust` may change the configuration (limits, top speakers, ...).
+    pub async fn start(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        let mut raw = [0u8; 32];
+        rand::rng().fill_bytes(&mut raw);
+        let key_bytes: Vec<u8> = raw.iter().map(|b| b'a' + (b % 26)).collect();
+        let mut config = Config {
+            public_address: [127, 0, 0, 1].into(),
+            conference: "e2e".into(),
+            join_key: key_bytes.clone(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        config.validate().context("test server configuration")?;
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let http_addr = http.local_addr()?;
+        let udp_addr = udp.local_addr()?;
+        let conference = config.conference.clone();
+        let shutdown = CancellationToken::new();
+        let (running, serving) = server::start(config, http, udp, shutdown.clone())?;
+        tokio::spawn(serving);
+        Ok(Self {
+            base_url: format!("http://{http_addr}"),
+            udp: udp_addr,
+            running,
+            key: TokenKey::new(&key_bytes).map_err(|e| anyhow::anyhow!("{e}"))?,
+            conference,
+            shutdown,
+        })
+    }
+
+    /// A join token for `room` valid for an hour.
+    pub fn token(&self, room: &str, identity: &str) -> String {
+        self.key.mint(
+            &self.conference,
+            room,
+            identity,
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+    }
+
+    /// A token that expired a minute ago.
+    pub fn expired_token(&self, room: &str, identity: &str) -> String {
+        self.key.mint(
+            &self.conference,
+            room,
+            identity,
+            Duration::from_secs(1),
+            SystemTime::now() - Duration::from_secs(60),
+        )
+    }
+
+    /// The server's /metrics text.
+    pub fn metrics(&self) -> String {
+        self.running.metrics.encode()
+    }
+}
+
+impl Drop for MediaServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The value of a metric line `name` (with labels, exactly as printed), if present.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
