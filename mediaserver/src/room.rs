@@ -376,7 +376,7 @@ impl RoomTask {
                     self.metrics.tick_duration.observe(started.elapsed().as_secs_f64());
 
                     tick_count = tick_count.wrapping_add(1);
-                    if tick_count % rank_every == 0 {
+                    if tick_count.is_multiple_of(rank_every) {
                         self.publish_info(&members, &out.mixed);
                         // Peers whose connection ended leave without a DELETE.
                         let gone: Vec<u64> = members

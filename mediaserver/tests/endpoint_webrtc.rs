@@ -554,7 +554,7 @@ async fn garbage_on_the_port_is_counted_and_does_not_disturb_a_peer() {
     attributes.extend_from_slice(&0x0006u16.to_be_bytes());
     attributes.extend_from_slice(&(username.len() as u16).to_be_bytes());
     attributes.extend_from_slice(username.as_bytes());
-    while attributes.len() % 4 != 0 {
+    while !attributes.len().is_multiple_of(4) {
         attributes.push(0);
     }
     attributes.extend_from_slice(&0x0008u16.to_be_bytes());

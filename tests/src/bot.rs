@@ -90,8 +90,8 @@ pub struct BotConfig {
     pub source: AudioSource,
     /// Where to write what the bot hears, as 48 kHz mono 16-bit WAV, when it leaves.
     pub record: Option<PathBuf>,
-    /// Local UDP address(es) for ICE; `None` picks 127.0.0.1 for a loopback server, else all
-    /// interfaces.
+    /// Local UDP address for ICE. `None`: [`Bot::join_http`] binds 127.0.0.1 for a loopback
+    /// server and every interface (`0.0.0.0:0`) otherwise; [`Bot::join_with`] binds 127.0.0.1.
     pub bind: Option<String>,
 }
 

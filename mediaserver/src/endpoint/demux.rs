@@ -96,7 +96,7 @@ fn classify_stun(datagram: &[u8]) -> Result<Datagram<'_>, Malformed> {
     if read_u32(datagram, 4) != Some(STUN_MAGIC_COOKIE) {
         return Err(Malformed("STUN message without the magic cookie"));
     }
-    if body_len % 4 != 0 || STUN_HEADER_LEN + body_len != datagram.len() {
+    if !body_len.is_multiple_of(4) || STUN_HEADER_LEN + body_len != datagram.len() {
         return Err(Malformed("STUN length field does not match the datagram"));
     }
     let body = &datagram[STUN_HEADER_LEN..];
@@ -179,7 +179,7 @@ mod tests {
             body.extend_from_slice(&attr_type.to_be_bytes());
             body.extend_from_slice(&(value.len() as u16).to_be_bytes());
             body.extend_from_slice(value);
-            while body.len() % 4 != 0 {
+            while !body.len().is_multiple_of(4) {
                 body.push(0);
             }
         }

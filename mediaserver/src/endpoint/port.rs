@@ -1,6 +1,6 @@
 //! [`MediaPort`]: one UDP socket, one task, every participant of the server.
 //!
-//! The task owns the socket and every [`Session`]. It waits for whichever comes first — a
+//! The task owns the socket and every `Session`. It waits for whichever comes first — a
 //! datagram, a command (register, send audio, close), the earliest connection timer, or
 //! shutdown — handles it, and sends what the affected connections produced. Datagrams are
 //! routed (hand-written; see `demux.rs`) by, in order:
@@ -11,7 +11,7 @@
 //! Anything else is dropped and counted in [`PortStats::dropped_malformed`].
 //!
 //! Invariants:
-//! - At most [`PortConfig::max_peers`] sessions; at most [`MAX_ADDRS_PER_PEER`] learned
+//! - At most [`PortConfig::max_peers`] sessions; at most `MAX_ADDRS_PER_PEER` learned
 //!   addresses per session, so a flood of forged binding requests cannot grow memory.
 //! - A session that reaches `Failed`/`Closed`, or does not connect within
 //!   [`PortConfig::connect_timeout`], is removed with its ufrag and addresses.

@@ -1,0 +1,42 @@
+//! The mesh between the media servers of one conference (DESIGN.md §5): the distributed mixing
+//! protocol (primary election, local and global top lists, forwarding, consistency) and the
+//! mutual-TLS QUIC transport that carries it.
+//!
+//! Layering, as everywhere in this crate, is pure core plus thin shell:
+//! - [`wire`]: the network formats. Control messages (versioned, size-limited JSON frames) and the
+//!   hand-written binary layout of forwarded media datagrams. Every parser is strict, bounded and
+//!   never panics.
+//! - [`protocol`]: the sans-IO protocol core, [`protocol::MeshNodeState`]. Time and messages are
+//!   inputs, outgoing messages are values. It decides who is the primary of a room, merges top
+//!   lists, says what to mix and what to forward to whom, and counts how consistent the mesh is.
+//! - [`transport`]: QUIC (quinn) with mutual TLS from the conference's mesh certificates, control
+//!   frames on one bidirectional stream per peer, media as QUIC datagrams, heartbeats/RTT,
+//!   reconnect with backoff, per-peer counters.
+//! - [`metrics`]: the mesh's Prometheus collectors.
+//!
+//! The glue (owned by the server shell, not this module) feeds the mixer's candidates into
+//! [`protocol::MeshNodeState::on_local_candidates`], hands
+//! [`protocol::MeshNodeState::selection`] to the mixer's `set_selection`, and sends every local
+//! packet of a stream to [`protocol::MeshNodeState::forward_targets`] as a
+//! [`wire::MediaDatagram`].
+//!
+//! Invariants across the module:
+//! - nothing that arrives from the network can make it panic; every rejection is a [`MeshError`]
+//!   with a static [`MeshError::category`] for metrics;
+//! - memory is bounded by the plan (peers) and by configured limits (rooms, list lengths, frame
+//!   sizes), whatever peers send;
+//! - secrets (private keys) never reach `Debug` output, logs or metrics.
+
+pub mod error;
+pub mod metrics;
+pub mod protocol;
+pub mod transport;
+pub mod wire;
+
+pub use error::MeshError;
+pub use metrics::MeshMetrics;
+pub use protocol::{
+    GlobalList, MeshCounters, MeshNodeState, Outgoing, ProtocolConfig, ServerId, StreamKey,
+};
+pub use transport::{MeshInbound, MeshPeer, MeshTls, MeshTransport, PeerStats, TransportConfig};
+pub use wire::{ControlMessage, DatagramLevel, MediaDatagram, MeshCandidate};
