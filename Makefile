@@ -20,12 +20,9 @@ test: bootstrap
 	cargo clippy --workspace --all-targets -- -D warnings
 	PATH="$(TOOLS_PATH):$$PATH" cargo test --workspace
 
+# A local conference with BOTS (default 3) synthetic talkers; prints the URL to join. Ctrl-C stops it.
 demo: bootstrap
-	@echo "make demo: the Chorus media server is not built yet, so there is no local conference to run."
-	@echo "Meanwhile, these are the Kubernetes objects the operator would create for examples/conference.yaml"
-	@echo "(cargo run -p chorus-operator -- plan -f examples/conference.yaml):"
-	@echo
-	@cargo run -q -p chorus-operator -- plan -f examples/conference.yaml
+	scripts/demo
 
 bench:
 	@echo "make bench: the benchmarks arrive with the media server; there is nothing to measure yet."

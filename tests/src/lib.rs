@@ -142,3 +142,12 @@ fn describe(program: &Path, args: &[std::ffi::OsString]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Held by end-to-end tests that load the machine (dozens of WebRTC peers, real-time audio), so two
+/// of them never share the two cores CI has: real-time audio starved of CPU is a different test.
+pub fn heavy_test_guard() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked while holding the lock has failed on its own; the next may still run.
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -272,3 +272,32 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whatever arrives on the media port, classifying it never panics.
+        #[test]
+        fn classify_never_panics(datagram in proptest::collection::vec(any::<u8>(), 0..1600)) {
+            let _ = super::classify(&datagram);
+            let _ = super::is_binding_success(&datagram);
+        }
+
+        /// STUN-looking headers (first two bits zero, magic cookie) with random bodies.
+        #[test]
+        fn stunlike_never_panics(kind in any::<u16>(), len in any::<u16>(), body in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut d = Vec::with_capacity(20 + body.len());
+            d.extend_from_slice(&(kind & 0x3fff).to_be_bytes());
+            d.extend_from_slice(&len.to_be_bytes());
+            d.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+            d.extend_from_slice(&[7; 12]);
+            d.extend_from_slice(&body);
+            let _ = super::classify(&d);
+            let _ = super::is_binding_success(&d);
+        }
+    }
+}

@@ -189,3 +189,33 @@ a=sendrecv\r\n";
         assert_eq!(err.category(), "sdp_malformed");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    const BROWSER_LIKE: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\na=setup:actpass\r\na=sendrecv\r\na=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\na=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Arbitrary text never panics the offer checks.
+        #[test]
+        fn arbitrary_text(text in ".{0,2000}") {
+            let _ = super::check_offer(&text);
+        }
+
+        /// A plausible offer with one line cut, duplicated or garbled never panics either.
+        #[test]
+        fn mutated_offer(line in 0usize..16, action in 0u8..3, junk in "[ -~]{0,40}") {
+            let mut lines: Vec<String> = BROWSER_LIKE.split("\r\n").map(str::to_owned).collect();
+            let i = line % lines.len();
+            match action {
+                0 => { lines.remove(i); }
+                1 => { let l = lines[i].clone(); lines.insert(i, l); }
+                _ => lines[i] = junk,
+            }
+            let _ = super::check_offer(&lines.join("\r\n"));
+        }
+    }
+}

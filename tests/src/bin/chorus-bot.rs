@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chorus_tests::bot::{AudioSource, Bot, BotConfig, BotReport};
+use chorus_tests::bot::{AudioSource, Bot, BotConfig, BotReport, espeak_wav};
 use clap::{ArgGroup, Parser};
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ const DEFAULT_LEVEL_DBFS: f64 = -20.0;
 /// Join a Chorus room as a bot participant and report what it hears.
 #[derive(Debug, Parser)]
 #[command(name = "chorus-bot", version)]
-#[command(group(ArgGroup::new("source").args(["tone", "wav", "speech"])))]
+#[command(group(ArgGroup::new("source").args(["tone", "wav", "speech", "say"])))]
 struct Args {
     /// Base URL of the media server's HTTP API, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "CHORUS_SERVER")]
@@ -38,9 +38,15 @@ struct Args {
     /// Send this WAV file, looped.
     #[arg(long, value_name = "FILE")]
     wav: Option<PathBuf>,
-    /// Send speech-like audio.
+    /// Send speech-like audio (a synthetic harmonic voice with syllables and pauses).
     #[arg(long)]
     speech: bool,
+    /// Say this text, looped, with espeak-ng.
+    #[arg(long, value_name = "TEXT")]
+    say: Option<String>,
+    /// The espeak-ng voice for --say, e.g. en-us, en-gb+f3.
+    #[arg(long, default_value = "en-us")]
+    voice: String,
     /// Leave after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_name = "S")]
     seconds: Option<f64>,
@@ -63,7 +69,20 @@ struct Output<'a> {
 
 async fn run(args: Args) -> Result<()> {
     let level_dbfs = args.level_dbfs.unwrap_or(DEFAULT_LEVEL_DBFS);
-    let source = match (&args.tone, &args.wav, args.speech) {
+    let spoken = match &args.say {
+        Some(text) => {
+            let path =
+                std::env::temp_dir().join(format!("chorus-bot-say-{}.wav", std::process::id()));
+            espeak_wav(text, &args.voice, &path)?;
+            Some(path)
+        }
+        None => None,
+    };
+    let source = match (
+        &args.tone,
+        spoken.as_ref().or(args.wav.as_ref()),
+        args.speech,
+    ) {
         (Some(hz), _, _) => AudioSource::Tone {
             hz: *hz,
             level_dbfs,
@@ -73,6 +92,7 @@ async fn run(args: Args) -> Result<()> {
         (None, None, false) => AudioSource::Silence,
     };
     let wav_gain = match source {
+        AudioSource::Wav(_) if spoken.is_some() => None,
         AudioSource::Wav(_) => args.level_dbfs,
         _ => None,
     };
