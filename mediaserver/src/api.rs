@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once the server can accept participants; cleared on shutdown.
     pub ready: Arc<AtomicBool>,
+    /// The mesh node, whose plan generation `/readyz` reports.
+    pub mesh: Option<crate::mesh_node::MeshNode>,
 }
 
 /// The router.
@@ -253,7 +255,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n".to_owned())
+        match &state.mesh {
+            Some(node) => (
+                StatusCode::OK,
+                format!("ready mesh-generation={}\n", node.generation()),
+            ),
+            None => (StatusCode::OK, "ready\n".to_owned()),
+        }
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
     }

@@ -84,6 +84,26 @@ pub struct Config {
     pub jitter_max_ms: u32,
     /// How often local top lists are computed (and sent to the mesh primary).
     pub rank_interval_ms: u32,
+    /// Where the mesh plan comes from; `None` runs the server alone.
+    pub mesh: Option<MeshSource>,
+    /// The UDP address of the QUIC mesh endpoint.
+    pub mesh_addr: SocketAddr,
+    /// The directory holding `ca.crt`, `<server-id>.crt` and `<server-id>.key`.
+    pub mesh_tls_dir: PathBuf,
+}
+
+/// Where a server reads its mesh plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshSource {
+    /// A JSON file, re-read when it changes (local mode).
+    File(PathBuf),
+    /// The `mesh.json` key of a ConfigMap, watched through the Kubernetes API.
+    ConfigMap {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl std::fmt::Debug for Config {
@@ -105,6 +125,9 @@ impl std::fmt::Debug for Config {
             .field("jitter_min_ms", &self.jitter_min_ms)
             .field("jitter_max_ms", &self.jitter_max_ms)
             .field("rank_interval_ms", &self.rank_interval_ms)
+            .field("mesh", &self.mesh)
+            .field("mesh_addr", &self.mesh_addr)
+            .field("mesh_tls_dir", &self.mesh_tls_dir)
             .finish()
     }
 }
@@ -128,6 +151,9 @@ impl Default for Config {
             jitter_min_ms: 20,
             jitter_max_ms: 120,
             rank_interval_ms: 100,
+            mesh: None,
+            mesh_addr: SocketAddr::from(([0, 0, 0, 0], chorus_crds::names::MESH_PORT)),
+            mesh_tls_dir: PathBuf::from(chorus_crds::names::MESH_TLS_MOUNT),
         }
     }
 }
@@ -168,6 +194,12 @@ pub struct Layer {
     pub jitter_max_ms: Option<u32>,
     /// See [`Config::rank_interval_ms`].
     pub rank_interval_ms: Option<u32>,
+    /// A mesh plan file (local mode).
+    pub mesh_plan_file: Option<PathBuf>,
+    /// See [`Config::mesh_addr`].
+    pub mesh_addr: Option<SocketAddr>,
+    /// See [`Config::mesh_tls_dir`].
+    pub mesh_tls_dir: Option<PathBuf>,
 }
 
 impl Layer {
@@ -184,9 +216,10 @@ impl Layer {
     }
 
     /// The layer the environment gives: the variables the operator sets on pods.
+    #[allow(clippy::type_complexity)] // three plain outputs; a struct for them would say less
     pub fn from_env(
         get: impl Fn(&str) -> Option<String>,
-    ) -> Result<(Self, Option<Vec<u8>>), ConfigError> {
+    ) -> Result<(Self, Option<Vec<u8>>, Option<MeshSource>), ConfigError> {
         fn parse<T: std::str::FromStr>(
             get: &impl Fn(&str) -> Option<String>,
             name: &'static str,
@@ -204,7 +237,12 @@ impl Layer {
                 .transpose()
         }
         let udp_port: Option<u16> = parse(&get, env::UDP_PORT)?;
+        let configmap = match (get(env::MESH_CONFIGMAP), get(env::NAMESPACE)) {
+            (Some(name), Some(namespace)) => Some(MeshSource::ConfigMap { namespace, name }),
+            _ => None,
+        };
         let layer = Layer {
+            mesh_tls_dir: get(env::MESH_TLS_DIR).map(PathBuf::from),
             server_id: get(env::SERVER_ID),
             region: get(env::REGION),
             conference: get(env::CONFERENCE),
@@ -215,7 +253,7 @@ impl Layer {
         };
         // The key comes straight from the Secret; it is never written to a file by us.
         let key = get(env::JOIN_KEY).map(|k| k.trim_end().as_bytes().to_vec());
-        Ok((layer, key))
+        Ok((layer, key, configmap))
     }
 }
 
@@ -240,8 +278,13 @@ impl Config {
             extra_candidates,
             jitter_min_ms,
             jitter_max_ms,
-            rank_interval_ms
+            rank_interval_ms,
+            mesh_addr,
+            mesh_tls_dir
         );
+        if let Some(path) = &layer.mesh_plan_file {
+            self.mesh = Some(MeshSource::File(path.clone()));
+        }
         if let Some(path) = &layer.join_key_file {
             let key = std::fs::read(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -347,10 +390,13 @@ pub fn load(
     if let Some(path) = file {
         config.apply(&Layer::from_file(path)?)?;
     }
-    let (env_layer, env_key) = Layer::from_env(get_env)?;
+    let (env_layer, env_key, env_mesh) = Layer::from_env(get_env)?;
     config.apply(&env_layer)?;
     if let Some(key) = env_key {
         config.join_key = key;
+    }
+    if env_mesh.is_some() {
+        config.mesh = env_mesh;
     }
     config.apply(flags)?;
     config.validate()?;

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve participants: HTTP API and web client, one UDP media port.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a join token from a key file.
     Token {
         /// The file holding the join key (as the operator's Secret holds it).
@@ -81,6 +81,15 @@ struct ServeArgs {
     /// Frame length in ms (10 or 20).
     #[arg(long)]
     frame_ms: Option<u32>,
+    /// The mesh plan as a JSON file (local mode); re-read when it changes.
+    #[arg(long)]
+    mesh_plan_file: Option<PathBuf>,
+    /// UDP address of the QUIC mesh endpoint.
+    #[arg(long)]
+    mesh_addr: Option<std::net::SocketAddr>,
+    /// Directory with ca.crt, <server-id>.crt and <server-id>.key.
+    #[arg(long)]
+    mesh_tls_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -111,7 +120,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
@@ -132,6 +141,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_room_participants: args.max_room_participants,
         top_speakers: args.top_speakers,
         frame_ms: args.frame_ms,
+        mesh_plan_file: args.mesh_plan_file,
+        mesh_addr: args.mesh_addr,
+        mesh_tls_dir: args.mesh_tls_dir,
         ..Layer::default()
     };
     let config = config::load(args.config.as_deref(), |k| std::env::var(k).ok(), &flags)

@@ -18,11 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::endpoint::{InboundAudio, MediaPort, PeerHandle, PeerSender, PeerState};
 use crate::media::{AudioLevel, InboundPacket, RoomMixer, StreamId, StreamOrigin};
+use crate::mesh::wire::{DatagramLevel, MediaDatagram, MeshCandidate, unix_micros_now};
+use crate::mesh::{ServerId, StreamKey};
+use crate::mesh_node::{MeshNode, RemotePacket, RoomLink, RoomView};
 use crate::metrics::Metrics;
 
 /// Packets waiting for a room task before new ones are dropped (about 2 s of 50 talkers).
@@ -128,6 +131,7 @@ pub struct Rooms {
     config: Arc<Config>,
     port: Arc<MediaPort>,
     metrics: Arc<Metrics>,
+    mesh: Option<MeshNode>,
     rooms: Mutex<HashMap<String, RoomHandle>>,
     participants: Arc<AtomicUsize>,
 }
@@ -142,11 +146,17 @@ impl std::fmt::Debug for Rooms {
 
 impl Rooms {
     /// Rooms served through `port`.
-    pub fn new(config: Arc<Config>, port: Arc<MediaPort>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        port: Arc<MediaPort>,
+        metrics: Arc<Metrics>,
+        mesh: Option<MeshNode>,
+    ) -> Self {
         Self {
             config,
             port,
             metrics,
+            mesh,
             rooms: Mutex::new(HashMap::new()),
             participants: Arc::new(AtomicUsize::new(0)),
         }
@@ -254,8 +264,23 @@ impl Rooms {
             ..RoomInfo::default()
         }));
         let members = Arc::new(AtomicUsize::new(0));
+        let link = self.mesh.as_ref().map(|node| node.open_room(name));
+        let mesh = self
+            .mesh
+            .as_ref()
+            .zip(link.as_ref())
+            .map(|(node, link)| RoomMesh {
+                room_hash: link.room_hash,
+                node: node.clone(),
+                remote_ids: HashMap::new(),
+                remote_last_seen: HashMap::new(),
+                next_remote: 0,
+                forward: HashMap::new(),
+            });
         let task = RoomTask {
             name: name.to_owned(),
+            mesh,
+            link,
             port: self.port.clone(),
             config: self.config.clone(),
             metrics: self.metrics.clone(),
@@ -290,8 +315,81 @@ struct Member {
     state: tokio::sync::watch::Receiver<PeerState>,
 }
 
+/// A room's side of the mesh: its link, and the ids its remote streams have in its mixer.
+struct RoomMesh {
+    node: MeshNode,
+    room_hash: u64,
+    /// Remote streams get mixer ids from a range local participants never use.
+    remote_ids: HashMap<StreamKey, StreamId>,
+    remote_last_seen: HashMap<StreamId, Instant>,
+    next_remote: u64,
+    /// Local stream id → servers to forward it to, from the latest view.
+    forward: HashMap<u64, Vec<ServerId>>,
+}
+
+/// Local participant ids come from the media port's counter; remote streams count down from here.
+const REMOTE_ID_BASE: u64 = 1 << 62;
+/// A remote stream unheard for this long leaves the mixer.
+const REMOTE_IDLE: Duration = Duration::from_secs(5);
+
+impl RoomMesh {
+    fn remote_id(&mut self, key: &StreamKey, mixer: &mut RoomMixer) -> StreamId {
+        if let Some(id) = self.remote_ids.get(key) {
+            return *id;
+        }
+        let id = StreamId(REMOTE_ID_BASE + self.next_remote);
+        self.next_remote += 1;
+        mixer.add_stream(id, StreamOrigin::Remote);
+        self.remote_ids.insert(key.clone(), id);
+        id
+    }
+
+    /// Apply the latest view: mix exactly the global list; remember what to forward.
+    fn apply_view(&mut self, view: RoomView, mixer: &mut RoomMixer) {
+        self.forward = view.forward.into_iter().collect();
+        let selection = view.selection.map(|list| {
+            list.iter()
+                .map(|key| {
+                    if key.server == self.node.self_id() {
+                        StreamId(key.stream)
+                    } else {
+                        self.remote_id(key, mixer)
+                    }
+                })
+                .collect()
+        });
+        mixer.set_selection(selection);
+    }
+
+    fn drop_idle_remotes(&mut self, mixer: &mut RoomMixer) {
+        let now = Instant::now();
+        let idle: Vec<StreamId> = self
+            .remote_ids
+            .values()
+            .copied()
+            .filter(|id| {
+                self.remote_last_seen
+                    .get(id)
+                    .is_none_or(|seen| now.duration_since(*seen) > REMOTE_IDLE)
+            })
+            .collect();
+        // A stream on the current list stays, even if quiet: the list says to mix it.
+        let listed = mixer
+            .selection()
+            .map(<[StreamId]>::to_vec)
+            .unwrap_or_default();
+        for id in idle.into_iter().filter(|id| !listed.contains(id)) {
+            mixer.remove_stream(id);
+            self.remote_ids.retain(|_, v| *v != id);
+            self.remote_last_seen.remove(&id);
+        }
+    }
+}
+
 struct RoomTask {
     name: String,
+    mesh: Option<RoomMesh>,
+    link: Option<RoomLink>,
     port: Arc<MediaPort>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -301,7 +399,7 @@ struct RoomTask {
 }
 
 impl RoomTask {
-    async fn run(self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mixer = RoomMixer::new(self.config.mixer());
         let mut mixer = match mixer {
             Ok(m) => m,
@@ -322,8 +420,36 @@ impl RoomTask {
         // This room's share of the server-wide active-speakers gauge.
         let mut active: i64 = 0;
 
+        let mut mesh = self.mesh.take();
+        let (mut remote_inbox, mut view) = match self.link.take() {
+            Some(link) => (Some(link.inbox), Some(link.view)),
+            None => (None, None),
+        };
         loop {
             tokio::select! {
+                Some(remote) = recv_remote(&mut remote_inbox) => {
+                    if let Some(m) = mesh.as_mut() {
+                        let stream = m.remote_id(&remote.key, &mut mixer);
+                        m.remote_last_seen.insert(stream, remote.arrival);
+                        let d = remote.datagram;
+                        let packet = InboundPacket {
+                            stream,
+                            seq: d.seq,
+                            rtp_timestamp: d.rtp_timestamp,
+                            payload: d.payload,
+                            level: d.level.map(|l| AudioLevel { dbov: l.dbov, voice: l.voice }),
+                            arrival: remote.arrival.saturating_duration_since(epoch),
+                        };
+                        if let Err(e) = mixer.push(packet) {
+                            self.metrics.packets_dropped.with_label_values(&[e.category()]).inc();
+                        }
+                    }
+                }
+                Some(latest) = view_changed(&mut view) => {
+                    if let Some(m) = mesh.as_mut() {
+                        m.apply_view(latest, &mut mixer);
+                    }
+                }
                 command = commands.recv() => match command {
                     Some(Command::Join { id, identity, peer }) => {
                         let PeerHandle { inbound, outbound, state, .. } = peer;
@@ -341,6 +467,22 @@ impl RoomTask {
                 },
                 Some((stream, audio)) = packets.recv() => {
                     self.metrics.packets_received.inc();
+                    if let Some(m) = mesh.as_ref()
+                        && let Some(targets) = m.forward.get(&stream.0)
+                        && !targets.is_empty()
+                    {
+                        let datagram = MediaDatagram {
+                            room_hash: m.room_hash,
+                            stream: stream.0,
+                            seq: audio.seq,
+                            rtp_timestamp: audio.rtp_timestamp,
+                            level: audio.level.map(|(dbov, voice)| DatagramLevel { dbov, voice }),
+                            ingress_us: unix_micros_now()
+                                .saturating_sub(u64::try_from(audio.arrival.elapsed().as_micros()).unwrap_or(0)),
+                            payload: audio.payload.clone(),
+                        };
+                        m.node.forward(&datagram, targets);
+                    }
                     let packet = InboundPacket {
                         stream,
                         seq: audio.seq,
@@ -378,6 +520,15 @@ impl RoomTask {
                     tick_count = tick_count.wrapping_add(1);
                     if tick_count.is_multiple_of(rank_every) {
                         self.publish_info(&members, &out.mixed);
+                        if let Some(m) = mesh.as_mut() {
+                            let candidates = mixer
+                                .candidates()
+                                .into_iter()
+                                .map(|c| MeshCandidate { stream: c.stream.0, importance: c.importance, voice: c.voice })
+                                .collect();
+                            m.node.report(&self.name, candidates, members.len());
+                            m.drop_idle_remotes(&mut mixer);
+                        }
                         // Peers whose connection ended leave without a DELETE.
                         let gone: Vec<u64> = members
                             .iter()
@@ -395,6 +546,9 @@ impl RoomTask {
             }
         }
         self.metrics.active_speakers.sub(active);
+        if let Some(m) = &mesh {
+            m.node.close_room(&self.name);
+        }
         for id in members.keys() {
             self.port.close_peer(*id);
         }
@@ -466,6 +620,26 @@ impl RoomTask {
             })
             .collect();
         info.active_speakers = speaking;
+    }
+}
+
+/// The next forwarded packet, or never when the room is not on a mesh.
+async fn recv_remote(inbox: &mut Option<mpsc::Receiver<RemotePacket>>) -> Option<RemotePacket> {
+    match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The mesh's new view of the room when it changes; never when the room is not on a mesh (or
+/// the mesh is gone).
+async fn view_changed(view: &mut Option<watch::Receiver<RoomView>>) -> Option<RoomView> {
+    match view {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{Config, MeshSource};
 use crate::endpoint::MediaPort;
+use crate::mesh::{MeshMetrics, MeshTls};
+use crate::mesh_node::{self, MeshNode};
 use crate::metrics::Metrics;
 use crate::room::Rooms;
 use crate::token::TokenKey;
@@ -27,6 +29,9 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    /// The mesh could not start (plan, certificates, socket).
+    #[error("mesh: {0}")]
+    Mesh(String),
 }
 
 impl ServeError {
@@ -36,6 +41,7 @@ impl ServeError {
             ServeError::Key(_) => "key",
             ServeError::Media(_) => "media",
             ServeError::Http(_) => "http",
+            ServeError::Mesh(_) => "mesh",
         }
     }
 }
@@ -47,6 +53,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The rooms.
     pub rooms: Arc<Rooms>,
+    /// The mesh node, when the server is part of a mesh.
+    pub mesh: Option<MeshNode>,
 }
 
 /// Serve until `shutdown` is cancelled.
@@ -56,13 +64,13 @@ pub async fn serve(
     udp: tokio::net::UdpSocket,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let (running, fut) = start(config, http, udp, shutdown)?;
+    let (running, fut) = start(config, http, udp, shutdown).await?;
     drop(running);
     fut.await
 }
 
 /// Start serving; returns the handles and the future that runs the HTTP server to completion.
-pub fn start(
+pub async fn start(
     config: Config,
     http: tokio::net::TcpListener,
     udp: tokio::net::UdpSocket,
@@ -79,7 +87,16 @@ pub fn start(
     metrics
         .register(Box::new(crate::metrics::PortCollector::new(port.clone())))
         .expect("the port collector's names are registered once");
-    let rooms = Arc::new(Rooms::new(config.clone(), port, metrics.clone()));
+    let mesh = match &config.mesh {
+        Some(source) => Some(start_mesh(&config, source, &metrics, shutdown.clone()).await?),
+        None => None,
+    };
+    let rooms = Arc::new(Rooms::new(
+        config.clone(),
+        port,
+        metrics.clone(),
+        mesh.clone(),
+    ));
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
         config: config.clone(),
@@ -87,6 +104,7 @@ pub fn start(
         rooms: rooms.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        mesh: mesh.clone(),
     };
     tracing::info!(config = ?config, "media server starting");
     let fut = async move {
@@ -99,5 +117,64 @@ pub fn start(
             .await?;
         Ok(())
     };
-    Ok((Running { metrics, rooms }, fut))
+    Ok((
+        Running {
+            metrics,
+            rooms,
+            mesh,
+        },
+        fut,
+    ))
+}
+
+async fn start_mesh(
+    config: &Config,
+    source: &MeshSource,
+    metrics: &Metrics,
+    shutdown: CancellationToken,
+) -> Result<MeshNode, ServeError> {
+    let plan = match source {
+        MeshSource::File(path) => mesh_node::read_plan_file(path).map_err(ServeError::Mesh)?,
+        MeshSource::ConfigMap { namespace, name } => {
+            crate::plan_source::first_plan(namespace, name)
+                .await
+                .map_err(ServeError::Mesh)?
+        }
+    };
+    if !plan.nodes.iter().any(|n| n.id == config.server_id) {
+        return Err(ServeError::Mesh(format!(
+            "server id {:?} is not in the mesh plan (generation {})",
+            config.server_id, plan.generation
+        )));
+    }
+    let tls = MeshTls::from_dir(&config.mesh_tls_dir, &config.server_id)
+        .map_err(|e| ServeError::Mesh(e.to_string()))?;
+    let socket = std::net::UdpSocket::bind(config.mesh_addr)
+        .map_err(|e| ServeError::Mesh(format!("binding mesh UDP {}: {e}", config.mesh_addr)))?;
+    let mesh_metrics = MeshMetrics::new();
+    for c in mesh_metrics.collectors() {
+        metrics
+            .register(c)
+            .map_err(|e| ServeError::Mesh(format!("registering mesh metrics: {e}")))?;
+    }
+    let node = MeshNode::start(
+        &config.server_id,
+        plan,
+        socket,
+        &tls,
+        mesh_metrics,
+        shutdown.clone(),
+    )
+    .map_err(|e| ServeError::Mesh(e.to_string()))?;
+    match source {
+        MeshSource::File(path) => mesh_node::watch_plan_file(path.clone(), node.clone(), shutdown),
+        MeshSource::ConfigMap { namespace, name } => crate::plan_source::watch_configmap(
+            namespace.clone(),
+            name.clone(),
+            node.clone(),
+            shutdown,
+        ),
+    }
+    tracing::info!(generation = node.generation(), addr = %config.mesh_addr, "mesh started");
+    Ok(node)
 }

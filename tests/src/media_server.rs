@@ -28,9 +28,12 @@ pub struct MediaServer {
 impl MediaServer {
     /// Start a server; `adjust` may change the configuration (limits, top speakers, ...).
     pub async fn start(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
-        let mut raw = [0u8; 32];
-        rand::rng().fill_bytes(&mut raw);
-        let key_bytes: Vec<u8> = raw.iter().map(|b| b'a' + (b % 26)).collect();
+        Self::start_with_key(&random_key(), adjust).await
+    }
+
+    /// Start a server with a given join key (servers of one conference share it).
+    pub async fn start_with_key(key_bytes: &[u8], adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        let key_bytes = key_bytes.to_vec();
         let mut config = Config {
             public_address: [127, 0, 0, 1].into(),
             conference: "e2e".into(),
@@ -45,7 +48,7 @@ impl MediaServer {
         let udp_addr = udp.local_addr()?;
         let conference = config.conference.clone();
         let shutdown = CancellationToken::new();
-        let (running, serving) = server::start(config, http, udp, shutdown.clone())?;
+        let (running, serving) = server::start(config, http, udp, shutdown.clone()).await?;
         tokio::spawn(serving);
         Ok(Self {
             base_url: format!("http://{http_addr}"),
@@ -89,6 +92,28 @@ impl Drop for MediaServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A random join key of 32 printable bytes.
+pub fn random_key() -> Vec<u8> {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    raw.iter().map(|b| b'a' + (b % 26)).collect()
+}
+
+/// The sum of every sample of metric `name` whose labels contain all of `labels` (`k="v"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            if !(rest.is_empty() || rest.starts_with('{')) {
+                return None;
+            }
+            labels.iter().all(|want| rest.contains(want)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// The value of a metric line `name` (with labels, exactly as printed), if present.
