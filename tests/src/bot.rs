@@ -827,6 +827,22 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
         .with_context(|| format!("cannot finish {}", path.display()))
 }
 
+/// Speak `text` with espeak-ng (voice such as `en-us`, `en-gb+f3`) into a WAV file, for a bot that
+/// talks real synthetic speech. espeak-ng writes 22.05 kHz mono; [`load_wav_48k_mono`] resamples.
+pub fn espeak_wav(text: &str, voice: &str, out: &Path) -> Result<()> {
+    let status = std::process::Command::new("espeak-ng")
+        .args(["-v", voice, "-s", "150", "-w"])
+        .arg(out)
+        .arg(text)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("cannot run espeak-ng (scripts/bootstrap installs it)")?;
+    if !status.success() {
+        anyhow::bail!("espeak-ng failed ({status})");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1086,20 +1102,4 @@ mod tests {
         }
         shutdown.cancel();
     }
-}
-
-/// Speak `text` with espeak-ng (voice such as `en-us`, `en-gb+f3`) into a WAV file, for a bot that
-/// talks real synthetic speech. espeak-ng writes 22.05 kHz mono; [`load_wav_48k_mono`] resamples.
-pub fn espeak_wav(text: &str, voice: &str, out: &Path) -> Result<()> {
-    let status = std::process::Command::new("espeak-ng")
-        .args(["-v", voice, "-s", "150", "-w"])
-        .arg(out)
-        .arg(text)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .context("cannot run espeak-ng (scripts/bootstrap installs it)")?;
-    if !status.success() {
-        anyhow::bail!("espeak-ng failed ({status})");
-    }
-    Ok(())
 }

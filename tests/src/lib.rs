@@ -8,6 +8,7 @@
 
 pub mod bot;
 pub mod media_server;
+pub mod mesh_cluster;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -145,9 +146,8 @@ fn describe(program: &Path, args: &[std::ffi::OsString]) -> String {
 
 /// Held by end-to-end tests that load the machine (dozens of WebRTC peers, real-time audio), so two
 /// of them never share the two cores CI has: real-time audio starved of CPU is a different test.
-pub fn heavy_test_guard() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A test that panicked while holding the lock has failed on its own; the next may still run.
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// An async lock: each test has its own runtime, and the guard lives across awaits.
+pub async fn heavy_test_guard() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }

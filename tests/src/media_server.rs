@@ -32,7 +32,10 @@ impl MediaServer {
     }
 
     /// Start a server with a given join key (servers of one conference share it).
-    pub async fn start_with_key(key_bytes: &[u8], adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+    pub async fn start_with_key(
+        key_bytes: &[u8],
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let key_bytes = key_bytes.to_vec();
         let mut config = Config {
             public_address: [127, 0, 0, 1].into(),
@@ -111,7 +114,10 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
             if !(rest.is_empty() || rest.starts_with('{')) {
                 return None;
             }
-            labels.iter().all(|want| rest.contains(want)).then(|| value.parse::<f64>().ok())?
+            labels
+                .iter()
+                .all(|want| rest.contains(want))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }

@@ -44,7 +44,7 @@ fn set(v: &[u32]) -> BTreeSet<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_bots_each_hear_the_three_loudest_others() -> Result<()> {
-    let _serial = heavy_test_guard();
+    let _serial = heavy_test_guard().await;
     let server = MediaServer::start(|c| c.top_speakers = 3).await?;
     // Loudest first; 1300 Hz is the quiet one.
     // Quiet enough that the mix of three never reaches the limiter (no intermodulation products).
@@ -137,7 +137,7 @@ fn histogram(text: &str, name: &str) -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_listeners_cost_no_more_encodes_than_none() -> Result<()> {
-    let _serial = heavy_test_guard();
+    let _serial = heavy_test_guard().await;
     let server = MediaServer::start(|c| c.top_speakers = 3).await?;
     let mut bots = Vec::new();
     for (hz, level) in [(300.0, -20.0), (500.0, -24.0), (700.0, -28.0)] {
@@ -211,7 +211,7 @@ async fn post_offer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_full_servers_refuse() -> Result<()> {
-    let _serial = heavy_test_guard();
+    let _serial = heavy_test_guard().await;
     let server = MediaServer::start(|c| {
         c.max_room_participants = 2;
         c.max_participants = 3;

@@ -971,6 +971,18 @@ impl MeshNodeState {
             .collect()
     }
 
+    /// Whether a server that announced participants in `room` recently is now unreachable. It
+    /// cannot be mixing the current list (it never got it), so consistency counts it as a miss
+    /// until the room linger passes: a partition shows up in the metric, not only a slow peer.
+    fn has_unreachable_member(&self, room: &str, now: Duration) -> bool {
+        self.peers.values().any(|p| {
+            !p.alive
+                && p.rooms.contains(room)
+                && p.last_heard
+                    .is_some_and(|heard| now.saturating_sub(heard) <= self.config.room_linger)
+        })
+    }
+
     fn list_ttl(&self) -> Duration {
         self.mixing
             .rank_interval
@@ -983,6 +995,7 @@ impl MeshNodeState {
             return;
         }
         let members = self.members(name, now);
+        let unreachable = self.has_unreachable_member(name, now);
         let ttl = self.list_ttl();
         let mixing = self.mixing;
         let hysteresis = self.config.hysteresis_db;
@@ -1081,9 +1094,10 @@ impl MeshNodeState {
 
         // Consistency: on the frame grid, does every member mix the current epoch?
         if local_participants > 0 || !members.is_empty() {
-            let consistent = members
-                .iter()
-                .all(|m| r.remote.get(m).is_some_and(|l| l.epoch == lead.epoch));
+            let consistent = !unreachable
+                && members
+                    .iter()
+                    .all(|m| r.remote.get(m).is_some_and(|l| l.epoch == lead.epoch));
             let mut next = lead.next_tick.unwrap_or(now);
             let mut n = 0;
             while next <= now && n < 1000 {

@@ -1,0 +1,178 @@
+//! Several in-process media servers wired into one mesh, as the operator would wire them: one
+//! mesh plan, one CA with a certificate per server (made by the operator's own code), one join key.
+//! Servers can be killed and restarted on the same addresses, and a server's advertised mesh
+//! address can point at a test proxy (lossy or cut links).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use chorus_crds::{MeshMixing, MeshNode, MeshPlan, MeshTransfer};
+use chorus_operator::plan::ServerCert;
+use chorus_operator::secret_material::{MeshCa, new_mesh_ca};
+
+use crate::media_server::{MediaServer, random_key};
+
+/// One server's fixed addresses and files.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// Server id.
+    pub id: String,
+    /// Region.
+    pub region: String,
+    /// Where it binds its mesh endpoint.
+    pub mesh_bind: SocketAddr,
+}
+
+/// A running mesh of servers.
+#[derive(Debug)]
+pub struct MeshCluster {
+    /// The servers, `None` while killed.
+    pub servers: Vec<Option<MediaServer>>,
+    /// Their slots.
+    pub slots: Vec<Slot>,
+    /// The plan every server runs.
+    pub plan: MeshPlan,
+    key: Vec<u8>,
+    dir: PathBuf,
+    top_speakers: usize,
+}
+
+fn free_udp_port() -> Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?)
+}
+
+impl MeshCluster {
+    /// Start one server per region name. `advertise(i, bind)` gives the mesh address the PLAN lists
+    /// for server i (a proxy in front of it, say); by default its bind address.
+    pub async fn start(
+        regions: &[&str],
+        top_speakers: usize,
+        advertise: impl Fn(usize, SocketAddr) -> SocketAddr,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "chorus-mesh-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let ca_data = new_mesh_ca("e2e").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ca = MeshCa::from_secret_data(&ca_data).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::write(dir.join("ca.crt"), &ca_data["ca.crt"].0)?;
+        let mut slots = Vec::new();
+        let mut nodes = Vec::new();
+        for (i, region) in regions.iter().enumerate() {
+            let id = format!("e2e-{region}-0");
+            let mesh_bind = free_udp_port()?;
+            let files = ca
+                .issue(&ServerCert {
+                    id: id.clone(),
+                    dns_names: vec![id.clone()],
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for (name, bytes) in files {
+                std::fs::write(dir.join(name), &bytes.0)?;
+            }
+            nodes.push(MeshNode {
+                id: id.clone(),
+                region: (*region).to_owned(),
+                mesh: advertise(i, mesh_bind).to_string(),
+                signal: String::new(),
+            });
+            slots.push(Slot {
+                id,
+                region: (*region).to_owned(),
+                mesh_bind,
+            });
+        }
+        let plan = MeshPlan {
+            conference: "e2e".into(),
+            generation: 1,
+            nodes,
+            mixing: MeshMixing {
+                top_speakers: top_speakers as u32,
+                extra_candidates: 1,
+                frame_ms: 20,
+                jitter_min_ms: 20,
+                jitter_max_ms: 120,
+                rank_interval_ms: 100,
+            },
+            transfer: MeshTransfer {
+                enabled: true,
+                token_ttl_seconds: 60,
+            },
+            telephony: None,
+        };
+        std::fs::write(dir.join("mesh.json"), plan.to_json())?;
+        let mut cluster = Self {
+            servers: Vec::new(),
+            slots,
+            plan,
+            key: random_key(),
+            dir,
+            top_speakers,
+        };
+        for i in 0..regions.len() {
+            let server = cluster.launch(i).await?;
+            cluster.servers.push(Some(server));
+        }
+        Ok(cluster)
+    }
+
+    async fn launch(&self, i: usize) -> Result<MediaServer> {
+        let slot = self.slots[i].clone();
+        let dir = self.dir.clone();
+        let top = self.top_speakers;
+        MediaServer::start_with_key(&self.key, move |c| {
+            c.server_id = slot.id.clone();
+            c.region = slot.region.clone();
+            c.top_speakers = top;
+            c.mesh = Some(chorus_mediaserver::config::MeshSource::File(
+                dir.join("mesh.json"),
+            ));
+            c.mesh_addr = slot.mesh_bind;
+            c.mesh_tls_dir = dir.clone();
+        })
+        .await
+        .with_context(|| format!("starting {}", self.slots[i].id))
+    }
+
+    /// The plan file every server watches (write a new generation to apply it live).
+    pub fn plan_path(&self) -> PathBuf {
+        self.dir.join("mesh.json")
+    }
+
+    /// Server `i`.
+    pub fn server(&self, i: usize) -> &MediaServer {
+        self.servers[i].as_ref().expect("server is running")
+    }
+
+    /// Stop server `i` (its sockets close; peers see it die).
+    pub fn kill(&mut self, i: usize) {
+        self.servers[i] = None;
+    }
+
+    /// Start server `i` again on the same addresses.
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
+        let server = self.launch(i).await?;
+        self.servers[i] = Some(server);
+        Ok(())
+    }
+
+    /// The index of the primary of `room` while every server is alive.
+    pub fn primary_of(&self, room: &str) -> usize {
+        let ids: Vec<String> = self.slots.iter().map(|s| s.id.clone()).collect();
+        let first = chorus_mediaserver::mesh::protocol::rendezvous_order(room, &ids)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        self.slots.iter().position(|s| s.id == first).unwrap_or(0)
+    }
+}
+
+impl Drop for MeshCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
