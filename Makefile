@@ -24,8 +24,9 @@ test: bootstrap
 demo: bootstrap
 	scripts/demo
 
-bench:
-	@echo "make bench: the benchmarks arrive with the media server; there is nothing to measure yet."
+# Benchmarks (timing is measured here, never asserted in tests): writes bench/results/*.json.
+bench: bootstrap
+	cargo run -q -p chorus-tests --bin chorus-bench -- --link-ms 0,40 --rounds 30 --out bench/results/cross_server.json
 
 # Regenerates the CRD from crds/src/conference.rs. A test fails when the two differ. Written to a
 # temporary file first, so a failed build leaves the old CRD in place instead of an empty one.

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -272,10 +272,20 @@ impl Generator {
     }
 }
 
+/// Frames at or below this level (in -dBov) count as silence for onset detection.
+const ONSET_SILENT_DBOV: u8 = 100;
+
 /// What the send and receive tasks share with the [`Bot`].
 struct Shared {
     generator: Mutex<Generator>,
     received: Mutex<Vec<i16>>,
+    /// For delay measurement: (sample offset in `received`, arrival) of every decoded packet.
+    arrivals: Mutex<Vec<(usize, Instant)>>,
+    /// For delay measurement: when the last onset left the bot (a silence-to-sound transition, or
+    /// the first frame of a source set by [`Bot::set_source`]).
+    onset_sent: Mutex<Option<Instant>>,
+    /// Bumped by every [`Bot::set_source`], so the sender knows a new source started.
+    source_epoch: AtomicU64,
     packets_sent: AtomicU64,
     packets_received: AtomicU64,
 }
@@ -375,7 +385,12 @@ async fn receive_audio(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
             continue;
         }
         match decoder.decode(&packet.payload, &mut pcm, false) {
-            Ok(n) => lock(&shared.received).extend_from_slice(&pcm[..n]),
+            Ok(n) => {
+                let arrival = Instant::now();
+                let mut received = lock(&shared.received);
+                lock(&shared.arrivals).push((received.len(), arrival));
+                received.extend_from_slice(&pcm[..n]);
+            }
             Err(err) => eprintln!("chorus-bot: undecodable Opus packet: {err}"),
         }
     }
@@ -418,10 +433,18 @@ async fn send_audio(
     let mut sequence_number: u16 = rand::random();
     let mut timestamp: u32 = rand::random();
     let mut first = true;
+    let mut previous_level: u8 = 127;
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut seen_epoch = shared.source_epoch.load(Ordering::SeqCst);
     loop {
         ticker.tick().await;
-        lock(&shared.generator).fill(&mut frame);
+        let epoch = {
+            let mut generator = lock(&shared.generator);
+            generator.fill(&mut frame);
+            shared.source_epoch.load(Ordering::SeqCst)
+        };
+        let new_source = epoch != seen_epoch;
+        seen_epoch = epoch;
         let level = audio_level_dbov(&frame);
         let length = match encoder.encode(&frame, &mut encoded) {
             Ok(length) => length,
@@ -448,6 +471,7 @@ async fn send_audio(
             level,
             voice: level < VOICE_THRESHOLD_DBOV,
         });
+        let sent_at = Instant::now();
         if track
             .write_rtp_with_extensions(packet, &[extension])
             .await
@@ -455,6 +479,11 @@ async fn send_audio(
         {
             return; // closed
         }
+        // A silence-to-sound onset is what delay measurements look for on the far side.
+        if level < ONSET_SILENT_DBOV && (new_source || previous_level >= ONSET_SILENT_DBOV) {
+            *lock(&shared.onset_sent) = Some(sent_at);
+        }
+        previous_level = level;
         shared.packets_sent.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -577,6 +606,9 @@ impl Bot {
         let shared = Arc::new(Shared {
             generator: Mutex::new(generator),
             received: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
+            onset_sent: Mutex::new(None),
+            source_epoch: AtomicU64::new(0),
             packets_sent: AtomicU64::new(0),
             packets_received: AtomicU64::new(0),
         });
@@ -702,6 +734,7 @@ impl Bot {
     pub fn set_source(&self, source: &AudioSource) -> Result<()> {
         let generator = Generator::new(source)?;
         *lock(&self.shared.generator) = generator;
+        self.shared.source_epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -718,6 +751,33 @@ impl Bot {
     /// Where the bot's participant lives on the server, when it joined over HTTP.
     pub fn participant_url(&self) -> Option<&str> {
         self.http.as_ref().map(|h| h.participant_url.as_str())
+    }
+
+    /// When this bot last sent a silence-to-sound onset (after [`Bot::set_source`] from silence).
+    pub fn onset_sent(&self) -> Option<Instant> {
+        *lock(&self.shared.onset_sent)
+    }
+
+    /// When the first packet carrying `freq_hz` (above `threshold_dbfs`) arrived after `since`:
+    /// the far end of a mouth-to-ear delay measurement.
+    pub fn first_arrival_of(
+        &self,
+        freq_hz: f64,
+        threshold_dbfs: f64,
+        since: Instant,
+    ) -> Option<Instant> {
+        let arrivals = lock(&self.shared.arrivals).clone();
+        let received = lock(&self.shared.received);
+        arrivals
+            .iter()
+            .filter(|(_, at)| *at >= since)
+            .find(|(offset, _)| {
+                let end = (*offset + FRAME_SAMPLES).min(received.len());
+                received
+                    .get(*offset..end)
+                    .is_some_and(|frame| crate::bot::tone_level(frame, freq_hz) > threshold_dbfs)
+            })
+            .map(|(_, at)| *at)
     }
 
     /// Everything received so far, decoded (48 kHz mono).
@@ -825,6 +885,11 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
     writer
         .finalize()
         .with_context(|| format!("cannot finish {}", path.display()))
+}
+
+/// The level of `freq_hz` in one frame, in dBFS.
+fn tone_level(frame: &[i16], freq_hz: f64) -> f64 {
+    chorus_mediaserver::media::spectrum::tone_level_dbfs(frame, freq_hz, SAMPLE_RATE)
 }
 
 /// Speak `text` with espeak-ng (voice such as `en-us`, `en-gb+f3`) into a WAV file, for a bot that

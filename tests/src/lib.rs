@@ -6,7 +6,9 @@
 //! failure with a message saying how to get it, never a silent skip: a skipped validation looks
 //! exactly like a passing one.
 
+pub mod bench;
 pub mod bot;
+pub mod link;
 pub mod media_server;
 pub mod mesh_cluster;
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use chorus_tests::bot::{AudioSource, Bot, BotConfig};
 use chorus_tests::heavy_test_guard;
+use chorus_tests::link::{LinkKnobs, relay, relay_addresses};
 use chorus_tests::media_server::{MediaServer, metric, metric_sum};
 use chorus_tests::mesh_cluster::MeshCluster;
 
@@ -257,84 +258,21 @@ async fn the_primary_dies_and_comes_back() -> Result<()> {
     Ok(())
 }
 
-/// A UDP relay in front of a server's mesh port that drops a share of the datagrams, both ways, of
-/// every client (`victim: None`) or of one client address only.
-async fn lossy_relay(
-    listen: std::net::SocketAddr,
-    target: std::net::SocketAddr,
-    loss: std::sync::Arc<std::sync::atomic::AtomicU32>,
-    victim: Option<std::net::SocketAddr>,
-) -> Result<()> {
-    use std::collections::HashMap;
-    use std::sync::Arc;
-    let front = Arc::new(tokio::net::UdpSocket::bind(listen).await?);
-    let mut backs: HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let Ok((n, from)) = front.recv_from(&mut buf).await else {
-                break;
-            };
-            let applies = victim.is_none_or(|v| v == from);
-            let drop_pct = if applies {
-                loss.load(std::sync::atomic::Ordering::Relaxed)
-            } else {
-                0
-            };
-            if rand::random::<u32>() % 100 < drop_pct {
-                continue;
-            }
-            let back = match backs.get(&from) {
-                Some(b) => b.clone(),
-                None => {
-                    let Ok(b) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
-                        break;
-                    };
-                    let b = Arc::new(b);
-                    let (front2, b2, loss2) = (front.clone(), b.clone(), loss.clone());
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 2048];
-                        while let Ok(n) = b2.recv(&mut buf).await {
-                            let pct = if applies {
-                                loss2.load(std::sync::atomic::Ordering::Relaxed)
-                            } else {
-                                0
-                            };
-                            if rand::random::<u32>() % 100 < pct {
-                                continue;
-                            }
-                            let _ = front2.send_to(&buf[..n], from).await;
-                        }
-                    });
-                    let _ = b.connect(target).await;
-                    backs.insert(from, b.clone());
-                    b
-                }
-            };
-            let _ = back.send(&buf[..n]).await;
-        }
-    });
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lossy_then_cut_link_degrades_without_a_crash() -> Result<()> {
     let _serial = heavy_test_guard().await;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    let loss = Arc::new(AtomicU32::new(0));
+    use std::sync::atomic::Ordering;
+    let knobs = Arc::new(LinkKnobs::default());
     // Every server is reached through a relay on the address the plan advertises for it. The
     // relays drop the traffic of server 2 (whoever dialled whom), so its links go bad both ways.
-    let mut relays = Vec::new();
-    for _ in 0..3 {
-        relays.push(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?);
-    }
+    let relays = relay_addresses(3)?;
     let advertised = relays.clone();
     let cluster = MeshCluster::start(&["us", "eu", "ap"], 3, move |i, _| advertised[i]).await?;
     let victim = cluster.slots[2].mesh_bind;
-    for (i, relay) in relays.iter().enumerate() {
+    for (i, addr) in relays.iter().enumerate() {
         let only = if i == 2 { None } else { Some(victim) };
-        lossy_relay(*relay, cluster.slots[i].mesh_bind, loss.clone(), only).await?;
+        relay(*addr, cluster.slots[i].mesh_bind, knobs.clone(), only).await?;
     }
     let freqs = [300.0, 500.0, 700.0];
     let bots = [
@@ -356,9 +294,9 @@ async fn a_lossy_then_cut_link_degrades_without_a_crash() -> Result<()> {
         (ok, t)
     };
     let (ok0, t0) = consistency(&cluster);
-    loss.store(30, Ordering::Relaxed);
+    knobs.loss_pct.store(30, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    loss.store(100, Ordering::Relaxed);
+    knobs.loss_pct.store(100, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (ok1, t1) = consistency(&cluster);
     let degraded = (ok1 - ok0) / (t1 - t0).max(1.0);
@@ -375,7 +313,7 @@ async fn a_lossy_then_cut_link_degrades_without_a_crash() -> Result<()> {
     assert!(heard(&bots[1], &freqs).contains(&300));
 
     // Heal the link: everything comes back.
-    loss.store(0, Ordering::Relaxed);
+    knobs.loss_pct.store(0, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(heard(&bots[0], &freqs), set(&[500, 700]));
     assert_eq!(heard(&bots[2], &freqs), set(&[300, 500]));
