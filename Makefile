@@ -20,9 +20,12 @@ test: bootstrap
 	cargo clippy --workspace --all-targets -- -D warnings
 	PATH="$(TOOLS_PATH):$$PATH" cargo test --workspace
 
-# A local conference with BOTS (default 3) synthetic talkers; prints the URL to join. Ctrl-C stops it.
+# examples/conference.yaml run locally: one media-server process per planned server, each region on
+# its own loopback address, one mesh, BOTS (default 3) talking bots. Prints a join URL per region.
+BOTS ?= 3
 demo: bootstrap
-	scripts/demo
+	cargo build -q -p chorus-operator -p chorus-mediaserver -p chorus-tests --bin chorus-operator --bin chorus-mediaserver --bin chorus-bot
+	"$$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/chorus-operator" local -f examples/conference.yaml --bots $(BOTS)
 
 # Benchmarks (timing is measured here, never asserted in tests): writes bench/results/*.json.
 bench: bootstrap

@@ -8,10 +8,13 @@
 //! - [`controller`] wires the watch, leader election and the reconcile loop.
 //! - [`http`] and [`metrics`] expose `/metrics`, `/healthz`, `/readyz`.
 //! - [`manifests`] renders the CRD and a plan as YAML for the CLI.
+//! - [`local`] runs a plan on this machine: media servers as child processes, one loopback address
+//!   per region (`chorus-operator local`).
 
 pub mod controller;
 pub mod error;
 pub mod http;
+pub mod local;
 pub mod manifests;
 pub mod metrics;
 pub mod plan;

@@ -1,4 +1,4 @@
-//! `chorus-operator` command line: `crd`, `plan -f FILE`, `run`.
+//! `chorus-operator` command line: `crd`, `plan -f FILE`, `run`, `local -f FILE`.
 //!
 //! Thin by design: parse flags (defaults, then environment, then flags), then call the library.
 
@@ -39,6 +39,37 @@ enum Command {
     },
     /// Run the controller against the cluster from the kubeconfig or in-cluster config.
     Run(RunArgs),
+    /// Run a Conference on this machine: its media servers as local processes, each region on its
+    /// own 127.0.0.x address. Prints the URLs to join; Ctrl-C stops everything.
+    Local(LocalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LocalArgs {
+    /// The Conference YAML file.
+    #[arg(short = 'f', long = "file")]
+    file: std::path::PathBuf,
+    /// Synthetic talkers (espeak-ng speech over WebRTC) to start, spread over the regions.
+    #[arg(long, default_value_t = 0)]
+    bots: usize,
+    /// The room the bots join and the printed URLs open.
+    #[arg(long, default_value = "lobby")]
+    room: String,
+    /// Directory for the mesh plan, TLS material, join key and logs (default: a fresh temp dir).
+    #[arg(long)]
+    workdir: Option<std::path::PathBuf>,
+    /// The chorus-mediaserver binary (default: next to this executable).
+    #[arg(long)]
+    mediaserver_bin: Option<std::path::PathBuf>,
+    /// The chorus-bot binary (default: next to this executable).
+    #[arg(long)]
+    bot_bin: Option<std::path::PathBuf>,
+    /// HTTP port of each region's first server; server i uses base-port + i.
+    #[arg(long, default_value_t = chorus_crds::names::SIGNAL_PORT)]
+    base_port: u16,
+    /// Re-read the file every second and apply changes live (mixing; servers added or removed).
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -88,7 +119,45 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args),
+        Command::Local(args) => local(args),
     }
+}
+
+fn local(args: LocalArgs) -> anyhow::Result<()> {
+    // Warnings only: the runtime talks to the user through its `chorus:` lines on stdout.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let options = chorus_operator::local::cli::CliOptions {
+        file: args.file,
+        bots: args.bots,
+        room: args.room,
+        workdir: args.workdir,
+        mediaserver_bin: args.mediaserver_bin,
+        bot_bin: args.bot_bin,
+        base_port: args.base_port,
+        watch: args.watch,
+    };
+    let result = runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(stop.clone()));
+        chorus_operator::local::cli::run(options, stop).await
+    });
+    drop(runtime);
+    if let Err(e) = result {
+        // The message is the whole story (server, log path, fix); a backtrace would bury it. Every
+        // child is already stopped by now.
+        eprintln!("chorus: error ({}): {e}", e.category());
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
