@@ -32,7 +32,9 @@ bench: bootstrap
 	cargo run -q -p chorus-tests --bin chorus-bench -- --link-ms 0,40 --rounds 30 --out bench/results/cross_server.json
 
 # Regenerates the CRD from crds/src/conference.rs. A test fails when the two differ. Written to a
-# temporary file first, so a failed build leaves the old CRD in place instead of an empty one.
+# temporary file first, so a failed build leaves the old CRD in place instead of an empty one. Also
+# writes the Helm chart's copy (charts/chorus/templates/crd.yaml); a test checks the two agree.
 crds:
 	cargo run -q -p chorus-operator -- crd > crds/conference.yaml.tmp || { rm -f crds/conference.yaml.tmp; exit 1; }
 	mv crds/conference.yaml.tmp crds/conference.yaml
+	{ echo '{{- if .Values.crds.install }}'; cat crds/conference.yaml; echo '{{- end }}'; } > charts/chorus/templates/crd.yaml

@@ -93,16 +93,26 @@ pub struct BotConfig {
     /// Local UDP address for ICE. `None`: [`Bot::join_http`] binds 127.0.0.1 for a loopback
     /// server and every interface (`0.0.0.0:0`) otherwise; [`Bot::join_with`] binds 127.0.0.1.
     pub bind: Option<String>,
+    /// Decode what arrives (true) or only count packets (false): a crowd of listeners in a load
+    /// test need not spend the CPU the few bots that check what they hear do.
+    pub decode: bool,
 }
 
 impl BotConfig {
-    /// A bot sending `source`, recording nothing.
+    /// A bot sending `source`, decoding what it hears, recording nothing.
     pub fn new(source: AudioSource) -> Self {
         BotConfig {
             source,
             record: None,
             bind: None,
+            decode: true,
         }
+    }
+
+    /// The same bot, counting packets instead of decoding them.
+    pub fn counting_only(mut self) -> Self {
+        self.decode = false;
+        self
     }
 }
 
@@ -286,6 +296,8 @@ struct Shared {
     onset_sent: Mutex<Option<Instant>>,
     /// Bumped by every [`Bot::set_source`], so the sender knows a new source started.
     source_epoch: AtomicU64,
+    /// Whether received packets are decoded.
+    decode: bool,
     packets_sent: AtomicU64,
     packets_received: AtomicU64,
 }
@@ -368,6 +380,9 @@ async fn receive_audio(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
             continue;
         };
         shared.packets_received.fetch_add(1, Ordering::Relaxed);
+        if !shared.decode {
+            continue;
+        }
         let sequence = packet.header.sequence_number;
         if let Some(last) = last_sequence {
             let gap = sequence.wrapping_sub(last);
@@ -609,6 +624,7 @@ impl Bot {
             arrivals: Mutex::new(Vec::new()),
             onset_sent: Mutex::new(None),
             source_epoch: AtomicU64::new(0),
+            decode: config.decode,
             packets_sent: AtomicU64::new(0),
             packets_received: AtomicU64::new(0),
         });
