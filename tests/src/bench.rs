@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 use crate::bot::{AudioSource, Bot, BotConfig};
@@ -63,14 +63,7 @@ pub struct CrossServer {
 }
 
 async fn join(server: &MediaServer, room: &str, who: &str, source: AudioSource) -> Result<Bot> {
-    Bot::join_http(
-        &server.base_url,
-        room,
-        &server.token(room, who),
-        BotConfig::new(source),
-    )
-    .await
-    .with_context(|| format!("{who} joining"))
+    server.join_bot(room, who, BotConfig::new(source)).await
 }
 
 /// How a measured onset starts.

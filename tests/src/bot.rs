@@ -796,6 +796,17 @@ impl Bot {
             .map(|(_, at)| *at)
     }
 
+    /// Which of `freqs_hz` the bot heard (present, in its report's sense) over the last two
+    /// seconds, in whole Hz.
+    pub fn heard(&self, freqs_hz: &[f64]) -> std::collections::BTreeSet<u32> {
+        self.report_window(Some(Duration::from_secs(2)), freqs_hz)
+            .frequencies
+            .iter()
+            .filter(|f| f.present)
+            .map(|f| f.freq_hz as u32)
+            .collect()
+    }
+
     /// Everything received so far, decoded (48 kHz mono).
     pub fn received_samples(&self) -> Vec<i16> {
         lock(&self.shared.received).clone()
@@ -906,6 +917,16 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
 /// The level of `freq_hz` in one frame, in dBFS.
 fn tone_level(frame: &[i16], freq_hz: f64) -> f64 {
     chorus_mediaserver::media::spectrum::tone_level_dbfs(frame, freq_hz, SAMPLE_RATE)
+}
+
+/// A sine tone source.
+pub fn tone(hz: f64, level_dbfs: f64) -> AudioSource {
+    AudioSource::Tone { hz, level_dbfs }
+}
+
+/// A set of frequencies in whole Hz, to compare with [`Bot::heard`].
+pub fn tones(hz: &[u32]) -> std::collections::BTreeSet<u32> {
+    hz.iter().copied().collect()
 }
 
 /// Speak `text` with espeak-ng (voice such as `en-us`, `en-gb+f3`) into a WAV file, for a bot that

@@ -74,6 +74,18 @@ impl MediaServer {
         )
     }
 
+    /// A bot joining `room` as `who` over the HTTP API.
+    pub async fn join_bot(
+        &self,
+        room: &str,
+        who: &str,
+        config: crate::bot::BotConfig,
+    ) -> Result<crate::bot::Bot> {
+        crate::bot::Bot::join_http(&self.base_url, room, &self.token(room, who), config)
+            .await
+            .with_context(|| format!("{who} joining room {room}"))
+    }
+
     /// A token that expired a minute ago.
     pub fn expired_token(&self, room: &str, identity: &str) -> String {
         self.key.mint(

@@ -7,39 +7,19 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chorus_tests::bot::{AudioSource, Bot, BotConfig};
+use chorus_tests::bot::{AudioSource, Bot, BotConfig, tone, tones as set};
 use chorus_tests::heavy_test_guard;
 use chorus_tests::media_server::{MediaServer, metric};
 
 const FREQS: [f64; 5] = [300.0, 500.0, 700.0, 1100.0, 1300.0];
 
 async fn join(server: &MediaServer, room: &str, who: &str, source: AudioSource) -> Result<Bot> {
-    Bot::join_http(
-        &server.base_url,
-        room,
-        &server.token(room, who),
-        BotConfig::new(source),
-    )
-    .await
-    .with_context(|| format!("{who} joining"))
-}
-
-fn tone(hz: f64, level_dbfs: f64) -> AudioSource {
-    AudioSource::Tone { hz, level_dbfs }
+    server.join_bot(room, who, BotConfig::new(source)).await
 }
 
 /// The tones a bot heard over the last two seconds.
 fn heard(bot: &Bot) -> BTreeSet<u32> {
-    bot.report_window(Some(Duration::from_secs(2)), &FREQS)
-        .frequencies
-        .iter()
-        .filter(|f| f.present)
-        .map(|f| f.freq_hz as u32)
-        .collect()
-}
-
-fn set(v: &[u32]) -> BTreeSet<u32> {
-    v.iter().copied().collect()
+    bot.heard(&FREQS)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

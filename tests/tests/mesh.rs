@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use chorus_tests::bot::{AudioSource, Bot, BotConfig};
+use anyhow::Result;
+use chorus_tests::bot::{AudioSource, Bot, BotConfig, tone, tones as set};
 use chorus_tests::heavy_test_guard;
 use chorus_tests::link::{LinkKnobs, relay, relay_addresses};
 use chorus_tests::media_server::{MediaServer, metric, metric_sum};
@@ -17,31 +17,11 @@ use chorus_tests::mesh_cluster::MeshCluster;
 const ROOM: &str = "townhall";
 
 async fn join(server: &MediaServer, who: &str, source: AudioSource) -> Result<Bot> {
-    Bot::join_http(
-        &server.base_url,
-        ROOM,
-        &server.token(ROOM, who),
-        BotConfig::new(source),
-    )
-    .await
-    .with_context(|| format!("{who} joining"))
-}
-
-fn tone(hz: f64, level_dbfs: f64) -> AudioSource {
-    AudioSource::Tone { hz, level_dbfs }
+    server.join_bot(ROOM, who, BotConfig::new(source)).await
 }
 
 fn heard(bot: &Bot, freqs: &[f64]) -> BTreeSet<u32> {
-    bot.report_window(Some(Duration::from_secs(2)), freqs)
-        .frequencies
-        .iter()
-        .filter(|f| f.present)
-        .map(|f| f.freq_hz as u32)
-        .collect()
-}
-
-fn set(v: &[u32]) -> BTreeSet<u32> {
-    v.iter().copied().collect()
+    bot.heard(freqs)
 }
 
 const NINE: [f64; 9] = [
