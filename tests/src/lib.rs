@@ -153,3 +153,27 @@ pub async fn heavy_test_guard() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }
+
+/// `kubernetes-validate --strict FILE` must exit 0 and report no error; returns its report.
+pub fn kubernetes_validate_strict(file: &Path) -> Result<String> {
+    let output = run_ok(
+        &tool("kubernetes-validate")?,
+        [OsStr::new("--strict"), file.as_os_str()],
+    )?;
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let failures: Vec<&str> = report
+        .lines()
+        .filter(|line| line.starts_with("ERROR") || line.contains("FAIL"))
+        .collect();
+    anyhow::ensure!(
+        failures.is_empty(),
+        "kubernetes-validate --strict {} exited 0 but reported:\n{}",
+        file.display(),
+        failures.join("\n")
+    );
+    Ok(report)
+}

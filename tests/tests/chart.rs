@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use chorus_tests::{operator_bin, run, run_ok, tool, workspace_root};
+use chorus_tests::{kubernetes_validate_strict, operator_bin, run, run_ok, tool, workspace_root};
 use serde::Deserialize;
 
 const CHART: &str = "charts/chorus";
@@ -84,24 +84,8 @@ fn find<'a>(objects: &'a [serde_yaml::Value], wanted: &str) -> Result<&'a serde_
 /// must really have checked.
 fn validate_strict(name: &str, rendered: &str, objects: &[serde_yaml::Value]) -> Result<()> {
     let file = scratch_file(name, rendered)?;
-    let output = run_ok(
-        &tool("kubernetes-validate")?,
-        [OsStr::new("--strict"), file.as_os_str()],
-    )?;
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let failures: Vec<&str> = report
-        .lines()
-        .filter(|line| line.starts_with("ERROR") || line.contains("FAIL"))
-        .collect();
-    ensure!(
-        failures.is_empty(),
-        "kubernetes-validate --strict on the chart ({name}) reported:\n{}",
-        failures.join("\n")
-    );
+    let report = kubernetes_validate_strict(&file)
+        .with_context(|| format!("the chart rendered with {name}"))?;
     for object in objects {
         let api_version = object["apiVersion"].as_str().unwrap_or("");
         let object_name = object["metadata"]["name"].as_str().unwrap_or("");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use chorus_crds::{MeshPlan, names};
-use chorus_tests::{operator_bin, run, run_ok, tool, workspace_root};
+use chorus_tests::{kubernetes_validate_strict, operator_bin, run, run_ok, tool, workspace_root};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use serde::Deserialize;
@@ -40,30 +40,6 @@ fn scratch_file(name: &str, contents: &str) -> Result<PathBuf> {
 fn read_workspace_file(relative: &str) -> Result<String> {
     let path = workspace_root().join(relative);
     std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// `kubernetes-validate --strict FILE` must exit 0 and report no error; returns its report.
-fn kubernetes_validate_strict(file: &Path) -> Result<String> {
-    let output = run_ok(
-        &tool("kubernetes-validate")?,
-        [OsStr::new("--strict"), file.as_os_str()],
-    )?;
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let failures: Vec<&str> = report
-        .lines()
-        .filter(|line| line.starts_with("ERROR") || line.contains("FAIL"))
-        .collect();
-    ensure!(
-        failures.is_empty(),
-        "kubernetes-validate --strict {} exited 0 but reported:\n{}",
-        file.display(),
-        failures.join("\n")
-    );
-    Ok(report)
 }
 
 /// Runs the CRD-schema validator on `files`, against the checked-in CRD.
