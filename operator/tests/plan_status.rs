@@ -6,6 +6,7 @@ use chorus_operator::manifests;
 use chorus_operator::plan::{Desired, SecretPlan, plan};
 use chorus_operator::status::{Observed, status};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetStatus};
+use k8s_openapi::api::core::v1::{NodeSelectorRequirement, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -36,6 +37,23 @@ fn statefulsets(p: &chorus_operator::plan::Plan) -> Vec<&StatefulSet> {
         .collect()
 }
 
+/// The first required node-affinity expression of a pod.
+fn first_node_requirement(pod: &PodSpec) -> &NodeSelectorRequirement {
+    let required = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .expect("the pod has required node affinity");
+    &required.node_selector_terms[0]
+        .match_expressions
+        .as_ref()
+        .expect("the term has match expressions")[0]
+}
+
 fn names_of(p: &chorus_operator::plan::Plan, kind: &str) -> Vec<String> {
     p.objects
         .iter()
@@ -55,18 +73,7 @@ fn plan_places_each_region_on_its_nodes() {
     assert_eq!(us.replicas, Some(2));
     assert_eq!(us.service_name.as_deref(), Some("town-mesh"));
     let pod = us.template.spec.as_ref().unwrap();
-    let terms = &pod
-        .affinity
-        .as_ref()
-        .unwrap()
-        .node_affinity
-        .as_ref()
-        .unwrap()
-        .required_during_scheduling_ignored_during_execution
-        .as_ref()
-        .unwrap()
-        .node_selector_terms;
-    let expr = &terms[0].match_expressions.as_ref().unwrap()[0];
+    let expr = first_node_requirement(pod);
     assert_eq!(expr.key, "topology.kubernetes.io/region");
     assert_eq!(expr.values.as_deref(), Some(&["us".to_owned()][..]));
 
@@ -79,20 +86,7 @@ fn plan_places_each_region_on_its_nodes() {
         .spec
         .as_ref()
         .unwrap();
-    let eu_expr = &eu_pod
-        .affinity
-        .as_ref()
-        .unwrap()
-        .node_affinity
-        .as_ref()
-        .unwrap()
-        .required_during_scheduling_ignored_during_execution
-        .as_ref()
-        .unwrap()
-        .node_selector_terms[0]
-        .match_expressions
-        .as_ref()
-        .unwrap()[0];
+    let eu_expr = first_node_requirement(eu_pod);
     assert_eq!(eu_expr.key, "example.com/zone");
     assert_eq!(eu_expr.values.as_deref(), Some(&["eu-1".to_owned()][..]));
 

@@ -177,3 +177,18 @@ pub fn kubernetes_validate_strict(file: &Path) -> Result<String> {
     );
     Ok(report)
 }
+
+/// The text of a file in the workspace, with the path in the error.
+pub fn read_workspace_file(relative: &str) -> Result<String> {
+    let path = workspace_root().join(relative);
+    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Write a scratch file `name` under `dir` (a test's own temporary directory, such as
+/// `CARGO_TARGET_TMPDIR`, which only integration tests see) and return its path.
+pub fn scratch_file(dir: &Path, name: &str, contents: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(name);
+    std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}

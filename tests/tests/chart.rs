@@ -11,7 +11,10 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use chorus_tests::{kubernetes_validate_strict, operator_bin, run, run_ok, tool, workspace_root};
+use chorus_tests::{
+    kubernetes_validate_strict, operator_bin, read_workspace_file, run, run_ok, tool,
+    workspace_root,
+};
 use serde::Deserialize;
 
 const CHART: &str = "charts/chorus";
@@ -32,17 +35,14 @@ const NON_DEFAULT: [&str; 7] = [
     "image.tag=1.2.3-test",
 ];
 
+/// A scratch file for one test, in the directory Cargo gives integration tests; names carry
+/// the test's name because tests run in parallel.
 fn scratch_file(name: &str, contents: &str) -> Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chart");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join(name);
-    std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
-}
-
-fn read_workspace_file(relative: &str) -> Result<String> {
-    let path = workspace_root().join(relative);
-    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    chorus_tests::scratch_file(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("chart"),
+        name,
+        contents,
+    )
 }
 
 /// `helm template chorus charts/chorus -n chorus-system --set ...` (must succeed).

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use chorus_crds::{MeshPlan, names};
-use chorus_tests::{kubernetes_validate_strict, operator_bin, run, run_ok, tool, workspace_root};
+use chorus_tests::{
+    kubernetes_validate_strict, operator_bin, read_workspace_file, run, run_ok, tool,
+    workspace_root,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use serde::Deserialize;
@@ -27,19 +30,14 @@ const CRD_VALIDATOR: &str = "tests/scripts/validate_against_crd.py";
 const CONFERENCE: &str = "townhall";
 const REGIONS: [(&str, i32); 3] = [("us-east", 2), ("eu-west", 2), ("ap-south", 1)];
 
-/// A scratch file for one test. Cargo gives integration tests their own temporary directory;
-/// names carry the test's name because tests run in parallel.
+/// A scratch file for one test, in the directory Cargo gives integration tests; names carry
+/// the test's name because tests run in parallel.
 fn scratch_file(name: &str, contents: &str) -> Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("manifests");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join(name);
-    std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
-}
-
-fn read_workspace_file(relative: &str) -> Result<String> {
-    let path = workspace_root().join(relative);
-    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    chorus_tests::scratch_file(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("manifests"),
+        name,
+        contents,
+    )
 }
 
 /// Runs the CRD-schema validator on `files`, against the checked-in CRD.
