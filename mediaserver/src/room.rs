@@ -300,12 +300,8 @@ impl Rooms {
     /// Forget rooms whose task has ended (their last participant left).
     pub fn reap(&self) {
         let mut rooms = self.lock();
-        let before = rooms.len();
+        // The rooms gauge already went down when each room's task ended.
         rooms.retain(|_, h| !h.commands.is_closed());
-        let gone = before - rooms.len();
-        if gone > 0 {
-            self.metrics.rooms.sub(gone as i64);
-        }
     }
 }
 
@@ -405,6 +401,7 @@ impl RoomTask {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(room = %self.name, error = %e, "cannot start the mixer");
+                self.metrics.rooms.dec();
                 return;
             }
         };
@@ -546,6 +543,7 @@ impl RoomTask {
             }
         }
         self.metrics.active_speakers.sub(active);
+        self.metrics.rooms.dec();
         if let Some(m) = &mesh {
             m.node.close_room(&self.name);
         }
