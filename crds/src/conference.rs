@@ -150,7 +150,9 @@ pub struct MixingSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JitterBufferSpec {
-    /// The smallest delay the buffer holds, in milliseconds.
+    /// The smallest jitter margin, in milliseconds: a frame waits at least this long after it
+    /// arrives before the mixer tick that plays it. The buffer raises the margin to three times
+    /// the measured interarrival jitter, and adds less than one frame of phase on top.
     #[serde(default = "default_jitter_min_ms")]
     #[schemars(range(min = 0, max = 1000))]
     pub min_ms: i32,
@@ -399,7 +401,7 @@ fn default_rank_interval_ms() -> i32 {
     100
 }
 fn default_jitter_min_ms() -> i32 {
-    20
+    2
 }
 fn default_jitter_max_ms() -> i32 {
     120

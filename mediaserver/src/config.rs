@@ -148,7 +148,7 @@ impl Default for Config {
             frame_ms: 20,
             top_speakers: 3,
             extra_candidates: 1,
-            jitter_min_ms: 20,
+            jitter_min_ms: 2,
             jitter_max_ms: 120,
             rank_interval_ms: 100,
             mesh: None,

@@ -94,7 +94,7 @@ impl MeshCluster {
                 top_speakers: top_speakers as u32,
                 extra_candidates: 1,
                 frame_ms: 20,
-                jitter_min_ms: 20,
+                jitter_min_ms: 2,
                 jitter_max_ms: 120,
                 rank_interval_ms: 100,
             },

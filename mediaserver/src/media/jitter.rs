@@ -9,16 +9,23 @@
 //! sequence number. That keeps the buffer immune to sender/receiver clock drift (the depth
 //! controller absorbs it) and lets a stream pause (no packets) without any timestamp arithmetic.
 //!
-//! Delay adaptation:
+//! Delay adaptation works on *slack*: how long a frame waited between its arrival and the tick
+//! that played it. Ticks come every frame, so a steady stream's slack is a fixed phase plus whole
+//! frames; the buffer keeps the smallest slack that still covers the network's jitter, and never
+//! a whole frame more than that.
 //! - the interarrival jitter `J` is estimated as in RFC 3550 §6.4.1 (in ms) from arrival times and
-//!   RTP timestamps, and sets the target delay `T = clamp(frame + 3·J, min_ms, max_ms)`;
+//!   RTP timestamps, and sets the margin `T = clamp(3·J, min_ms, max_ms)` (the target);
 //! - playout starts (and restarts after an underrun) once the oldest packet has waited `T`, or
-//!   enough is buffered to hold `T` after the first pop;
-//! - over each window of ticks the depth left after the pop is tracked: if even its MINIMUM
-//!   exceeded the target, that margin was never needed and one frame is dropped (delay shrinks);
-//!   if even its MAXIMUM stayed below the target, one tick plays nothing (delay grows). An
-//!   underrun also grows the delay, because playout restarts only after waiting the (by then
-//!   larger) target.
+//!   enough is buffered to cover `T` after the first pop;
+//! - over each window of ticks the smallest slack of the frames played is tracked: if it exceeded
+//!   `T` by a whole frame, that frame of delay was never needed and one frame is dropped (delay
+//!   shrinks); if a packet arrived after its tick had passed, or the smallest slack fell below
+//!   `T/2`, one tick plays nothing (delay grows). An underrun also grows the delay, because
+//!   playout restarts only after waiting the (by then larger) target.
+//!
+//! An earlier version targeted `frame + 3·J` of buffered *depth*; at jitter near zero that held
+//! two frames, 40 ms, where one phase offset (0–20 ms) suffices. Slack measures what matters: the
+//! delay this buffer adds to each frame.
 //!
 //! Invariants:
 //! - held packets always lie in `[next, next + capacity)`, `capacity = ceil(max_ms/frame) + 1`, so
@@ -155,24 +162,19 @@ struct Held {
     arrival: Duration,
 }
 
-/// Min/max of the post-pop depth over a tumbling window of ticks.
+/// What a tumbling window of ticks saw of the slack (tick time minus arrival) of played frames.
 #[derive(Clone, Copy, Debug, Default)]
-struct DepthWindow {
+struct SlackWindow {
     ticks: u32,
-    min: u64,
-    max: u64,
+    /// Smallest slack of a frame played in the window, ms; `None` if none was played.
+    min_slack_ms: Option<f64>,
+    /// Packets that arrived after their tick had passed.
+    late: u32,
 }
 
-impl DepthWindow {
-    fn observe(&mut self, depth: u64) {
-        if self.ticks == 0 {
-            self.min = depth;
-            self.max = depth;
-        } else {
-            self.min = self.min.min(depth);
-            self.max = self.max.max(depth);
-        }
-        self.ticks += 1;
+impl SlackWindow {
+    fn played(&mut self, slack_ms: f64) {
+        self.min_slack_ms = Some(self.min_slack_ms.map_or(slack_ms, |m| m.min(slack_ms)));
     }
 }
 
@@ -191,7 +193,7 @@ pub struct JitterBuffer {
     jitter_ms: f64,
     target_ms: f64,
     last_transit: Option<(Duration, u32)>,
-    window: DepthWindow,
+    window: SlackWindow,
     /// Sequence number of an out-of-window packet that a consecutive one may confirm.
     pending_resync: Option<u16>,
     last_arrival: Option<Duration>,
@@ -223,7 +225,7 @@ impl JitterBuffer {
             jitter_ms: 0.0,
             target_ms: Self::target_for(&cfg, 0.0),
             last_transit: None,
-            window: DepthWindow::default(),
+            window: SlackWindow::default(),
             pending_resync: None,
             last_arrival: None,
             stats: JitterStats::default(),
@@ -231,8 +233,7 @@ impl JitterBuffer {
     }
 
     fn target_for(cfg: &JitterConfig, jitter_ms: f64) -> f64 {
-        (f64::from(cfg.frame_ms) + JITTER_MULTIPLIER * jitter_ms)
-            .clamp(f64::from(cfg.min_ms), f64::from(cfg.max_ms))
+        (JITTER_MULTIPLIER * jitter_ms).clamp(f64::from(cfg.min_ms), f64::from(cfg.max_ms))
     }
 
     /// The configuration.
@@ -318,7 +319,7 @@ impl JitterBuffer {
         self.highest = None;
         self.played_bits = 0;
         self.last_transit = None;
-        self.window = DepthWindow::default();
+        self.window = SlackWindow::default();
         self.pending_resync = None;
         self.stats.resyncs += 1;
     }
@@ -407,9 +408,10 @@ impl JitterBuffer {
                 self.stats.duplicate += 1;
                 return PushOutcome::Duplicate;
             }
-            // A late packet still tells us about network jitter.
+            // A late packet still tells us about network jitter, and that the delay is too short.
             self.update_jitter(arrival, rtp_timestamp);
             self.stats.late += 1;
+            self.window.late += 1;
             return PushOutcome::Late;
         }
 
@@ -455,18 +457,30 @@ impl JitterBuffer {
             }
             self.next = Some(first);
             self.playing = true;
-            self.window = DepthWindow::default();
+            self.window = SlackWindow::default();
         }
 
         let Some(mut n) = self.next else {
             return Playout::Empty;
         };
-        self.window.observe(hi.saturating_sub(n));
+        self.window.ticks += 1;
         if self.window.ticks >= ADAPT_WINDOW_TICKS {
             let window = std::mem::take(&mut self.window);
-            let target = self.target_frames();
-            if window.min > target {
-                // Never needed this much margin over the whole window: drop a frame.
+            let frame_ms = f64::from(self.cfg.frame_ms);
+            if window.late > 0
+                || window
+                    .min_slack_ms
+                    .is_some_and(|s| s < self.target_ms / 2.0)
+            {
+                // Frames arrived after (or too close to) their tick: hold one tick to add delay.
+                self.stats.stretched += 1;
+                return Playout::Empty;
+            }
+            if window
+                .min_slack_ms
+                .is_some_and(|s| s >= self.target_ms + frame_ms)
+            {
+                // Every frame waited a whole frame longer than the margin needs: drop one.
                 if self.held.remove(&n).is_some() {
                     self.stats.discarded += 1;
                 } else {
@@ -474,10 +488,6 @@ impl JitterBuffer {
                 }
                 self.advance(1, false);
                 n += 1;
-            } else if window.max < target {
-                // Never had the target buffered: hold this tick to build delay.
-                self.stats.stretched += 1;
-                return Playout::Empty;
             }
         }
 
@@ -486,6 +496,8 @@ impl JitterBuffer {
                 self.advance(1, true);
                 self.stats.played += 1;
                 self.last_arrival = Some(h.arrival);
+                self.window
+                    .played(now.saturating_sub(h.arrival).as_secs_f64() * 1000.0);
                 Playout::Frame(h.payload)
             }
             None => {
@@ -735,6 +747,78 @@ mod tests {
         assert_eq!(p, Playout::Frame(payload(10)));
         assert_eq!(b.stats().lost, 0);
         assert_eq!(b.stats().late, 0);
+    }
+
+    /// Slack (tick time minus arrival) of the frame played at `now`.
+    fn slack(b: &JitterBuffer, now: u64) -> Duration {
+        ms(now).saturating_sub(b.last_arrival().expect("a frame was played"))
+    }
+
+    #[test]
+    fn steady_stream_waits_the_margin_and_less_than_a_frame_more_whatever_the_phase() {
+        // Margin 4 ms: a steady stream must settle with slack in [T/2, T + frame), i.e. never a
+        // whole frame of needless delay, and never so close to the tick that jitter makes it late.
+        for phase in [0u64, 1, 3, 5, 10, 15, 17, 19] {
+            let mut b = buf(4, 200);
+            // A burst first: ten packets stuck behind a 200 ms stall arrive at once, so playout
+            // starts with far too much slack and must shed it.
+            for i in 0..10u16 {
+                push(&mut b, i, 200 + phase);
+            }
+            let mut last = Duration::ZERO;
+            for tick in 11..400u64 {
+                let now = tick * F;
+                if tick >= 11 {
+                    push(&mut b, tick as u16 - 1, (tick - 1) * F + phase);
+                }
+                if let Playout::Frame(_) = b.tick(ms(now)) {
+                    last = slack(&b, now);
+                }
+            }
+            assert!(
+                last >= ms(2) && last < ms(4 + F),
+                "phase {phase}: settled with slack {last:?}, stats {:?}",
+                b.stats()
+            );
+            assert_eq!(b.stats().late, 0, "phase {phase}");
+            assert!(b.stats().discarded > 0, "phase {phase}: burst never shed");
+        }
+    }
+
+    #[test]
+    fn late_packets_add_delay_until_none_are_late() {
+        // Every 10th packet is 25 ms late. At first that runs the buffer dry or makes the packet
+        // miss its tick; the delay must grow until every packet makes it.
+        let mut b = buf(0, 200);
+        let mut arrivals: Vec<(u64, u16)> = (0..600u64)
+            .map(|i| (i * F + if i % 10 == 5 { 25 } else { 0 }, i as u16))
+            .collect();
+        arrivals.sort();
+        let mut next_arrival = 0;
+        let misses = |b: &JitterBuffer| b.stats().late + b.stats().underruns + b.stats().lost;
+        let mut misses_after_settling = 0;
+        for tick in 0..600u64 {
+            let now = tick * F + 10;
+            while next_arrival < arrivals.len() && arrivals[next_arrival].0 <= now {
+                let (at, seq) = arrivals[next_arrival];
+                push(&mut b, seq, at);
+                next_arrival += 1;
+            }
+            if tick == 300 {
+                misses_after_settling = misses(&b);
+            }
+            b.tick(ms(now));
+        }
+        assert!(
+            misses_after_settling > 0,
+            "the test never made a packet miss"
+        );
+        assert_eq!(
+            misses(&b),
+            misses_after_settling,
+            "still missing ticks after settling: {:?}",
+            b.stats()
+        );
     }
 
     /// Deterministic pseudo-random delays in [0, max) ms.

@@ -49,7 +49,7 @@ pub struct MixerConfig {
     pub top_speakers: usize,
     /// Ranked streams reported beyond the top N (the mesh margin).
     pub extra_candidates: usize,
-    /// Lowest jitter-buffer target delay (ms).
+    /// Lowest jitter margin (ms): see [`super::jitter`].
     pub jitter_min_ms: u32,
     /// Highest jitter-buffer target delay (ms), also the bound on buffered audio per stream.
     pub jitter_max_ms: u32,
@@ -61,7 +61,7 @@ impl Default for MixerConfig {
             frame_ms: 20,
             top_speakers: 3,
             extra_candidates: 2,
-            jitter_min_ms: 40,
+            jitter_min_ms: 2,
             jitter_max_ms: 200,
         }
     }
