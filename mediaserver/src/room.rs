@@ -414,6 +414,7 @@ impl RoomTask {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let rank_every = (self.config.rank_interval_ms / self.config.frame_ms).max(1);
         let mut tick_count: u32 = 0;
+        let mut reported_voiced: Vec<StreamId> = Vec::new();
         // This room's share of the server-wide active-speakers gauge.
         let mut active: i64 = 0;
 
@@ -515,15 +516,27 @@ impl RoomTask {
                     self.metrics.tick_duration.observe(started.elapsed().as_secs_f64());
 
                     tick_count = tick_count.wrapping_add(1);
-                    if tick_count.is_multiple_of(rank_every) {
-                        self.publish_info(&members, &out.mixed);
-                        if let Some(m) = mesh.as_mut() {
-                            let candidates = mixer
-                                .candidates()
+                    let periodic = tick_count.is_multiple_of(rank_every);
+                    if let Some(m) = mesh.as_mut() {
+                        // Every rank interval, and at once when the voiced candidates change: a
+                        // new speaker must not wait out the interval to reach the primary.
+                        let candidates = mixer.candidates();
+                        let mut voiced: Vec<StreamId> =
+                            candidates.iter().filter(|c| c.voice).map(|c| c.stream).collect();
+                        // A set: levels reorder candidates all the time, membership rarely.
+                        voiced.sort_unstable();
+                        if periodic || voiced != reported_voiced {
+                            reported_voiced = voiced;
+                            let candidates = candidates
                                 .into_iter()
                                 .map(|c| MeshCandidate { stream: c.stream.0, importance: c.importance, voice: c.voice })
                                 .collect();
                             m.node.report(&self.name, candidates, members.len());
+                        }
+                    }
+                    if periodic {
+                        self.publish_info(&members, &out.mixed);
+                        if let Some(m) = mesh.as_mut() {
                             m.drop_idle_remotes(&mut mixer);
                         }
                         // Peers whose connection ended leave without a DELETE.

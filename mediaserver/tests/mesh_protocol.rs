@@ -816,3 +816,33 @@ fn mesh_fast_restart_is_noticed_by_incarnation() {
         .expect("the restarted server's new list replaces its old one");
     assert!(took <= Duration::from_millis(300), "took {took:?}");
 }
+
+#[test]
+fn mesh_new_speaker_reaches_every_server_without_waiting_for_the_rank_interval() {
+    for (seed, phase_ms) in [(21, 7), (22, 37), (23, 71), (24, 93)] {
+        let mut sim = three_servers(10, seed);
+        let want = expected_full(&sim);
+        sim.run_until(Duration::from_secs(2), |s| s.agreed_on(&want))
+            .expect("servers converge");
+        // Anywhere in the 100 ms rank interval.
+        sim.run(Duration::from_millis(phase_ms));
+        let primary = sim.idx(&sim.agreed().expect("agreed").primary);
+        let other = (primary + 1) % 3;
+        let mut candidates = sim.local[other][ROOM].candidates.clone();
+        candidates.insert(0, cand(99, -3.0, true));
+        sim.set_local(other, 5, candidates);
+        let mut want = expected_full(&sim);
+        // The loudest newcomer replaces the weakest of the three (stream 20 at -30 dBov).
+        want.retain(|k| *k != key(&sim, 2, 20));
+        want.push(key(&sim, other, 99));
+        let want = sorted(want);
+        let took = sim
+            .run_until(Duration::from_secs(1), |s| s.agreed_on(&want))
+            .expect("the newcomer is agreed on");
+        // One hop to the primary and one back (10 ms each), not a wait for the next interval.
+        assert!(
+            took <= Duration::from_millis(40),
+            "seed {seed}, phase {phase_ms} ms: took {took:?}"
+        );
+    }
+}

@@ -255,6 +255,10 @@ struct Room {
     local_seq: u64,
     /// When the next local list is due; `None`: at the next poll.
     next_rank: Option<Duration>,
+    /// The voiced streams (sorted) of the last local list sent: when the candidates' set differs,
+    /// the next list is due at once instead of at the next rank interval, so a new speaker
+    /// reaches the primary without waiting out the interval.
+    sent_streams: Vec<u64>,
     remote: BTreeMap<ServerId, RemoteList>,
     current: Option<GlobalList>,
     max_epoch_seen: u64,
@@ -266,6 +270,19 @@ impl Room {
     fn current_epoch(&self) -> u64 {
         self.current.as_ref().map_or(0, |c| c.epoch)
     }
+}
+
+/// The voiced streams among the first `limit` candidates, sorted: what a local list says, apart
+/// from levels.
+fn voiced_streams(candidates: &[MeshCandidate], limit: usize) -> Vec<u64> {
+    let mut ids: Vec<u64> = candidates
+        .iter()
+        .filter(|c| c.voice)
+        .take(limit)
+        .map(|c| c.stream)
+        .collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// The rendezvous order of `room` over `nodes`: highest score first, ties by id.
@@ -601,6 +618,9 @@ impl MeshNodeState {
         let limit = self.mixing.local_limit();
         let r = self.ensure_room(room)?;
         r.local_candidates = sanitize_candidates(candidates, limit);
+        if voiced_streams(&r.local_candidates, limit) != r.sent_streams {
+            r.next_rank = None;
+        }
         Ok(())
     }
 
@@ -882,6 +902,7 @@ impl MeshNodeState {
                     local_candidates: Vec::new(),
                     local_seq: 0,
                     next_rank: None,
+                    sent_streams: Vec::new(),
                     remote: BTreeMap::new(),
                     current: None,
                     max_epoch_seen: 0,
@@ -930,6 +951,7 @@ impl MeshNodeState {
             return;
         }
         r.next_rank = Some(now + rank_interval);
+        r.sent_streams = voiced_streams(&r.local_candidates, limit);
         let Some(primary) = r.primary.clone() else {
             return;
         };
@@ -944,6 +966,7 @@ impl MeshNodeState {
             .take(limit)
             .copied()
             .collect();
+
         self.outbox.push(Outgoing {
             to: primary,
             msg: ControlMessage::LocalTopList {
