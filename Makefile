@@ -27,9 +27,14 @@ demo: bootstrap
 	cargo build -q -p chorus-operator -p chorus-mediaserver -p chorus-tests --bin chorus-operator --bin chorus-mediaserver --bin chorus-bot
 	"$$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/chorus-operator" local -f examples/conference.yaml --bots $(BOTS)
 
-# Benchmarks (timing is measured here, never asserted in tests): writes bench/results/*.json.
+# Benchmarks (timing is measured here, never asserted in tests): every scenario RUNS times, side by
+# side with Janus AudioBridge; writes bench/results/latest.json and BENCHMARKS.md. Release build,
+# run directly (not `cargo run`: the harness builds chorus-mediaserver itself, and a nested cargo
+# would wait on `cargo run`'s build lock). Takes about 10 minutes per run on 2 cores.
+RUNS ?= 3
 bench: bootstrap
-	cargo run -q -p chorus-tests --bin chorus-bench -- --link-ms 0,40 --rounds 30 --out bench/results/cross_server.json
+	cargo build --release -q -p chorus-tests -p chorus-mediaserver --bin chorus-bench --bin chorus-mediaserver
+	"$$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/chorus-bench" --runs $(RUNS)
 
 # Regenerates the CRD from crds/src/conference.rs. A test fails when the two differ. Written to a
 # temporary file first, so a failed build leaves the old CRD in place instead of an empty one. Also

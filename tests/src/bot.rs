@@ -96,6 +96,9 @@ pub struct BotConfig {
     /// Decode what arrives (true) or only count packets (false): a crowd of listeners in a load
     /// test need not spend the CPU the few bots that check what they hear do.
     pub decode: bool,
+    /// Discontinuous transmission: while the source is digital silence, send one frame in 20
+    /// (every 400 ms), as Opus DTX does, instead of every frame.
+    pub dtx: bool,
 }
 
 impl BotConfig {
@@ -106,12 +109,19 @@ impl BotConfig {
             record: None,
             bind: None,
             decode: true,
+            dtx: false,
         }
     }
 
     /// The same bot, counting packets instead of decoding them.
     pub fn counting_only(mut self) -> Self {
         self.decode = false;
+        self
+    }
+
+    /// The same bot, with discontinuous transmission while silent (see [`BotConfig::dtx`]).
+    pub fn with_dtx(mut self) -> Self {
+        self.dtx = true;
         self
     }
 }
@@ -282,6 +292,9 @@ impl Generator {
     }
 }
 
+/// With DTX, one silent frame in this many is sent (400 ms at 20 ms frames).
+const DTX_PERIOD_FRAMES: u32 = 20;
+
 /// Frames at or below this level (in -dBov) count as silence for onset detection.
 const ONSET_SILENT_DBOV: u8 = 100;
 
@@ -298,8 +311,14 @@ struct Shared {
     source_epoch: AtomicU64,
     /// Whether received packets are decoded.
     decode: bool,
+    /// Whether silence is sent discontinuously.
+    dtx: bool,
     packets_sent: AtomicU64,
     packets_received: AtomicU64,
+    /// Highest extended RTP sequence number received, plus 1 (0 before the first packet): with
+    /// `first_sequence`, how many packets the sender sent, for loss counting.
+    sequence_end: AtomicU64,
+    first_sequence: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -375,11 +394,29 @@ async fn receive_audio(track: Arc<dyn TrackRemote>, shared: Arc<Shared>) {
     // Room for the longest Opus packet (120 ms).
     let mut pcm = vec![0i16; FRAME_SAMPLES * 6];
     let mut last_sequence: Option<u16> = None;
+    let mut highest: Option<u64> = None;
     while let Some(event) = track.poll().await {
         let TrackRemoteEvent::OnRtpPacket(packet) = event else {
             continue;
         };
         shared.packets_received.fetch_add(1, Ordering::Relaxed);
+        // Extended sequence number (unwrapped around the highest so far), for loss counting.
+        let sequence = packet.header.sequence_number;
+        let extended = match highest {
+            None => {
+                let first = (1u64 << 32) | u64::from(sequence);
+                shared.first_sequence.store(first, Ordering::Relaxed);
+                first
+            }
+            Some(h) => {
+                let delta = i64::from(sequence.wrapping_sub(h as u16) as i16);
+                h.saturating_add_signed(delta)
+            }
+        };
+        if highest.is_none_or(|h| extended > h) {
+            highest = Some(extended);
+            shared.sequence_end.store(extended + 1, Ordering::Relaxed);
+        }
         if !shared.decode {
             continue;
         }
@@ -451,6 +488,7 @@ async fn send_audio(
     let mut previous_level: u8 = 127;
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     let mut seen_epoch = shared.source_epoch.load(Ordering::SeqCst);
+    let mut silent_frames: u32 = 0;
     loop {
         ticker.tick().await;
         let epoch = {
@@ -461,6 +499,17 @@ async fn send_audio(
         let new_source = epoch != seen_epoch;
         seen_epoch = epoch;
         let level = audio_level_dbov(&frame);
+        if shared.dtx && level == 127 && !new_source {
+            silent_frames = silent_frames.wrapping_add(1);
+            if !silent_frames.is_multiple_of(DTX_PERIOD_FRAMES) {
+                // Not sent: the timestamp still advances, as for a real DTX gap.
+                timestamp = timestamp.wrapping_add(FRAME_SAMPLES as u32);
+                previous_level = level;
+                continue;
+            }
+        } else {
+            silent_frames = 0;
+        }
         let length = match encoder.encode(&frame, &mut encoded) {
             Ok(length) => length,
             Err(err) => {
@@ -625,8 +674,11 @@ impl Bot {
             onset_sent: Mutex::new(None),
             source_epoch: AtomicU64::new(0),
             decode: config.decode,
+            dtx: config.dtx,
             packets_sent: AtomicU64::new(0),
             packets_received: AtomicU64::new(0),
+            sequence_end: AtomicU64::new(0),
+            first_sequence: AtomicU64::new(0),
         });
 
         let opus = RTCRtpCodec {
@@ -746,6 +798,15 @@ impl Bot {
         })
     }
 
+    /// Stops sending and closes the connection, leaving nothing running (a dropped bot only stops
+    /// sending). For bots that joined without HTTP, or whose server is going away anyway.
+    pub async fn close(&self) {
+        if let Some(sending) = &self.sender {
+            sending.abort();
+        }
+        let _ = self.peer_connection.close().await;
+    }
+
     /// Switches what the bot sends, from the next frame on.
     pub fn set_source(&self, source: &AudioSource) -> Result<()> {
         let generator = Generator::new(source)?;
@@ -794,6 +855,33 @@ impl Bot {
                     .is_some_and(|frame| crate::bot::tone_level(frame, freq_hz) > threshold_dbfs)
             })
             .map(|(_, at)| *at)
+    }
+
+    /// When the onset of `freq_hz` reached this bot's ear, to a fraction of a frame: the arrival
+    /// of the packet holding the onset's first sample, plus that sample's place in the packet
+    /// (the bot plays each packet as it arrives). Only audio arriving after `since` is searched.
+    /// The onset is found by [`detect_onset`]; [`codec_onset_offset`] gives the same detector's
+    /// answer for the bots' own encoder and decoder, so the two can be subtracted.
+    pub fn onset_heard(&self, freq_hz: f64, since: Instant) -> Option<Instant> {
+        let arrivals = lock(&self.shared.arrivals).clone();
+        let received = lock(&self.shared.received);
+        let start = arrivals.iter().find(|(_, at)| *at >= since)?.0;
+        let onset = detect_onset(&received, start, freq_hz)?;
+        let (offset, at) = arrivals
+            .iter()
+            .take_while(|(offset, _)| *offset <= onset)
+            .last()?;
+        let within = (onset - offset) as f64 / f64::from(SAMPLE_RATE);
+        Some(*at + Duration::from_secs_f64(within))
+    }
+
+    /// Packets received so far, and packets the far end sent meanwhile (by RTP sequence numbers,
+    /// from the first received to the highest): their difference is what was lost.
+    pub fn packet_counts(&self) -> (u64, u64) {
+        let received = self.shared.packets_received.load(Ordering::Relaxed);
+        let end = self.shared.sequence_end.load(Ordering::Relaxed);
+        let first = self.shared.first_sequence.load(Ordering::Relaxed);
+        (received, end.saturating_sub(first))
     }
 
     /// Which of `freqs_hz` the bot heard (present, in its report's sense) over the last two
@@ -917,6 +1005,62 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
 /// The level of `freq_hz` in one frame, in dBFS.
 fn tone_level(frame: &[i16], freq_hz: f64) -> f64 {
     chorus_mediaserver::media::spectrum::tone_level_dbfs(frame, freq_hz, SAMPLE_RATE)
+}
+
+/// Window of the onset detector, in samples (2.5 ms).
+const ONSET_WINDOW: usize = 120;
+/// Step between the detector's windows, in samples (0.5 ms).
+const ONSET_HOP: usize = 24;
+/// A tone counts as started in a window that reaches this far below its settled level.
+const ONSET_BELOW_SETTLED_DB: f64 = 6.0;
+
+/// Where the tone `freq_hz` starts in `samples`, searching from `start`: the first sample of the
+/// first 2.5 ms window whose Goertzel level reaches 6 dB below the tone's settled level (measured
+/// 20–40 ms after a coarse first detection at −50 dBFS). Relative to the settled level, so a
+/// server's gain does not move the answer. `None` if the tone never shows.
+pub fn detect_onset(samples: &[i16], start: usize, freq_hz: f64) -> Option<usize> {
+    let windows = |from: usize| {
+        (from..samples.len().saturating_sub(ONSET_WINDOW))
+            .step_by(ONSET_HOP)
+            .map(move |i| (i, tone_level(&samples[i..i + ONSET_WINDOW], freq_hz)))
+    };
+    let (coarse, _) = windows(start).find(|(_, level)| *level > -50.0)?;
+    let settled = samples
+        .get(coarse + FRAME_SAMPLES..coarse + 2 * FRAME_SAMPLES)
+        .map(|frame| tone_level(frame, freq_hz))?;
+    let threshold = settled - ONSET_BELOW_SETTLED_DB;
+    windows(start)
+        .find(|(_, level)| *level >= threshold)
+        .map(|(i, _)| i)
+}
+
+/// How far into the decoded audio the bots' own codec puts the onset of `after` following
+/// `before`, in ms after the first frame of `after` was sent: what the bots add to a mouth-to-ear
+/// measurement by [`Bot::onset_heard`] (encoder look-ahead, plus the detector's own bias). It runs
+/// the same libopus settings as the sending bot, without a network.
+pub fn codec_onset_offset(before: &AudioSource, after: &AudioSource, freq_hz: f64) -> Result<f64> {
+    let mut encoder =
+        opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)?;
+    let mut decoder = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono)?;
+    let (lead_frames, tail_frames) = (25, 10);
+    let mut generator = Generator::new(before)?;
+    let mut frame = vec![0i16; FRAME_SAMPLES];
+    let mut packet = vec![0u8; 1500];
+    let mut pcm = vec![0i16; FRAME_SAMPLES];
+    let mut decoded = Vec::new();
+    for i in 0..lead_frames + tail_frames {
+        if i == lead_frames {
+            generator = Generator::new(after)?;
+        }
+        generator.fill(&mut frame);
+        let len = encoder.encode(&frame, &mut packet)?;
+        let n = decoder.decode(&packet[..len], &mut pcm, false)?;
+        decoded.extend_from_slice(&pcm[..n]);
+    }
+    let first_after = lead_frames * FRAME_SAMPLES;
+    let onset = detect_onset(&decoded, first_after.saturating_sub(FRAME_SAMPLES), freq_hz)
+        .ok_or_else(|| anyhow!("the codec loopback never showed the {freq_hz} Hz onset"))?;
+    Ok((onset as f64 - first_after as f64) * 1000.0 / f64::from(SAMPLE_RATE))
 }
 
 /// A sine tone source.

@@ -8,8 +8,10 @@
 
 pub mod bench;
 pub mod bot;
+pub mod janus;
 pub mod link;
 pub mod media_server;
+pub mod mediaserver_process;
 pub mod mesh_cluster;
 
 use std::ffi::OsStr;
@@ -42,21 +44,36 @@ pub fn operator_bin() -> Result<PathBuf> {
     .map_err(|e| anyhow!(e))
 }
 
+/// The `chorus-mediaserver` binary, built on first use like [`operator_bin`], in the profile this
+/// crate was built with: a benchmark built with `--release` measures a release server.
+pub fn mediaserver_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build_bin("chorus-mediaserver", "chorus-mediaserver").map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
 /// Builds binary `bin` of workspace package `package` and returns the executable's path.
 fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
     // `CARGO` is the cargo running these tests; using it keeps toolchain and target dir the same.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "--message-format=json",
+        "--package",
+        package,
+        "--bin",
+        bin,
+    ];
+    if !cfg!(debug_assertions) {
+        args.push("--release");
+    }
     let output = Command::new(&cargo)
         .current_dir(workspace_root())
-        .args([
-            "build",
-            "--quiet",
-            "--message-format=json",
-            "--package",
-            package,
-            "--bin",
-            bin,
-        ])
+        .args(&args)
         .output()
         .with_context(|| format!("cannot start {}", cargo.to_string_lossy()))?;
     if !output.status.success() {

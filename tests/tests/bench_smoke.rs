@@ -1,22 +1,84 @@
-//! A one-round run of the benchmark harness, so it cannot rot. It checks that the harness measures
-//! something (an onset crossed each path, in a plausible order), never how fast.
+//! A one-iteration, small-load run of the whole benchmark harness (what `make bench` runs, with
+//! `Plan::smoke`), so it cannot rot: every scenario runs against the real servers (Chorus and
+//! Janus), the results file and the report are written. It checks that each scenario measured
+//! something plausible, never how fast.
 
 use anyhow::Result;
-use chorus_tests::bench;
-use chorus_tests::heavy_test_guard;
+use chorus_tests::bench::{harness, report};
+use chorus_tests::{heavy_test_guard, scratch_file};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cross_server_harness_measures_both_paths() -> Result<()> {
+async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
     let _serial = heavy_test_guard().await;
-    let r = bench::cross_server(20, 2).await?;
-    eprintln!("{r:?}");
-    assert!(
-        r.single_server.n >= 1 && r.cross_server.n >= 1,
-        "no onset measured: {r:?}"
-    );
-    // Sanity, not speed: a delay is a positive, finite number of milliseconds.
-    for p in [r.single_server, r.cross_server] {
-        assert!(p.p50.is_finite() && p.p50 > 0.0, "{r:?}");
+    let plan = harness::Plan::smoke();
+    let run = harness::run_once(&plan).await?;
+    eprintln!("{}", serde_json::to_string(&run)?);
+
+    // Every system's delay was measured: a positive, finite number of milliseconds.
+    for system in ["chorus", "janus_default", "janus_tuned"] {
+        let d = &run.delay[system];
+        assert!(d.server_added.n >= 1, "{system}: no onset measured: {d:?}");
+        assert!(
+            d.server_added.p50.is_finite() && d.server_added.p50 > 0.0,
+            "{system}: {d:?}"
+        );
     }
+    // Both capacities measured at least one step, with real traffic (some CPU on the server).
+    for system in ["chorus", "janus"] {
+        let c = &run.capacity[system];
+        assert!(!c.steps.is_empty(), "{system}: no capacity step: {c:?}");
+        assert!(c.steps[0].server_cpu > 0.0, "{system}: {c:?}");
+    }
+    assert!(
+        run.cross_server.cross_server.n >= 1,
+        "{:?}",
+        run.cross_server
+    );
+    // The mixer encodes once per local top speaker plus once for everyone else.
+    for c in &run.codec_work {
+        assert!(
+            c.encodes_per_tick >= 1.0 && c.encodes_per_tick <= 4.0,
+            "{c:?}"
+        );
+    }
+    assert!(run.mesh_bytes.ratio.is_finite() && run.mesh_bytes.ratio > 0.0);
+    assert!(
+        run.convergence.heard_everywhere.n + run.convergence.missed >= 1,
+        "{:?}",
+        run.convergence
+    );
+
+    // The files `make bench` writes: the required JSON keys and a report with its tables.
+    let runs = [run];
+    let json = harness::results_json(&plan, &runs);
+    for key in [
+        "machine",
+        "runs",
+        "delay_ms",
+        "capacity_listeners_per_core",
+        "cross_server_extra_ms",
+        "encodes_per_tick",
+        "convergence_ms",
+    ] {
+        assert!(json.get(key).is_some(), "results lack {key}: {json}");
+    }
+    assert!(json["delay_ms"]["floor"].as_f64().is_some_and(|f| f > 10.0));
+    let dir = std::env::temp_dir().join(format!("chorus-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("latest.json");
+    harness::write_json(&out, &json)?;
+    assert!(std::fs::read_to_string(&out)?.contains("\"delay_ms\""));
+    let analysis = scratch_file(&dir, "analysis.md", "## Analysis\n\nhand-written")?;
+    let md = report::markdown(&plan, &runs, &std::fs::read_to_string(analysis)?, "today");
+    for heading in [
+        "## Against the targets",
+        "## Server-added delay",
+        "## Capacity",
+        "## Method",
+    ] {
+        assert!(md.contains(heading), "report lacks {heading}:\n{md}");
+    }
+    assert!(md.contains("hand-written"));
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,25 +1,42 @@
-//! The benchmark harness (run by `make bench` through `chorus-bench`; a one-round smoke run is part
-//! of `make test` so it cannot rot). Timing is measured here and reported, never asserted.
+//! The benchmark harness (run by `make bench` through `chorus-bench`; a one-iteration smoke run is
+//! part of `make test` so it cannot rot). Timing is measured here and reported, never asserted.
+//!
+//! The scenarios live in submodules ([`delay`], [`capacity`], [`codec_work`], [`mesh`]) and the
+//! cross-server one here; [`harness`] runs them all and [`report`] writes `BENCHMARKS.md`.
 //!
 //! Mouth-to-ear delay is measured between bots in one process, so one clock serves both ends: the
 //! speaker records when it sent a silence-to-sound onset, each listener records when the first
 //! packet carrying that tone arrived. The bots add no jitter buffer, so what remains is the network
 //! (loopback, plus any emulated link) and the servers.
 
+pub mod capacity;
+pub mod codec_work;
+pub mod delay;
+pub mod harness;
+pub mod mesh;
+pub mod report;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bot::{AudioSource, Bot, BotConfig};
 use crate::link::{LinkKnobs, relay, relay_addresses};
 use crate::media_server::MediaServer;
 use crate::mesh_cluster::MeshCluster;
 
+/// Closes every bot of a finished scenario, so none keeps running into the next one.
+pub async fn close_all<'a>(bots: impl IntoIterator<Item = &'a Bot>) {
+    for bot in bots {
+        bot.close().await;
+    }
+}
+
 /// p50 and p99 of a sample, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Percentiles {
     /// Median.
     pub p50: f64,
@@ -48,7 +65,7 @@ pub fn percentiles(values: &[f64]) -> Percentiles {
 }
 
 /// One cross-server measurement: the same onsets heard on the speaker's server and across a link.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CrossServer {
     /// Emulated one-way link delay between the servers, ms.
     pub link_ms: u32,
@@ -132,6 +149,9 @@ pub async fn cross_server(link_ms: u32, rounds: usize) -> Result<CrossServer> {
     // Let the mesh connect and the jitter buffers settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let d = onsets(&speaker, &[&near, &far], 880.0, Onset::ToneChange, rounds).await?;
+    for bot in [&speaker, &near, &far] {
+        bot.close().await;
+    }
     let extra: Vec<f64> = d[0]
         .iter()
         .zip(&d[1])

@@ -1,67 +1,100 @@
-//! `chorus-bench`: the benchmark harness behind `make bench`. Runs the scenarios, prints a table
-//! and writes `bench/results/*.json`. Thin: the measurements live in `chorus_tests::bench`.
+//! `chorus-bench`: the benchmark harness behind `make bench`. Runs every scenario `--runs` times
+//! and writes `bench/results/latest.json` and `BENCHMARKS.md`. Thin: the measurements live in
+//! `chorus_tests::bench`.
+//!
+//! Run the built binary directly (as `make bench` does), not through `cargo run`: it builds
+//! `chorus-mediaserver` itself, and a nested cargo would wait on `cargo run`'s build lock.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use chorus_tests::bench;
+use chorus_tests::bench::{capacity, harness, report};
 use clap::Parser;
 
-/// Run Chorus benchmarks.
+/// Run the Chorus benchmarks against Janus AudioBridge.
 #[derive(Debug, Parser)]
 #[command(name = "chorus-bench")]
 struct Args {
-    /// One-way link delays (ms) to emulate between servers for the cross-server scenario.
-    #[arg(long, value_delimiter = ',', default_value = "0,40")]
-    link_ms: Vec<u32>,
-    /// Onsets measured per scenario.
-    #[arg(long, default_value_t = 30)]
-    rounds: usize,
+    /// Repetitions of every scenario (the report shows min, median and max).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// The one-iteration, small-load run `make test` does: checks the harness, measures nothing
+    /// worth reading.
+    #[arg(long)]
+    smoke: bool,
     /// Where to write the JSON results.
-    #[arg(long, default_value = "bench/results/cross_server.json")]
+    #[arg(long, default_value = "bench/results/latest.json")]
     out: PathBuf,
+    /// Where to write the Markdown report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    markdown: PathBuf,
+    /// Hand-written analysis appended to the report.
+    #[arg(long, default_value = "bench/analysis.md")]
+    analysis: PathBuf,
+    /// Measure nothing: rewrite both files from the runs kept in this results file (its
+    /// `per_run`), e.g. after editing the analysis. The runs must come from the full plan.
+    #[arg(long)]
+    report_from: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let mut results = Vec::new();
-    println!(
-        "| link one-way | single server p50 / p99 | two servers p50 / p99 | extra p50 / p99 | onsets |"
-    );
-    println!("|---|---|---|---|---|");
-    for link in &args.link_ms {
-        let r = bench::cross_server(*link, args.rounds).await?;
-        println!(
-            "| {} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} |",
-            r.link_ms,
-            r.single_server.p50,
-            r.single_server.p99,
-            r.cross_server.p50,
-            r.cross_server.p99,
-            r.extra.p50,
-            r.extra.p99,
-            r.extra.n
-        );
-        results.push(r);
+    let plan = if args.smoke {
+        harness::Plan::smoke()
+    } else {
+        harness::Plan::full(args.runs.max(1))
+    };
+    let mut runs: Vec<harness::RunResult> = Vec::new();
+    if let Some(path) = &args.report_from {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        runs = serde_json::from_value(value["per_run"].clone())
+            .with_context(|| format!("{} has no readable per_run", path.display()))?;
+        // Judged again by today's rule, from the steps as measured.
+        for run in &mut runs {
+            for capacity in run.capacity.values_mut() {
+                if let Some(limit) = capacity::limit_of(&capacity.steps) {
+                    capacity.limited_by = limit;
+                }
+            }
+        }
     }
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
+    let plan = if args.report_from.is_some() {
+        harness::Plan::full(runs.len())
+    } else {
+        plan
+    };
+    for run in 0..if args.report_from.is_some() {
+        0
+    } else {
+        plan.runs
+    } {
+        eprintln!("chorus-bench: run {} of {}", run + 1, plan.runs);
+        runs.push(harness::run_once(&plan).await?);
+        // Each run's figures are kept as they come, so a failure later loses nothing.
+        harness::write_json(&args.out, &harness::results_json(&plan, &runs))?;
     }
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
+    harness::write_json(&args.out, &harness::results_json(&plan, &runs))?;
+    let analysis = std::fs::read_to_string(&args.analysis)
+        .with_context(|| format!("reading {}", args.analysis.display()))?;
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let json = serde_json::json!({
-        "machine": format!("{machine}, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
-        "cross_server": results,
-    });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("wrote {}", args.out.display());
+    std::fs::write(
+        &args.markdown,
+        report::markdown(&plan, &runs, &analysis, &date),
+    )
+    .with_context(|| format!("writing {}", args.markdown.display()))?;
+    println!(
+        "wrote {} and {}",
+        args.out.display(),
+        args.markdown.display()
+    );
     Ok(())
 }

@@ -1,0 +1,281 @@
+//! Server-added delay through one server, Chorus and Janus AudioBridge alike, under the same load:
+//! one room of 20 participants, 3 of them talking.
+//!
+//! Each talker hums a low carrier and now and then switches to a high probe tone at the same level
+//! (it stays a top speaker; only the audio path is measured). A listener finds the probe's first
+//! sample in what it decoded and when that sample reached it ([`Bot::onset_heard`]). Mouth-to-ear
+//! is that time minus when the talker sent the probe's first frame; what the bots add (their
+//! encoder's look-ahead and the detector's bias) is measured by running the same switch through
+//! the bots' codec with no network ([`codec_onset_offset`]) and subtracted. What remains is the
+//! server: its jitter buffer, its wait for the next mixing tick, its decode, mix and encode, and
+//! two loopback hops.
+//!
+//! The mixing tick's phase against each talker's packets is fixed for as long as both run, so one
+//! room gives one phase per talker. Several rooms, each with fresh bots, sample the phases.
+//!
+//! The physical floor: a server that mixes on a fixed 20 ms tick waits for the next tick after a
+//! frame arrives, uniformly 0–20 ms, and its encoder's look-ahead delays the onset once more. The
+//! look-ahead is measured like the bots' (one more encode/decode pass through the codec).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::{Percentiles, percentiles};
+use crate::bot::{AudioSource, Bot, BotConfig, FRAME_SAMPLES, SAMPLE_RATE, codec_onset_offset};
+
+/// Participants in the delay room.
+pub const PARTICIPANTS: usize = 20;
+/// Of whom talk.
+pub const TALKERS: usize = 3;
+/// Each talker's carrier and probe, Hz: far apart, so a probe is never mistaken for a carrier.
+const CARRIERS_HZ: [f64; TALKERS] = [220.0, 300.0, 380.0];
+const PROBES_HZ: [f64; TALKERS] = [2400.0, 3000.0, 3600.0];
+const LEVEL_DBFS: f64 = -20.0;
+
+/// A room of a conference server the scenarios can fill: how a bot gets in.
+pub trait Venue {
+    /// A participant: a bot, maybe with the server's own handle on it.
+    type Member: std::ops::Deref<Target = Bot>;
+
+    /// Joins bot `who` to the room.
+    fn join(
+        &self,
+        who: &str,
+        config: BotConfig,
+    ) -> impl std::future::Future<Output = Result<Self::Member>>;
+}
+
+/// The delay of one system, over all its rooms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DelayResult {
+    /// Server-added delay per measured onset, ms.
+    pub server_added: Percentiles,
+    /// The raw samples, ms.
+    pub samples_ms: Vec<f64>,
+    /// What the bots' codec adds, ms (subtracted already).
+    pub bots_ms: f64,
+    /// Onsets sent whose probe no listener reported.
+    pub missed: usize,
+}
+
+fn carrier(i: usize) -> AudioSource {
+    AudioSource::Tone {
+        hz: CARRIERS_HZ[i],
+        level_dbfs: LEVEL_DBFS,
+    }
+}
+
+fn probe(i: usize) -> AudioSource {
+    AudioSource::Tone {
+        hz: PROBES_HZ[i],
+        level_dbfs: LEVEL_DBFS,
+    }
+}
+
+/// What the bots add for talker `i`'s probe, ms.
+fn bots_offset_ms(i: usize) -> Result<f64> {
+    codec_onset_offset(&carrier(i), &probe(i), PROBES_HZ[i])
+}
+
+/// The floor's codec part: how much later one more Opus encode/decode pass (a mixing server's)
+/// puts the onset, ms.
+pub fn server_codec_lookahead_ms() -> Result<f64> {
+    let once = bots_offset_ms(0)?;
+    let twice = twice_through_codec(&carrier(0), &probe(0), PROBES_HZ[0])?;
+    Ok(twice - once)
+}
+
+/// Like [`codec_onset_offset`], but through two encode/decode passes (bot, then server).
+fn twice_through_codec(before: &AudioSource, after: &AudioSource, hz: f64) -> Result<f64> {
+    let pass = |input: &[i16]| -> Result<Vec<i16>> {
+        let mut encoder =
+            opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)?;
+        let mut decoder = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono)?;
+        let mut out = Vec::with_capacity(input.len());
+        let mut packet = vec![0u8; 1500];
+        let mut pcm = vec![0i16; FRAME_SAMPLES];
+        for frame in input.chunks_exact(FRAME_SAMPLES) {
+            let len = encoder.encode(frame, &mut packet)?;
+            let n = decoder.decode(&packet[..len], &mut pcm, false)?;
+            out.extend_from_slice(&pcm[..n]);
+        }
+        Ok(out)
+    };
+    let (lead, tail) = (25usize, 10usize);
+    let mut signal = vec![0i16; (lead + tail) * FRAME_SAMPLES];
+    let first_after = lead * FRAME_SAMPLES;
+    fill(before, &mut signal[..first_after])?;
+    fill(after, &mut signal[first_after..])?;
+    let out = pass(&pass(&signal)?)?;
+    let onset = crate::bot::detect_onset(&out, first_after - FRAME_SAMPLES, hz)
+        .ok_or_else(|| anyhow::anyhow!("no onset after two codec passes"))?;
+    Ok((onset as f64 - first_after as f64) * 1000.0 / f64::from(SAMPLE_RATE))
+}
+
+fn fill(source: &AudioSource, out: &mut [i16]) -> Result<()> {
+    let AudioSource::Tone { hz, level_dbfs } = source else {
+        bail!("only tones are used here");
+    };
+    let mut tone =
+        chorus_mediaserver::media::spectrum::ToneGenerator::new(*hz, *level_dbfs, SAMPLE_RATE);
+    tone.fill(out);
+    Ok(())
+}
+
+/// The floor of server-added delay as (p50, p99), ms: the wait for a fixed 20 ms tick (uniform)
+/// plus one more codec pass's look-ahead.
+pub fn floor_ms(lookahead_ms: f64) -> (f64, f64) {
+    (10.0 + lookahead_ms, 19.8 + lookahead_ms)
+}
+
+/// Joins the talkers, each humming its carrier.
+pub async fn join_talkers<V: Venue>(venue: &V) -> Result<Vec<V::Member>> {
+    let mut talkers = Vec::new();
+    for i in 0..TALKERS {
+        talkers.push(
+            venue
+                .join(&format!("talker-{i}"), BotConfig::new(carrier(i)))
+                .await?,
+        );
+    }
+    Ok(talkers)
+}
+
+/// One probe onset per talker, measured at each of `ears`: server-added delays (ms) and how many
+/// onsets went unheard.
+pub async fn probe_round<T: std::ops::Deref<Target = Bot>>(
+    talkers: &[T],
+    ears: &[&Bot],
+) -> Result<(Vec<f64>, usize)> {
+    let mut samples = Vec::new();
+    let mut missed = 0;
+    for (i, talker) in talkers.iter().enumerate() {
+        let offset = bots_offset_ms(i)?;
+        let asked = Instant::now();
+        talker.set_source(&probe(i))?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = talker.onset_sent().filter(|t| *t >= asked);
+        talker.set_source(&carrier(i))?;
+        let Some(sent) = sent else {
+            missed += 1;
+            continue;
+        };
+        for ear in ears {
+            match ear.onset_heard(PROBES_HZ[i], sent) {
+                Some(heard) => samples
+                    .push(heard.saturating_duration_since(sent).as_secs_f64() * 1000.0 - offset),
+                None => missed += 1,
+            }
+        }
+        // Back on the carrier before the next probe.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok((samples, missed))
+}
+
+/// Fills one room of `venue` (20 participants, 3 talking), lets it settle, and measures
+/// `onsets` probe onsets per talker at one decoding listener.
+pub async fn measure_room<V: Venue>(venue: &V, onsets: usize) -> Result<(Vec<f64>, usize)> {
+    let talkers = join_talkers(venue).await?;
+    let ear = venue
+        .join("listener-0", BotConfig::new(AudioSource::Silence))
+        .await?;
+    let mut crowd = Vec::new();
+    for i in 1..PARTICIPANTS - TALKERS {
+        let config = BotConfig::new(AudioSource::Silence).counting_only();
+        crowd.push(venue.join(&format!("listener-{i}"), config).await?);
+    }
+    // Let every jitter buffer settle on its phase.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut samples = Vec::new();
+    let mut missed = 0;
+    for _ in 0..onsets {
+        let (s, m) = probe_round(&talkers, &[&*ear]).await?;
+        samples.extend(s);
+        missed += m;
+    }
+    super::close_all(talkers.iter().map(|b| &**b)).await;
+    super::close_all(crowd.iter().map(|b| &**b)).await;
+    ear.close().await;
+    Ok((samples, missed))
+}
+
+/// Runs `rooms` fresh rooms made by `venue_for(k)` and gathers their onsets.
+pub async fn measure<V, F, Fut>(
+    rooms: usize,
+    onsets: usize,
+    mut venue_for: F,
+) -> Result<DelayResult>
+where
+    V: Venue,
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<V>>,
+{
+    let mut samples = Vec::new();
+    let mut missed = 0;
+    for k in 0..rooms {
+        let venue = venue_for(k).await?;
+        let (s, m) = measure_room(&venue, onsets).await?;
+        samples.extend(s);
+        missed += m;
+    }
+    Ok(DelayResult {
+        server_added: percentiles(&samples),
+        bots_ms: bots_offset_ms(0)?,
+        samples_ms: samples,
+        missed,
+    })
+}
+
+/// One room of a Chorus server process.
+#[derive(Debug)]
+pub struct ChorusRoom<'a> {
+    /// The server.
+    pub server: &'a crate::mediaserver_process::ServerProcess,
+    /// The room's name.
+    pub room: String,
+}
+
+/// A bot in a [`ChorusRoom`].
+#[derive(Debug)]
+pub struct ChorusMember(pub Bot);
+
+impl std::ops::Deref for ChorusMember {
+    type Target = Bot;
+
+    fn deref(&self) -> &Bot {
+        &self.0
+    }
+}
+
+impl Venue for ChorusRoom<'_> {
+    type Member = ChorusMember;
+
+    async fn join(&self, who: &str, config: BotConfig) -> Result<ChorusMember> {
+        self.server
+            .join_bot(&self.room, who, config)
+            .await
+            .map(ChorusMember)
+    }
+}
+
+/// One AudioBridge room of a Janus session.
+#[derive(Debug)]
+pub struct JanusRoom<'a> {
+    /// The session the participants join through.
+    pub session: &'a crate::janus::JanusSession,
+    /// The room id.
+    pub room: u64,
+    /// The jitter setting each participant asks for.
+    pub jitter: crate::janus::JanusJitter,
+}
+
+impl Venue for JanusRoom<'_> {
+    type Member = crate::janus::JanusParticipant;
+
+    async fn join(&self, who: &str, config: BotConfig) -> Result<Self::Member> {
+        self.session.join(self.room, who, self.jitter, config).await
+    }
+}

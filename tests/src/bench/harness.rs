@@ -1,0 +1,429 @@
+//! The whole benchmark run behind `make bench`: every scenario, several times, summarised into
+//! `bench/results/latest.json` and `BENCHMARKS.md`.
+//!
+//! A [`Plan`] says how much load and how many repetitions; [`Plan::full`] is `make bench`,
+//! [`Plan::smoke`] is the one-iteration, small-load run `make test` does so the harness cannot
+//! rot. Each run measures every scenario once; the summary keeps each figure's min, median and
+//! max over the runs, and the JSON's headline values are the medians.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::capacity::{self, Capacity};
+use super::delay::{self, ChorusRoom, DelayResult, JanusRoom};
+use super::mesh::{self, Convergence, MeshBytes};
+use super::{CrossServer, codec_work, cross_server};
+use crate::janus::{JanusJitter, JanusOptions, JanusServer};
+use crate::mediaserver_process::{ProcessOptions, ServerProcess};
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Repetitions of every scenario.
+    pub runs: usize,
+    /// Rooms (fresh bots, fresh phases) per system in the delay scenario.
+    pub delay_rooms: usize,
+    /// Probe onsets per talker per room.
+    pub delay_onsets: usize,
+    /// Largest capacity step tried, listeners.
+    pub capacity_max_listeners: usize,
+    /// Server CPU for capacity (the load runs on the others).
+    pub capacity_cpu: usize,
+    /// One-way link delay for the cross-server scenario, ms.
+    pub link_ms: u32,
+    /// Onsets in the cross-server scenario.
+    pub cross_rounds: usize,
+    /// Room sizes for codec work.
+    pub codec_sizes: Vec<usize>,
+    /// Room sizes for mesh bytes (first and last are compared).
+    pub mesh_sizes: Vec<usize>,
+    /// Onsets in the convergence scenario.
+    pub convergence_rounds: usize,
+}
+
+impl Plan {
+    /// `make bench`.
+    pub fn full(runs: usize) -> Plan {
+        Plan {
+            runs,
+            delay_rooms: 3,
+            delay_onsets: 3,
+            capacity_max_listeners: 3000,
+            capacity_cpu: 0,
+            link_ms: 40,
+            cross_rounds: 20,
+            codec_sizes: vec![10, 100, 1000],
+            mesh_sizes: vec![10, 300],
+            convergence_rounds: 9,
+        }
+    }
+
+    /// The smoke run of `make test`: one iteration, small load, every code path.
+    pub fn smoke() -> Plan {
+        Plan {
+            runs: 1,
+            delay_rooms: 1,
+            delay_onsets: 1,
+            capacity_max_listeners: 20,
+            capacity_cpu: 0,
+            link_ms: 20,
+            cross_rounds: 2,
+            codec_sizes: vec![10, 30],
+            mesh_sizes: vec![4, 8],
+            convergence_rounds: 1,
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Server-added delay per system: `chorus`, `janus_default`, `janus_tuned`.
+    pub delay: BTreeMap<String, DelayResult>,
+    /// The codec look-ahead of one more encode pass, ms (part of the floor).
+    pub lookahead_ms: f64,
+    /// Capacity per system: `chorus`, `janus`.
+    pub capacity: BTreeMap<String, Capacity>,
+    /// Cross-server delay.
+    pub cross_server: CrossServer,
+    /// Codec work per room size.
+    pub codec_work: Vec<codec_work::CodecWork>,
+    /// Mesh bytes per room size.
+    pub mesh_bytes: MeshBytes,
+    /// Convergence.
+    pub convergence: Convergence,
+}
+
+/// Pins every thread of this process to `cpus` (a `taskset` list such as "1" or "0-1").
+fn pin_self(cpus: &str) -> Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running taskset")?;
+    anyhow::ensure!(status.success(), "taskset -a -p -c {cpus} failed: {status}");
+    Ok(())
+}
+
+fn all_cpus() -> String {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("0-{}", n.saturating_sub(1))
+}
+
+/// The capacity scenario for both systems: the server pinned to `plan.capacity_cpu`, this
+/// process to the other CPUs for the duration.
+async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<String, Capacity>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let others: Vec<String> = (0..cpus)
+        .filter(|c| *c != plan.capacity_cpu)
+        .map(|c| c.to_string())
+        .collect();
+    if !others.is_empty() {
+        pin_self(&others.join(","))?;
+    }
+    let mut out = BTreeMap::new();
+    let result = async {
+        let server = ServerProcess::start(ProcessOptions {
+            cpu: Some(plan.capacity_cpu),
+            max_participants: Some(plan.capacity_max_listeners + 50),
+        })
+        .await?;
+        let room = ChorusRoom {
+            server: &server,
+            room: "capacity".into(),
+        };
+        let c = capacity::measure(
+            &room,
+            server.pid(),
+            plan.capacity_max_listeners,
+            delay_limits.0,
+        )
+        .await?;
+        out.insert("chorus".to_owned(), c);
+        drop(room);
+        drop(server);
+
+        let janus = JanusServer::start(JanusOptions {
+            cpu: Some(plan.capacity_cpu),
+            debug_level: 3,
+            ..JanusOptions::default()
+        })
+        .await?;
+        let session = janus.session().await?;
+        let room = JanusRoom {
+            session: &session,
+            room: session.create_room(JanusJitter::Default).await?,
+            jitter: JanusJitter::Default,
+        };
+        let c = capacity::measure(
+            &room,
+            janus.pid(),
+            plan.capacity_max_listeners,
+            delay_limits.1,
+        )
+        .await?;
+        out.insert("janus".to_owned(), c);
+        anyhow::Ok(())
+    }
+    .await;
+    pin_self(&all_cpus())?;
+    result?;
+    Ok(out)
+}
+
+/// One run of every scenario.
+pub async fn run_once(plan: &Plan) -> Result<RunResult> {
+    let mut delays = BTreeMap::new();
+    {
+        let server = ServerProcess::start(ProcessOptions::default()).await?;
+        let s = &server;
+        let d = delay::measure(plan.delay_rooms, plan.delay_onsets, |k| async move {
+            Ok(ChorusRoom {
+                server: s,
+                room: format!("delay-{k}"),
+            })
+        })
+        .await?;
+        eprintln!("delay chorus: {:?}", d.server_added);
+        delays.insert("chorus".to_owned(), d);
+    }
+    {
+        let janus = JanusServer::start(JanusOptions {
+            debug_level: 3,
+            ..JanusOptions::default()
+        })
+        .await?;
+        let session = janus.session().await?;
+        for (name, jitter) in [
+            ("janus_default", JanusJitter::Default),
+            ("janus_tuned", JanusJitter::Lowest),
+        ] {
+            let session = &session;
+            let d = delay::measure(plan.delay_rooms, plan.delay_onsets, |_| async move {
+                Ok(JanusRoom {
+                    session,
+                    room: session.create_room(jitter).await?,
+                    jitter,
+                })
+            })
+            .await?;
+            eprintln!("delay {name}: {:?}", d.server_added);
+            delays.insert(name.to_owned(), d);
+        }
+    }
+    let lookahead_ms = delay::server_codec_lookahead_ms()?;
+    // A step holds while its p99 stays within 10 ms of the same system's unloaded p99 (and, for
+    // Chorus, that is compared with the target separately).
+    let limit = |name: &str| {
+        delays
+            .get(name)
+            .map_or(f64::INFINITY, |d| d.server_added.p99 + 10.0)
+    };
+    let capacity = capacities(plan, (limit("chorus"), limit("janus_default"))).await?;
+    let cross = cross_server(plan.link_ms, plan.cross_rounds).await?;
+    eprintln!("cross-server: {:?}", cross.extra);
+    let codec_work = plan
+        .codec_sizes
+        .iter()
+        .map(|n| codec_work::measure(*n))
+        .collect::<Result<Vec<_>>>()?;
+    let mesh_bytes = mesh::mesh_bytes(&plan.mesh_sizes).await?;
+    let convergence = mesh::convergence(plan.convergence_rounds).await?;
+    eprintln!("convergence: {:?}", convergence.heard_everywhere);
+    Ok(RunResult {
+        delay: delays,
+        lookahead_ms,
+        capacity,
+        cross_server: cross,
+        codec_work,
+        mesh_bytes,
+        convergence,
+    })
+}
+
+/// Min, median and max of one figure over the runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Spread {
+    /// Smallest.
+    pub min: f64,
+    /// Median (the lower middle for an even count).
+    pub median: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+fn spread(values: impl IntoIterator<Item = f64>) -> Spread {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return Spread {
+            min: f64::NAN,
+            median: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    Spread {
+        min: v[0],
+        median: v[(v.len() - 1) / 2],
+        max: v[v.len() - 1],
+    }
+}
+
+/// The figures of the report, each over the runs.
+pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
+    let mut f = BTreeMap::new();
+    let mut put = |name: &'static str, get: &dyn Fn(&RunResult) -> f64| {
+        f.insert(name, spread(runs.iter().map(get)));
+    };
+    for (system, p50, p99) in [
+        ("chorus", "delay.chorus.p50", "delay.chorus.p99"),
+        (
+            "janus_default",
+            "delay.janus_default.p50",
+            "delay.janus_default.p99",
+        ),
+        (
+            "janus_tuned",
+            "delay.janus_tuned.p50",
+            "delay.janus_tuned.p99",
+        ),
+    ] {
+        put(p50, &|r| {
+            r.delay.get(system).map_or(f64::NAN, |d| d.server_added.p50)
+        });
+        put(p99, &|r| {
+            r.delay.get(system).map_or(f64::NAN, |d| d.server_added.p99)
+        });
+    }
+    put("delay.floor.p50", &|r| delay::floor_ms(r.lookahead_ms).0);
+    put("delay.floor.p99", &|r| delay::floor_ms(r.lookahead_ms).1);
+    for system in ["chorus", "janus"] {
+        let key: &'static str = if system == "chorus" {
+            "capacity.chorus"
+        } else {
+            "capacity.janus"
+        };
+        put(key, &|r| {
+            r.capacity
+                .get(system)
+                .map_or(f64::NAN, |c| c.listeners as f64)
+        });
+    }
+    put("capacity.chorus.extrapolated", &|r| {
+        r.capacity
+            .get("chorus")
+            .map_or(f64::NAN, |c| c.extrapolated_listeners_per_core)
+    });
+    put("capacity.janus.extrapolated", &|r| {
+        r.capacity
+            .get("janus")
+            .map_or(f64::NAN, |c| c.extrapolated_listeners_per_core)
+    });
+    put("capacity.chorus.cpu_per_listener_percent", &|r| {
+        r.capacity
+            .get("chorus")
+            .map_or(f64::NAN, |c| c.cpu_per_listener_percent)
+    });
+    put("capacity.janus.cpu_per_listener_percent", &|r| {
+        r.capacity
+            .get("janus")
+            .map_or(f64::NAN, |c| c.cpu_per_listener_percent)
+    });
+    put("cross_server_extra.p50", &|r| r.cross_server.extra.p50);
+    put("cross_server_extra.p99", &|r| r.cross_server.extra.p99);
+    put("mesh_bytes_ratio", &|r| r.mesh_bytes.ratio);
+    put("convergence.p50", &|r| r.convergence.heard_everywhere.p50);
+    put("convergence.p99", &|r| r.convergence.heard_everywhere.p99);
+    f
+}
+
+/// The machine, as a reader needs it to compare.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!("{cpu}, {cores} cores, {memory_gib:.0} GiB")
+}
+
+/// The results file: the required shape, headline values as medians over the runs, then every
+/// run in full.
+pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
+    let f = figures(runs);
+    let m = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
+    let codec = |n: usize| {
+        spread(runs.iter().map(|r| {
+            r.codec_work
+                .iter()
+                .find(|c| c.participants == n)
+                .map_or(f64::NAN, |c| c.encodes_per_tick)
+        }))
+        .median
+    };
+    let mut encodes = serde_json::Map::new();
+    for n in &plan.codec_sizes {
+        encodes.insert(n.to_string(), json!(codec(*n)));
+    }
+    let (first, last) = (
+        plan.mesh_sizes.first().copied().unwrap_or(0),
+        plan.mesh_sizes.last().copied().unwrap_or(0),
+    );
+    json!({
+        "machine": machine(),
+        "runs": runs.len(),
+        "delay_ms": {
+            "chorus": {"p50": m("delay.chorus.p50"), "p99": m("delay.chorus.p99")},
+            "janus_default": {"p50": m("delay.janus_default.p50"), "p99": m("delay.janus_default.p99")},
+            "janus_tuned": {"p50": m("delay.janus_tuned.p50"), "p99": m("delay.janus_tuned.p99")},
+            "floor": m("delay.floor.p50"),
+            "floor_p99": m("delay.floor.p99"),
+            "chorus_over_floor_p50": m("delay.chorus.p50") / m("delay.floor.p50"),
+        },
+        // Per core: one core over the measured CPU per listener at the largest step that held.
+        // The listeners actually held are beside it; for Chorus they are a lower bound whenever
+        // the load generator ran out of CPU first (`chorus_limited_by`).
+        "capacity_listeners_per_core": {
+            "chorus": m("capacity.chorus.extrapolated"),
+            "janus": m("capacity.janus.extrapolated"),
+            "chorus_listeners_held": m("capacity.chorus"),
+            "janus_listeners_held": m("capacity.janus"),
+            "chorus_cpu_per_listener_percent": m("capacity.chorus.cpu_per_listener_percent"),
+            "janus_cpu_per_listener_percent": m("capacity.janus.cpu_per_listener_percent"),
+            "chorus_limited_by": runs.last().and_then(|r| r.capacity.get("chorus")).map(|c| c.limited_by),
+            "janus_limited_by": runs.last().and_then(|r| r.capacity.get("janus")).map(|c| c.limited_by),
+        },
+        "cross_server_extra_ms": {"p50": m("cross_server_extra.p50"), "p99": m("cross_server_extra.p99"), "link_one_way_ms": plan.link_ms},
+        "encodes_per_tick": encodes,
+        format!("mesh_bytes_ratio_{last}_vs_{first}"): m("mesh_bytes_ratio"),
+        "convergence_ms": {"p50": m("convergence.p50"), "p99": m("convergence.p99")},
+        "spread": f,
+        "per_run": runs,
+    })
+}
+
+/// Writes the JSON results to `path` (creating its directory).
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,177 @@
+//! A `chorus-mediaserver` running as its own process, for benchmarks that must see the server
+//! apart from the load: pinned to one CPU with `taskset`, its CPU time read from `/proc`, in the
+//! profile the benchmark itself was built with (release under `make bench`).
+//!
+//! The in-process [`crate::media_server::MediaServer`] is what tests use; this is the same server
+//! as users run it, through its command line. The process is killed when the handle drops.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use chorus_mediaserver::token::TokenKey;
+
+use crate::bot::{Bot, BotConfig};
+use crate::media_server::random_key;
+
+/// How a benchmarked server process is started.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessOptions {
+    /// Pin the server to this CPU (`taskset -c`).
+    pub cpu: Option<usize>,
+    /// Participants the server and one room accept (the defaults are lower than a capacity run).
+    pub max_participants: Option<usize>,
+}
+
+/// A running `chorus-mediaserver serve`.
+#[derive(Debug)]
+pub struct ServerProcess {
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    child: Child,
+    key: TokenKey,
+    conference: String,
+    workdir: PathBuf,
+}
+
+/// A port free right now on 127.0.0.1 (bound, read and released; the server binds it next).
+pub fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A UDP port free right now on 127.0.0.1.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+pub fn process_cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i - 3)
+            .context("short /proc stat")?
+            .parse::<u64>()
+            .context("non-numeric /proc stat field")
+    };
+    // USER_HZ is 100 on every Linux ABI Rust targets.
+    Ok(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
+}
+
+impl ServerProcess {
+    /// Starts the server on fresh loopback ports and waits until `/healthz` answers.
+    pub async fn start(options: ProcessOptions) -> Result<Self> {
+        let binary = crate::mediaserver_bin()?;
+        let workdir = std::env::temp_dir().join(format!(
+            "chorus-bench-server-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&workdir)?;
+        let key = random_key();
+        let key_file = workdir.join("join-key");
+        std::fs::write(&key_file, &key)?;
+        let http: SocketAddr = ([127, 0, 0, 1], free_tcp_port()?).into();
+        let udp: SocketAddr = ([127, 0, 0, 1], free_udp_port()?).into();
+        let conference = "bench".to_owned();
+        let max = options.max_participants.unwrap_or(500).to_string();
+        let mut command = match options.cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let log = std::fs::File::create(workdir.join("server.log"))?;
+        command
+            .arg("serve")
+            .args(["--http-addr", &http.to_string()])
+            .args(["--udp-addr", &udp.to_string()])
+            .args(["--public-address", "127.0.0.1"])
+            .args(["--conference", &conference])
+            .arg("--join-key-file")
+            .arg(&key_file)
+            .args(["--max-participants", &max])
+            .args(["--max-room-participants", &max])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let server = ServerProcess {
+            base_url: format!("http://{http}"),
+            child,
+            key: TokenKey::new(&key).map_err(|e| anyhow::anyhow!("{e}"))?,
+            conference,
+            workdir,
+        };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    async fn wait_healthy(&self) -> Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(response) = client
+                .get(format!("{}/healthz", self.base_url))
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = std::fs::read_to_string(self.workdir.join("server.log")).unwrap_or_default();
+        bail!("chorus-mediaserver did not become healthy in 20 s; its log:\n{log}")
+    }
+
+    /// The server's process id (for CPU time and profilers).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A bot joining `room` as `who`.
+    pub async fn join_bot(&self, room: &str, who: &str, config: BotConfig) -> Result<Bot> {
+        let token = self.key.mint(
+            &self.conference,
+            room,
+            who,
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        );
+        Bot::join_http(&self.base_url, room, &token, config)
+            .await
+            .with_context(|| format!("{who} joining room {room}"))
+    }
+
+    /// The server's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.base_url))
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
