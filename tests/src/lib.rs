@@ -37,22 +37,22 @@ pub fn workspace_root() -> PathBuf {
 /// including a build failure, which is reported to each of them.
 pub fn operator_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        build_bin("chorus-operator", "chorus-operator").map_err(|e| format!("{e:#}"))
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    built_once(&BIN, "chorus-operator")
 }
 
 /// The `chorus-mediaserver` binary, built on first use like [`operator_bin`], in the profile this
 /// crate was built with: a benchmark built with `--release` measures a release server.
 pub fn mediaserver_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        build_bin("chorus-mediaserver", "chorus-mediaserver").map_err(|e| format!("{e:#}"))
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    built_once(&BIN, "chorus-mediaserver")
+}
+
+/// The binary `name` (of the package of the same name), built on the first call for `cell` and
+/// shared, build failure included, by every later one.
+fn built_once(cell: &OnceLock<Result<PathBuf, String>>, name: &str) -> Result<PathBuf> {
+    cell.get_or_init(|| build_bin(name, name).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
 }
 
 /// Builds binary `bin` of workspace package `package` and returns the executable's path.

@@ -302,38 +302,26 @@ pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
     }
     put("delay.floor.p50", &|r| delay::floor_ms(r.lookahead_ms).0);
     put("delay.floor.p99", &|r| delay::floor_ms(r.lookahead_ms).1);
-    for system in ["chorus", "janus"] {
-        let key: &'static str = if system == "chorus" {
-            "capacity.chorus"
-        } else {
-            "capacity.janus"
-        };
-        put(key, &|r| {
-            r.capacity
-                .get(system)
-                .map_or(f64::NAN, |c| c.listeners as f64)
-        });
+    for (system, held, per_core, per_listener) in [
+        (
+            "chorus",
+            "capacity.chorus",
+            "capacity.chorus.extrapolated",
+            "capacity.chorus.cpu_per_listener_percent",
+        ),
+        (
+            "janus",
+            "capacity.janus",
+            "capacity.janus.extrapolated",
+            "capacity.janus.cpu_per_listener_percent",
+        ),
+    ] {
+        let of =
+            |r: &RunResult, get: fn(&Capacity) -> f64| r.capacity.get(system).map_or(f64::NAN, get);
+        put(held, &|r| of(r, |c| c.listeners as f64));
+        put(per_core, &|r| of(r, |c| c.extrapolated_listeners_per_core));
+        put(per_listener, &|r| of(r, |c| c.cpu_per_listener_percent));
     }
-    put("capacity.chorus.extrapolated", &|r| {
-        r.capacity
-            .get("chorus")
-            .map_or(f64::NAN, |c| c.extrapolated_listeners_per_core)
-    });
-    put("capacity.janus.extrapolated", &|r| {
-        r.capacity
-            .get("janus")
-            .map_or(f64::NAN, |c| c.extrapolated_listeners_per_core)
-    });
-    put("capacity.chorus.cpu_per_listener_percent", &|r| {
-        r.capacity
-            .get("chorus")
-            .map_or(f64::NAN, |c| c.cpu_per_listener_percent)
-    });
-    put("capacity.janus.cpu_per_listener_percent", &|r| {
-        r.capacity
-            .get("janus")
-            .map_or(f64::NAN, |c| c.cpu_per_listener_percent)
-    });
     put("cross_server_extra.p50", &|r| r.cross_server.extra.p50);
     put("cross_server_extra.p99", &|r| r.cross_server.extra.p99);
     put("mesh_bytes_ratio", &|r| r.mesh_bytes.ratio);
