@@ -30,7 +30,7 @@ demo: bootstrap
 # Benchmarks (timing is measured here, never asserted in tests): every scenario RUNS times, side by
 # side with Janus AudioBridge; writes bench/results/latest.json and BENCHMARKS.md. Release build,
 # run directly (not `cargo run`: the harness builds chorus-mediaserver itself, and a nested cargo
-# would wait on `cargo run`'s build lock). Takes about 10 minutes per run on 2 cores.
+# would wait on `cargo run`'s build lock). Takes about 5 minutes per run on 2 cores, after the build.
 RUNS ?= 3
 bench: bootstrap
 	cargo build --release -q -p chorus-tests -p chorus-mediaserver --bin chorus-bench --bin chorus-mediaserver
