@@ -456,7 +456,9 @@ async fn mesh_reconnects_after_a_peer_restarts() {
     );
     a.t.send_control("town-r-1", &hb(10)).unwrap();
     expect_control(&mut b, "town-r-0", &hb(10)).await;
-    assert_eq!(a.t.peer_stats()[0].connects, 2);
+    // At least one reconnect. Not exactly one: a dial that lands while the restarted acceptor is
+    // still coming up can be dropped and redialed, which counts twice (seen once in CI).
+    assert!(a.t.peer_stats()[0].connects >= 2, "{:?}", a.t.peer_stats());
 
     // The dialing side restarts: its new connection replaces the old one at the acceptor.
     a.t.shutdown().await;
