@@ -413,6 +413,22 @@ struct Slot {
     dialer: Option<CancellationToken>,
 }
 
+/// Peer `to`'s slot and its live connection: an unknown peer and one not connected right now are
+/// different errors.
+fn connected<'a>(
+    slots: &'a BTreeMap<ServerId, Slot>,
+    to: &str,
+) -> Result<(&'a Slot, &'a Live), MeshError> {
+    let slot = slots
+        .get(to)
+        .ok_or_else(|| MeshError::UnknownPeer(to.to_owned()))?;
+    let live = slot
+        .live
+        .as_ref()
+        .ok_or_else(|| MeshError::NotConnected(to.to_owned()))?;
+    Ok((slot, live))
+}
+
 #[derive(Debug)]
 struct Inner {
     self_id: ServerId,
@@ -675,13 +691,7 @@ impl MeshTransport {
         }
         let frame = Frame::encode_control(msg)?;
         let slots = self.inner.lock_peers();
-        let slot = slots
-            .get(to)
-            .ok_or_else(|| MeshError::UnknownPeer(to.to_owned()))?;
-        let live = slot
-            .live
-            .as_ref()
-            .ok_or_else(|| MeshError::NotConnected(to.to_owned()))?;
+        let (slot, live) = connected(&slots, to)?;
         live.frames.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => MeshError::Backpressure(to.to_owned()),
             mpsc::error::TrySendError::Closed(_) => MeshError::NotConnected(to.to_owned()),
@@ -697,13 +707,7 @@ impl MeshTransport {
         }
         let (conn, stats) = {
             let slots = self.inner.lock_peers();
-            let slot = slots
-                .get(to)
-                .ok_or_else(|| MeshError::UnknownPeer(to.to_owned()))?;
-            let live = slot
-                .live
-                .as_ref()
-                .ok_or_else(|| MeshError::NotConnected(to.to_owned()))?;
+            let (slot, live) = connected(&slots, to)?;
             (live.conn.clone(), slot.stats.clone())
         };
         let len = data.len();

@@ -258,16 +258,19 @@ fn signal_all(children: &mut [&mut Child], signal: Polite) {
         .status();
 }
 
+/// Whether any of `children` is still running (reaping those that exited).
+fn any_running(children: &mut [&mut Child]) -> bool {
+    children
+        .iter_mut()
+        .any(|c| matches!(c.try_wait(), Ok(None)))
+}
+
 /// Stop children: `signal`, up to `grace` for them to exit, then SIGKILL. Blocking, so that `Drop`
 /// can use it too (it waits at most `grace` plus a moment).
 pub fn stop_blocking(children: &mut [&mut Child], signal: Polite, grace: Duration) {
     signal_all(children, signal);
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline
-        && children
-            .iter_mut()
-            .any(|c| matches!(c.try_wait(), Ok(None)))
-    {
+    while Instant::now() < deadline && any_running(children) {
         std::thread::sleep(Duration::from_millis(25));
     }
     kill_blocking(children);
@@ -281,11 +284,7 @@ pub fn kill_blocking(children: &mut [&mut Child]) {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline
-        && children
-            .iter_mut()
-            .any(|c| matches!(c.try_wait(), Ok(None)))
-    {
+    while Instant::now() < deadline && any_running(children) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -294,11 +293,7 @@ pub fn kill_blocking(children: &mut [&mut Child]) {
 pub async fn stop(children: &mut [&mut Child], signal: Polite, grace: Duration) {
     signal_all(children, signal);
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline
-        && children
-            .iter_mut()
-            .any(|c| matches!(c.try_wait(), Ok(None)))
-    {
+    while Instant::now() < deadline && any_running(children) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     for child in children.iter_mut() {
