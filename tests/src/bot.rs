@@ -1039,26 +1039,42 @@ pub fn detect_onset(samples: &[i16], start: usize, freq_hz: f64) -> Option<usize
 /// measurement by [`Bot::onset_heard`] (encoder look-ahead, plus the detector's own bias). It runs
 /// the same libopus settings as the sending bot, without a network.
 pub fn codec_onset_offset(before: &AudioSource, after: &AudioSource, freq_hz: f64) -> Result<f64> {
-    let mut encoder =
-        opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)?;
-    let mut decoder = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono)?;
+    codec_onset_offset_through(before, after, freq_hz, 1)
+}
+
+/// [`codec_onset_offset`] through `passes` encode/decode passes in a row (2: the bot's, then a
+/// mixing server's), each with the bots' libopus settings.
+pub fn codec_onset_offset_through(
+    before: &AudioSource,
+    after: &AudioSource,
+    freq_hz: f64,
+    passes: usize,
+) -> Result<f64> {
     let (lead_frames, tail_frames) = (25, 10);
     let mut generator = Generator::new(before)?;
-    let mut frame = vec![0i16; FRAME_SAMPLES];
-    let mut packet = vec![0u8; 1500];
-    let mut pcm = vec![0i16; FRAME_SAMPLES];
-    let mut decoded = Vec::new();
-    for i in 0..lead_frames + tail_frames {
+    let mut audio = vec![0i16; (lead_frames + tail_frames) * FRAME_SAMPLES];
+    for (i, frame) in audio.chunks_exact_mut(FRAME_SAMPLES).enumerate() {
         if i == lead_frames {
             generator = Generator::new(after)?;
         }
-        generator.fill(&mut frame);
-        let len = encoder.encode(&frame, &mut packet)?;
-        let n = decoder.decode(&packet[..len], &mut pcm, false)?;
-        decoded.extend_from_slice(&pcm[..n]);
+        generator.fill(frame);
+    }
+    let mut packet = vec![0u8; 1500];
+    let mut pcm = vec![0i16; FRAME_SAMPLES];
+    for _ in 0..passes {
+        let mut encoder =
+            opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)?;
+        let mut decoder = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono)?;
+        let mut decoded = Vec::with_capacity(audio.len());
+        for frame in audio.chunks_exact(FRAME_SAMPLES) {
+            let len = encoder.encode(frame, &mut packet)?;
+            let n = decoder.decode(&packet[..len], &mut pcm, false)?;
+            decoded.extend_from_slice(&pcm[..n]);
+        }
+        audio = decoded;
     }
     let first_after = lead_frames * FRAME_SAMPLES;
-    let onset = detect_onset(&decoded, first_after.saturating_sub(FRAME_SAMPLES), freq_hz)
+    let onset = detect_onset(&audio, first_after.saturating_sub(FRAME_SAMPLES), freq_hz)
         .ok_or_else(|| anyhow!("the codec loopback never showed the {freq_hz} Hz onset"))?;
     Ok((onset as f64 - first_after as f64) * 1000.0 / f64::from(SAMPLE_RATE))
 }
@@ -1091,6 +1107,19 @@ pub fn espeak_wav(text: &str, voice: &str, out: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_second_codec_pass_delays_the_onset_by_about_the_opus_look_ahead() {
+        let (before, after) = (tone(300.0, -20.0), tone(3000.0, -20.0));
+        let once = codec_onset_offset_through(&before, &after, 3000.0, 1).unwrap();
+        let twice = codec_onset_offset_through(&before, &after, 3000.0, 2).unwrap();
+        eprintln!("onset after one pass {once} ms, after two {twice} ms");
+        // The onset cannot show before it was sent, nor a whole frame late.
+        assert!((0.0..20.0).contains(&once), "{once}");
+        // Opus VoIP look-ahead is 6.5 ms at 48 kHz; the detector works in 0.5 ms steps.
+        assert!((5.0..=8.0).contains(&(twice - once)), "{once} -> {twice}");
+    }
+
     use super::*;
     use chorus_mediaserver::endpoint::{InboundAudio, MediaPort, PeerHandle, PeerSender};
     use tokio_util::sync::CancellationToken;

@@ -217,7 +217,7 @@ impl JanusServer {
 
     fn spawn_in(options: &JanusOptions, dir: &Path) -> Result<JanusServer> {
         let dir = dir.to_path_buf();
-        let port = free_tcp_port()?;
+        let port = crate::free_tcp_addr()?.port();
         // A name of our own, so the readiness check cannot mistake another server for ours.
         let server_name = dir
             .file_name()
@@ -394,12 +394,6 @@ fn unique_temp_dir() -> Result<PathBuf> {
     // `create_dir`, not `create_dir_all`: an existing directory is someone else's.
     std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
-}
-
-/// A TCP port of 127.0.0.1 that was free a moment ago (bound to port 0, then released).
-fn free_tcp_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Writes `conf/` (janus.jcfg, the HTTP transport, the AudioBridge) and the private plugin,

@@ -209,3 +209,40 @@ pub fn scratch_file(dir: &Path, name: &str, contents: &str) -> Result<PathBuf> {
     std::fs::write(&path, contents).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
+
+/// A UDP address of 127.0.0.1 that was free a moment ago (bound to port 0, then released), for
+/// a server or relay started next.
+pub fn free_udp_addr() -> Result<std::net::SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// A TCP address of 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_tcp_addr() -> Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot bind 127.0.0.1:0")?
+        .local_addr()?)
+}
+
+/// CPU time (user + system) process `pid` has used, from `/proc/PID/stat`.
+pub fn process_cpu_time(pid: u32) -> Result<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i - 3)
+            .context("short /proc stat")?
+            .parse::<u64>()
+            .context("non-numeric /proc stat field")
+    };
+    // USER_HZ is 100 on every Linux ABI Rust targets.
+    Ok(std::time::Duration::from_millis(
+        (ticks(14)? + ticks(15)?) * 10,
+    ))
+}

@@ -113,7 +113,5 @@ fn send_later(delay: Duration, send: impl Future<Output = ()> + Send + 'static) 
 
 /// Free loopback UDP addresses for `n` relays.
 pub fn relay_addresses(n: usize) -> Result<Vec<SocketAddr>> {
-    (0..n)
-        .map(|_| Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?))
-        .collect()
+    (0..n).map(|_| crate::free_udp_addr()).collect()
 }

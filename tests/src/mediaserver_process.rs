@@ -5,16 +5,15 @@
 //! The in-process [`crate::media_server::MediaServer`] is what tests use; this is the same server
 //! as users run it, through its command line. The process is killed when the handle drops.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use chorus_mediaserver::token::TokenKey;
 
 use crate::bot::{Bot, BotConfig};
-use crate::media_server::random_key;
+use crate::media_server::{hour_token, random_key};
 
 /// How a benchmarked server process is started.
 #[derive(Debug, Clone, Default)]
@@ -36,38 +35,6 @@ pub struct ServerProcess {
     workdir: PathBuf,
 }
 
-/// A port free right now on 127.0.0.1 (bound, read and released; the server binds it next).
-pub fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A UDP port free right now on 127.0.0.1.
-pub fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
-pub fn process_cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("malformed /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i - 3)
-            .context("short /proc stat")?
-            .parse::<u64>()
-            .context("non-numeric /proc stat field")
-    };
-    // USER_HZ is 100 on every Linux ABI Rust targets.
-    Ok(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
-}
-
 impl ServerProcess {
     /// Starts the server on fresh loopback ports and waits until `/healthz` answers.
     pub async fn start(options: ProcessOptions) -> Result<Self> {
@@ -81,8 +48,7 @@ impl ServerProcess {
         let key = random_key();
         let key_file = workdir.join("join-key");
         std::fs::write(&key_file, &key)?;
-        let http: SocketAddr = ([127, 0, 0, 1], free_tcp_port()?).into();
-        let udp: SocketAddr = ([127, 0, 0, 1], free_udp_port()?).into();
+        let (http, udp) = (crate::free_tcp_addr()?, crate::free_udp_addr()?);
         let conference = "bench".to_owned();
         let max = options.max_participants.unwrap_or(500).to_string();
         let mut command = match options.cpu {
@@ -147,13 +113,7 @@ impl ServerProcess {
 
     /// A bot joining `room` as `who`.
     pub async fn join_bot(&self, room: &str, who: &str, config: BotConfig) -> Result<Bot> {
-        let token = self.key.mint(
-            &self.conference,
-            room,
-            who,
-            Duration::from_secs(3600),
-            SystemTime::now(),
-        );
+        let token = hour_token(&self.key, &self.conference, room, who);
         Bot::join_http(&self.base_url, room, &token, config)
             .await
             .with_context(|| format!("{who} joining room {room}"))

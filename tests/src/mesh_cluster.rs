@@ -38,11 +38,6 @@ pub struct MeshCluster {
     top_speakers: usize,
 }
 
-fn free_udp_port() -> Result<SocketAddr> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    Ok(s.local_addr()?)
-}
-
 impl MeshCluster {
     /// Start one server per region name. `advertise(i, bind)` gives the mesh address the PLAN lists
     /// for server i (a proxy in front of it, say); by default its bind address.
@@ -64,7 +59,7 @@ impl MeshCluster {
         let mut nodes = Vec::new();
         for (i, region) in regions.iter().enumerate() {
             let id = format!("e2e-{region}-0");
-            let mesh_bind = free_udp_port()?;
+            let mesh_bind = crate::free_udp_addr()?;
             let files = ca
                 .issue(&ServerCert {
                     id: id.clone(),

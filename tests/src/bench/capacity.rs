@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::delay::{self, Venue};
 use super::percentiles;
 use crate::bot::{AudioSource, BotConfig};
-use crate::mediaserver_process::process_cpu_time;
+use crate::process_cpu_time;
 
 /// The load steps: listeners in the room.
 pub const STEPS: [usize; 18] = [

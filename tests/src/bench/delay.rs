@@ -19,11 +19,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Percentiles, percentiles};
-use crate::bot::{AudioSource, Bot, BotConfig, FRAME_SAMPLES, SAMPLE_RATE, codec_onset_offset};
+use crate::bot::{
+    AudioSource, Bot, BotConfig, codec_onset_offset, codec_onset_offset_through, tone,
+};
 
 /// Participants in the delay room.
 pub const PARTICIPANTS: usize = 20;
@@ -61,17 +63,11 @@ pub struct DelayResult {
 }
 
 fn carrier(i: usize) -> AudioSource {
-    AudioSource::Tone {
-        hz: CARRIERS_HZ[i],
-        level_dbfs: LEVEL_DBFS,
-    }
+    tone(CARRIERS_HZ[i], LEVEL_DBFS)
 }
 
 fn probe(i: usize) -> AudioSource {
-    AudioSource::Tone {
-        hz: PROBES_HZ[i],
-        level_dbfs: LEVEL_DBFS,
-    }
+    tone(PROBES_HZ[i], LEVEL_DBFS)
 }
 
 /// What the bots add for talker `i`'s probe, ms.
@@ -83,45 +79,8 @@ fn bots_offset_ms(i: usize) -> Result<f64> {
 /// puts the onset, ms.
 pub fn server_codec_lookahead_ms() -> Result<f64> {
     let once = bots_offset_ms(0)?;
-    let twice = twice_through_codec(&carrier(0), &probe(0), PROBES_HZ[0])?;
+    let twice = codec_onset_offset_through(&carrier(0), &probe(0), PROBES_HZ[0], 2)?;
     Ok(twice - once)
-}
-
-/// Like [`codec_onset_offset`], but through two encode/decode passes (bot, then server).
-fn twice_through_codec(before: &AudioSource, after: &AudioSource, hz: f64) -> Result<f64> {
-    let pass = |input: &[i16]| -> Result<Vec<i16>> {
-        let mut encoder =
-            opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)?;
-        let mut decoder = opus::Decoder::new(SAMPLE_RATE, opus::Channels::Mono)?;
-        let mut out = Vec::with_capacity(input.len());
-        let mut packet = vec![0u8; 1500];
-        let mut pcm = vec![0i16; FRAME_SAMPLES];
-        for frame in input.chunks_exact(FRAME_SAMPLES) {
-            let len = encoder.encode(frame, &mut packet)?;
-            let n = decoder.decode(&packet[..len], &mut pcm, false)?;
-            out.extend_from_slice(&pcm[..n]);
-        }
-        Ok(out)
-    };
-    let (lead, tail) = (25usize, 10usize);
-    let mut signal = vec![0i16; (lead + tail) * FRAME_SAMPLES];
-    let first_after = lead * FRAME_SAMPLES;
-    fill(before, &mut signal[..first_after])?;
-    fill(after, &mut signal[first_after..])?;
-    let out = pass(&pass(&signal)?)?;
-    let onset = crate::bot::detect_onset(&out, first_after - FRAME_SAMPLES, hz)
-        .ok_or_else(|| anyhow::anyhow!("no onset after two codec passes"))?;
-    Ok((onset as f64 - first_after as f64) * 1000.0 / f64::from(SAMPLE_RATE))
-}
-
-fn fill(source: &AudioSource, out: &mut [i16]) -> Result<()> {
-    let AudioSource::Tone { hz, level_dbfs } = source else {
-        bail!("only tones are used here");
-    };
-    let mut tone =
-        chorus_mediaserver::media::spectrum::ToneGenerator::new(*hz, *level_dbfs, SAMPLE_RATE);
-    tone.fill(out);
-    Ok(())
 }
 
 /// The floor of server-added delay as (p50, p99), ms: the wait for a fixed 20 ms tick (uniform)

@@ -8,19 +8,11 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{Percentiles, percentiles};
-use crate::bot::{AudioSource, Bot, BotConfig};
-use crate::media_server::{MediaServer, metric_sum};
+use crate::bot::{AudioSource, BotConfig, tone};
+use crate::media_server::metric_sum;
 use crate::mesh_cluster::MeshCluster;
 
 const REGIONS: [&str; 3] = ["us", "eu", "ap"];
-
-async fn join(server: &MediaServer, room: &str, who: &str, config: BotConfig) -> Result<Bot> {
-    server.join_bot(room, who, config).await
-}
-
-fn tone(hz: f64, level_dbfs: f64) -> AudioSource {
-    AudioSource::Tone { hz, level_dbfs }
-}
 
 /// Mesh bytes per second at each room size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,7 +43,12 @@ pub async fn mesh_bytes(sizes: &[usize]) -> Result<MeshBytes> {
     let mut bots = Vec::new();
     for (i, hz) in [300.0, 500.0, 700.0].into_iter().enumerate() {
         let config = BotConfig::new(tone(hz, -20.0 - 2.0 * i as f64));
-        bots.push(join(cluster.server(i), room, &format!("talker{i}"), config).await?);
+        bots.push(
+            cluster
+                .server(i)
+                .join_bot(room, &format!("talker{i}"), config)
+                .await?,
+        );
     }
     let mut rates = Vec::new();
     for &size in sizes {
@@ -62,7 +59,12 @@ pub async fn mesh_bytes(sizes: &[usize]) -> Result<MeshBytes> {
             let config = BotConfig::new(AudioSource::Silence)
                 .counting_only()
                 .with_dtx();
-            bots.push(join(cluster.server(n % 3), room, &format!("listener{n}"), config).await?);
+            bots.push(
+                cluster
+                    .server(n % 3)
+                    .join_bot(room, &format!("listener{n}"), config)
+                    .await?,
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (b0, t0) = (mesh_out_bytes(&cluster), Instant::now());
@@ -100,11 +102,15 @@ pub async fn convergence(rounds: usize) -> Result<Convergence> {
         let server = cluster.server(i);
         let level = -26.0 - 3.0 * i as f64;
         let config = BotConfig::new(tone(300.0 + 200.0 * i as f64, level));
-        talkers.push(join(server, room, &format!("talker{i}"), config).await?);
+        talkers.push(server.join_bot(room, &format!("talker{i}"), config).await?);
         let ear = BotConfig::new(AudioSource::Silence);
-        ears.push(join(server, room, &format!("ear{i}"), ear).await?);
+        ears.push(server.join_bot(room, &format!("ear{i}"), ear).await?);
         let quiet = BotConfig::new(AudioSource::Silence);
-        newcomers.push(join(server, room, &format!("newcomer{i}"), quiet).await?);
+        newcomers.push(
+            server
+                .join_bot(room, &format!("newcomer{i}"), quiet)
+                .await?,
+        );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     const NEW_HZ: f64 = 1500.0;
