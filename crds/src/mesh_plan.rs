@@ -62,6 +62,30 @@ pub struct MeshMixing {
     pub rank_interval_ms: u32,
 }
 
+impl From<&crate::MixingSpec> for MeshMixing {
+    /// The plan's copy of a Conference's `mixing` block. Negative numbers (refused by the CRD's
+    /// schema) become 0, which [`MeshPlan::from_json`] then refuses as out of range.
+    fn from(m: &crate::MixingSpec) -> Self {
+        let non_negative = |v: i32| u32::try_from(v).unwrap_or(0);
+        Self {
+            top_speakers: non_negative(m.top_speakers),
+            extra_candidates: non_negative(m.extra_candidates),
+            frame_ms: non_negative(m.frame_ms),
+            jitter_min_ms: non_negative(m.jitter_buffer.min_ms),
+            jitter_max_ms: non_negative(m.jitter_buffer.max_ms),
+            rank_interval_ms: non_negative(m.rank_interval_ms),
+        }
+    }
+}
+
+impl Default for MeshMixing {
+    /// The CRD's defaults: the one place mixing defaults are written down. A media server running
+    /// alone, without a plan, starts from these too.
+    fn default() -> Self {
+        Self::from(&crate::MixingSpec::default())
+    }
+}
+
 /// Session transfer settings.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -105,14 +105,24 @@ impl From<TokenError> for ApiError {
 
 impl From<JoinError> for ApiError {
     fn from(e: JoinError) -> Self {
+        use crate::endpoint::EndpointError as Ep;
         let status = match &e {
-            JoinError::BadOffer(_) => StatusCode::BAD_REQUEST,
+            JoinError::Endpoint(inner) => match inner {
+                Ep::MalformedSdp(_) | Ep::UnsupportedOffer(_) => StatusCode::BAD_REQUEST,
+                // The offer parsed but WebRTC could not answer it: the offer's content is at fault.
+                Ep::Negotiation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                // Full or shutting down: another server (or a retry) can take the participant.
+                Ep::TooManyPeers(_) | Ep::PortClosed => StatusCode::SERVICE_UNAVAILABLE,
+                Ep::Socket(_) | Ep::PeerClosed(_) | Ep::SendQueueFull => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+            JoinError::Mixer(_) => StatusCode::INTERNAL_SERVER_ERROR,
             JoinError::RoomFull { .. } => StatusCode::FORBIDDEN,
-            JoinError::ServerFull { .. } | JoinError::TooManyRooms { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            JoinError::ServerFull { .. }
+            | JoinError::TooManyRooms { .. }
+            | JoinError::RoomClosed => StatusCode::SERVICE_UNAVAILABLE,
             JoinError::NotFound => StatusCode::NOT_FOUND,
-            JoinError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.category(), e.to_string())
     }

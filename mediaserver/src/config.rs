@@ -134,6 +134,8 @@ impl std::fmt::Debug for Config {
 
 impl Default for Config {
     fn default() -> Self {
+        // The CRD's mixing defaults, so a server alone and a planned one start alike.
+        let mixing = crate::media::MixerConfig::default();
         Self {
             http_addr: SocketAddr::from(([0, 0, 0, 0], chorus_crds::names::SIGNAL_PORT)),
             udp_addr: SocketAddr::from(([0, 0, 0, 0], 40000)),
@@ -145,12 +147,12 @@ impl Default for Config {
             max_participants: 500,
             max_rooms: 100,
             max_room_participants: 500,
-            frame_ms: 20,
-            top_speakers: 3,
-            extra_candidates: 1,
-            jitter_min_ms: 2,
-            jitter_max_ms: 120,
-            rank_interval_ms: 100,
+            frame_ms: mixing.frame_ms,
+            top_speakers: mixing.top_speakers,
+            extra_candidates: mixing.extra_candidates,
+            jitter_min_ms: mixing.jitter_min_ms,
+            jitter_max_ms: mixing.jitter_max_ms,
+            rank_interval_ms: mixing.rank_interval_ms,
             mesh: None,
             mesh_addr: SocketAddr::from(([0, 0, 0, 0], chorus_crds::names::MESH_PORT)),
             mesh_tls_dir: PathBuf::from(chorus_crds::names::MESH_TLS_MOUNT),
@@ -361,7 +363,9 @@ impl Config {
         Ok(())
     }
 
-    /// The mixer's settings.
+    /// The mixing settings of a server running alone, from its flags. In a mesh the plan's
+    /// `mixing` block is the only source ([`crate::media::MixerConfig::from_plan`]) and these
+    /// flags are unused.
     pub fn mixer(&self) -> crate::media::MixerConfig {
         crate::media::MixerConfig {
             frame_ms: self.frame_ms,
@@ -369,6 +373,7 @@ impl Config {
             extra_candidates: self.extra_candidates,
             jitter_min_ms: self.jitter_min_ms,
             jitter_max_ms: self.jitter_max_ms,
+            rank_interval_ms: self.rank_interval_ms,
         }
     }
 }

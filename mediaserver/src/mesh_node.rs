@@ -3,26 +3,35 @@
 //!
 //! One driver task owns the protocol state. It:
 //! - takes control messages and media datagrams from the transport;
-//! - takes each room's ranked local candidates every rank interval;
+//! - takes each room's latest ranked local candidates (see below);
 //! - polls the protocol (heartbeats, top lists) every few milliseconds and sends what it says;
 //! - publishes, per room, the global list to mix and which local streams to forward where, on a
 //!   `watch` channel the room task reads;
 //! - routes each forwarded datagram to the room it belongs to (by its room hash);
-//! - applies new mesh-plan generations live (peers added or removed, mixing parameters).
+//! - applies new mesh-plan generations live: peers added or removed, and the plan's mixing
+//!   settings, which it publishes to every room ([`MeshNode::mixing`]).
+//!
+//! Nothing a room says is lost to a full queue:
+//! - room lifecycle (opened, closed) and plans go through an unbounded channel: they are rare
+//!   and bounded by the room limit, and a lost "room opened" would leave that room off the mesh
+//!   for good;
+//! - candidate reports are latest-value-wins: each room writes its report into its own `watch`
+//!   and wakes the driver, which reads every changed report. A burst of reports from many rooms
+//!   costs each room one slot, not a place in a shared queue.
 //!
 //! The rooms do the per-packet work themselves (forwarding a local packet, pushing a remote one into
 //! the mixer), so the driver never sits on the audio path of a room.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chorus_crds::MeshPlan;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::media::MixerConfig;
 use crate::mesh::wire::{MediaDatagram, MeshCandidate, cross_server_delay, unix_micros_now};
 use crate::mesh::{
     MeshError, MeshMetrics, MeshNodeState, MeshPeer, MeshTls, MeshTransport, ProtocolConfig,
@@ -31,8 +40,6 @@ use crate::mesh::{
 
 /// How often the driver polls the protocol (heartbeats, lists, views).
 const POLL_EVERY: Duration = Duration::from_millis(10);
-/// How often a plan file is checked for changes.
-const PLAN_FILE_POLL: Duration = Duration::from_millis(500);
 
 /// What a room should mix and forward, as the mesh sees it now.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -55,24 +62,32 @@ pub struct RemotePacket {
     pub arrival: Instant,
 }
 
+/// A room's latest word to the mesh: its ranked local candidates and how many participants it
+/// has here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalReport {
+    /// Ranked local candidates, best first (top N then the margin).
+    pub candidates: Vec<MeshCandidate>,
+    /// Participants connected here.
+    pub participants: usize,
+}
+
 enum Event {
     RoomOpened {
         room: String,
+        instance: u64,
         inbox: mpsc::Sender<RemotePacket>,
         view: watch::Sender<RoomView>,
+        reports: watch::Receiver<LocalReport>,
     },
     RoomClosed {
         room: String,
-    },
-    Candidates {
-        room: String,
-        candidates: Vec<MeshCandidate>,
-        participants: usize,
+        instance: u64,
     },
     Plan(Box<MeshPlan>),
 }
 
-/// A room's connection to the mesh.
+/// A room's connection to the mesh. Dropping it takes the room off the mesh.
 #[derive(Debug)]
 pub struct RoomLink {
     /// Updated whenever the room's global list or forwarding changes.
@@ -81,21 +96,76 @@ pub struct RoomLink {
     pub inbox: mpsc::Receiver<RemotePacket>,
     /// The room's hash, as carried in datagrams.
     pub room_hash: u64,
+    room: String,
+    /// Tells this link from an earlier or later room of the same name, whose close or open may
+    /// reach the driver in between.
+    instance: u64,
+    reporter: Reporter,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl RoomLink {
+    /// Report the room's ranked local candidates and participant count. Only the latest report
+    /// matters, so this never waits and never fails; the driver reads it at once.
+    pub fn report(&self, report: LocalReport) {
+        self.reporter.report(report);
+    }
+
+    /// The link's receiving ends and itself, borrowed apart, so a room can wait on both
+    /// receivers and still report.
+    pub fn split(
+        &mut self,
+    ) -> (
+        &mut mpsc::Receiver<RemotePacket>,
+        &mut watch::Receiver<RoomView>,
+        &Reporter,
+    ) {
+        (&mut self.inbox, &mut self.view, &self.reporter)
+    }
+}
+
+/// The reporting end of a [`RoomLink`].
+#[derive(Debug)]
+pub struct Reporter {
+    reports: watch::Sender<LocalReport>,
+    wake: Arc<Notify>,
+}
+
+impl Reporter {
+    /// See [`RoomLink::report`].
+    pub fn report(&self, report: LocalReport) {
+        self.reports.send_replace(report);
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for RoomLink {
+    fn drop(&mut self) {
+        // The driver may be gone at shutdown; then there is nothing left to tell.
+        let _ = self.events.send(Event::RoomClosed {
+            room: std::mem::take(&mut self.room),
+            instance: self.instance,
+        });
+        self.reporter.wake.notify_one();
+    }
 }
 
 /// A handle on the mesh node, shared by the rooms.
 #[derive(Debug, Clone)]
 pub struct MeshNode {
     self_id: ServerId,
-    events: mpsc::Sender<Event>,
+    events: mpsc::UnboundedSender<Event>,
+    wake: Arc<Notify>,
+    next_instance: Arc<AtomicU64>,
     transport: MeshTransport,
     metrics: MeshMetrics,
     generation: Arc<AtomicI64>,
+    mixing: watch::Receiver<MixerConfig>,
 }
 
 impl MeshNode {
-    /// Start the node: the QUIC transport on `socket`, the driver, and (for a file source) the
-    /// plan file watcher. Must be called inside a Tokio runtime.
+    /// Start the node: the QUIC transport on `socket` and the driver. Must be called inside a
+    /// Tokio runtime. Plans after the first come through [`MeshNode::apply_plan`].
     pub fn start(
         self_id: &str,
         plan: MeshPlan,
@@ -117,23 +187,29 @@ impl MeshNode {
         let incarnation = unix_micros_now();
         let state = MeshNodeState::new(self_id, &plan, ProtocolConfig::default(), incarnation);
         let generation = Arc::new(AtomicI64::new(plan.generation));
+        let (mixing_tx, mixing) = watch::channel(MixerConfig::from_plan(&plan.mixing));
         metrics.observe(&state);
-        let (events, events_rx) = mpsc::channel(1024);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let wake = Arc::new(Notify::new());
         let driver = Driver {
             state,
             transport: transport.clone(),
             metrics: metrics.clone(),
             rooms: HashMap::new(),
             generation: generation.clone(),
+            mixing: mixing_tx,
             epoch: Instant::now(),
         };
-        tokio::spawn(driver.run(events_rx, inbound, shutdown));
+        tokio::spawn(driver.run(events_rx, wake.clone(), inbound, shutdown));
         Ok(Self {
             self_id: self_id.to_owned(),
             events,
+            wake,
+            next_instance: Arc::new(AtomicU64::new(1)),
             transport,
             metrics,
             generation,
+            mixing,
         })
     }
 
@@ -147,43 +223,45 @@ impl MeshNode {
         self.generation.load(Ordering::Relaxed)
     }
 
+    /// The mixing settings of the running plan; changes when a new generation changes them.
+    pub fn mixing(&self) -> watch::Receiver<MixerConfig> {
+        self.mixing.clone()
+    }
+
     /// Apply a new plan (a new generation from the ConfigMap or the file).
     pub fn apply_plan(&self, plan: MeshPlan) {
-        if self.events.try_send(Event::Plan(Box::new(plan))).is_err() {
-            tracing::warn!("mesh driver busy or gone; plan update dropped");
+        if self.events.send(Event::Plan(Box::new(plan))).is_err() {
+            tracing::warn!("mesh driver gone; plan update dropped");
         }
     }
 
-    /// Connect a room to the mesh.
+    /// Connect a room to the mesh, until the returned link is dropped.
     pub fn open_room(&self, room: &str) -> RoomLink {
         let (inbox_tx, inbox) = mpsc::channel(4096);
         let (view_tx, view) = watch::channel(RoomView::default());
-        let _ = self.events.try_send(Event::RoomOpened {
+        let (reports, reports_rx) = watch::channel(LocalReport::default());
+        let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
+        // Unbounded: see the module docs. Fails only when the driver is gone (shutdown).
+        let _ = self.events.send(Event::RoomOpened {
             room: room.to_owned(),
+            instance,
             inbox: inbox_tx,
             view: view_tx,
+            reports: reports_rx,
         });
+        self.wake.notify_one();
         RoomLink {
             view,
             inbox,
             room_hash: crate::mesh::wire::room_hash(room),
+            room: room.to_owned(),
+            instance,
+            reporter: Reporter {
+                reports,
+                wake: self.wake.clone(),
+            },
+            events: self.events.clone(),
         }
-    }
-
-    /// Disconnect a room.
-    pub fn close_room(&self, room: &str) {
-        let _ = self.events.try_send(Event::RoomClosed {
-            room: room.to_owned(),
-        });
-    }
-
-    /// Report a room's ranked local candidates and participant count (every rank interval).
-    pub fn report(&self, room: &str, candidates: Vec<MeshCandidate>, participants: usize) {
-        let _ = self.events.try_send(Event::Candidates {
-            room: room.to_owned(),
-            candidates,
-            participants,
-        });
     }
 
     /// Forward one local packet to `targets`, unchanged (no re-encode).
@@ -201,19 +279,29 @@ impl MeshNode {
     }
 }
 
+/// One room as the driver holds it.
+struct RoomEntry {
+    instance: u64,
+    inbox: mpsc::Sender<RemotePacket>,
+    view: watch::Sender<RoomView>,
+    reports: watch::Receiver<LocalReport>,
+}
+
 struct Driver {
     state: MeshNodeState,
     transport: MeshTransport,
     metrics: MeshMetrics,
-    rooms: HashMap<String, (mpsc::Sender<RemotePacket>, watch::Sender<RoomView>)>,
+    rooms: HashMap<String, RoomEntry>,
     generation: Arc<AtomicI64>,
+    mixing: watch::Sender<MixerConfig>,
     epoch: Instant,
 }
 
 impl Driver {
     async fn run(
         mut self,
-        mut events: mpsc::Receiver<Event>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        wake: Arc<Notify>,
         mut inbound: crate::mesh::MeshInbound,
         shutdown: CancellationToken,
     ) {
@@ -223,6 +311,13 @@ impl Driver {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(event) = events.recv() => self.on_event(event),
+                () = wake.notified() => {
+                    // Lifecycle events first, so a report never precedes its room's opening.
+                    while let Ok(event) = events.try_recv() {
+                        self.on_event(event);
+                    }
+                    self.take_reports();
+                }
                 Some((from, message)) = inbound.control.recv() => {
                     let now = self.now();
                     if let Err(e) = self.state.on_message(&from, message, now) {
@@ -230,7 +325,10 @@ impl Driver {
                     }
                 }
                 Some((from, bytes)) = inbound.datagrams.recv() => self.on_datagram(from, bytes),
-                _ = ticker.tick() => self.poll(),
+                _ = ticker.tick() => {
+                    self.take_reports();
+                    self.poll();
+                }
             }
         }
     }
@@ -240,28 +338,35 @@ impl Driver {
     }
 
     fn on_event(&mut self, event: Event) {
-        let now = self.now();
         match event {
-            Event::RoomOpened { room, inbox, view } => {
-                self.rooms.insert(room, (inbox, view));
-            }
-            Event::RoomClosed { room } => {
-                self.rooms.remove(&room);
-                if let Err(e) = self.state.on_local_participants(&room, 0) {
-                    self.metrics.record_error(&e);
-                }
-            }
-            Event::Candidates {
+            Event::RoomOpened {
                 room,
-                candidates,
-                participants,
+                instance,
+                inbox,
+                view,
+                reports,
             } => {
-                let result = self
-                    .state
-                    .on_local_participants(&room, participants)
-                    .and_then(|()| self.state.on_local_candidates(&room, candidates, now));
-                if let Err(e) = result {
-                    self.metrics.record_error(&e);
+                self.rooms.insert(
+                    room,
+                    RoomEntry {
+                        instance,
+                        inbox,
+                        view,
+                        reports,
+                    },
+                );
+            }
+            Event::RoomClosed { room, instance } => {
+                // A later room of the same name may already be open: leave it be.
+                if self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|r| r.instance == instance)
+                {
+                    self.rooms.remove(&room);
+                    if let Err(e) = self.state.on_local_participants(&room, 0) {
+                        self.metrics.record_error(&e);
+                    }
                 }
             }
             Event::Plan(plan) => {
@@ -275,7 +380,31 @@ impl Driver {
                     self.transport
                         .set_peers(MeshPeer::from_plan(&plan, self.state.self_id()));
                     self.generation.store(plan.generation, Ordering::Relaxed);
+                    let mixing = MixerConfig::from_plan(&plan.mixing);
+                    self.mixing.send_if_modified(|current| {
+                        let changed = *current != mixing;
+                        *current = mixing;
+                        changed
+                    });
                 }
+            }
+        }
+    }
+
+    /// Feed the protocol every room report that changed since it was last read.
+    fn take_reports(&mut self) {
+        let now = self.now();
+        for (room, entry) in &mut self.rooms {
+            if !entry.reports.has_changed().unwrap_or(false) {
+                continue;
+            }
+            let report = entry.reports.borrow_and_update().clone();
+            let result = self
+                .state
+                .on_local_participants(room, report.participants)
+                .and_then(|()| self.state.on_local_candidates(room, report.candidates, now));
+            if let Err(e) = result {
+                self.metrics.record_error(&e);
             }
         }
     }
@@ -295,7 +424,7 @@ impl Driver {
         let Some(room) = self.state.room_for_hash(datagram.room_hash) else {
             return; // a room we have no participants in (any more)
         };
-        if let Some((inbox, _)) = self.rooms.get(room) {
+        if let Some(RoomEntry { inbox, .. }) = self.rooms.get(room) {
             let key = StreamKey::new(from, datagram.stream);
             // A full room inbox drops the packet: the jitter buffer conceals it.
             let _ = inbox.try_send(RemotePacket {
@@ -313,7 +442,7 @@ impl Driver {
                 self.metrics.record_error(&e);
             }
         }
-        for (room, (_, view)) in &self.rooms {
+        for (room, RoomEntry { view, .. }) in &self.rooms {
             let next = RoomView {
                 selection: self.state.selection(room).map(|g| g.list.clone()),
                 forward: self.state.forwarding(room),
@@ -329,42 +458,4 @@ impl Driver {
         }
         self.metrics.observe(&self.state);
     }
-}
-
-/// Watch a plan file: apply every valid new generation; keep the old plan on a bad file.
-pub fn watch_plan_file(path: PathBuf, node: MeshNode, shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        let mut last = String::new();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(PLAN_FILE_POLL) => {}
-            }
-            let Ok(text) = tokio::fs::read_to_string(&path).await else {
-                continue;
-            };
-            if text == last {
-                continue;
-            }
-            match MeshPlan::from_json(&text) {
-                Ok(plan) => {
-                    if plan.generation != node.generation() {
-                        node.apply_plan(plan);
-                    }
-                    last = text;
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "mesh plan file refused; keeping the running plan");
-                    last = text;
-                }
-            }
-        }
-    });
-}
-
-/// Read and validate a plan file once (at startup).
-pub fn read_plan_file(path: &std::path::Path) -> Result<MeshPlan, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("reading mesh plan {}: {e}", path.display()))?;
-    MeshPlan::from_json(&text).map_err(|e| format!("mesh plan {}: {e}", path.display()))
 }

@@ -12,8 +12,9 @@ use crate::api::{self, AppState};
 use crate::config::{Config, MeshSource};
 use crate::endpoint::MediaPort;
 use crate::mesh::{MeshMetrics, MeshTls};
-use crate::mesh_node::{self, MeshNode};
+use crate::mesh_node::MeshNode;
 use crate::metrics::Metrics;
+use crate::plan_source;
 use crate::room::Rooms;
 use crate::token::TokenKey;
 
@@ -29,9 +30,32 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
-    /// The mesh could not start (plan, certificates, socket).
+    /// The mesh plan could not be read.
+    #[error("mesh plan: {0}")]
+    Plan(#[from] crate::plan_source::PlanSourceError),
+    /// This server is not a node of its mesh plan.
+    #[error("server id {server:?} is not in the mesh plan (generation {generation})")]
+    NotInPlan {
+        /// This server's id.
+        server: String,
+        /// The plan's generation.
+        generation: i64,
+    },
+    /// The mesh could not start (certificates, QUIC endpoint).
     #[error("mesh: {0}")]
-    Mesh(String),
+    Mesh(#[from] crate::mesh::MeshError),
+    /// The mesh's UDP socket could not be bound.
+    #[error("binding mesh UDP {addr}: {source}")]
+    MeshSocket {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Metrics could not be registered (a name registered twice: a bug).
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 impl ServeError {
@@ -41,7 +65,11 @@ impl ServeError {
             ServeError::Key(_) => "key",
             ServeError::Media(_) => "media",
             ServeError::Http(_) => "http",
-            ServeError::Mesh(_) => "mesh",
+            ServeError::Plan(e) => e.category(),
+            ServeError::NotInPlan { .. } => "not_in_plan",
+            ServeError::Mesh(e) => e.category(),
+            ServeError::MeshSocket { .. } => "mesh_socket",
+            ServeError::Metrics(_) => "metrics",
         }
     }
 }
@@ -133,29 +161,22 @@ async fn start_mesh(
     metrics: &Metrics,
     shutdown: CancellationToken,
 ) -> Result<MeshNode, ServeError> {
-    let plan = match source {
-        MeshSource::File(path) => mesh_node::read_plan_file(path).map_err(ServeError::Mesh)?,
-        MeshSource::ConfigMap { namespace, name } => {
-            crate::plan_source::first_plan(namespace, name)
-                .await
-                .map_err(ServeError::Mesh)?
-        }
-    };
+    let plan = plan_source::first_plan(source).await?;
     if !plan.nodes.iter().any(|n| n.id == config.server_id) {
-        return Err(ServeError::Mesh(format!(
-            "server id {:?} is not in the mesh plan (generation {})",
-            config.server_id, plan.generation
-        )));
+        return Err(ServeError::NotInPlan {
+            server: config.server_id.clone(),
+            generation: plan.generation,
+        });
     }
-    let tls = MeshTls::from_dir(&config.mesh_tls_dir, &config.server_id)
-        .map_err(|e| ServeError::Mesh(e.to_string()))?;
-    let socket = std::net::UdpSocket::bind(config.mesh_addr)
-        .map_err(|e| ServeError::Mesh(format!("binding mesh UDP {}: {e}", config.mesh_addr)))?;
+    let tls = MeshTls::from_dir(&config.mesh_tls_dir, &config.server_id)?;
+    let socket =
+        std::net::UdpSocket::bind(config.mesh_addr).map_err(|source| ServeError::MeshSocket {
+            addr: config.mesh_addr,
+            source,
+        })?;
     let mesh_metrics = MeshMetrics::new();
     for c in mesh_metrics.collectors() {
-        metrics
-            .register(c)
-            .map_err(|e| ServeError::Mesh(format!("registering mesh metrics: {e}")))?;
+        metrics.register(c)?;
     }
     let node = MeshNode::start(
         &config.server_id,
@@ -164,17 +185,8 @@ async fn start_mesh(
         &tls,
         mesh_metrics,
         shutdown.clone(),
-    )
-    .map_err(|e| ServeError::Mesh(e.to_string()))?;
-    match source {
-        MeshSource::File(path) => mesh_node::watch_plan_file(path.clone(), node.clone(), shutdown),
-        MeshSource::ConfigMap { namespace, name } => crate::plan_source::watch_configmap(
-            namespace.clone(),
-            name.clone(),
-            node.clone(),
-            shutdown,
-        ),
-    }
+    )?;
+    plan_source::watch(source.clone(), node.clone(), shutdown);
     tracing::info!(generation = node.generation(), addr = %config.mesh_addr, "mesh started");
     Ok(node)
 }

@@ -371,7 +371,7 @@ async fn send_tone(
 }
 
 /// The RFC 6464 levels of the frames a relay forwarded.
-type RelayedLevels = Arc<Mutex<Vec<Option<(u8, bool)>>>>;
+type RelayedLevels = Arc<Mutex<Vec<Option<chorus_mediaserver::media::AudioLevel>>>>;
 
 /// The mixer's stand-in: forwards every frame `from` receives to `to`, recording the levels.
 fn relay(
@@ -481,7 +481,7 @@ async fn two_clients_on_one_port_hear_each_other_and_not_themselves() {
         assert!(
             levels
                 .iter()
-                .all(|level| matches!(level, Some((l, true)) if l.abs_diff(expected) <= 1)),
+                .all(|level| matches!(level, Some(l) if l.voice && l.dbov.abs_diff(expected) <= 1)),
             "{name}: levels should all be ({expected}, voice): {:?}",
             &levels[..levels.len().min(10)]
         );

@@ -224,6 +224,7 @@ fn cfg() -> MixerConfig {
         extra_candidates: 2,
         jitter_min_ms: 40,
         jitter_max_ms: 200,
+        rank_interval_ms: 100,
     }
 }
 
@@ -335,6 +336,65 @@ mod media {
             &room.report(Some(id(2))),
             &[300.0, 700.0, 1100.0],
             "speaker 2, 10 ms",
+        );
+    }
+
+    #[test]
+    fn new_settings_apply_live_top_n_and_jitter_in_place_frame_by_rebuilding() {
+        let mut room = Room::five(cfg(), true);
+        room.run(60);
+        assert_eq!(room.step().mixed, ids(&[1, 2, 3]));
+
+        // Top 3 -> 5 and wider jitter bounds: the same streams, the next ticks mix all five,
+        // and buffered audio is kept (no frame is lost across the change).
+        let wider = MixerConfig {
+            top_speakers: 5,
+            extra_candidates: 0,
+            jitter_max_ms: 300,
+            ..cfg()
+        };
+        room.mixer.reconfigure(wider).expect("valid settings");
+        assert_eq!(room.mixer.config(), wider);
+        room.run(10);
+        room.record();
+        for out in room.run(100) {
+            assert_eq!(out.mixed, ids(&[1, 2, 3, 4, 5]));
+            assert_eq!(out.stats.encodes, 6);
+            assert_eq!(out.stats.lost, 0);
+        }
+        assert_hears(&room.report(None), &FREQS, "shared after top 5");
+
+        // Back to 3: the two quietest leave.
+        room.mixer.reconfigure(cfg()).expect("valid settings");
+        room.run(10);
+        assert_eq!(room.step().mixed, ids(&[1, 2, 3]));
+
+        // Refused settings change nothing.
+        let bad = MixerConfig {
+            frame_ms: 30,
+            ..cfg()
+        };
+        assert!(room.mixer.reconfigure(bad).is_err());
+        assert_eq!(room.mixer.config(), cfg());
+
+        // 20 -> 10 ms frames: new talkers' encoders (as clients would follow), same streams.
+        let ten = MixerConfig {
+            frame_ms: 10,
+            ..cfg()
+        };
+        room.mixer.reconfigure(ten).expect("valid settings");
+        assert_eq!(room.mixer.streams(), ids(&[1, 2, 3, 4, 5]));
+        let mut ten_ms = Room::five(ten, true);
+        ten_ms.mixer = std::mem::replace(&mut room.mixer, RoomMixer::new(cfg()).expect("mixer"));
+        ten_ms.run(100);
+        ten_ms.record();
+        for out in ten_ms.run(120) {
+            assert_eq!(out.mixed, ids(&[1, 2, 3]));
+        }
+        assert_hears(
+            &ten_ms.report(None),
+            &[300.0, 500.0, 700.0],
+            "shared after 10 ms",
         );
     }
 

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chorus_mediaserver::media::AudioLevel;
 use chorus_mediaserver::mesh::transport::{ALPN, Frame};
 use chorus_mediaserver::mesh::{
-    ControlMessage, DatagramLevel, MediaDatagram, MeshInbound, MeshMetrics, MeshPeer, MeshTls,
-    MeshTransport, TransportConfig,
+    ControlMessage, MediaDatagram, MeshInbound, MeshMetrics, MeshPeer, MeshTls, MeshTransport,
+    TransportConfig,
 };
 use quinn::crypto::rustls::QuicClientConfig;
 use rcgen::{
@@ -134,7 +135,7 @@ fn media(n: u16) -> MediaDatagram {
         stream: 9,
         seq: n,
         rtp_timestamp: u32::from(n) * 960,
-        level: Some(DatagramLevel {
+        level: Some(AudioLevel {
             dbov: 20,
             voice: true,
         }),

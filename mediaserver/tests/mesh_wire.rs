@@ -3,14 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 use bytes::Bytes;
+use chorus_mediaserver::media::AudioLevel;
 use chorus_mediaserver::mesh::transport::{Frame, MAX_FRAME};
 use chorus_mediaserver::mesh::wire::{
     MAX_CONTROL_BYTES, MAX_DATAGRAM, MAX_GLOBAL_LIST, MAX_GLOBAL_MARGIN, MAX_LOCAL_CANDIDATES,
     MAX_OPUS_PAYLOAD,
 };
-use chorus_mediaserver::mesh::{
-    ControlMessage, DatagramLevel, MediaDatagram, MeshCandidate, StreamKey,
-};
+use chorus_mediaserver::mesh::{ControlMessage, MediaDatagram, MeshCandidate, StreamKey};
 use proptest::prelude::*;
 
 fn room() -> impl Strategy<Value = String> {
@@ -97,7 +96,7 @@ fn datagram() -> impl Strategy<Value = MediaDatagram> {
                 stream,
                 seq,
                 rtp_timestamp,
-                level: level.map(|(dbov, voice)| DatagramLevel { dbov, voice }),
+                level: level.map(|(dbov, voice)| AudioLevel { dbov, voice }),
                 ingress_us,
                 payload: Bytes::from(payload),
             },

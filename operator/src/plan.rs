@@ -394,14 +394,7 @@ fn mesh_plan(ctx: &Ctx<'_>) -> MeshPlan {
         conference: ctx.name.to_owned(),
         generation: 0,
         nodes,
-        mixing: MeshMixing {
-            top_speakers: m.top_speakers.max(0) as u32,
-            extra_candidates: m.extra_candidates.max(0) as u32,
-            frame_ms: m.frame_ms.max(0) as u32,
-            jitter_min_ms: m.jitter_buffer.min_ms.max(0) as u32,
-            jitter_max_ms: m.jitter_buffer.max_ms.max(0) as u32,
-            rank_interval_ms: m.rank_interval_ms.max(0) as u32,
-        },
+        mixing: MeshMixing::from(m),
         transfer: MeshTransfer {
             enabled: spec.transfer.enabled,
             token_ttl_seconds: spec.transfer.token_ttl_seconds.max(0) as u32,

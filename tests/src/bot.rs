@@ -1172,8 +1172,8 @@ mod tests {
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
             while let Some(audio) = from.recv().await {
-                if let Some((level, _voice)) = audio.level {
-                    lock(&levels).push(level);
+                if let Some(level) = audio.level {
+                    lock(&levels).push(level.dbov);
                 }
                 let _ = to.send_opus(audio.payload, FRAME_SAMPLES as u32);
             }

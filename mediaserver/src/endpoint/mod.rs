@@ -31,23 +31,40 @@ mod session;
 use std::time::Instant;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
-pub use port::{MediaPort, PeerHandle, PeerSender, PortConfig, PortStats};
+use crate::media::AudioLevel;
+
+pub use port::{MediaPort, PeerHandle, PeerLink, PeerSender, PortConfig, PortStats};
 
 /// One Opus frame received from a participant, as it arrived (no jitter buffering here).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundAudio {
+    /// The tag of the [`AudioSink`] it was delivered to: the room's stream id for the
+    /// participant, or the peer id for a peer that has its own queue.
+    pub tag: u64,
     /// RTP sequence number.
     pub seq: u16,
     /// RTP timestamp, 48 kHz clock.
     pub rtp_timestamp: u32,
     /// The Opus packet, zero-copy from the decrypted datagram.
     pub payload: Bytes,
-    /// The RFC 6464 audio level: (level in -dBov, 0 = loudest .. 127 = silence; voice flag).
-    /// `None` when the extension was not negotiated or the packet does not carry it.
-    pub level: Option<(u8, bool)>,
+    /// The RFC 6464 audio level; `None` when the extension was not negotiated or the packet does
+    /// not carry it.
+    pub level: Option<AudioLevel>,
     /// When the datagram was read from the socket.
     pub arrival: Instant,
+}
+
+/// Where a peer's received audio goes: a queue shared by every participant of a room, each
+/// packet tagged with the participant's stream id, so packets go from the port straight to the
+/// room without a task or a channel hop per participant.
+#[derive(Debug, Clone)]
+pub struct AudioSink {
+    /// The queue. Full means the room is behind: the packet is dropped and counted.
+    pub queue: mpsc::Sender<InboundAudio>,
+    /// The tag stamped on every packet delivered here.
+    pub tag: u64,
 }
 
 /// The state of one participant's connection, as published on [`PeerHandle::state`].

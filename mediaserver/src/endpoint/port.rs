@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::demux::{Datagram, classify, is_binding_success};
 use super::session::{Session, SessionChannels};
-use super::{EndpointError, InboundAudio, PeerState};
+use super::{AudioSink, EndpointError, InboundAudio, PeerState};
 
 /// Addresses remembered per session (a participant has a few candidates at most).
 pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
@@ -222,6 +222,18 @@ pub struct PeerHandle {
     pub state: watch::Receiver<PeerState>,
 }
 
+/// One peer on the port whose audio goes to a shared [`AudioSink`], as returned by
+/// [`MediaPort::accept_into`]: everything a [`PeerHandle`] has but the inbound queue.
+#[derive(Debug)]
+pub struct PeerLink {
+    /// Unique on this port.
+    pub id: u64,
+    /// Sends audio to the peer.
+    pub outbound: PeerSender,
+    /// The connection's state; ends at `Failed` or `Closed`.
+    pub state: watch::Receiver<PeerState>,
+}
+
 impl PeerHandle {
     /// Tears the session down (DTLS close_notify, then removal). Idempotent; never waits.
     pub fn close(&self) {
@@ -327,8 +339,43 @@ impl MediaPort {
 
     /// Accepts a participant's SDP offer. The offer must have one audio section offering
     /// Opus/48000/2, sendrecv; the RFC 6464 audio-level extension is negotiated when offered.
-    /// Returns the SDP answer (ICE-lite, one host candidate, no trickle) and the handle.
+    /// Returns the SDP answer (ICE-lite, one host candidate, no trickle) and the handle, whose
+    /// `inbound` queue receives the peer's audio (tagged with the peer id).
     pub async fn accept(&self, offer_sdp: &str) -> Result<(String, PeerHandle), EndpointError> {
+        let (answer, link, inbound) = self.accept_with(offer_sdp, None).await?;
+        let inbound = inbound.expect("a session given no sink makes its own inbound queue");
+        let PeerLink {
+            id,
+            outbound,
+            state,
+        } = link;
+        Ok((
+            answer,
+            PeerHandle {
+                id,
+                inbound,
+                outbound,
+                state,
+            },
+        ))
+    }
+
+    /// [`MediaPort::accept`], delivering the peer's audio into `sink` (a room's shared queue)
+    /// instead of a queue of its own.
+    pub async fn accept_into(
+        &self,
+        offer_sdp: &str,
+        sink: AudioSink,
+    ) -> Result<(String, PeerLink), EndpointError> {
+        let (answer, link, _) = self.accept_with(offer_sdp, Some(sink)).await?;
+        Ok((answer, link))
+    }
+
+    async fn accept_with(
+        &self,
+        offer_sdp: &str,
+        sink: Option<AudioSink>,
+    ) -> Result<(String, PeerLink, Option<mpsc::Receiver<InboundAudio>>), EndpointError> {
         if self.commands.is_closed() {
             return Err(EndpointError::PortClosed);
         }
@@ -338,6 +385,7 @@ impl MediaPort {
             offer_sdp,
             self.candidate_addr,
             self.config.inbound_queue,
+            sink,
             Instant::now(),
         )?;
         let SessionChannels {
@@ -353,9 +401,8 @@ impl MediaPort {
             .await
             .map_err(|_| EndpointError::PortClosed)?;
         reply_rx.await.map_err(|_| EndpointError::PortClosed)??;
-        let handle = PeerHandle {
+        let link = PeerLink {
             id,
-            inbound: inbound_rx,
             outbound: PeerSender {
                 peer: id,
                 commands: self.commands.clone(),
@@ -363,7 +410,7 @@ impl MediaPort {
             },
             state: state_rx,
         };
-        Ok((answer, handle))
+        Ok((answer, link, inbound_rx))
     }
 
     /// Sends one Opus frame to each of `peers`, as [`PeerSender::send_opus`] does for one, in a

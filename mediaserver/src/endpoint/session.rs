@@ -44,7 +44,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use super::offer::{AUDIO_LEVEL_URI, check_offer};
-use super::{EndpointError, InboundAudio, PeerState};
+use super::{AudioSink, EndpointError, InboundAudio, PeerState};
+use crate::media::AudioLevel;
 
 /// The payload type Chorus prefers for Opus; the offer's own number wins in the answer.
 const OPUS_PAYLOAD_TYPE: u8 = 111;
@@ -83,7 +84,7 @@ pub(crate) struct Session {
     connected_once: bool,
     state: PeerState,
     state_tx: watch::Sender<PeerState>,
-    inbound_tx: mpsc::Sender<InboundAudio>,
+    sink: AudioSink,
 }
 
 impl std::fmt::Debug for Session {
@@ -100,7 +101,8 @@ impl std::fmt::Debug for Session {
 /// The pieces of a new session that go to the [`super::PeerHandle`].
 pub(crate) struct SessionChannels {
     pub(crate) state_rx: watch::Receiver<PeerState>,
-    pub(crate) inbound_rx: mpsc::Receiver<InboundAudio>,
+    /// The session's own queue, when no sink was given.
+    pub(crate) inbound_rx: Option<mpsc::Receiver<InboundAudio>>,
 }
 
 fn random_ice_string(len: usize) -> String {
@@ -126,6 +128,7 @@ impl Session {
         offer_sdp: &str,
         candidate_addr: SocketAddr,
         inbound_queue: usize,
+        sink: Option<AudioSink>,
         now: Instant,
     ) -> Result<(Self, String, SessionChannels), EndpointError> {
         let offer = check_offer(offer_sdp)?;
@@ -257,7 +260,13 @@ impl Session {
         });
 
         let (state_tx, state_rx) = watch::channel(PeerState::Connecting);
-        let (inbound_tx, inbound_rx) = mpsc::channel(inbound_queue.max(1));
+        let (sink, inbound_rx) = match sink {
+            Some(sink) => (sink, None),
+            None => {
+                let (queue, rx) = mpsc::channel(inbound_queue.max(1));
+                (AudioSink { queue, tag: id }, Some(rx))
+            }
+        };
         let mut rng = rand::rng();
         let session = Session {
             id,
@@ -276,7 +285,7 @@ impl Session {
             connected_once: false,
             state: PeerState::Connecting,
             state_tx,
-            inbound_tx,
+            sink,
         };
         Ok((
             session,
@@ -400,16 +409,20 @@ impl Session {
         let level = self.audio_level_id.and_then(|id| {
             let value = packet.header.get_extension(id)?;
             let byte = *value.first()?;
-            Some((byte & 0x7f, byte & 0x80 != 0))
+            Some(AudioLevel {
+                dbov: byte & 0x7f,
+                voice: byte & 0x80 != 0,
+            })
         });
         let audio = InboundAudio {
+            tag: self.sink.tag,
             seq: packet.header.sequence_number,
             rtp_timestamp: packet.header.timestamp,
             payload: packet.payload,
             level,
             arrival,
         };
-        match self.inbound_tx.try_send(audio) {
+        match self.sink.queue.try_send(audio) {
             Ok(()) => counts.inbound_frames += 1,
             Err(_) => counts.inbound_dropped += 1,
         }

@@ -236,6 +236,18 @@ impl JitterBuffer {
         (JITTER_MULTIPLIER * jitter_ms).clamp(f64::from(cfg.min_ms), f64::from(cfg.max_ms))
     }
 
+    /// Applies new delay bounds live, keeping what is buffered and the jitter estimate. Returns
+    /// `false`, changing nothing, when the frame differs or the bound shrinks (held packets could
+    /// then lie beyond the new capacity): the caller starts a fresh buffer instead.
+    pub fn set_bounds(&mut self, cfg: JitterConfig) -> bool {
+        if cfg.frame_ms != self.cfg.frame_ms || cfg.max_ms < self.cfg.max_ms {
+            return false;
+        }
+        self.cfg = cfg;
+        self.target_ms = Self::target_for(&self.cfg, self.jitter_ms);
+        true
+    }
+
     /// The configuration.
     pub fn config(&self) -> JitterConfig {
         self.cfg

@@ -40,7 +40,13 @@ const MAX_UNDERRUN_CONCEAL_TICKS: u32 = 5;
 /// Largest supported top-N; a bound so a bad config cannot ask for thousands of encoders.
 const MAX_TOP_SPEAKERS: usize = 64;
 
-/// Parameters of a [`RoomMixer`].
+/// The mixing settings of a room: THE one value every part of a server takes them from (the
+/// mixer, the room's tick and rank-report schedule, the mesh protocol).
+///
+/// It is built in one place: [`MixerConfig::from_plan`] from the mesh plan's `mixing` block, which
+/// is the only source in a conference; a server running alone, without a plan, builds it from its
+/// own flags ([`crate::config::Config::mixer`]). Its defaults are the CRD's
+/// ([`chorus_crds::MeshMixing::default`]), so no second set of defaults exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MixerConfig {
     /// Frame duration: 10 or 20 ms. The tick period.
@@ -53,17 +59,44 @@ pub struct MixerConfig {
     pub jitter_min_ms: u32,
     /// Highest jitter-buffer target delay (ms), also the bound on buffered audio per stream.
     pub jitter_max_ms: u32,
+    /// How often a room reports its ranked local candidates to the mesh primary (ms).
+    pub rank_interval_ms: u32,
+}
+
+impl MixerConfig {
+    /// The settings a mesh plan gives every room of its conference. The plan was validated when
+    /// it was parsed; [`RoomMixer::new`] checks the result again.
+    pub fn from_plan(m: &chorus_crds::MeshMixing) -> Self {
+        let count = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
+        Self {
+            frame_ms: m.frame_ms,
+            top_speakers: count(m.top_speakers),
+            extra_candidates: count(m.extra_candidates),
+            jitter_min_ms: m.jitter_min_ms,
+            jitter_max_ms: m.jitter_max_ms,
+            rank_interval_ms: m.rank_interval_ms,
+        }
+    }
+
+    /// Ticks between two periodic rank reports (at least one).
+    pub fn rank_every_ticks(&self) -> u32 {
+        (self.rank_interval_ms / self.frame_ms.max(1)).max(1)
+    }
+
+    /// The frame as a duration.
+    pub fn frame(&self) -> Duration {
+        Duration::from_millis(u64::from(self.frame_ms))
+    }
+
+    /// RTP timestamp units (48 kHz samples) in one frame.
+    pub fn frame_samples(&self) -> u32 {
+        48 * self.frame_ms
+    }
 }
 
 impl Default for MixerConfig {
     fn default() -> Self {
-        Self {
-            frame_ms: 20,
-            top_speakers: 3,
-            extra_candidates: 2,
-            jitter_min_ms: 2,
-            jitter_max_ms: 200,
-        }
+        Self::from_plan(&chorus_crds::MeshMixing::default())
     }
 }
 
@@ -286,6 +319,47 @@ impl RoomMixer {
         self.cfg
     }
 
+    /// Applies new settings live (a new mesh-plan generation), or refuses them and changes
+    /// nothing.
+    ///
+    /// With the same frame, streams keep their buffered audio, levels and decoders, and the
+    /// selection is kept: top-N and the margin change at the next tick, and jitter bounds in place
+    /// (a buffer whose bound shrinks starts afresh, a glitch of a frame or two). A new frame
+    /// length needs new encoders, buffers and level trackers: the streams, their origin and
+    /// mute state, the imposed selection and the loss setting carry over; audio in flight does
+    /// not.
+    pub fn reconfigure(&mut self, cfg: MixerConfig) -> Result<(), MediaError> {
+        if cfg == self.cfg {
+            return Ok(());
+        }
+        let mut next = RoomMixer::new(cfg)?;
+        if cfg.frame_ms != self.cfg.frame_ms {
+            if let Some(p) = self.loss_percent {
+                next.set_output_loss_percent(p)?;
+            }
+            for (&id, s) in &self.streams {
+                next.add_stream(id, s.origin);
+                next.set_muted(id, s.muted);
+            }
+            next.selection = self.selection.take();
+            *self = next;
+            return Ok(());
+        }
+        let ranking = RankingConfig::new(cfg.top_speakers, cfg.extra_candidates);
+        self.local_ranker.set_config(ranking);
+        self.mix_ranker.set_config(ranking);
+        if next.jitter_cfg != self.jitter_cfg {
+            for s in self.streams.values_mut() {
+                if !s.jitter.set_bounds(next.jitter_cfg) {
+                    s.jitter = JitterBuffer::new(next.jitter_cfg);
+                }
+            }
+            self.jitter_cfg = next.jitter_cfg;
+        }
+        self.cfg = cfg;
+        Ok(())
+    }
+
     /// Adds a stream. Adding an id that exists only updates its origin.
     pub fn add_stream(&mut self, id: StreamId, origin: StreamOrigin) {
         if let Some(s) = self.streams.get_mut(&id) {
@@ -312,6 +386,18 @@ impl RoomMixer {
     pub fn remove_stream(&mut self, id: StreamId) {
         self.streams.remove(&id);
         self.speakers.remove(&id);
+    }
+
+    /// Forgets a stream's received audio: its jitter buffer and decoder start afresh (a new
+    /// sender: new SSRC, sequence and timestamps), while its level, rank and selection stay.
+    /// Unknown ids are ignored.
+    pub fn restart_stream(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.jitter = JitterBuffer::new(self.jitter_cfg);
+            s.decoder = None;
+            s.decoder_warm = false;
+            s.underrun_concealed = 0;
+        }
     }
 
     /// Mutes or unmutes a stream. A muted stream is never ranked, decoded or mixed; its packets

@@ -111,6 +111,13 @@ impl Ranker {
         self.cfg
     }
 
+    /// New limits, live: the selection is kept (trimmed to its weakest-last order when N shrinks,
+    /// refilled at the next update when N grows).
+    pub fn set_config(&mut self, cfg: RankingConfig) {
+        self.cfg = cfg;
+        self.selected.truncate(cfg.top_n);
+    }
+
     /// The currently selected streams (in no particular order).
     pub fn selected(&self) -> &[StreamId] {
         &self.selected

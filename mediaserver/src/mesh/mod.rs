@@ -39,4 +39,4 @@ pub use protocol::{
     GlobalList, MeshCounters, MeshNodeState, Outgoing, ProtocolConfig, ServerId, StreamKey,
 };
 pub use transport::{MeshInbound, MeshPeer, MeshTls, MeshTransport, PeerStats, TransportConfig};
-pub use wire::{ControlMessage, DatagramLevel, MediaDatagram, MeshCandidate};
+pub use wire::{ControlMessage, MediaDatagram, MeshCandidate};

@@ -69,6 +69,7 @@ use super::wire::{
     MAX_ROOMS_PER_MESSAGE,
 };
 pub use super::wire::{MeshCandidate, StreamKey};
+use crate::media::MixerConfig;
 
 /// A media server's id (its pod name), as in the plan.
 pub type ServerId = String;
@@ -175,14 +176,14 @@ struct Mixing {
 }
 
 impl Mixing {
+    /// The protocol's view of the one mixing-settings value, bounded by the wire's limits.
     fn from_plan(plan: &MeshPlan) -> Self {
-        let m = &plan.mixing;
-        let clamp = |v: u32, lo: u32, hi: u32| usize::try_from(v.clamp(lo, hi)).unwrap_or(1);
+        let m = MixerConfig::from_plan(&plan.mixing);
         Self {
-            top_n: clamp(m.top_speakers, 1, MAX_GLOBAL_LIST as u32),
-            extra: clamp(m.extra_candidates, 0, MAX_GLOBAL_MARGIN as u32),
+            top_n: m.top_speakers.clamp(1, MAX_GLOBAL_LIST),
+            extra: m.extra_candidates.min(MAX_GLOBAL_MARGIN),
             rank_interval: Duration::from_millis(u64::from(m.rank_interval_ms.clamp(10, 2000))),
-            frame: Duration::from_millis(if m.frame_ms == 10 { 10 } else { 20 }),
+            frame: m.frame(),
         }
     }
 

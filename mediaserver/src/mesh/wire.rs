@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::MeshError;
+use crate::media::AudioLevel;
 
 /// Version byte of control messages.
 pub const CONTROL_VERSION: u8 = 1;
@@ -348,15 +349,6 @@ pub(crate) fn first_u64(digest: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// RFC 6464 audio level as carried in a datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct DatagramLevel {
-    /// Level in -dBov, 0 (loudest) ..= 127 (silence).
-    pub dbov: u8,
-    /// The voice-activity flag.
-    pub voice: bool,
-}
-
 /// One forwarded RTP audio packet (see the module docs for the layout).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MediaDatagram {
@@ -369,7 +361,7 @@ pub struct MediaDatagram {
     /// RTP timestamp.
     pub rtp_timestamp: u32,
     /// Audio level, when known.
-    pub level: Option<DatagramLevel>,
+    pub level: Option<AudioLevel>,
     /// Ingress arrival at the origin server, µs since the Unix epoch.
     pub ingress_us: u64,
     /// The Opus payload, untouched.
@@ -456,7 +448,7 @@ impl MediaDatagram {
                     format!("level {dbov} is over 127 -dBov"),
                 ));
             }
-            Some(DatagramLevel {
+            Some(AudioLevel {
                 dbov,
                 voice: flags & FLAG_VOICE != 0,
             })
@@ -509,7 +501,7 @@ mod tests {
             stream: 9,
             seq: 0xABCD,
             rtp_timestamp: 0x1122_3344,
-            level: Some(DatagramLevel {
+            level: Some(AudioLevel {
                 dbov: 30,
                 voice: true,
             }),

@@ -1,0 +1,642 @@
+//! The pure core of one room: members, stream ids, the mixer, what to forward, what to report to
+//! the mesh and when, and which remote streams to let go. Time is a parameter (a `Duration` since
+//! the room's epoch) and nothing here touches a socket, a channel or a clock, so every rule is
+//! unit-tested in virtual time with real Opus ([`tests`] below); the task around it
+//! ([`super::task`]) only moves packets and frames.
+//!
+//! Invariants:
+//! - a participant's stream id is its participant id, whatever transport carries it; remote
+//!   streams get ids from [`REMOTE_ID_BASE`] up, a range participants never reach;
+//! - a local stream is forwarded only to the servers the latest mesh view names for it;
+//! - the mesh hears from the room every rank interval, and at once when the set of voiced
+//!   candidates changes (a new speaker must not wait out the interval);
+//! - a remote stream unheard for [`REMOTE_IDLE`] leaves the mixer, unless the global list still
+//!   names it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::media::{
+    AudioLevel, InboundPacket, MediaError, MixOutput, MixerConfig, RoomMixer, StreamId,
+    StreamOrigin,
+};
+use crate::mesh::wire::{MediaDatagram, MeshCandidate};
+use crate::mesh::{ServerId, StreamKey};
+use crate::mesh_node::{LocalReport, RoomView};
+
+/// A participant's id: unique on this server and stable for its whole stay, whatever transport
+/// carries it. It is also the participant's stream id in the mixer and on the mesh.
+pub type ParticipantId = u64;
+
+/// Remote streams get mixer ids from here up; participant ids count up from 1 and never get
+/// near it.
+pub const REMOTE_ID_BASE: u64 = 1 << 62;
+
+/// A remote stream unheard for this long leaves the mixer.
+pub const REMOTE_IDLE: Duration = Duration::from_secs(5);
+
+/// One received packet, as the core needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    /// RTP sequence number.
+    pub seq: u16,
+    /// RTP timestamp (48 kHz).
+    pub rtp_timestamp: u32,
+    /// The Opus payload, untouched.
+    pub payload: Bytes,
+    /// The RFC 6464 level, when carried.
+    pub level: Option<AudioLevel>,
+    /// When it reached this server, since the room's epoch.
+    pub arrival: Duration,
+}
+
+/// A local packet to forward, unchanged, to other servers of the mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward<'a> {
+    /// The datagram, carrying the original Opus payload.
+    pub datagram: MediaDatagram,
+    /// The servers to send it to.
+    pub to: &'a [ServerId],
+}
+
+/// One room member, apart from its transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The identity from the join token.
+    pub identity: String,
+}
+
+/// Who gets what after one tick.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Deliveries {
+    /// Each selected local speaker's own mix (never containing itself).
+    pub own: Vec<(ParticipantId, Bytes)>,
+    /// The one shared frame, for every member in `listeners`.
+    pub shared: Bytes,
+    /// Every member who is not a selected local speaker, in id order.
+    pub listeners: Vec<ParticipantId>,
+}
+
+/// What one tick produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tick {
+    /// The mixer's output (set mixed, stats, arrival of what it carried).
+    pub mix: MixOutput,
+    /// Frames to hand to members.
+    pub deliveries: Deliveries,
+    /// A report for the mesh primary, when one is due.
+    pub report: Option<LocalReport>,
+    /// Whether this tick is a periodic one (every rank interval): time to publish the roster and
+    /// reap members whose transport ended.
+    pub periodic: bool,
+    /// Remote streams that left the mixer this tick (idle too long).
+    pub reaped: Vec<StreamId>,
+}
+
+/// The mesh side of a room: which server this is, and the remote streams it mixes.
+#[derive(Debug)]
+struct MeshSide {
+    self_id: ServerId,
+    room_hash: u64,
+    remote_ids: HashMap<StreamKey, StreamId>,
+    remote_last_seen: HashMap<StreamId, Duration>,
+    next_remote: u64,
+    /// Local stream → servers to forward it to, from the latest view.
+    forward: HashMap<StreamId, Vec<ServerId>>,
+    /// Voiced candidates of the last report, sorted: a change makes the next report due at once.
+    reported_voiced: Vec<StreamId>,
+}
+
+/// The pure state of one room. See the module docs.
+#[derive(Debug)]
+pub struct RoomCore {
+    mixer: RoomMixer,
+    members: BTreeMap<ParticipantId, Member>,
+    mesh: Option<MeshSide>,
+    ticks: u32,
+}
+
+impl RoomCore {
+    /// A room mixing with `settings`; `mesh` is `(this server's id, the room's hash)` when the
+    /// room is on a mesh.
+    pub fn new(settings: MixerConfig, mesh: Option<(ServerId, u64)>) -> Result<Self, MediaError> {
+        Ok(Self {
+            mixer: RoomMixer::new(settings)?,
+            members: BTreeMap::new(),
+            mesh: mesh.map(|(self_id, room_hash)| MeshSide {
+                self_id,
+                room_hash,
+                remote_ids: HashMap::new(),
+                remote_last_seen: HashMap::new(),
+                next_remote: 0,
+                forward: HashMap::new(),
+                reported_voiced: Vec::new(),
+            }),
+            ticks: 0,
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> MixerConfig {
+        self.mixer.config()
+    }
+
+    /// Apply new settings live; on error nothing changes.
+    pub fn reconfigure(&mut self, settings: MixerConfig) -> Result<(), MediaError> {
+        self.mixer.reconfigure(settings)
+    }
+
+    /// The members, by id.
+    pub fn members(&self) -> &BTreeMap<ParticipantId, Member> {
+        &self.members
+    }
+
+    /// Whether nobody is in the room.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// A participant joins: its stream enters the mixer.
+    pub fn add_member(&mut self, id: ParticipantId, identity: String) {
+        self.mixer.add_stream(StreamId(id), StreamOrigin::Local);
+        self.members.insert(id, Member { identity });
+    }
+
+    /// A participant leaves: its stream leaves the mixer. `None` if it was not here.
+    pub fn remove_member(&mut self, id: ParticipantId) -> Option<Member> {
+        let member = self.members.remove(&id)?;
+        self.mixer.remove_stream(StreamId(id));
+        if let Some(m) = &mut self.mesh {
+            m.forward.remove(&StreamId(id));
+        }
+        Some(member)
+    }
+
+    /// Forget a participant's received audio (a new transport starts a new SSRC, sequence and
+    /// timestamp): its jitter buffer and decoder start afresh; its level, rank and selection
+    /// stay.
+    pub fn restart_stream(&mut self, id: ParticipantId) {
+        self.mixer.restart_stream(StreamId(id));
+    }
+
+    /// A participant's packet. Returns the datagram to forward and where, when the mesh wants
+    /// this stream elsewhere; `ingress_us` is the packet's arrival in µs since the Unix epoch
+    /// (carried for the cross-server delay metric).
+    pub fn push_local(
+        &mut self,
+        id: ParticipantId,
+        packet: Packet,
+        ingress_us: u64,
+    ) -> (Result<(), MediaError>, Option<Forward<'_>>) {
+        let stream = StreamId(id);
+        let forward = match &self.mesh {
+            Some(m) => match m.forward.get(&stream) {
+                Some(targets) if !targets.is_empty() && self.members.contains_key(&id) => {
+                    Some(Forward {
+                        datagram: MediaDatagram {
+                            room_hash: m.room_hash,
+                            stream: id,
+                            seq: packet.seq,
+                            rtp_timestamp: packet.rtp_timestamp,
+                            level: packet.level,
+                            ingress_us,
+                            payload: packet.payload.clone(),
+                        },
+                        to: targets.as_slice(),
+                    })
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        let pushed = self.mixer.push(InboundPacket {
+            stream,
+            seq: packet.seq,
+            rtp_timestamp: packet.rtp_timestamp,
+            payload: packet.payload,
+            level: packet.level,
+            arrival: packet.arrival,
+        });
+        (pushed, forward)
+    }
+
+    /// A packet forwarded by another server. A stream seen for the first time enters the mixer
+    /// as a remote stream. Refused without a mesh.
+    pub fn push_remote(
+        &mut self,
+        key: &StreamKey,
+        datagram: MediaDatagram,
+        arrival: Duration,
+    ) -> Result<(), MediaError> {
+        let stream = self.remote_stream(key)?;
+        if let Some(m) = &mut self.mesh {
+            m.remote_last_seen.insert(stream, arrival);
+        }
+        self.mixer.push(InboundPacket {
+            stream,
+            seq: datagram.seq,
+            rtp_timestamp: datagram.rtp_timestamp,
+            payload: datagram.payload,
+            level: datagram.level,
+            arrival,
+        })
+    }
+
+    /// The mixer id of a remote stream, created on first sight.
+    fn remote_stream(&mut self, key: &StreamKey) -> Result<StreamId, MediaError> {
+        let m = self
+            .mesh
+            .as_mut()
+            .ok_or(MediaError::UnknownStream(StreamId(key.stream)))?;
+        if key.server == m.self_id {
+            // Our own stream named by the mesh: it is the participant's stream.
+            return Ok(StreamId(key.stream));
+        }
+        if let Some(id) = m.remote_ids.get(key) {
+            return Ok(*id);
+        }
+        let id = StreamId(REMOTE_ID_BASE + m.next_remote);
+        m.next_remote += 1;
+        self.mixer.add_stream(id, StreamOrigin::Remote);
+        m.remote_ids.insert(key.clone(), id);
+        Ok(id)
+    }
+
+    /// Apply the mesh's latest view: mix exactly the global list; remember what to forward.
+    pub fn apply_view(&mut self, view: RoomView) -> Result<(), MediaError> {
+        let selection = match view.selection {
+            Some(list) => {
+                let mut ids = Vec::with_capacity(list.len());
+                for key in &list {
+                    ids.push(self.remote_stream(key)?);
+                }
+                Some(ids)
+            }
+            None => None,
+        };
+        if let Some(m) = &mut self.mesh {
+            m.forward = view
+                .forward
+                .into_iter()
+                .map(|(stream, to)| (StreamId(stream), to))
+                .collect();
+        }
+        self.mixer.set_selection(selection);
+        Ok(())
+    }
+
+    /// One frame tick at `now`.
+    pub fn tick(&mut self, now: Duration) -> Tick {
+        let mix = self.mixer.tick(now);
+        let deliveries = self.deliveries(&mix);
+        self.ticks = self.ticks.wrapping_add(1);
+        let periodic = self
+            .ticks
+            .is_multiple_of(self.mixer.config().rank_every_ticks());
+        let report = self.report_due(periodic);
+        let reaped = if periodic {
+            self.reap_remotes(now)
+        } else {
+            Vec::new()
+        };
+        Tick {
+            mix,
+            deliveries,
+            report,
+            periodic,
+            reaped,
+        }
+    }
+
+    /// Each selected local speaker gets its own frame; every other member shares one.
+    fn deliveries(&self, mix: &MixOutput) -> Deliveries {
+        let mut own = Vec::with_capacity(mix.per_speaker.len());
+        for (stream, frame) in &mix.per_speaker {
+            // An empty frame means the encoder failed; the mixer reported it in its stats.
+            if self.members.contains_key(&stream.0) && !frame.is_empty() {
+                own.push((stream.0, frame.clone()));
+            }
+        }
+        let speakers: Vec<ParticipantId> = mix.per_speaker.iter().map(|(s, _)| s.0).collect();
+        let listeners = if mix.shared.is_empty() {
+            Vec::new()
+        } else {
+            self.members
+                .keys()
+                .copied()
+                .filter(|id| !speakers.contains(id))
+                .collect()
+        };
+        Deliveries {
+            own,
+            shared: mix.shared.clone(),
+            listeners,
+        }
+    }
+
+    /// The rank-report schedule: every rank interval, and at once when the voiced candidates
+    /// change. Only on a mesh.
+    fn report_due(&mut self, periodic: bool) -> Option<LocalReport> {
+        let m = self.mesh.as_mut()?;
+        let candidates = self.mixer.candidates();
+        // A set: levels reorder candidates all the time, membership rarely.
+        let mut voiced: Vec<StreamId> = candidates
+            .iter()
+            .filter(|c| c.voice)
+            .map(|c| c.stream)
+            .collect();
+        voiced.sort_unstable();
+        if !periodic && voiced == m.reported_voiced {
+            return None;
+        }
+        m.reported_voiced = voiced;
+        Some(LocalReport {
+            candidates: candidates
+                .into_iter()
+                .map(|c| MeshCandidate {
+                    stream: c.stream.0,
+                    importance: c.importance,
+                    voice: c.voice,
+                })
+                .collect(),
+            participants: self.members.len(),
+        })
+    }
+
+    /// Remote streams idle for [`REMOTE_IDLE`] leave the mixer, unless the list names them.
+    fn reap_remotes(&mut self, now: Duration) -> Vec<StreamId> {
+        let Some(m) = self.mesh.as_mut() else {
+            return Vec::new();
+        };
+        let listed = self
+            .mixer
+            .selection()
+            .map(<[StreamId]>::to_vec)
+            .unwrap_or_default();
+        let idle: Vec<StreamId> = m
+            .remote_ids
+            .values()
+            .copied()
+            .filter(|id| !listed.contains(id))
+            .filter(|id| {
+                m.remote_last_seen
+                    .get(id)
+                    .is_none_or(|seen| now.saturating_sub(*seen) > REMOTE_IDLE)
+            })
+            .collect();
+        for id in &idle {
+            self.mixer.remove_stream(*id);
+            m.remote_ids.retain(|_, v| v != id);
+            m.remote_last_seen.remove(id);
+        }
+        idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::codec::Encoder;
+    use crate::media::spectrum::ToneGenerator;
+
+    fn settings() -> MixerConfig {
+        MixerConfig {
+            top_speakers: 2,
+            extra_candidates: 1,
+            jitter_min_ms: 2,
+            ..MixerConfig::default()
+        }
+    }
+
+    /// A tone talker: real Opus frames with RFC 6464 levels.
+    struct Talker {
+        tone: ToneGenerator,
+        encoder: Encoder,
+        seq: u16,
+        dbov: u8,
+    }
+
+    impl Talker {
+        fn new(freq: f64, dbfs: f64) -> Self {
+            Self {
+                tone: ToneGenerator::new(freq, dbfs, 48_000),
+                encoder: Encoder::new(20).expect("20 ms is a valid frame"),
+                seq: 0,
+                dbov: u8::try_from((-dbfs).round() as i64 + 3).unwrap_or(127),
+            }
+        }
+
+        fn packet(&mut self, at: Duration) -> Packet {
+            let pcm = self.tone.frame(960);
+            let payload = self.encoder.encode(&pcm).expect("encode");
+            self.seq = self.seq.wrapping_add(1);
+            Packet {
+                seq: self.seq,
+                rtp_timestamp: u32::from(self.seq) * 960,
+                payload,
+                level: Some(AudioLevel {
+                    dbov: self.dbov,
+                    voice: true,
+                }),
+                arrival: at,
+            }
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Runs `ticks` frames of 20 ms: each talker sends, then the room ticks.
+    fn run(
+        core: &mut RoomCore,
+        talkers: &mut [(ParticipantId, Talker)],
+        start: u64,
+        ticks: u64,
+    ) -> Vec<Tick> {
+        (start..start + ticks)
+            .map(|i| {
+                let now = ms(i * 20);
+                for (id, t) in talkers.iter_mut() {
+                    let (pushed, _) = core.push_local(*id, t.packet(now), 0);
+                    pushed.expect("valid packet");
+                }
+                core.tick(now + ms(5))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn alone_the_room_mixes_its_top_speakers_and_shares_one_frame() {
+        let mut core = RoomCore::new(settings(), None).expect("valid settings");
+        for id in 1..=4 {
+            core.add_member(id, format!("user-{id}"));
+        }
+        let mut talkers = vec![
+            (1, Talker::new(300.0, -10.0)),
+            (2, Talker::new(500.0, -20.0)),
+        ];
+        let ticks = run(&mut core, &mut talkers, 0, 30);
+        let last = ticks.last().expect("ran");
+        assert_eq!(last.mix.mixed, vec![StreamId(1), StreamId(2)]);
+        let own: Vec<ParticipantId> = last.deliveries.own.iter().map(|(id, _)| *id).collect();
+        assert_eq!(own, vec![1, 2]);
+        assert_eq!(last.deliveries.listeners, vec![3, 4]);
+        assert!(!last.deliveries.shared.is_empty());
+        // Without a mesh there is nothing to report and nothing to forward.
+        assert!(ticks.iter().all(|t| t.report.is_none()));
+        let (_, forward) = core.push_local(1, talkers[0].1.packet(ms(700)), 0);
+        assert!(forward.is_none());
+    }
+
+    #[test]
+    fn reports_every_rank_interval_and_at_once_when_the_voiced_set_changes() {
+        let mut core =
+            RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
+        core.add_member(1, "one".to_owned());
+        core.add_member(2, "two".to_owned());
+        let mut talkers = vec![(1, Talker::new(300.0, -10.0))];
+        let ticks = run(&mut core, &mut talkers, 0, 20);
+        let reported: Vec<usize> = ticks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.report.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        // 100 ms rank interval at 20 ms frames: every 5th tick, plus the tick 1 became voiced.
+        let first_voiced = reported[0];
+        assert!(
+            first_voiced < 4,
+            "a new speaker is reported at once: {reported:?}"
+        );
+        for i in [4, 9, 14, 19] {
+            assert!(
+                reported.contains(&i),
+                "periodic report at tick {i}: {reported:?}"
+            );
+        }
+        assert_eq!(reported.len(), 5, "{reported:?}");
+        let report = ticks[19].report.as_ref().expect("periodic");
+        assert_eq!(report.participants, 2);
+        assert_eq!(report.candidates[0].stream, 1);
+        assert!(report.candidates[0].voice);
+
+        // Speaker 2 starts: reported on the tick its voice is first seen, not at the interval.
+        talkers.push((2, Talker::new(500.0, -20.0)));
+        let ticks = run(&mut core, &mut talkers, 20, 3);
+        let report = ticks
+            .iter()
+            .find_map(|t| t.report.as_ref())
+            .expect("reported at once");
+        let streams: Vec<u64> = report.candidates.iter().map(|c| c.stream).collect();
+        assert_eq!(streams, vec![1, 2]);
+    }
+
+    #[test]
+    fn forwards_only_what_the_view_names_and_mixes_exactly_the_global_list() {
+        let mut core =
+            RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
+        core.add_member(1, "one".to_owned());
+        core.add_member(2, "two".to_owned());
+        let mut one = Talker::new(300.0, -10.0);
+        let (_, forward) = core.push_local(1, one.packet(ms(0)), 0);
+        assert!(forward.is_none(), "no view yet: nothing forwarded");
+
+        let remote = StreamKey::new("b", 9);
+        core.apply_view(RoomView {
+            selection: Some(vec![StreamKey::new("a", 1), remote.clone()]),
+            forward: vec![(1, vec!["b".to_owned(), "c".to_owned()])],
+        })
+        .expect("view applies");
+        let (_, forward) = core.push_local(1, one.packet(ms(20)), 42);
+        let Forward { datagram, to } = forward.expect("stream 1 is forwarded");
+        assert_eq!(to, ["b".to_owned(), "c".to_owned()]);
+        assert_eq!(
+            (datagram.room_hash, datagram.stream, datagram.ingress_us),
+            (7, 1, 42)
+        );
+        let (_, forward) = core.push_local(2, Talker::new(500.0, -30.0).packet(ms(20)), 0);
+        assert!(forward.is_none(), "stream 2 is not on the view");
+
+        // The remote stream gets an id from the remote range, and is mixed with stream 1.
+        let mut far = Talker::new(700.0, -12.0);
+        let mut mixed = Vec::new();
+        for i in 2..30 {
+            let now = ms(i * 20);
+            let (pushed, _) = core.push_local(1, one.packet(now), 0);
+            pushed.expect("valid");
+            let p = far.packet(now);
+            let datagram = MediaDatagram {
+                room_hash: 7,
+                stream: 9,
+                seq: p.seq,
+                rtp_timestamp: p.rtp_timestamp,
+                level: p.level,
+                ingress_us: 0,
+                payload: p.payload,
+            };
+            core.push_remote(&remote, datagram, now).expect("valid");
+            mixed = core.tick(now + ms(5)).mix.mixed;
+        }
+        assert_eq!(mixed, vec![StreamId(1), StreamId(REMOTE_ID_BASE)]);
+    }
+
+    #[test]
+    fn idle_remote_streams_leave_unless_listed() {
+        let mut core =
+            RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
+        core.add_member(1, "one".to_owned());
+        let mut far = Talker::new(700.0, -12.0);
+        for (key, at) in [(StreamKey::new("b", 1), 0), (StreamKey::new("b", 2), 0)] {
+            let p = far.packet(ms(at));
+            let datagram = MediaDatagram {
+                room_hash: 7,
+                stream: key.stream,
+                seq: p.seq,
+                rtp_timestamp: p.rtp_timestamp,
+                level: p.level,
+                ingress_us: 0,
+                payload: p.payload,
+            };
+            core.push_remote(&key, datagram, ms(at)).expect("valid");
+        }
+        core.apply_view(RoomView {
+            selection: Some(vec![StreamKey::new("b", 2)]),
+            forward: Vec::new(),
+        })
+        .expect("view applies");
+        // Well past the idle limit: the unlisted stream goes, the listed one stays.
+        let mut reaped = Vec::new();
+        for i in 0..10 {
+            reaped.extend(core.tick(REMOTE_IDLE + ms(1000 + i * 20)).reaped);
+        }
+        assert_eq!(reaped, vec![StreamId(REMOTE_ID_BASE)]);
+    }
+
+    #[test]
+    fn members_leave_cleanly_and_settings_change_live() {
+        let mut core = RoomCore::new(settings(), None).expect("valid settings");
+        core.add_member(5, "five".to_owned());
+        assert_eq!(core.members()[&5].identity, "five");
+        assert_eq!(
+            core.remove_member(5).map(|m| m.identity),
+            Some("five".to_owned())
+        );
+        assert!(core.remove_member(5).is_none());
+        assert!(core.is_empty());
+        let wider = MixerConfig {
+            top_speakers: 5,
+            ..settings()
+        };
+        core.reconfigure(wider).expect("valid");
+        assert_eq!(core.settings(), wider);
+        let bad = MixerConfig {
+            frame_ms: 7,
+            ..settings()
+        };
+        assert!(core.reconfigure(bad).is_err());
+        assert_eq!(core.settings(), wider);
+    }
+}

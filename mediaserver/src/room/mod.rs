@@ -1,0 +1,423 @@
+//! Rooms: where participants meet. Each room is one task that owns a pure [`core::RoomCore`]
+//! (members, the mixer, forwarding and reporting rules) and its members' transports.
+//!
+//! Parts:
+//! - `mod.rs` (this file): [`Rooms`], the server's registry. It checks limits, reserves seats,
+//!   accepts a WebRTC offer straight into the room's packet queue, and hands the room a
+//!   participant with its transport.
+//! - [`core`]: the room's pure core, tested in virtual time.
+//! - `task.rs`: the room's task, the thin IO shell around the core.
+//! - [`transport`]: the [`transport::Transport`] interface a participant's transport implements
+//!   (a WebRTC peer today), separate from the participant itself.
+//!
+//! Invariants:
+//! - limits (participants per server and per room, rooms per server) are checked and seats
+//!   reserved before any WebRTC work starts, so a full server costs a refused request and
+//!   concurrent joins cannot overshoot;
+//! - a participant id is the server's, not its transport's: it stays the same for the
+//!   participant's whole stay;
+//! - a room removes itself from the registry under the registry's lock, only when it has no
+//!   member and no join in flight, so a join never lands in a room that is ending;
+//! - every join error keeps its type ([`JoinError`]) up to the HTTP status.
+
+pub mod core;
+mod task;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::core::{ParticipantId, RoomCore};
+use self::task::{Command, RoomTask};
+use self::transport::{Transport, WebRtcTransport};
+use crate::config::Config;
+use crate::endpoint::{AudioSink, EndpointError, InboundAudio, MediaPort};
+use crate::media::{MediaError, MixerConfig};
+use crate::mesh_node::MeshNode;
+use crate::metrics::Metrics;
+
+/// Packets waiting for a room task before new ones are dropped (about 2 s of 50 talkers).
+const ROOM_QUEUE: usize = 5000;
+
+/// Why a join or leave was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The media endpoint refused: a bad or unsupported offer, a failed negotiation, a full or
+    /// closed media port.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The room's mixer could not start with the running settings.
+    #[error("the room cannot start: {0}")]
+    Mixer(#[from] MediaError),
+    /// The room has its maximum of participants.
+    #[error("room is full ({max} participants)")]
+    RoomFull {
+        /// The limit.
+        max: usize,
+    },
+    /// This server has its maximum of participants.
+    #[error("server is full ({max} participants); try another server of the region")]
+    ServerFull {
+        /// The limit.
+        max: usize,
+    },
+    /// This server hosts its maximum of rooms.
+    #[error("server hosts its maximum of {max} rooms")]
+    TooManyRooms {
+        /// The limit.
+        max: usize,
+    },
+    /// No such participant in that room.
+    #[error("no such participant in this room")]
+    NotFound,
+    /// The room's task ended while the join was in flight (the server is shutting down).
+    #[error("the room closed while joining")]
+    RoomClosed,
+}
+
+impl JoinError {
+    /// A static label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            JoinError::Endpoint(e) => e.category(),
+            JoinError::Mixer(e) => e.category(),
+            JoinError::RoomFull { .. } => "room_full",
+            JoinError::ServerFull { .. } => "server_full",
+            JoinError::TooManyRooms { .. } => "too_many_rooms",
+            JoinError::NotFound => "not_found",
+            JoinError::RoomClosed => "room_closed",
+        }
+    }
+}
+
+/// A successful join.
+#[derive(Debug)]
+pub struct Joined {
+    /// The participant's id (unique on this server, stable for its stay).
+    pub id: ParticipantId,
+    /// The SDP answer.
+    pub answer: String,
+}
+
+/// What `GET /v1/rooms/{room}` shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoomInfo {
+    /// The room's name.
+    pub room: String,
+    /// Everyone connected here.
+    pub participants: Vec<ParticipantInfo>,
+    /// Participant ids being mixed right now.
+    pub active_speakers: Vec<u64>,
+}
+
+/// One participant as others see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParticipantInfo {
+    /// Participant id.
+    pub id: u64,
+    /// The identity from the join token.
+    pub identity: String,
+    /// Whether they are mixed right now.
+    pub speaking: bool,
+}
+
+struct RoomHandle {
+    /// Tells this room from an earlier or later one of the same name.
+    instance: u64,
+    commands: mpsc::Sender<Command>,
+    packets: mpsc::Sender<InboundAudio>,
+    info: Arc<Mutex<RoomInfo>>,
+    /// Members plus joins in flight: the room's seats taken.
+    seats: Arc<AtomicUsize>,
+}
+
+/// The rooms of a server and its seat counts, shared with every room task.
+pub(crate) struct Registry {
+    rooms: Mutex<HashMap<String, RoomHandle>>,
+    /// Participants on this server plus joins in flight.
+    participants: AtomicUsize,
+    next_participant: AtomicU64,
+    next_instance: AtomicU64,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, RoomHandle>> {
+        self.rooms
+            .lock()
+            .expect("rooms lock is never poisoned: nothing panics while holding it")
+    }
+
+    /// A member of room `name` (instance `instance`) left: free its seats.
+    fn left(&self, name: &str, instance: u64, metrics: &Metrics) {
+        if let Some(h) = self.lock().get(name).filter(|h| h.instance == instance) {
+            h.seats.fetch_sub(1, Ordering::SeqCst);
+        }
+        let left = self.participants.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics
+            .participants
+            .set(i64::try_from(left).unwrap_or(i64::MAX));
+    }
+
+    /// Remove room `name` if it is still instance `instance` and no seat is taken. Returns
+    /// whether the room is gone from the registry (then its task ends).
+    fn end_room(&self, name: &str, instance: u64) -> bool {
+        let mut rooms = self.lock();
+        match rooms.get(name) {
+            Some(h) if h.instance == instance => {
+                if h.seats.load(Ordering::SeqCst) == 0 {
+                    rooms.remove(name);
+                    true
+                } else {
+                    false
+                }
+            }
+            // Replaced or removed already: nobody can reach this room any more.
+            _ => true,
+        }
+    }
+}
+
+/// A seat on the server, given back unless the join completes.
+struct Seat<'a> {
+    registry: &'a Registry,
+    room: Option<(String, u64)>,
+    kept: bool,
+}
+
+impl Drop for Seat<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        self.registry.participants.fetch_sub(1, Ordering::SeqCst);
+        if let Some((name, instance)) = &self.room
+            && let Some(h) = self
+                .registry
+                .lock()
+                .get(name)
+                .filter(|h| h.instance == *instance)
+        {
+            h.seats.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Every room of this server.
+pub struct Rooms {
+    config: Arc<Config>,
+    port: Arc<MediaPort>,
+    metrics: Arc<Metrics>,
+    mesh: Option<MeshNode>,
+    /// The mixing settings every room runs: the plan's on a mesh, the flags' alone.
+    mixing: watch::Receiver<MixerConfig>,
+    /// Alone, the settings never change; the sender is kept so rooms wait on it quietly.
+    _fixed_mixing: Option<watch::Sender<MixerConfig>>,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Rooms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rooms")
+            .field(
+                "participants",
+                &self.registry.participants.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rooms {
+    /// Rooms served through `port`. On a mesh, every room mixes with the plan's settings and
+    /// follows their changes; alone, with `config`'s.
+    pub fn new(
+        config: Arc<Config>,
+        port: Arc<MediaPort>,
+        metrics: Arc<Metrics>,
+        mesh: Option<MeshNode>,
+    ) -> Self {
+        let (mixing, fixed) = match &mesh {
+            Some(node) => (node.mixing(), None),
+            None => {
+                let (tx, rx) = watch::channel(config.mixer());
+                (rx, Some(tx))
+            }
+        };
+        Self {
+            config,
+            port,
+            metrics,
+            mesh,
+            mixing,
+            _fixed_mixing: fixed,
+            registry: Arc::new(Registry {
+                rooms: Mutex::new(HashMap::new()),
+                participants: AtomicUsize::new(0),
+                next_participant: AtomicU64::new(1),
+                next_instance: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The mixing settings rooms run now.
+    pub fn mixing(&self) -> MixerConfig {
+        *self.mixing.borrow()
+    }
+
+    /// Admit `identity` to `room` with an SDP offer.
+    pub async fn join(&self, room: &str, identity: &str, offer: &str) -> Result<Joined, JoinError> {
+        let mut seat = self.reserve(room)?;
+        let id = self
+            .registry
+            .next_participant
+            .fetch_add(1, Ordering::Relaxed);
+        let (commands, packets) = {
+            let rooms = self.registry.lock();
+            let h = seat
+                .room
+                .as_ref()
+                .and_then(|(name, instance)| rooms.get(name).filter(|h| h.instance == *instance))
+                .ok_or(JoinError::RoomClosed)?;
+            (h.commands.clone(), h.packets.clone())
+        };
+        let sink = AudioSink {
+            queue: packets,
+            tag: id,
+        };
+        let (answer, link) = self.port.accept_into(offer, sink).await?;
+        let transport: Box<dyn Transport> = Box::new(WebRtcTransport::new(link, self.port.clone()));
+        let command = Command::Join {
+            id,
+            identity: identity.to_owned(),
+            transport,
+        };
+        if let Err(mpsc::error::SendError(Command::Join { transport, .. })) =
+            commands.send(command).await
+        {
+            transport.close();
+            return Err(JoinError::RoomClosed);
+        }
+        seat.kept = true;
+        self.metrics.participants.set(
+            i64::try_from(self.registry.participants.load(Ordering::SeqCst)).unwrap_or(i64::MAX),
+        );
+        Ok(Joined { id, answer })
+    }
+
+    /// Take a seat on the server and in `room` (starting the room if it is new), or refuse.
+    fn reserve(&self, room: &str) -> Result<Seat<'_>, JoinError> {
+        let registry = &*self.registry;
+        let total = registry.participants.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut seat = Seat {
+            registry,
+            room: None,
+            kept: false,
+        };
+        if total > self.config.max_participants {
+            return Err(JoinError::ServerFull {
+                max: self.config.max_participants,
+            });
+        }
+        let mut rooms = registry.lock();
+        let handle = match rooms.get(room) {
+            Some(h) => {
+                if h.seats.load(Ordering::SeqCst) >= self.config.max_room_participants {
+                    return Err(JoinError::RoomFull {
+                        max: self.config.max_room_participants,
+                    });
+                }
+                h
+            }
+            None => {
+                if rooms.len() >= self.config.max_rooms {
+                    return Err(JoinError::TooManyRooms {
+                        max: self.config.max_rooms,
+                    });
+                }
+                let handle = self.spawn_room(room)?;
+                rooms.entry(room.to_owned()).or_insert(handle)
+            }
+        };
+        handle.seats.fetch_add(1, Ordering::SeqCst);
+        seat.room = Some((room.to_owned(), handle.instance));
+        Ok(seat)
+    }
+
+    /// Remove participant `id` from `room`.
+    pub async fn leave(&self, room: &str, id: ParticipantId) -> Result<(), JoinError> {
+        let commands = self
+            .registry
+            .lock()
+            .get(room)
+            .map(|h| h.commands.clone())
+            .ok_or(JoinError::NotFound)?;
+        let (done, found) = oneshot::channel();
+        commands
+            .send(Command::Leave { id, done })
+            .await
+            .map_err(|_| JoinError::NotFound)?;
+        match found.await {
+            Ok(true) => Ok(()),
+            _ => Err(JoinError::NotFound),
+        }
+    }
+
+    /// A snapshot of `room`, if anybody is in it.
+    pub fn info(&self, room: &str) -> Option<RoomInfo> {
+        self.registry.lock().get(room).map(|h| {
+            h.info
+                .lock()
+                .expect("room info lock is never poisoned")
+                .clone()
+        })
+    }
+
+    /// Rooms open now.
+    pub fn room_count(&self) -> usize {
+        self.registry.lock().len()
+    }
+
+    fn spawn_room(&self, name: &str) -> Result<RoomHandle, JoinError> {
+        let settings = *self.mixing.borrow();
+        let link = self.mesh.as_ref().map(|node| node.open_room(name));
+        let mesh = self
+            .mesh
+            .as_ref()
+            .zip(link.as_ref())
+            .map(|(node, link)| (node.self_id().to_owned(), link.room_hash));
+        let core = RoomCore::new(settings, mesh)?;
+        let (commands, commands_rx) = mpsc::channel(64);
+        let (packets, packets_rx) = mpsc::channel(ROOM_QUEUE);
+        let info = Arc::new(Mutex::new(RoomInfo {
+            room: name.to_owned(),
+            ..RoomInfo::default()
+        }));
+        let instance = self.registry.next_instance.fetch_add(1, Ordering::Relaxed);
+        let task = RoomTask {
+            name: name.to_owned(),
+            instance,
+            core,
+            link,
+            node: self.mesh.clone(),
+            port: self.port.clone(),
+            mixing: self.mixing.clone(),
+            metrics: self.metrics.clone(),
+            info: info.clone(),
+            registry: self.registry.clone(),
+            transports: std::collections::BTreeMap::new(),
+            active: 0,
+        };
+        self.metrics.rooms.inc();
+        tokio::spawn(task.run(commands_rx, packets_rx));
+        Ok(RoomHandle {
+            instance,
+            commands,
+            packets,
+            info,
+            seats: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+}

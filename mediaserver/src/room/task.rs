@@ -1,0 +1,333 @@
+//! The task of one room: the thin IO shell around [`RoomCore`].
+//!
+//! It owns the core (so the mixer needs no lock) and the members' transports, and waits on:
+//! - joins and leaves ([`Command`]);
+//! - the room's one packet queue, into which every member's transport delivers (tagged with the
+//!   participant's stream id);
+//! - forwarded packets and view changes from the mesh;
+//! - new mixing settings (a new plan generation), applied live;
+//! - the frame tick: the core mixes, the task hands frames to transports, reports to the mesh,
+//!   records metrics, publishes the roster and removes members whose transport ended.
+//!
+//! The room ends when it has no member and no join in flight: it removes itself from the
+//! registry under the registry's lock, so a join never lands in a room that is ending.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Interval, MissedTickBehavior};
+
+use super::core::{Packet, ParticipantId, RoomCore, Tick};
+use super::transport::Transport;
+use super::{ParticipantInfo, Registry, RoomInfo};
+use crate::endpoint::{InboundAudio, MediaPort};
+use crate::media::MixerConfig;
+use crate::mesh::wire::unix_micros_now;
+use crate::mesh_node::{MeshNode, RemotePacket, Reporter, RoomLink, RoomView};
+use crate::metrics::Metrics;
+
+/// What the registry asks of a room.
+pub(super) enum Command {
+    /// A participant whose transport is up joins.
+    Join {
+        id: ParticipantId,
+        identity: String,
+        transport: Box<dyn Transport>,
+    },
+    /// A participant leaves; `done` says whether it was here.
+    Leave {
+        id: ParticipantId,
+        done: oneshot::Sender<bool>,
+    },
+}
+
+/// Everything one room task holds.
+pub(super) struct RoomTask {
+    pub(super) name: String,
+    pub(super) instance: u64,
+    pub(super) core: RoomCore,
+    pub(super) link: Option<RoomLink>,
+    pub(super) node: Option<MeshNode>,
+    /// The server's media port, for the shared frame's one fan-out.
+    pub(super) port: Arc<MediaPort>,
+    pub(super) mixing: watch::Receiver<MixerConfig>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) info: Arc<Mutex<RoomInfo>>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) transports: BTreeMap<ParticipantId, Box<dyn Transport>>,
+    /// This room's share of the server-wide active-speakers gauge.
+    pub(super) active: i64,
+}
+
+fn ticker(frame: Duration) -> Interval {
+    let mut ticker = tokio::time::interval(frame);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    ticker
+}
+
+impl RoomTask {
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut packets: mpsc::Receiver<InboundAudio>,
+    ) {
+        let epoch = Instant::now();
+        let mut ticks = ticker(self.core.settings().frame());
+        let mut link = self.link.take();
+        let (mut inbox, mut view, reporter) = match link.as_mut() {
+            Some(link) => {
+                let (inbox, view, reporter) = link.split();
+                (Some(inbox), Some(view), Some(reporter))
+            }
+            None => (None, None, None),
+        };
+        loop {
+            tokio::select! {
+                Some(remote) = recv_remote(inbox.as_deref_mut()) => self.on_remote(remote, epoch),
+                Some(view) = view_changed(view.as_deref_mut()) => {
+                    if let Err(e) = self.core.apply_view(view) {
+                        tracing::warn!(room = %self.name, error = %e, "mesh view refused");
+                    }
+                }
+                Ok(()) = self.mixing.changed() => {
+                    let settings = *self.mixing.borrow_and_update();
+                    let frame = self.core.settings().frame();
+                    match self.core.reconfigure(settings) {
+                        Ok(()) if settings.frame() != frame => ticks = ticker(settings.frame()),
+                        Ok(()) => {}
+                        Err(e) => tracing::error!(room = %self.name, error = %e, "mixing settings refused; keeping the running ones"),
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                Some(audio) = packets.recv() => self.on_packet(audio, epoch),
+                _ = ticks.tick() => {
+                    let now = epoch.elapsed();
+                    let tick = self.core.tick(now);
+                    self.on_tick(tick, reporter, epoch);
+                    if self.core.is_empty() && self.end_if_unused() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.metrics.active_speakers.sub(self.active);
+        self.metrics.rooms.dec();
+        for (_, transport) in std::mem::take(&mut self.transports) {
+            transport.close();
+        }
+        // Dropping the link takes the room off the mesh.
+        drop(link);
+        tracing::info!(room = %self.name, "room closed");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Join {
+                id,
+                identity,
+                transport,
+            } => {
+                tracing::info!(room = %self.name, participant = id, "joined");
+                self.core.add_member(id, identity);
+                self.transports.insert(id, transport);
+                self.publish_roster(None);
+            }
+            Command::Leave { id, done } => {
+                let found = self.remove(id);
+                let _ = done.send(found);
+            }
+        }
+    }
+
+    fn on_packet(&mut self, audio: InboundAudio, epoch: Instant) {
+        self.metrics.packets_received.inc();
+        let elapsed = audio.arrival.elapsed();
+        let ingress_us = unix_micros_now()
+            .saturating_sub(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+        let packet = Packet {
+            seq: audio.seq,
+            rtp_timestamp: audio.rtp_timestamp,
+            payload: audio.payload,
+            level: audio.level,
+            arrival: audio.arrival.saturating_duration_since(epoch),
+        };
+        let (pushed, forward) = self.core.push_local(audio.tag, packet, ingress_us);
+        if let (Some(forward), Some(node)) = (forward, &self.node) {
+            node.forward(&forward.datagram, forward.to);
+        }
+        if let Err(e) = pushed {
+            self.metrics
+                .packets_dropped
+                .with_label_values(&[e.category()])
+                .inc();
+        }
+    }
+
+    fn on_remote(&mut self, remote: RemotePacket, epoch: Instant) {
+        let arrival = remote.arrival.saturating_duration_since(epoch);
+        if let Err(e) = self.core.push_remote(&remote.key, remote.datagram, arrival) {
+            self.metrics
+                .packets_dropped
+                .with_label_values(&[e.category()])
+                .inc();
+        }
+    }
+
+    fn on_tick(&mut self, tick: Tick, reporter: Option<&Reporter>, epoch: Instant) {
+        let started = Instant::now();
+        let samples = self.core.settings().frame_samples();
+        self.deliver(&tick, samples);
+        if let (Some(report), Some(reporter)) = (tick.report.clone(), reporter) {
+            reporter.report(report);
+        }
+        self.record(&tick, started, epoch);
+        if tick.periodic {
+            self.publish_roster(Some(&tick.mix.mixed));
+            // Participants whose connection ended leave without a DELETE.
+            let gone: Vec<ParticipantId> = self
+                .transports
+                .iter()
+                .filter(|(_, t)| t.is_gone())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.remove(id);
+            }
+        }
+    }
+
+    /// Own mixes one send each; the shared frame in one fan-out for every listener on the
+    /// media port (one queue entry, one reference count per listener), one send for others.
+    fn deliver(&self, tick: &Tick, samples: u32) {
+        let drop_counted = |e: crate::endpoint::EndpointError| {
+            self.metrics
+                .packets_dropped
+                .with_label_values(&[e.category()])
+                .inc();
+        };
+        for (id, frame) in &tick.deliveries.own {
+            if let Some(t) = self.transports.get(id)
+                && let Err(e) = t.send_opus(frame.clone(), samples)
+            {
+                drop_counted(e);
+            }
+        }
+        let shared = &tick.deliveries.shared;
+        let mut port_peers = Vec::with_capacity(tick.deliveries.listeners.len());
+        for id in &tick.deliveries.listeners {
+            let Some(t) = self.transports.get(id) else {
+                continue;
+            };
+            match t.port_peer() {
+                Some(peer) => port_peers.push(peer),
+                None => {
+                    if let Err(e) = t.send_opus(shared.clone(), samples) {
+                        drop_counted(e);
+                    }
+                }
+            }
+        }
+        if !port_peers.is_empty()
+            && let Err(e) = self
+                .port
+                .send_opus_to_all(port_peers.into(), shared.clone(), samples)
+        {
+            drop_counted(e);
+        }
+    }
+
+    fn record(&mut self, tick: &Tick, started: Instant, epoch: Instant) {
+        let m = &self.metrics;
+        let out = &tick.mix;
+        let mixed = i64::try_from(out.mixed.len()).unwrap_or(i64::MAX);
+        m.active_speakers.add(mixed - self.active);
+        self.active = mixed;
+        let sent = epoch.elapsed();
+        for (_, arrival) in &out.carried {
+            m.server_delay
+                .observe(sent.saturating_sub(*arrival).as_secs_f64());
+        }
+        for (_, depth) in &out.stats.jitter_depth {
+            m.jitter_depth.observe(depth.as_secs_f64());
+        }
+        m.decodes_per_tick.observe(f64::from(out.stats.decodes));
+        m.encodes_per_tick.observe(f64::from(out.stats.encodes));
+        m.packets_lost.inc_by(u64::from(out.stats.lost));
+        m.concealed
+            .with_label_values(&["plc"])
+            .inc_by(u64::from(out.stats.plc));
+        m.concealed
+            .with_label_values(&["fec"])
+            .inc_by(u64::from(out.stats.fec));
+        m.ticks.inc();
+        m.tick_duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Remove a member and its transport; `false` if it was not here.
+    fn remove(&mut self, id: ParticipantId) -> bool {
+        let Some(member) = self.core.remove_member(id) else {
+            return false;
+        };
+        if let Some(t) = self.transports.remove(&id) {
+            t.close();
+        }
+        self.registry.left(&self.name, self.instance, &self.metrics);
+        tracing::info!(room = %self.name, participant = id, identity = %member.identity, "left");
+        self.publish_roster(None);
+        true
+    }
+
+    /// End the room if no join is in flight, removing it from the registry under its lock.
+    fn end_if_unused(&self) -> bool {
+        self.registry.end_room(&self.name, self.instance)
+    }
+
+    /// Publish the roster; `mixed` is the set mixed at this tick, or `None` between ticks (a
+    /// join or leave), which keeps the last speaking set.
+    fn publish_roster(&self, mixed: Option<&[crate::media::StreamId]>) {
+        let members = self.core.members();
+        let mut info = self.info.lock().expect("room info lock is never poisoned");
+        let speaking: Vec<u64> = match mixed {
+            Some(mixed) => mixed.iter().map(|s| s.0).collect(),
+            None => info.active_speakers.clone(),
+        };
+        let speaking: Vec<u64> = speaking
+            .into_iter()
+            .filter(|id| members.contains_key(id))
+            .collect();
+        info.participants = members
+            .iter()
+            .map(|(id, m)| ParticipantInfo {
+                id: *id,
+                identity: m.identity.clone(),
+                speaking: speaking.contains(id),
+            })
+            .collect();
+        info.active_speakers = speaking;
+    }
+}
+
+/// The next forwarded packet, or never when the room is not on a mesh.
+async fn recv_remote(inbox: Option<&mut mpsc::Receiver<RemotePacket>>) -> Option<RemotePacket> {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The mesh's new view of the room when it changes; never when the room is not on a mesh (or
+/// the mesh is gone).
+async fn view_changed(view: Option<&mut watch::Receiver<RoomView>>) -> Option<RoomView> {
+    match view {
+        Some(view) => match view.changed().await {
+            Ok(()) => Some(view.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
