@@ -20,7 +20,8 @@
 //! Invariants:
 //! - Nothing received from the network can panic this module or reach another participant's
 //!   connection: a datagram goes to at most one connection, chosen by ufrag or source address.
-//! - Dropped input is counted ([`PortStats`]), never silently lost.
+//! - Dropped input is counted ([`PortStats`]), never silently lost; a dropped datagram counts
+//!   under exactly one reason.
 //! - Sending audio never blocks the caller: [`PeerSender::send_opus`] queues or fails at once.
 
 mod demux;

@@ -8,9 +8,15 @@
 //!    reused by another participant);
 //! 2. the source address, learned from earlier binding requests.
 //!
-//! Anything else is dropped and counted in [`PortStats::dropped_malformed`].
+//! Anything else is dropped: a datagram whose headers are broken counts in
+//! [`PortStats::dropped_malformed`], a well-formed one that names no participant in
+//! [`PortStats::dropped_unroutable`].
 //!
 //! Invariants:
+//! - Every datagram read counts in [`PortStats::datagrams_in`] and then either reaches exactly
+//!   one session or counts under exactly one drop reason, so the drop reasons add up to what
+//!   was dropped and a dashboard may sum them. What a session's connection discards after that
+//!   (a forged binding request, undecryptable SRTP) is not a port drop: `rtc` does not report it.
 //! - At most [`PortConfig::max_peers`] sessions; at most `MAX_ADDRS_PER_PEER` learned
 //!   addresses per session, so a flood of forged binding requests cannot grow memory.
 //! - A session that reaches `Failed`/`Closed`, or does not connect within
@@ -82,11 +88,11 @@ pub struct PortStats {
     pub datagrams_in: u64,
     /// Datagrams written to the socket.
     pub datagrams_out: u64,
-    /// Datagrams dropped by the demultiplexer: malformed (not STUN/DTLS/RTP/RTCP by their first
-    /// byte, or a broken STUN/RTP/RTCP header), or well-formed but from an unknown address with
-    /// no known ufrag. [`PortStats::dropped_unroutable`] counts the latter part separately.
+    /// Datagrams dropped as malformed: not STUN/DTLS/RTP/RTCP by their first byte, or a broken
+    /// STUN/DTLS/RTP/RTCP header. Disjoint from `dropped_unroutable`.
     pub dropped_malformed: u64,
-    /// The part of `dropped_malformed` that was well-formed but belonged to no participant.
+    /// Well-formed datagrams dropped because they belong to no participant: from an unknown
+    /// address, and no known ufrag. Disjoint from `dropped_malformed`.
     pub dropped_unroutable: u64,
     /// Audio frames delivered to participants' inbound queues.
     pub inbound_frames: u64,
@@ -557,7 +563,6 @@ impl Driver {
         };
         let Some(session) = target.and_then(|peer| self.sessions.get_mut(&peer)) else {
             debug!(%from, "dropping datagram from an unknown address");
-            bump(&self.counters.dropped_malformed, 1);
             bump(&self.counters.dropped_unroutable, 1);
             return;
         };
@@ -571,6 +576,9 @@ impl Driver {
     /// request passed its MESSAGE-INTEGRITY check: a forged request cannot steer routing.
     fn first_contact(&mut self, peer: u64, now: Instant, from: SocketAddr, datagram: &[u8]) {
         let Some(session) = self.sessions.get_mut(&peer) else {
+            // `by_ufrag` and `sessions` change together, so this is not expected; if it happens
+            // the datagram is still dropped, and every drop is counted.
+            bump(&self.counters.dropped_unroutable, 1);
             return;
         };
         session.handle_datagram(now, self.candidate_addr, from, BytesMut::from(datagram));

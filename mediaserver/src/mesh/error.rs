@@ -106,4 +106,14 @@ impl MeshError {
             detail: detail.into(),
         }
     }
+
+    /// A TLS failure, `context` saying what was being done.
+    pub(crate) fn tls(context: &str, e: impl std::fmt::Display) -> Self {
+        MeshError::Tls(format!("{context}: {e}"))
+    }
+
+    /// A socket or QUIC failure, `context` saying what was being done.
+    pub(crate) fn io(context: &str, e: impl std::fmt::Display) -> Self {
+        MeshError::Io(format!("{context}: {e}"))
+    }
 }

@@ -9,9 +9,13 @@
 //! - [`protocol`]: the sans-IO protocol core, [`protocol::MeshNodeState`]. Time and messages are
 //!   inputs, outgoing messages are values. It decides who is the primary of a room, merges top
 //!   lists, says what to mix and what to forward to whom, and counts how consistent the mesh is.
-//! - [`transport`]: QUIC (quinn) with mutual TLS from the conference's mesh certificates, control
-//!   frames on one bidirectional stream per peer, media as QUIC datagrams, heartbeats/RTT,
-//!   reconnect with backoff, per-peer counters.
+//! - [`frame`]: the length-prefixed codec of the control stream (Hello, Ping, Pong, control
+//!   messages), bounded before any allocation.
+//! - [`tls`]: the mesh TLS material ([`MeshTls`]) and the rustls configurations of mutual TLS
+//!   under the conference's mesh CA, including the check of a dialer's claimed id.
+//! - [`transport`]: QUIC (quinn) between the servers: the endpoint, the peer set from the plan,
+//!   sending control frames and media datagrams, per-peer counters; its `connection` part runs
+//!   each connection (dial with backoff, accept and identify, heartbeats/RTT).
 //! - [`metrics`]: the mesh's Prometheus collectors.
 //!
 //! The glue (owned by the server shell, not this module) feeds the mixer's candidates into
@@ -28,8 +32,10 @@
 //! - secrets (private keys) never reach `Debug` output, logs or metrics.
 
 pub mod error;
+pub mod frame;
 pub mod metrics;
 pub mod protocol;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 
@@ -38,5 +44,6 @@ pub use metrics::MeshMetrics;
 pub use protocol::{
     GlobalList, MeshCounters, MeshNodeState, Outgoing, ProtocolConfig, ServerId, StreamKey,
 };
-pub use transport::{MeshInbound, MeshPeer, MeshTls, MeshTransport, PeerStats, TransportConfig};
+pub use tls::MeshTls;
+pub use transport::{MeshInbound, MeshPeer, MeshTransport, PeerStats, TransportConfig};
 pub use wire::{ControlMessage, MediaDatagram, MeshCandidate};
