@@ -292,3 +292,107 @@ async fn app_js() -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::EndpointError;
+    use crate::media::MediaError;
+
+    /// Every join and endpoint error reaches HTTP with its own status and reason, never as a
+    /// generic "bad offer".
+    #[test]
+    fn every_join_error_has_its_status_and_reason() {
+        let io = || std::io::Error::other("boom");
+        let table: Vec<(JoinError, StatusCode, &str)> = vec![
+            (
+                EndpointError::MalformedSdp("no v= line".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "sdp_malformed",
+            ),
+            (
+                EndpointError::UnsupportedOffer("no Opus".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "sdp_unsupported",
+            ),
+            (
+                EndpointError::Negotiation("no DTLS fingerprint".into()).into(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "negotiation",
+            ),
+            (
+                EndpointError::TooManyPeers(500).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity",
+            ),
+            (
+                EndpointError::PortClosed.into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "port_closed",
+            ),
+            (
+                EndpointError::Socket(io()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "socket",
+            ),
+            (
+                EndpointError::PeerClosed(3).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "peer_closed",
+            ),
+            (
+                EndpointError::SendQueueFull.into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backpressure",
+            ),
+            (
+                MediaError::InvalidConfig("frame".into()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "invalid_config",
+            ),
+            (
+                JoinError::RoomFull { max: 5 },
+                StatusCode::FORBIDDEN,
+                "room_full",
+            ),
+            (
+                JoinError::ServerFull { max: 5 },
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_full",
+            ),
+            (
+                JoinError::TooManyRooms { max: 5 },
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_rooms",
+            ),
+            (JoinError::NotFound, StatusCode::NOT_FOUND, "not_found"),
+            (
+                JoinError::RoomClosed,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "room_closed",
+            ),
+        ];
+        for (error, status, reason) in table {
+            let message = error.to_string();
+            let api = ApiError::from(error);
+            assert_eq!((api.status, api.reason), (status, reason), "{message}");
+            assert_eq!(api.message, message);
+        }
+    }
+
+    #[test]
+    fn every_token_error_is_401_with_its_reason() {
+        for (error, reason) in [
+            (TokenError::Missing, "token_missing"),
+            (TokenError::Expired, "token_expired"),
+        ] {
+            let api = ApiError::from(error);
+            assert_eq!((api.status, api.reason), (StatusCode::UNAUTHORIZED, reason));
+            let response = api.into_response();
+            assert_eq!(
+                response.headers().get(header::WWW_AUTHENTICATE),
+                Some(&HeaderValue::from_static("Bearer"))
+            );
+        }
+    }
+}

@@ -24,24 +24,23 @@ pub struct Slot {
     pub mesh_bind: SocketAddr,
 }
 
-/// A running mesh of servers.
+/// The files the operator would give a mesh: one CA, a certificate per server, one plan. Servers
+/// (or bare mesh nodes) are started from them.
 #[derive(Debug)]
-pub struct MeshCluster {
-    /// The servers, `None` while killed.
-    pub servers: Vec<Option<MediaServer>>,
-    /// Their slots.
+pub struct MeshFiles {
+    /// The directory holding `ca.crt`, each server's certificate and key, and `mesh.json`.
+    pub dir: PathBuf,
+    /// One slot per server, in plan order.
     pub slots: Vec<Slot>,
-    /// The plan every server runs.
+    /// The plan written to `mesh.json`.
     pub plan: MeshPlan,
-    key: Vec<u8>,
-    dir: PathBuf,
-    top_speakers: usize,
 }
 
-impl MeshCluster {
-    /// Start one server per region name. `advertise(i, bind)` gives the mesh address the PLAN lists
-    /// for server i (a proxy in front of it, say); by default its bind address.
-    pub async fn start(
+impl MeshFiles {
+    /// Certificates and a plan for one server per region name, mixing `top_speakers` of the
+    /// CRD's defaults otherwise. `advertise(i, bind)` gives the mesh address the plan lists for
+    /// server i.
+    pub fn create(
         regions: &[&str],
         top_speakers: usize,
         advertise: impl Fn(usize, SocketAddr) -> SocketAddr,
@@ -86,12 +85,9 @@ impl MeshCluster {
             generation: 1,
             nodes,
             mixing: MeshMixing {
-                top_speakers: top_speakers as u32,
-                extra_candidates: 1,
-                frame_ms: 20,
+                top_speakers: u32::try_from(top_speakers)?,
                 jitter_min_ms: 2,
-                jitter_max_ms: 120,
-                rank_interval_ms: 100,
+                ..MeshMixing::default()
             },
             transfer: MeshTransfer {
                 enabled: true,
@@ -100,13 +96,45 @@ impl MeshCluster {
             telephony: None,
         };
         std::fs::write(dir.join("mesh.json"), plan.to_json())?;
+        Ok(Self { dir, slots, plan })
+    }
+}
+
+impl Drop for MeshFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running mesh of servers.
+#[derive(Debug)]
+pub struct MeshCluster {
+    /// The servers, `None` while killed.
+    pub servers: Vec<Option<MediaServer>>,
+    /// Their slots.
+    pub slots: Vec<Slot>,
+    /// The plan every server runs.
+    pub plan: MeshPlan,
+    key: Vec<u8>,
+    files: MeshFiles,
+}
+
+impl MeshCluster {
+    /// Start one server per region name. `advertise(i, bind)` gives the mesh address the PLAN lists
+    /// for server i (a proxy in front of it, say); by default its bind address. The servers take
+    /// their mixing settings from the plan only (`top_speakers` there), as in a cluster.
+    pub async fn start(
+        regions: &[&str],
+        top_speakers: usize,
+        advertise: impl Fn(usize, SocketAddr) -> SocketAddr,
+    ) -> Result<Self> {
+        let files = MeshFiles::create(regions, top_speakers, advertise)?;
         let mut cluster = Self {
             servers: Vec::new(),
-            slots,
-            plan,
+            slots: files.slots.clone(),
+            plan: files.plan.clone(),
             key: random_key(),
-            dir,
-            top_speakers,
+            files,
         };
         for i in 0..regions.len() {
             let server = cluster.launch(i).await?;
@@ -115,14 +143,23 @@ impl MeshCluster {
         Ok(cluster)
     }
 
+    /// Write a new plan generation with `change` applied, as the operator would; every server
+    /// applies it live.
+    pub fn update_plan(&mut self, change: impl FnOnce(&mut MeshPlan)) -> Result<()> {
+        change(&mut self.plan);
+        self.plan.generation += 1;
+        let tmp = self.files.dir.join("mesh.json.tmp");
+        std::fs::write(&tmp, self.plan.to_json())?;
+        std::fs::rename(&tmp, self.plan_path())?;
+        Ok(())
+    }
+
     async fn launch(&self, i: usize) -> Result<MediaServer> {
         let slot = self.slots[i].clone();
-        let dir = self.dir.clone();
-        let top = self.top_speakers;
+        let dir = self.files.dir.clone();
         MediaServer::start_with_key(&self.key, move |c| {
             c.server_id = slot.id.clone();
             c.region = slot.region.clone();
-            c.top_speakers = top;
             c.mesh = Some(chorus_mediaserver::config::MeshSource::File(
                 dir.join("mesh.json"),
             ));
@@ -135,7 +172,7 @@ impl MeshCluster {
 
     /// The plan file every server watches (write a new generation to apply it live).
     pub fn plan_path(&self) -> PathBuf {
-        self.dir.join("mesh.json")
+        self.files.dir.join("mesh.json")
     }
 
     /// Server `i`.
@@ -163,11 +200,5 @@ impl MeshCluster {
             .next()
             .unwrap_or_default();
         self.slots.iter().position(|s| s.id == first).unwrap_or(0)
-    }
-}
-
-impl Drop for MeshCluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

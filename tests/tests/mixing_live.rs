@@ -1,0 +1,164 @@
+//! The plan's `mixing` block is the only source of every room's settings, and a new generation
+//! reconfigures live rooms: real WebRTC bots on three servers, asserting what each listener hears.
+//! Also: a burst of rooms all reach their primary (lossless room lifecycle on the mesh).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use chorus_mediaserver::mesh::wire::MeshCandidate;
+use chorus_mediaserver::mesh::{MeshMetrics, MeshTls};
+use chorus_mediaserver::mesh_node::{LocalReport, MeshNode};
+use chorus_tests::bot::{AudioSource, Bot, BotConfig, tone, tones};
+use chorus_tests::heavy_test_guard;
+use chorus_tests::media_server::metric;
+use chorus_tests::mesh_cluster::{MeshCluster, MeshFiles};
+use tokio_util::sync::CancellationToken;
+
+const ROOM: &str = "plenary";
+const FIVE: [f64; 5] = [300.0, 500.0, 700.0, 900.0, 1100.0];
+
+/// Waits up to `within` for `bot` to hear exactly `want` over its last two seconds.
+async fn hears_exactly(bot: &Bot, want: &BTreeSet<u32>, within: Duration) -> BTreeSet<u32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = bot.heard(&FIVE);
+        if &got == want || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_mixing_reaches_every_mixer_and_changes_live() -> Result<()> {
+    let _serial = heavy_test_guard().await;
+    // The plan says top 2; a server's own default (3) must not matter.
+    let mut cluster = MeshCluster::start(&["us", "eu", "ap"], 2, |_, a| a).await?;
+    let mut talkers = Vec::new();
+    for (i, hz) in FIVE.iter().enumerate() {
+        let level = -18.0 - 2.0 * i as f64;
+        talkers.push(
+            cluster
+                .server(0)
+                .join_bot(
+                    ROOM,
+                    &format!("talker{i}"),
+                    BotConfig::new(tone(*hz, level)),
+                )
+                .await?,
+        );
+    }
+    let mut listeners = Vec::new();
+    for i in 0..3 {
+        listeners.push(
+            cluster
+                .server(i)
+                .join_bot(
+                    ROOM,
+                    &format!("ear{i}"),
+                    BotConfig::new(AudioSource::Silence),
+                )
+                .await?,
+        );
+    }
+
+    let two = tones(&[300, 500]);
+    for (i, ear) in listeners.iter().enumerate() {
+        let got = hears_exactly(ear, &two, Duration::from_secs(8)).await;
+        assert_eq!(got, two, "server {i}'s listener under the plan's top 2");
+    }
+
+    // A new generation: top 5. Nothing restarts; every mixer follows.
+    cluster.update_plan(|p| p.mixing.top_speakers = 5)?;
+    let all = tones(&[300, 500, 700, 900, 1100]);
+    for (i, ear) in listeners.iter().enumerate() {
+        let got = hears_exactly(ear, &all, Duration::from_secs(8)).await;
+        let report = ear.report_window(Some(Duration::from_secs(2)), &FIVE);
+        assert_eq!(got, all, "server {i}'s listener after top 5: {report:?}");
+    }
+    // The primary and every mixer agree: five active speakers everywhere, generation 2 running.
+    for i in 0..3 {
+        let text = cluster.server(i).metrics();
+        assert_eq!(
+            metric(&text, "chorus_active_speakers"),
+            Some(5.0),
+            "server {i}"
+        );
+        assert_eq!(
+            metric(&text, "chorus_mesh_plan_generation"),
+            Some(2.0),
+            "server {i}"
+        );
+    }
+    drop(talkers);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_rooms_opened_in_a_burst_all_reach_their_primary() -> Result<()> {
+    let _serial = heavy_test_guard().await;
+    let files = MeshFiles::create(&["us", "eu"], 3, |_, a| a)?;
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let mut nodes = Vec::new();
+    for slot in &files.slots {
+        let tls = MeshTls::from_dir(&files.dir, &slot.id)?;
+        let socket = std::net::UdpSocket::bind(slot.mesh_bind)?;
+        nodes.push(MeshNode::start(
+            &slot.id,
+            files.plan.clone(),
+            socket,
+            &tls,
+            MeshMetrics::new(),
+            shutdown.clone(),
+        )?);
+    }
+    let node = Arc::new(nodes.remove(0));
+
+    // Every room opens and reports one voiced speaker in the same instant.
+    let mut links = Vec::new();
+    for i in 0..1000u64 {
+        let link = node.open_room(&format!("room-{i}"));
+        link.report(LocalReport {
+            candidates: vec![MeshCandidate {
+                stream: i + 1,
+                importance: -20.0,
+                voice: true,
+            }],
+            participants: 1,
+        });
+        links.push(link);
+    }
+    // A room reached its primary (whichever server that is) when its view lists its speaker.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing: Vec<usize> = links
+            .iter()
+            .enumerate()
+            .filter(|(i, link)| {
+                let view = link.view.borrow();
+                !view
+                    .selection
+                    .as_ref()
+                    .is_some_and(|list| list.iter().any(|k| k.stream == *i as u64 + 1))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "{} of 1000 rooms never got a global list, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(10)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(links);
+    drop(nodes);
+    Ok(())
+}
