@@ -798,7 +798,7 @@ impl LocalConference {
     }
 
     fn spawn(&self, server: &mut LocalServer) -> Result<(), LocalError> {
-        let args = process::serve_args(&server.node, &self.name, &self.workdir, &self.mesh.mixing);
+        let args = process::serve_args(&server.node, &self.name, &self.workdir);
         let child = process::spawn_logged(
             &self.mediaserver_bin,
             &args,

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use chorus_crds::MeshMixing;
 use chorus_crds::names::env;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
@@ -88,14 +87,10 @@ pub fn resolve_binary(
 
 /// The `chorus-mediaserver serve` arguments for one node.
 ///
-/// Mixing comes from the mesh plan; `--top-speakers` and `--frame-ms` only set what the server
-/// starts with before it reads `mesh.json`, which then applies live.
-pub fn serve_args(
-    node: &LocalNode,
-    conference: &str,
-    workdir: &Path,
-    mixing: &MeshMixing,
-) -> Vec<OsString> {
+/// No mixing flags: mixing belongs to the mesh plan's `mixing` block (`mesh.json` here, the
+/// ConfigMap in a cluster, whose pods get no mixing flags either). A flag would be a second source
+/// that keeps its start-up value while the plan moves on.
+pub fn serve_args(node: &LocalNode, conference: &str, workdir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut flag = |name: &str, value: OsString| {
         args.push(name.into());
@@ -115,8 +110,6 @@ pub fn serve_args(
         "--max-participants",
         node.max_participants.to_string().into(),
     );
-    flag("--top-speakers", mixing.top_speakers.to_string().into());
-    flag("--frame-ms", mixing.frame_ms.to_string().into());
     let mut out = vec![OsString::from("serve")];
     out.extend(args);
     out
