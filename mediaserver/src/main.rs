@@ -3,6 +3,7 @@
 //! Thin by design: configuration layers are merged by [`chorus_mediaserver::config::load`], sockets
 //! are bound here, and everything else is the library.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -90,7 +91,14 @@ struct ServeArgs {
     /// Directory with ca.crt, <server-id>.crt and <server-id>.key.
     #[arg(long)]
     mesh_tls_dir: Option<PathBuf>,
+    /// Stop when standard input closes (set by `chorus-operator local`, which holds the other end
+    /// of a pipe there, so the server ends with it however it ends).
+    #[arg(long)]
+    exit_on_stdin_close: bool,
 }
+
+/// How long a server whose parent is gone gets to stop on its own before it exits regardless.
+const ORPHAN_GRACE: Duration = Duration::from_millis(300);
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -125,6 +133,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let exit_on_stdin_close = args.exit_on_stdin_close;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
@@ -165,6 +174,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             stop.cancel();
         });
+        if exit_on_stdin_close {
+            stop_when_stdin_closes(shutdown.clone()).context("watching standard input")?;
+        }
         #[cfg(unix)]
         {
             let stop = shutdown.clone();
@@ -185,4 +197,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("media server")
     })
+}
+
+/// Cancel `shutdown` once standard input reaches its end, then exit after [`ORPHAN_GRACE`] if the
+/// server has not stopped by then.
+///
+/// A plain thread, not `tokio::io::stdin`: tokio reads stdin with a blocking read it cannot cancel,
+/// which would hold up the runtime's shutdown on an ordinary SIGTERM. The hard exit is there
+/// because nobody is left to send SIGKILL: a drain stuck on a client must not keep the ports.
+fn stop_when_stdin_closes(shutdown: CancellationToken) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("stdin-watch".to_owned())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0_u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Unreadable counts as closed: a watch that cannot see the parent must not
+                    // silently stop watching.
+                    Err(_) => break,
+                }
+            }
+            eprintln!("chorus-mediaserver: standard input closed (its parent is gone); stopping");
+            shutdown.cancel();
+            std::thread::sleep(ORPHAN_GRACE);
+            std::process::exit(1);
+        })
+        .map(drop)
 }

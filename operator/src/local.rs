@@ -21,6 +21,8 @@
 //!   the mesh generation when the mesh digest moves.
 //! - Every child is stopped when the handle goes away (SIGTERM or SIGINT, 3 s, then SIGKILL), also
 //!   when start-up fails half way or its future is dropped.
+//! - No child outlives this process, even one killed with SIGKILL: each child watches a pipe this
+//!   process holds open and exits when it closes ([`process`] says why it is done that way).
 //! - The death of one server is reported, never fatal to the rest: the mesh must survive it.
 
 pub mod bots;
@@ -798,7 +800,7 @@ impl LocalConference {
     }
 
     fn spawn(&self, server: &mut LocalServer) -> Result<(), LocalError> {
-        let args = process::serve_args(&server.node, &self.name, &self.workdir, &self.mesh.mixing);
+        let args = process::serve_args(&server.node, &self.name, &self.workdir);
         let child = process::spawn_logged(
             &self.mediaserver_bin,
             &args,

@@ -6,8 +6,9 @@
 //! the tests. `CHORUS_MEDIASERVER_BIN` names another binary. A binary that cannot be had fails the
 //! test with a message saying how to get it: a skipped process test looks exactly like a passing one.
 //!
-//! Ports differ from the defaults (and between the two tests), so a `chorus-operator local` someone
-//! runs by hand does not collide with the tests.
+//! Ports differ from the defaults (and between the tests), so a `chorus-operator local` someone
+//! runs by hand does not collide with the tests. The command has no flag for the mesh ports, so its
+//! tests take turns ([`COMMAND`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -20,6 +21,10 @@ use chorus_operator::local::process::http_get;
 use chorus_operator::local::{LocalConference, LocalOptions};
 use chorus_operator::manifests;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+/// Held by each test that runs `chorus-operator local`: every run binds the default mesh ports
+/// (7000 + i) on 127.0.0.2 and up.
+static COMMAND: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -217,7 +222,8 @@ async fn the_example_runs_as_local_processes_survives_a_kill_and_stops_cleanly()
 }
 
 /// Sends SIGTERM to the command if the test fails half way, so the command stops its media servers
-/// (SIGKILL, as `kill_on_drop` would send, leaves them running without a parent).
+/// the normal way (after SIGKILL, as `kill_on_drop` would send, they stop on their own without
+/// draining; `no_child_outlives_the_command_killed_with_sigkill` checks that).
 struct StopOnDrop(u32);
 
 impl Drop for StopOnDrop {
@@ -263,6 +269,7 @@ async fn read_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_prints_join_urls_applies_a_watched_change_and_exits_zero_on_sigterm() {
+    let _turn = COMMAND.lock().await;
     let bin = mediaserver_bin();
     let workdir = std::env::temp_dir().join(format!("chorus-local-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&workdir);
@@ -385,4 +392,120 @@ async fn the_command_prints_join_urls_applies_a_watched_change_and_exits_zero_on
     }
     assert!(workdir.join("logs/townhall-us-east-0.log").is_file());
     std::fs::remove_dir_all(&workdir).unwrap();
+}
+
+/// The command line of `pid`, arguments joined by spaces (empty once it is gone).
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Running processes whose command line mentions `dir`.
+fn processes_mentioning(dir: &Path) -> Vec<u32> {
+    let dir = dir.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid_alive(pid) && cmdline(pid).contains(dir))
+        .collect()
+}
+
+/// SIGKILLs, when the test ends, whatever still runs with the working directory on its command
+/// line, so a failed run does not leave servers holding the ports of the tests after it.
+struct KillLeftovers(PathBuf);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_child_outlives_the_command_killed_with_sigkill() {
+    let _turn = COMMAND.lock().await;
+    let bin = mediaserver_bin();
+    let workdir = std::env::temp_dir().join(format!("chorus-local-orphans-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&workdir);
+    std::fs::create_dir_all(&workdir).unwrap();
+    let _leftovers = KillLeftovers(workdir.clone());
+    let file = workdir.join("conference.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: chorus.dev/v1alpha1\nkind: Conference\nmetadata: { name: orphans }\nspec:\n  \
+         regions:\n  - { name: us, replicas: 2 }\n  - { name: eu, replicas: 1 }\n  \
+         media: { udpPort: 43000 }\n",
+    )
+    .unwrap();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-operator"))
+        .arg("local")
+        .arg("-f")
+        .arg(&file)
+        .arg("--workdir")
+        .arg(&workdir)
+        .arg("--mediaserver-bin")
+        .arg(&bin)
+        .args(["--base-port", "38080"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    read_until(&mut lines, &mut seen, Duration::from_secs(40), |l| {
+        l.contains("Ctrl-C")
+    })
+    .await;
+
+    let children: Vec<u32> = processes_mentioning(&workdir)
+        .into_iter()
+        .filter(|&p| parent_of(p) == Some(pid))
+        .collect();
+    assert_eq!(
+        children.len(),
+        3,
+        "one process per media server; found {:?}",
+        children.iter().map(|&p| cmdline(p)).collect::<Vec<_>>()
+    );
+
+    // SIGKILL to the command alone: nothing of it runs after this, no handler, no Drop.
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let left: Vec<String> = processes_mentioning(&workdir)
+        .into_iter()
+        .map(|p| format!("{p}: {}", cmdline(p)))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "still running 2 s after the command was killed: {left:#?}"
+    );
+    for pid in children {
+        assert!(!pid_alive(pid), "pid {pid} still runs");
+    }
+    for port in [38080, 38081] {
+        let addr: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} still taken: {e}"));
+    }
 }

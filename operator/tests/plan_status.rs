@@ -170,6 +170,83 @@ fn plan_places_each_region_on_its_nodes() {
     }
 }
 
+/// Mixing settings as a flag or variable could name them, lower case without `-` or `_`.
+const MIXING_SETTINGS: [&str; 5] = [
+    "topspeakers",
+    "framems",
+    "jitter",
+    "rankinterval",
+    "extracandidates",
+];
+
+/// Whether a flag or variable name (`--top-speakers`, `CHORUS_FRAME_MS`, ...) names a mixing setting.
+fn names_mixing(name: &str) -> bool {
+    let folded: String = name
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_'))
+        .collect::<String>()
+        .to_ascii_lowercase();
+    MIXING_SETTINGS.iter().any(|m| folded.contains(m))
+}
+
+#[test]
+fn pods_get_mixing_only_from_the_mesh_plan() {
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/conference.yaml"),
+    )
+    .unwrap();
+    // The check itself sees the spellings a flag or a variable would use.
+    assert!(names_mixing("--top-speakers") && names_mixing("CHORUS_FRAME_MS"));
+    for c in [conf(&example), conf(TWO_REGIONS)] {
+        let p = plan(&c).unwrap();
+        let sts = statefulsets(&p);
+        assert!(!sts.is_empty());
+        for s in sts {
+            let name = s.metadata.name.as_deref().unwrap_or("?");
+            let pod = s.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+            let media = &pod.containers[0];
+            assert_eq!(
+                media.args.as_deref(),
+                Some(&["serve".to_owned()][..]),
+                "{name}"
+            );
+            for container in pod
+                .containers
+                .iter()
+                .chain(pod.init_containers.iter().flatten())
+            {
+                for arg in container
+                    .command
+                    .iter()
+                    .chain(container.args.iter())
+                    .flatten()
+                {
+                    assert!(
+                        !names_mixing(arg),
+                        "{name}: argument {arg} names a mixing setting"
+                    );
+                }
+                for var in container.env.iter().flatten() {
+                    assert!(
+                        !names_mixing(&var.name),
+                        "{name}: variable {} names a mixing setting",
+                        var.name
+                    );
+                }
+                assert!(
+                    container.env_from.is_none(),
+                    "{name}: envFrom could carry mixing"
+                );
+            }
+        }
+        // The mixing is there all the same, in the mesh plan the servers read.
+        assert_eq!(
+            i64::from(p.mesh.mixing.top_speakers),
+            i64::from(c.spec.mixing.top_speakers)
+        );
+    }
+}
+
 #[test]
 fn plan_lists_services_pdbs_configmap_and_secrets() {
     let p = plan(&conf(TWO_REGIONS)).unwrap();

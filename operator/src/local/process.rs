@@ -5,6 +5,17 @@
 //! - Children run in their own process group, so a Ctrl-C at the terminal reaches only the runtime,
 //!   which then stops them in order (bots first, so they can leave while servers still run). A
 //!   child the runtime never stops itself would be reported as an unexpected death.
+//! - No child outlives the runtime, however the runtime ends. Stopping children in order covers
+//!   SIGTERM, SIGINT and errors, but not SIGKILL or a crash, and those used to leave every server
+//!   running and holding its ports, so the next run failed with "Address already in use". The
+//!   kernel's own answer, a parent-death signal set with `prctl` between fork and exec, needs
+//!   `unsafe` (`pre_exec`), which the workspace forbids. So each child gets a pipe as its standard
+//!   input, the runtime keeps the write end for as long as it owns the child, and the child is told
+//!   with [`EXIT_ON_STDIN_CLOSE`] to exit when the pipe closes. The kernel closes it when the
+//!   runtime dies, whatever kills it; no polling, and no window in which a parent death goes
+//!   unseen. The write end is close-on-exec (std's pipes are), so no other child holds it open.
+//!   The watch is opt-in because a server run by hand or in a pod often has no standard input at
+//!   all, and must not take that for its parent's death.
 //! - A child is only ever signalled while it is unreaped, so its pid cannot have been reused.
 //! - Secrets never go on a command line (visible in `ps`): the join key is a file path, a bot's
 //!   token travels in its environment.
@@ -17,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use chorus_crds::MeshMixing;
 use chorus_crds::names::env;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
@@ -30,6 +40,8 @@ use super::layout::LocalNode;
 pub const MEDIASERVER_BIN: &str = "chorus-mediaserver";
 /// The bot's binary name.
 pub const BOT_BIN: &str = "chorus-bot";
+/// The flag, understood by both binaries, that makes a child exit once its standard input closes.
+pub const EXIT_ON_STDIN_CLOSE: &str = "--exit-on-stdin-close";
 
 /// The signal a child gets first, before SIGKILL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,14 +100,10 @@ pub fn resolve_binary(
 
 /// The `chorus-mediaserver serve` arguments for one node.
 ///
-/// Mixing comes from the mesh plan; `--top-speakers` and `--frame-ms` only set what the server
-/// starts with before it reads `mesh.json`, which then applies live.
-pub fn serve_args(
-    node: &LocalNode,
-    conference: &str,
-    workdir: &Path,
-    mixing: &MeshMixing,
-) -> Vec<OsString> {
+/// No mixing flags: mixing belongs to the mesh plan's `mixing` block (`mesh.json` here, the
+/// ConfigMap in a cluster, whose pods get no mixing flags either). A flag would be a second source
+/// that keeps its start-up value while the plan moves on.
+pub fn serve_args(node: &LocalNode, conference: &str, workdir: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut flag = |name: &str, value: OsString| {
         args.push(name.into());
@@ -115,14 +123,14 @@ pub fn serve_args(
         "--max-participants",
         node.max_participants.to_string().into(),
     );
-    flag("--top-speakers", mixing.top_speakers.to_string().into());
-    flag("--frame-ms", mixing.frame_ms.to_string().into());
     let mut out = vec![OsString::from("serve")];
     out.extend(args);
     out
 }
 
-/// Start `bin args...` with stdout and stderr appended to `log`, in its own process group.
+/// Start `bin args... --exit-on-stdin-close` with stdout and stderr appended to `log`, in its own
+/// process group, and a pipe as its standard input whose write end stays in the returned `Child`:
+/// the child ends when that `Child` is dropped or this process dies (see the module docs).
 pub fn spawn_logged(
     bin: &Path,
     args: &[OsString],
@@ -138,7 +146,8 @@ pub fn spawn_logged(
     let err_file = file.try_clone().map_err(io_error("opening the log", log))?;
     let mut cmd = Command::new(bin);
     cmd.args(args)
-        .stdin(Stdio::null())
+        .arg(EXIT_ON_STDIN_CLOSE)
+        .stdin(Stdio::piped())
         .stdout(Stdio::from(file))
         .stderr(Stdio::from(err_file))
         // A safety net only: the runtime stops children politely itself, this catches a panic path.

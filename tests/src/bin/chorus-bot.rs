@@ -3,6 +3,7 @@
 //!
 //! Thin: argument parsing and the run loop; everything else is `chorus_tests::bot`.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,6 +57,10 @@ struct Args {
     /// Frequencies (Hz) to report the received energy of.
     #[arg(long, value_name = "HZ,...", value_delimiter = ',')]
     report_freqs: Vec<f64>,
+    /// Exit at once when standard input closes (set by `chorus-operator local`, which holds the
+    /// other end of a pipe there, so the bot ends with it however it ends).
+    #[arg(long)]
+    exit_on_stdin_close: bool,
 }
 
 /// The JSON printed on stdout.
@@ -135,9 +140,43 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Exit the process once standard input reaches its end.
+///
+/// No report and no leave: whoever started the bot is gone, and so are, or soon will be, the
+/// servers it would say goodbye to. A plain thread, because tokio's stdin is a blocking read that
+/// cannot be cancelled and would hold up the runtime's shutdown after a normal Ctrl-C.
+fn exit_when_stdin_closes() -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("stdin-watch".to_owned())
+        .spawn(|| {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0_u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Unreadable counts as closed: a watch that cannot see the parent must not
+                    // silently stop watching.
+                    Err(_) => break,
+                }
+            }
+            eprintln!("chorus-bot: standard input closed (its parent is gone); exiting");
+            std::process::exit(1);
+        })
+        .map(drop)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    if args.exit_on_stdin_close
+        && let Err(err) = exit_when_stdin_closes()
+    {
+        eprintln!("chorus-bot: cannot watch standard input: {err}");
+        return ExitCode::FAILURE;
+    }
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("chorus-bot: {err:#}");
