@@ -22,10 +22,11 @@
 //! - **Local top list.** Every `rankIntervalMs` (and at once when the primary changes or a new
 //!   global list was accepted) a server with participants sends the primary its voice-active local
 //!   candidates, best first, at most `topSpeakers + extraCandidates`, with the epoch it mixes.
-//! - **Global top list.** The primary merges the fresh lists of live servers: voice-active streams
+//! - **Global top list.** The primary merges the fresh lists of live servers with the local
+//!   ranker's rules ([`select_top_n`], via [`merge_top_list`]): voice-active, non-silent streams
 //!   only, ranked by importance then [`StreamKey`]; a stream on the current list keeps its slot
-//!   unless a challenger is louder by `hysteresis_db` (so the list does not flap); the next
-//!   `extraCandidates` form the margin. It sends the result to every live server with participants
+//!   unless a challenger is louder by more than `hysteresis_db` (so the list does not flap); the
+//!   next `extraCandidates` form the margin. It sends the result to every live server with participants
 //!   when it changes (with a new epoch) and every `global_refresh` (same epoch). A server whose
 //!   acknowledged epoch lags is sent the list again (at most once per rank interval), so a lost
 //!   list is repaired within about one rank interval instead of one refresh.
@@ -46,8 +47,9 @@
 //!   ratio is the fraction of time the whole mesh mixed the same set in the same epoch (an upper
 //!   bound on disagreement: it includes the acknowledgement's way back).
 //!
-//! Hand-written because no crate does it: rendezvous hashing (a few lines over SHA-256), the
-//! hysteresis merge, and the epoch rules above; the protocol itself is this project's.
+//! Hand-written because no crate does it: rendezvous hashing (a few lines over SHA-256) and the
+//! epoch rules above (the hysteresis merge is the media core's selection); the protocol itself is
+//! this project's.
 //!
 //! Invariants:
 //! - no input (message, time, candidate value) panics; bad messages are refused with a
@@ -70,6 +72,8 @@ use super::wire::{
 };
 pub use super::wire::{MeshCandidate, StreamKey};
 use crate::media::MixerConfig;
+use crate::media::level::DEFAULT_SILENCE_THRESHOLD_DBOV;
+use crate::media::ranking::select_top_n;
 
 /// A media server's id (its pod name), as in the plan.
 pub type ServerId = String;
@@ -330,13 +334,15 @@ fn sanitize_candidates(mut c: Vec<MeshCandidate>, limit: usize) -> Vec<MeshCandi
     c
 }
 
-fn rank_order(a: &(StreamKey, f32), b: &(StreamKey, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
-}
-
 /// The primary's merge: from the voice-active `eligible` streams (key, importance), the top
 /// `top_n` with hysteresis against `prev`, and the next `extra` as margin. Both results are
-/// sorted by key. Deterministic: equal importance ranks the lower key first.
+/// sorted by key.
+///
+/// The rules are the local ranker's, [`select_top_n`], so a mesh room picks the same speakers
+/// as a single-server room would from the same levels: NaN and importances below the default
+/// silence threshold never make the list, a duplicate key counts at its most important entry,
+/// equal importance ranks the lower key first. Importances from peers are first clamped to the
+/// wire's -127..=0 dBov, so an out-of-range value cannot outrank every honest one.
 pub fn merge_top_list(
     prev: &[StreamKey],
     eligible: &[(StreamKey, f32)],
@@ -344,47 +350,23 @@ pub fn merge_top_list(
     extra: usize,
     hysteresis_db: f32,
 ) -> (Vec<StreamKey>, Vec<StreamKey>) {
-    let mut ranked: Vec<(StreamKey, f32)> = eligible
+    // `f32::clamp` keeps NaN as NaN, which the selection treats as silence.
+    let levels: Vec<(StreamKey, f32)> = eligible
         .iter()
-        .map(|(k, i)| (k.clone(), sanitize_importance(*i)))
+        .map(|(k, i)| (k.clone(), i.clamp(-127.0, 0.0)))
         .collect();
-    // One entry per key, the most important.
-    ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)));
-    ranked.dedup_by(|later, earlier| later.0 == earlier.0);
-    ranked.sort_by(rank_order);
-
-    let prev: BTreeSet<&StreamKey> = prev.iter().collect();
-    let mut keep: Vec<(StreamKey, f32)> = ranked
-        .iter()
-        .filter(|(k, _)| prev.contains(k))
-        .take(top_n)
-        .cloned()
-        .collect();
-    let hysteresis = if hysteresis_db.is_finite() {
-        hysteresis_db.max(0.0)
-    } else {
-        0.0
-    };
-    for (key, importance) in &ranked {
-        if keep.iter().any(|(k, _)| k == key) {
-            continue;
-        }
-        if keep.len() < top_n {
-            keep.push((key.clone(), *importance));
-            continue;
-        }
-        let weakest = (0..keep.len()).max_by(|&a, &b| rank_order(&keep[a], &keep[b]));
-        if let Some(w) = weakest
-            && *importance > keep[w].1 + hysteresis
-        {
-            keep[w] = (key.clone(), *importance);
-        }
-    }
-    let mut list: Vec<StreamKey> = keep.into_iter().map(|(k, _)| k).collect();
+    let selection = select_top_n(
+        prev,
+        &levels,
+        top_n,
+        hysteresis_db,
+        DEFAULT_SILENCE_THRESHOLD_DBOV,
+    );
+    let mut list: Vec<StreamKey> = selection.selected.into_iter().map(|(k, _)| k).collect();
     list.sort();
-    let mut margin: Vec<StreamKey> = ranked
+    let mut margin: Vec<StreamKey> = selection
+        .outsiders
         .into_iter()
-        .filter(|(k, _)| list.binary_search(k).is_err())
         .take(extra)
         .map(|(k, _)| k)
         .collect();
@@ -1265,6 +1247,21 @@ mod tests {
         let eligible = vec![(key("a", 1), -20.0), (key("b", 1), -16.0)];
         let (list, _) = merge_top_list(&prev, &eligible, 1, 0, 3.0);
         assert_eq!(list, vec![key("b", 1)], "4 dB louder replaces");
+    }
+
+    #[test]
+    fn mesh_merge_follows_the_local_ranking_rules() {
+        // NaN and silence never make the list; a duplicate counts at its loudest entry.
+        let eligible = vec![
+            (key("a", 1), f32::NAN),
+            (key("a", 2), -90.0),
+            (key("b", 1), -40.0),
+            (key("b", 1), -5.0),
+            (key("c", 1), -20.0),
+        ];
+        let (list, margin) = merge_top_list(&[], &eligible, 1, 5, 3.0);
+        assert_eq!(list, vec![key("b", 1)]);
+        assert_eq!(margin, vec![key("c", 1)]);
     }
 
     #[test]
