@@ -623,6 +623,8 @@ impl MeshNodeState {
         result
     }
 
+    /// Checks the sender and the message, settles the sender's liveness, then hands the content
+    /// to the handler of its kind.
     fn handle_message(
         &mut self,
         from: &str,
@@ -633,29 +635,71 @@ impl MeshNodeState {
             return Err(MeshError::UnknownPeer(from.to_owned()));
         }
         msg.validate()?;
-        let (came_alive, restarted) = {
-            let Some(peer) = self.peers.get_mut(from) else {
-                return Err(MeshError::UnknownPeer(from.to_owned()));
-            };
-            peer.last_heard = Some(now);
-            let came_alive = !peer.alive;
-            peer.alive = true;
-            let mut restarted = false;
-            if let ControlMessage::Heartbeat {
+        // A heartbeat's incarnation must be read before the liveness bookkeeping, which forgets
+        // a restarted peer's rooms and lists; every other kind only proves the sender alive.
+        let restarted = match &msg {
+            ControlMessage::Heartbeat {
                 incarnation,
                 generation,
                 ..
-            } = &msg
-            {
-                restarted = peer.incarnation.is_some_and(|i| i != *incarnation);
-                if restarted {
-                    peer.rooms.clear();
-                }
-                peer.incarnation = Some(*incarnation);
-                peer.generation = Some(*generation);
-            }
-            (came_alive, restarted)
+            } => self.on_heartbeat(from, *incarnation, *generation)?,
+            _ => false,
         };
+        self.on_peer_heard(from, restarted, now)?;
+        match msg {
+            ControlMessage::Heartbeat { .. } => Ok(()),
+            ControlMessage::RoomMembership { rooms } => self.on_room_membership(from, rooms),
+            ControlMessage::LocalTopList {
+                room,
+                seq,
+                epoch,
+                candidates,
+            } => self.on_local_top_list(from, &room, seq, epoch, candidates, now),
+            ControlMessage::GlobalTopList {
+                room,
+                epoch,
+                primary,
+                list,
+                margin,
+            } => self.on_global_top_list(from, &room, epoch, primary, list, margin),
+        }
+    }
+
+    /// A heartbeat: records the peer's incarnation and plan generation. Returns whether the
+    /// incarnation changed, i.e. the peer restarted; its announced rooms are then forgotten.
+    fn on_heartbeat(
+        &mut self,
+        from: &str,
+        incarnation: u64,
+        generation: i64,
+    ) -> Result<bool, MeshError> {
+        let Some(peer) = self.peers.get_mut(from) else {
+            return Err(MeshError::UnknownPeer(from.to_owned()));
+        };
+        let restarted = peer.incarnation.is_some_and(|i| i != incarnation);
+        if restarted {
+            peer.rooms.clear();
+        }
+        peer.incarnation = Some(incarnation);
+        peer.generation = Some(generation);
+        Ok(restarted)
+    }
+
+    /// Any message proves its sender alive. When that is news, or the sender `restarted`, every
+    /// term this server leads restarts its grace period (the peer's reports are needed before a
+    /// new list), a restarted peer's lists are dropped, and primaries are re-elected.
+    fn on_peer_heard(
+        &mut self,
+        from: &str,
+        restarted: bool,
+        now: Duration,
+    ) -> Result<(), MeshError> {
+        let Some(peer) = self.peers.get_mut(from) else {
+            return Err(MeshError::UnknownPeer(from.to_owned()));
+        };
+        peer.last_heard = Some(now);
+        let came_alive = !peer.alive;
+        peer.alive = true;
         if came_alive || restarted {
             for r in self.rooms.values_mut() {
                 if restarted {
@@ -669,124 +713,140 @@ impl MeshNodeState {
             // more).
             self.refresh_primaries(now);
         }
+        Ok(())
+    }
 
-        match msg {
-            ControlMessage::Heartbeat { .. } => Ok(()),
-            ControlMessage::RoomMembership { rooms } => {
-                let mut set = BTreeSet::new();
-                let mut result = Ok(());
-                for room in rooms {
-                    match self.ensure_room(&room) {
-                        Ok(_) => {
-                            set.insert(room);
-                        }
-                        Err(e) => result = Err(e),
-                    }
+    /// The full set of rooms a peer has participants in: it replaces the previous set, and the
+    /// peer's lists for rooms it left are dropped. Rooms that cannot be kept (invalid name, room
+    /// limit) are refused with the last such error, the others still apply.
+    fn on_room_membership(&mut self, from: &str, rooms: Vec<String>) -> Result<(), MeshError> {
+        let mut set = BTreeSet::new();
+        let mut result = Ok(());
+        for room in rooms {
+            match self.ensure_room(&room) {
+                Ok(_) => {
+                    set.insert(room);
                 }
-                if let Some(peer) = self.peers.get_mut(from) {
-                    let left: Vec<String> = peer.rooms.difference(&set).cloned().collect();
-                    peer.rooms = set;
-                    for room in left {
-                        if let Some(r) = self.rooms.get_mut(&room) {
-                            r.remote.remove(from);
-                        }
-                    }
-                }
-                result
-            }
-            ControlMessage::LocalTopList {
-                room,
-                seq,
-                epoch,
-                candidates,
-            } => {
-                let limit = self.mixing.local_limit();
-                let rank_interval = self.mixing.rank_interval;
-                self.ensure_room(&room)?;
-                if let Some(peer) = self.peers.get_mut(from) {
-                    peer.rooms.insert(room.clone());
-                }
-                let self_id = self.self_id.clone();
-                let Some(r) = self.rooms.get_mut(&room) else {
-                    return Ok(());
-                };
-                if r.remote.get(from).is_some_and(|l| seq <= l.seq) {
-                    return Ok(()); // reordered or duplicate
-                }
-                r.remote.insert(
-                    from.to_owned(),
-                    RemoteList {
-                        seq,
-                        received: now,
-                        epoch,
-                        candidates: sanitize_candidates(candidates, limit),
-                    },
-                );
-                r.max_epoch_seen = r.max_epoch_seen.max(epoch);
-                // Repair: a member that acknowledges an older epoch missed the list.
-                if let Some(lead) = &mut r.lead
-                    && lead.epoch > 0
-                    && !lead.in_grace
-                    && epoch != lead.epoch
-                {
-                    let last = lead.sent_to.get(from).copied();
-                    if last.is_none_or(|t| now.saturating_sub(t) >= rank_interval) {
-                        lead.sent_to.insert(from.to_owned(), now);
-                        self.outbox.push(Outgoing {
-                            to: from.to_owned(),
-                            msg: global_message(&room, &self_id, lead),
-                        });
-                    }
-                }
-                Ok(())
-            }
-            ControlMessage::GlobalTopList {
-                room,
-                epoch,
-                primary,
-                list,
-                margin,
-            } => {
-                if primary != from {
-                    return Err(MeshError::invalid(
-                        "global top list",
-                        format!("sent by {from:?} but names {primary:?} as its primary"),
-                    ));
-                }
-                self.ensure_room(&room)?;
-                let Some(r) = self.rooms.get_mut(&room) else {
-                    return Ok(());
-                };
-                r.max_epoch_seen = r.max_epoch_seen.max(epoch);
-                let from_primary = r.primary.as_deref() == Some(from);
-                if !from_primary || epoch < r.current_epoch() {
-                    self.counters.lists_rejected += 1;
-                    return Ok(());
-                }
-                let list = canonical(list);
-                let margin: Vec<StreamKey> = canonical(margin)
-                    .into_iter()
-                    .filter(|k| list.binary_search(k).is_err())
-                    .collect();
-                let new = GlobalList {
-                    epoch,
-                    primary,
-                    list,
-                    margin,
-                };
-                let changed = r
-                    .current
-                    .as_ref()
-                    .is_none_or(|c| c.epoch != new.epoch || c.primary != new.primary);
-                r.current = Some(new);
-                if changed {
-                    // Acknowledge at once (the local list carries the epoch we now mix).
-                    r.next_rank = None;
-                }
-                self.counters.lists_accepted += 1;
-                Ok(())
+                Err(e) => result = Err(e),
             }
         }
+        if let Some(peer) = self.peers.get_mut(from) {
+            let left: Vec<String> = peer.rooms.difference(&set).cloned().collect();
+            peer.rooms = set;
+            for room in left {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.remote.remove(from);
+                }
+            }
+        }
+        result
+    }
+
+    /// A member's local top list, to this server as (it believes) the room's primary. The list
+    /// also acknowledges the epoch the member mixes: when that lags this server's current term,
+    /// the member missed a global list and is sent it again.
+    fn on_local_top_list(
+        &mut self,
+        from: &str,
+        room: &str,
+        seq: u64,
+        epoch: u64,
+        candidates: Vec<MeshCandidate>,
+        now: Duration,
+    ) -> Result<(), MeshError> {
+        let limit = self.mixing.local_limit();
+        let rank_interval = self.mixing.rank_interval;
+        self.ensure_room(room)?;
+        if let Some(peer) = self.peers.get_mut(from) {
+            peer.rooms.insert(room.to_owned());
+        }
+        let self_id = self.self_id.clone();
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        if r.remote.get(from).is_some_and(|l| seq <= l.seq) {
+            return Ok(()); // reordered or duplicate
+        }
+        r.remote.insert(
+            from.to_owned(),
+            RemoteList {
+                seq,
+                received: now,
+                epoch,
+                candidates: sanitize_candidates(candidates, limit),
+            },
+        );
+        r.max_epoch_seen = r.max_epoch_seen.max(epoch);
+        // Repair: a member that acknowledges an older epoch missed the list. At most once per
+        // rank interval: the member's next list, an interval later, is the first that can
+        // acknowledge the copy, so resending sooner would only duplicate it.
+        if let Some(lead) = &mut r.lead
+            && lead.epoch > 0
+            && !lead.in_grace
+            && epoch != lead.epoch
+        {
+            let last = lead.sent_to.get(from).copied();
+            if last.is_none_or(|t| now.saturating_sub(t) >= rank_interval) {
+                lead.sent_to.insert(from.to_owned(), now);
+                self.outbox.push(Outgoing {
+                    to: from.to_owned(),
+                    msg: global_message(room, &self_id, lead),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A global top list. Accepted only from the server this one considers the room's primary
+    /// and only if its epoch is not below the current list's (see the module doc's epoch rules);
+    /// a list that names another sender as its primary is an error.
+    fn on_global_top_list(
+        &mut self,
+        from: &str,
+        room: &str,
+        epoch: u64,
+        primary: ServerId,
+        list: Vec<StreamKey>,
+        margin: Vec<StreamKey>,
+    ) -> Result<(), MeshError> {
+        if primary != from {
+            return Err(MeshError::invalid(
+                "global top list",
+                format!("sent by {from:?} but names {primary:?} as its primary"),
+            ));
+        }
+        self.ensure_room(room)?;
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        r.max_epoch_seen = r.max_epoch_seen.max(epoch);
+        let from_primary = r.primary.as_deref() == Some(from);
+        if !from_primary || epoch < r.current_epoch() {
+            self.counters.lists_rejected += 1;
+            return Ok(());
+        }
+        let list = canonical(list);
+        let margin: Vec<StreamKey> = canonical(margin)
+            .into_iter()
+            .filter(|k| list.binary_search(k).is_err())
+            .collect();
+        let new = GlobalList {
+            epoch,
+            primary,
+            list,
+            margin,
+        };
+        let changed = r
+            .current
+            .as_ref()
+            .is_none_or(|c| c.epoch != new.epoch || c.primary != new.primary);
+        r.current = Some(new);
+        if changed {
+            // Acknowledge at once (the local list carries the epoch we now mix).
+            r.next_rank = None;
+        }
+        self.counters.lists_accepted += 1;
+        Ok(())
     }
 
     /// Advance to `now`: detect dead peers, re-elect primaries, send what is due (heartbeats,
