@@ -1,25 +1,143 @@
-//! Top-N speaker selection with hysteresis.
+//! Top-N speaker selection with hysteresis: one rule set for the local mix and the mesh.
 //!
-//! Each frame tick the [`Ranker`] receives every eligible stream's smoothed importance and
-//! updates its selected set:
-//! - a selected stream that disappears or falls silent leaves the set;
-//! - empty slots are filled by the loudest unselected streams straight away (there is nothing to
-//!   protect);
-//! - otherwise a challenger replaces the WEAKEST selected stream only if it is louder by
-//!   [`RankingConfig::hysteresis_db`]. So a quiet speaker who gets louder replaces the quietest
-//!   selected speaker, while two speakers at nearly the same level never swap back and forth.
+//! [`select_top_n`] is the only place a top-N is chosen. The [`Ranker`] runs it every frame tick
+//! over a room's streams on one server, and the mesh primary runs it over the voice-active
+//! candidates of every server (`mesh::protocol::merge_top_list`). So a single-server room and a
+//! mesh room pick the same speakers from the same levels. The rules, in order:
+//! - a NaN importance, or one below the silence threshold, is silence: never selected, never in
+//!   the margin;
+//! - duplicate keys collapse to their most important entry;
+//! - previously selected keys that are still eligible keep their slots (the loudest of them when
+//!   there are more than `top_n`);
+//! - empty slots are filled by the loudest outsiders straight away (there is nothing to protect);
+//! - then the loudest outsider replaces the WEAKEST insider only if it is louder by more than the
+//!   hysteresis, repeated until a challenge fails. So a quiet speaker who gets louder replaces the
+//!   quietest selected speaker, while two speakers at nearly the same level never swap back and
+//!   forth.
 //!
 //! Invariants:
-//! - the selected set never holds more than `top_n` streams, never a silent one, never a duplicate;
-//! - equal importance always resolves the same way (lower [`StreamId`] ranks first), so every
-//!   server that sees the same inputs selects the same streams;
-//! - NaN importances are treated as silence.
+//! - the selection never holds more than `top_n` keys, never a silent one, never a duplicate;
+//! - equal importance always resolves the same way (lower key ranks first), and neither the order
+//!   of the candidates nor that of the previous selection matters, so every server that sees the
+//!   same inputs selects the same keys.
+
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
 
 use super::{Candidate, StreamId};
 use crate::media::level::DEFAULT_SILENCE_THRESHOLD_DBOV;
 
 /// The default margin a challenger needs over the weakest selected stream.
 pub const DEFAULT_HYSTERESIS_DB: f32 = 3.0;
+
+/// The outcome of [`select_top_n`]: every eligible key exactly once, with its importance.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection<K> {
+    /// The selected keys, loudest first (ties: lower key first), at most `top_n`.
+    pub selected: Vec<(K, f32)>,
+    /// The other eligible keys, loudest first (ties: lower key first): a margin is a prefix.
+    pub outsiders: Vec<(K, f32)>,
+}
+
+/// Loudest first; equal importance → lower key first. Total, so sorting is deterministic.
+fn by_rank<K: Ord>(a: &(K, f32), b: &(K, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
+}
+
+/// Top-N with hysteresis under the rules of the module doc, for any ordered key.
+///
+/// `previous` is the last selection (its order and duplicates do not matter); `candidates` are
+/// (key, importance in dBov). `hysteresis_db` is the margin a challenger needs over the weakest
+/// insider; a negative or NaN margin counts as none, and an infinite one means a selected key is
+/// never displaced while it stays eligible.
+///
+/// Where the local ranker and the mesh merge used to differ, this one rule set holds for both:
+/// - duplicates collapse to the most important entry (the ranker kept the first), because that
+///   does not depend on the order in which lists arrive;
+/// - NaN is silence (the merge read it as -127 dBov and could select it), and silence is decided
+///   by `silence_dbov` for both (the merge had no threshold);
+/// - when more previously selected keys are eligible than there are slots, the loudest keep
+///   theirs (the ranker kept the first ones in its own order);
+/// - an infinite hysteresis never lets a challenger in (the merge read it as none), and a NaN
+///   one is none (the ranker then never let a challenger in).
+pub fn select_top_n<K: Ord + Clone>(
+    previous: &[K],
+    candidates: &[(K, f32)],
+    top_n: usize,
+    hysteresis_db: f32,
+    silence_dbov: f32,
+) -> Selection<K> {
+    // Keep what is `>= silence` rather than drop what is `< silence`: NaN fails every
+    // comparison, so a NaN importance is dropped as silence (as is everything under a NaN
+    // threshold).
+    let mut eligible: Vec<(K, f32)> = candidates
+        .iter()
+        .filter(|(_, importance)| *importance >= silence_dbov)
+        .cloned()
+        .collect();
+    // One entry per key, the most important: sort by key, loudest first within a key, dedup.
+    eligible.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)));
+    eligible.dedup_by(|later, earlier| later.0 == earlier.0);
+    eligible.sort_by(by_rank);
+
+    let hysteresis = if hysteresis_db.is_nan() {
+        0.0
+    } else {
+        hysteresis_db.max(0.0)
+    };
+    let previous: BTreeSet<&K> = previous.iter().collect();
+    // `chosen[i]` says whether `eligible[i]` is selected. `eligible` is in rank order, so the
+    // best outsider is the first unchosen index and the weakest insider the last chosen one.
+    let mut chosen: Vec<bool> = eligible
+        .iter()
+        .map(|(key, _)| previous.contains(key))
+        .collect();
+    let mut count = 0;
+    for slot in &mut chosen {
+        if *slot {
+            if count < top_n {
+                count += 1;
+            } else {
+                *slot = false;
+            }
+        }
+    }
+    for slot in &mut chosen {
+        if count >= top_n {
+            break;
+        }
+        if !*slot {
+            *slot = true;
+            count += 1;
+        }
+    }
+    // A displaced key never returns: the new weakest insider is at least as loud as it was, so it
+    // would need to beat itself by the margin. Hence at most one swap per eligible key.
+    for _ in 0..eligible.len() {
+        let challenger = chosen.iter().position(|c| !*c);
+        let weakest = chosen.iter().rposition(|c| *c);
+        match (challenger, weakest) {
+            (Some(ch), Some(w)) if eligible[ch].1 > eligible[w].1 + hysteresis => {
+                chosen[ch] = true;
+                chosen[w] = false;
+            }
+            _ => break,
+        }
+    }
+
+    let mut selection = Selection {
+        selected: Vec::with_capacity(count),
+        outsiders: Vec::with_capacity(eligible.len() - count),
+    };
+    for (entry, selected) in eligible.into_iter().zip(chosen) {
+        if selected {
+            selection.selected.push(entry);
+        } else {
+            selection.outsiders.push(entry);
+        }
+    }
+    selection
+}
 
 /// Parameters of a [`Ranker`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -75,25 +193,17 @@ impl Ranking {
 }
 
 /// Loudest first; equal importance → lower id first. Total, so sorting is deterministic.
-pub fn rank_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+pub fn rank_order(a: &Candidate, b: &Candidate) -> Ordering {
     b.importance
         .total_cmp(&a.importance)
         .then_with(|| a.stream.cmp(&b.stream))
-}
-
-/// Sanitises an importance: NaN reads as silence.
-fn importance_of(c: &Candidate) -> f32 {
-    if c.importance.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        c.importance
-    }
 }
 
 /// Stateful top-N selector; state is just the current selection, which is what hysteresis needs.
 #[derive(Clone, Debug)]
 pub struct Ranker {
     cfg: RankingConfig,
+    /// Loudest first, as of the last update.
     selected: Vec<StreamId>,
 }
 
@@ -111,82 +221,50 @@ impl Ranker {
         self.cfg
     }
 
-    /// New limits, live: the selection is kept (trimmed to its weakest-last order when N shrinks,
-    /// refilled at the next update when N grows).
+    /// New limits, live: the selection is kept (its weakest dropped when N shrinks, refilled at
+    /// the next update when N grows).
     pub fn set_config(&mut self, cfg: RankingConfig) {
         self.cfg = cfg;
         self.selected.truncate(cfg.top_n);
     }
 
-    /// The currently selected streams (in no particular order).
+    /// The currently selected streams, loudest first as of the last update.
     pub fn selected(&self) -> &[StreamId] {
         &self.selected
     }
 
     /// One ranking round over every eligible stream (muted or removed streams simply are not in
-    /// `streams`). Duplicate ids in `streams` are collapsed (first occurrence wins).
+    /// `streams`), by [`select_top_n`]. A duplicate id counts once, at its most important entry
+    /// (voice-active if any entry at that importance is).
     pub fn update(&mut self, streams: &[Candidate]) -> Ranking {
-        let silence = self.cfg.silence_dbov;
-        // Eligible = present and not silent, sorted by rank, duplicates removed.
-        let mut eligible: Vec<Candidate> = Vec::with_capacity(streams.len());
-        for c in streams {
-            let imp = importance_of(c);
-            if imp >= silence && !eligible.iter().any(|e| e.stream == c.stream) {
-                eligible.push(Candidate {
-                    importance: imp,
-                    ..*c
-                });
-            }
-        }
-        eligible.sort_by(rank_order);
-        let find = |id: StreamId| eligible.iter().find(|c| c.stream == id).copied();
-
-        // 1. Drop selected streams that left or fell silent.
-        self.selected.retain(|&id| find(id).is_some());
-        self.selected.truncate(self.cfg.top_n);
-
-        // 2. Fill empty slots with the best unselected streams.
-        for c in &eligible {
-            if self.selected.len() >= self.cfg.top_n {
-                break;
-            }
-            if !self.selected.contains(&c.stream) {
-                self.selected.push(c.stream);
-            }
-        }
-
-        // 3. Challenges: the best outsider against the weakest insider, until one fails. Each
-        //    swap strictly raises the selection's minimum, so this ends within top_n rounds.
-        for _ in 0..self.cfg.top_n {
-            let challenger = eligible
+        let levels: Vec<(StreamId, f32)> =
+            streams.iter().map(|c| (c.stream, c.importance)).collect();
+        let selection = select_top_n(
+            &self.selected,
+            &levels,
+            self.cfg.top_n,
+            self.cfg.hysteresis_db,
+            self.cfg.silence_dbov,
+        );
+        // Back to full candidates. The voice flag is looked up by level, not by position, so the
+        // result does not depend on the order of duplicates either.
+        let candidate = |&(stream, importance): &(StreamId, f32)| Candidate {
+            stream,
+            importance,
+            voice: streams.iter().any(|c| {
+                c.stream == stream && c.importance.total_cmp(&importance).is_eq() && c.voice
+            }),
+        };
+        self.selected = selection.selected.iter().map(|(id, _)| *id).collect();
+        Ranking {
+            selected: selection.selected.iter().map(candidate).collect(),
+            extra: selection
+                .outsiders
                 .iter()
-                .find(|c| !self.selected.contains(&c.stream))
-                .copied();
-            let weakest = self
-                .selected
-                .iter()
-                .filter_map(|&id| find(id))
-                .max_by(rank_order);
-            match (challenger, weakest) {
-                (Some(ch), Some(w)) if ch.importance > w.importance + self.cfg.hysteresis_db => {
-                    if let Some(slot) = self.selected.iter_mut().find(|id| **id == w.stream) {
-                        *slot = ch.stream;
-                    }
-                }
-                _ => break,
-            }
+                .take(self.cfg.extra)
+                .map(candidate)
+                .collect(),
         }
-
-        let mut selected: Vec<Candidate> =
-            self.selected.iter().filter_map(|&id| find(id)).collect();
-        selected.sort_by(rank_order);
-        let extra = eligible
-            .iter()
-            .filter(|c| !self.selected.contains(&c.stream))
-            .take(self.cfg.extra)
-            .copied()
-            .collect();
-        Ranking { selected, extra }
     }
 }
 
@@ -285,9 +363,10 @@ mod tests {
         assert_eq!(ids(&out), vec![4]);
         assert!(out.extra.is_empty());
         assert_eq!(r.selected(), &[StreamId(4)]);
-        // Duplicates collapse.
+        // Duplicates collapse to their most important entry, whatever the input order.
         let out = r.update(&[c(4, -40.0), c(4, -10.0), c(5, -30.0)]);
-        assert_eq!(ids(&out), vec![5, 4]);
+        assert_eq!(ids(&out), vec![4, 5]);
+        assert_eq!(out.selected[0].importance, -10.0);
         assert_eq!(r.config().top_n, 2);
     }
 

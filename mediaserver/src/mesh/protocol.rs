@@ -22,10 +22,11 @@
 //! - **Local top list.** Every `rankIntervalMs` (and at once when the primary changes or a new
 //!   global list was accepted) a server with participants sends the primary its voice-active local
 //!   candidates, best first, at most `topSpeakers + extraCandidates`, with the epoch it mixes.
-//! - **Global top list.** The primary merges the fresh lists of live servers: voice-active streams
+//! - **Global top list.** The primary merges the fresh lists of live servers with the local
+//!   ranker's rules ([`select_top_n`], via [`merge_top_list`]): voice-active, non-silent streams
 //!   only, ranked by importance then [`StreamKey`]; a stream on the current list keeps its slot
-//!   unless a challenger is louder by `hysteresis_db` (so the list does not flap); the next
-//!   `extraCandidates` form the margin. It sends the result to every live server with participants
+//!   unless a challenger is louder by more than `hysteresis_db` (so the list does not flap); the
+//!   next `extraCandidates` form the margin. It sends the result to every live server with participants
 //!   when it changes (with a new epoch) and every `global_refresh` (same epoch). A server whose
 //!   acknowledged epoch lags is sent the list again (at most once per rank interval), so a lost
 //!   list is repaired within about one rank interval instead of one refresh.
@@ -46,8 +47,9 @@
 //!   ratio is the fraction of time the whole mesh mixed the same set in the same epoch (an upper
 //!   bound on disagreement: it includes the acknowledgement's way back).
 //!
-//! Hand-written because no crate does it: rendezvous hashing (a few lines over SHA-256), the
-//! hysteresis merge, and the epoch rules above; the protocol itself is this project's.
+//! Hand-written because no crate does it: rendezvous hashing (a few lines over SHA-256) and the
+//! epoch rules above (the hysteresis merge is the media core's selection); the protocol itself is
+//! this project's.
 //!
 //! Invariants:
 //! - no input (message, time, candidate value) panics; bad messages are refused with a
@@ -70,6 +72,8 @@ use super::wire::{
 };
 pub use super::wire::{MeshCandidate, StreamKey};
 use crate::media::MixerConfig;
+use crate::media::level::DEFAULT_SILENCE_THRESHOLD_DBOV;
+use crate::media::ranking::select_top_n;
 
 /// A media server's id (its pod name), as in the plan.
 pub type ServerId = String;
@@ -330,13 +334,15 @@ fn sanitize_candidates(mut c: Vec<MeshCandidate>, limit: usize) -> Vec<MeshCandi
     c
 }
 
-fn rank_order(a: &(StreamKey, f32), b: &(StreamKey, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0))
-}
-
 /// The primary's merge: from the voice-active `eligible` streams (key, importance), the top
 /// `top_n` with hysteresis against `prev`, and the next `extra` as margin. Both results are
-/// sorted by key. Deterministic: equal importance ranks the lower key first.
+/// sorted by key.
+///
+/// The rules are the local ranker's, [`select_top_n`], so a mesh room picks the same speakers
+/// as a single-server room would from the same levels: NaN and importances below the default
+/// silence threshold never make the list, a duplicate key counts at its most important entry,
+/// equal importance ranks the lower key first. Importances from peers are first clamped to the
+/// wire's -127..=0 dBov, so an out-of-range value cannot outrank every honest one.
 pub fn merge_top_list(
     prev: &[StreamKey],
     eligible: &[(StreamKey, f32)],
@@ -344,47 +350,23 @@ pub fn merge_top_list(
     extra: usize,
     hysteresis_db: f32,
 ) -> (Vec<StreamKey>, Vec<StreamKey>) {
-    let mut ranked: Vec<(StreamKey, f32)> = eligible
+    // `f32::clamp` keeps NaN as NaN, which the selection treats as silence.
+    let levels: Vec<(StreamKey, f32)> = eligible
         .iter()
-        .map(|(k, i)| (k.clone(), sanitize_importance(*i)))
+        .map(|(k, i)| (k.clone(), i.clamp(-127.0, 0.0)))
         .collect();
-    // One entry per key, the most important.
-    ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)));
-    ranked.dedup_by(|later, earlier| later.0 == earlier.0);
-    ranked.sort_by(rank_order);
-
-    let prev: BTreeSet<&StreamKey> = prev.iter().collect();
-    let mut keep: Vec<(StreamKey, f32)> = ranked
-        .iter()
-        .filter(|(k, _)| prev.contains(k))
-        .take(top_n)
-        .cloned()
-        .collect();
-    let hysteresis = if hysteresis_db.is_finite() {
-        hysteresis_db.max(0.0)
-    } else {
-        0.0
-    };
-    for (key, importance) in &ranked {
-        if keep.iter().any(|(k, _)| k == key) {
-            continue;
-        }
-        if keep.len() < top_n {
-            keep.push((key.clone(), *importance));
-            continue;
-        }
-        let weakest = (0..keep.len()).max_by(|&a, &b| rank_order(&keep[a], &keep[b]));
-        if let Some(w) = weakest
-            && *importance > keep[w].1 + hysteresis
-        {
-            keep[w] = (key.clone(), *importance);
-        }
-    }
-    let mut list: Vec<StreamKey> = keep.into_iter().map(|(k, _)| k).collect();
+    let selection = select_top_n(
+        prev,
+        &levels,
+        top_n,
+        hysteresis_db,
+        DEFAULT_SILENCE_THRESHOLD_DBOV,
+    );
+    let mut list: Vec<StreamKey> = selection.selected.into_iter().map(|(k, _)| k).collect();
     list.sort();
-    let mut margin: Vec<StreamKey> = ranked
+    let mut margin: Vec<StreamKey> = selection
+        .outsiders
         .into_iter()
-        .filter(|(k, _)| list.binary_search(k).is_err())
         .take(extra)
         .map(|(k, _)| k)
         .collect();
@@ -641,6 +623,8 @@ impl MeshNodeState {
         result
     }
 
+    /// Checks the sender and the message, settles the sender's liveness, then hands the content
+    /// to the handler of its kind.
     fn handle_message(
         &mut self,
         from: &str,
@@ -651,29 +635,71 @@ impl MeshNodeState {
             return Err(MeshError::UnknownPeer(from.to_owned()));
         }
         msg.validate()?;
-        let (came_alive, restarted) = {
-            let Some(peer) = self.peers.get_mut(from) else {
-                return Err(MeshError::UnknownPeer(from.to_owned()));
-            };
-            peer.last_heard = Some(now);
-            let came_alive = !peer.alive;
-            peer.alive = true;
-            let mut restarted = false;
-            if let ControlMessage::Heartbeat {
+        // A heartbeat's incarnation must be read before the liveness bookkeeping, which forgets
+        // a restarted peer's rooms and lists; every other kind only proves the sender alive.
+        let restarted = match &msg {
+            ControlMessage::Heartbeat {
                 incarnation,
                 generation,
                 ..
-            } = &msg
-            {
-                restarted = peer.incarnation.is_some_and(|i| i != *incarnation);
-                if restarted {
-                    peer.rooms.clear();
-                }
-                peer.incarnation = Some(*incarnation);
-                peer.generation = Some(*generation);
-            }
-            (came_alive, restarted)
+            } => self.on_heartbeat(from, *incarnation, *generation)?,
+            _ => false,
         };
+        self.on_peer_heard(from, restarted, now)?;
+        match msg {
+            ControlMessage::Heartbeat { .. } => Ok(()),
+            ControlMessage::RoomMembership { rooms } => self.on_room_membership(from, rooms),
+            ControlMessage::LocalTopList {
+                room,
+                seq,
+                epoch,
+                candidates,
+            } => self.on_local_top_list(from, &room, seq, epoch, candidates, now),
+            ControlMessage::GlobalTopList {
+                room,
+                epoch,
+                primary,
+                list,
+                margin,
+            } => self.on_global_top_list(from, &room, epoch, primary, list, margin),
+        }
+    }
+
+    /// A heartbeat: records the peer's incarnation and plan generation. Returns whether the
+    /// incarnation changed, i.e. the peer restarted; its announced rooms are then forgotten.
+    fn on_heartbeat(
+        &mut self,
+        from: &str,
+        incarnation: u64,
+        generation: i64,
+    ) -> Result<bool, MeshError> {
+        let Some(peer) = self.peers.get_mut(from) else {
+            return Err(MeshError::UnknownPeer(from.to_owned()));
+        };
+        let restarted = peer.incarnation.is_some_and(|i| i != incarnation);
+        if restarted {
+            peer.rooms.clear();
+        }
+        peer.incarnation = Some(incarnation);
+        peer.generation = Some(generation);
+        Ok(restarted)
+    }
+
+    /// Any message proves its sender alive. When that is news, or the sender `restarted`, every
+    /// term this server leads restarts its grace period (the peer's reports are needed before a
+    /// new list), a restarted peer's lists are dropped, and primaries are re-elected.
+    fn on_peer_heard(
+        &mut self,
+        from: &str,
+        restarted: bool,
+        now: Duration,
+    ) -> Result<(), MeshError> {
+        let Some(peer) = self.peers.get_mut(from) else {
+            return Err(MeshError::UnknownPeer(from.to_owned()));
+        };
+        peer.last_heard = Some(now);
+        let came_alive = !peer.alive;
+        peer.alive = true;
         if came_alive || restarted {
             for r in self.rooms.values_mut() {
                 if restarted {
@@ -687,124 +713,140 @@ impl MeshNodeState {
             // more).
             self.refresh_primaries(now);
         }
+        Ok(())
+    }
 
-        match msg {
-            ControlMessage::Heartbeat { .. } => Ok(()),
-            ControlMessage::RoomMembership { rooms } => {
-                let mut set = BTreeSet::new();
-                let mut result = Ok(());
-                for room in rooms {
-                    match self.ensure_room(&room) {
-                        Ok(_) => {
-                            set.insert(room);
-                        }
-                        Err(e) => result = Err(e),
-                    }
+    /// The full set of rooms a peer has participants in: it replaces the previous set, and the
+    /// peer's lists for rooms it left are dropped. Rooms that cannot be kept (invalid name, room
+    /// limit) are refused with the last such error, the others still apply.
+    fn on_room_membership(&mut self, from: &str, rooms: Vec<String>) -> Result<(), MeshError> {
+        let mut set = BTreeSet::new();
+        let mut result = Ok(());
+        for room in rooms {
+            match self.ensure_room(&room) {
+                Ok(_) => {
+                    set.insert(room);
                 }
-                if let Some(peer) = self.peers.get_mut(from) {
-                    let left: Vec<String> = peer.rooms.difference(&set).cloned().collect();
-                    peer.rooms = set;
-                    for room in left {
-                        if let Some(r) = self.rooms.get_mut(&room) {
-                            r.remote.remove(from);
-                        }
-                    }
-                }
-                result
-            }
-            ControlMessage::LocalTopList {
-                room,
-                seq,
-                epoch,
-                candidates,
-            } => {
-                let limit = self.mixing.local_limit();
-                let rank_interval = self.mixing.rank_interval;
-                self.ensure_room(&room)?;
-                if let Some(peer) = self.peers.get_mut(from) {
-                    peer.rooms.insert(room.clone());
-                }
-                let self_id = self.self_id.clone();
-                let Some(r) = self.rooms.get_mut(&room) else {
-                    return Ok(());
-                };
-                if r.remote.get(from).is_some_and(|l| seq <= l.seq) {
-                    return Ok(()); // reordered or duplicate
-                }
-                r.remote.insert(
-                    from.to_owned(),
-                    RemoteList {
-                        seq,
-                        received: now,
-                        epoch,
-                        candidates: sanitize_candidates(candidates, limit),
-                    },
-                );
-                r.max_epoch_seen = r.max_epoch_seen.max(epoch);
-                // Repair: a member that acknowledges an older epoch missed the list.
-                if let Some(lead) = &mut r.lead
-                    && lead.epoch > 0
-                    && !lead.in_grace
-                    && epoch != lead.epoch
-                {
-                    let last = lead.sent_to.get(from).copied();
-                    if last.is_none_or(|t| now.saturating_sub(t) >= rank_interval) {
-                        lead.sent_to.insert(from.to_owned(), now);
-                        self.outbox.push(Outgoing {
-                            to: from.to_owned(),
-                            msg: global_message(&room, &self_id, lead),
-                        });
-                    }
-                }
-                Ok(())
-            }
-            ControlMessage::GlobalTopList {
-                room,
-                epoch,
-                primary,
-                list,
-                margin,
-            } => {
-                if primary != from {
-                    return Err(MeshError::invalid(
-                        "global top list",
-                        format!("sent by {from:?} but names {primary:?} as its primary"),
-                    ));
-                }
-                self.ensure_room(&room)?;
-                let Some(r) = self.rooms.get_mut(&room) else {
-                    return Ok(());
-                };
-                r.max_epoch_seen = r.max_epoch_seen.max(epoch);
-                let from_primary = r.primary.as_deref() == Some(from);
-                if !from_primary || epoch < r.current_epoch() {
-                    self.counters.lists_rejected += 1;
-                    return Ok(());
-                }
-                let list = canonical(list);
-                let margin: Vec<StreamKey> = canonical(margin)
-                    .into_iter()
-                    .filter(|k| list.binary_search(k).is_err())
-                    .collect();
-                let new = GlobalList {
-                    epoch,
-                    primary,
-                    list,
-                    margin,
-                };
-                let changed = r
-                    .current
-                    .as_ref()
-                    .is_none_or(|c| c.epoch != new.epoch || c.primary != new.primary);
-                r.current = Some(new);
-                if changed {
-                    // Acknowledge at once (the local list carries the epoch we now mix).
-                    r.next_rank = None;
-                }
-                self.counters.lists_accepted += 1;
-                Ok(())
+                Err(e) => result = Err(e),
             }
         }
+        if let Some(peer) = self.peers.get_mut(from) {
+            let left: Vec<String> = peer.rooms.difference(&set).cloned().collect();
+            peer.rooms = set;
+            for room in left {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.remote.remove(from);
+                }
+            }
+        }
+        result
+    }
+
+    /// A member's local top list, to this server as (it believes) the room's primary. The list
+    /// also acknowledges the epoch the member mixes: when that lags this server's current term,
+    /// the member missed a global list and is sent it again.
+    fn on_local_top_list(
+        &mut self,
+        from: &str,
+        room: &str,
+        seq: u64,
+        epoch: u64,
+        candidates: Vec<MeshCandidate>,
+        now: Duration,
+    ) -> Result<(), MeshError> {
+        let limit = self.mixing.local_limit();
+        let rank_interval = self.mixing.rank_interval;
+        self.ensure_room(room)?;
+        if let Some(peer) = self.peers.get_mut(from) {
+            peer.rooms.insert(room.to_owned());
+        }
+        let self_id = self.self_id.clone();
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        if r.remote.get(from).is_some_and(|l| seq <= l.seq) {
+            return Ok(()); // reordered or duplicate
+        }
+        r.remote.insert(
+            from.to_owned(),
+            RemoteList {
+                seq,
+                received: now,
+                epoch,
+                candidates: sanitize_candidates(candidates, limit),
+            },
+        );
+        r.max_epoch_seen = r.max_epoch_seen.max(epoch);
+        // Repair: a member that acknowledges an older epoch missed the list. At most once per
+        // rank interval: the member's next list, an interval later, is the first that can
+        // acknowledge the copy, so resending sooner would only duplicate it.
+        if let Some(lead) = &mut r.lead
+            && lead.epoch > 0
+            && !lead.in_grace
+            && epoch != lead.epoch
+        {
+            let last = lead.sent_to.get(from).copied();
+            if last.is_none_or(|t| now.saturating_sub(t) >= rank_interval) {
+                lead.sent_to.insert(from.to_owned(), now);
+                self.outbox.push(Outgoing {
+                    to: from.to_owned(),
+                    msg: global_message(room, &self_id, lead),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A global top list. Accepted only from the server this one considers the room's primary
+    /// and only if its epoch is not below the current list's (see the module doc's epoch rules);
+    /// a list that names another sender as its primary is an error.
+    fn on_global_top_list(
+        &mut self,
+        from: &str,
+        room: &str,
+        epoch: u64,
+        primary: ServerId,
+        list: Vec<StreamKey>,
+        margin: Vec<StreamKey>,
+    ) -> Result<(), MeshError> {
+        if primary != from {
+            return Err(MeshError::invalid(
+                "global top list",
+                format!("sent by {from:?} but names {primary:?} as its primary"),
+            ));
+        }
+        self.ensure_room(room)?;
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        r.max_epoch_seen = r.max_epoch_seen.max(epoch);
+        let from_primary = r.primary.as_deref() == Some(from);
+        if !from_primary || epoch < r.current_epoch() {
+            self.counters.lists_rejected += 1;
+            return Ok(());
+        }
+        let list = canonical(list);
+        let margin: Vec<StreamKey> = canonical(margin)
+            .into_iter()
+            .filter(|k| list.binary_search(k).is_err())
+            .collect();
+        let new = GlobalList {
+            epoch,
+            primary,
+            list,
+            margin,
+        };
+        let changed = r
+            .current
+            .as_ref()
+            .is_none_or(|c| c.epoch != new.epoch || c.primary != new.primary);
+        r.current = Some(new);
+        if changed {
+            // Acknowledge at once (the local list carries the epoch we now mix).
+            r.next_rank = None;
+        }
+        self.counters.lists_accepted += 1;
+        Ok(())
     }
 
     /// Advance to `now`: detect dead peers, re-elect primaries, send what is due (heartbeats,
@@ -1265,6 +1307,21 @@ mod tests {
         let eligible = vec![(key("a", 1), -20.0), (key("b", 1), -16.0)];
         let (list, _) = merge_top_list(&prev, &eligible, 1, 0, 3.0);
         assert_eq!(list, vec![key("b", 1)], "4 dB louder replaces");
+    }
+
+    #[test]
+    fn mesh_merge_follows_the_local_ranking_rules() {
+        // NaN and silence never make the list; a duplicate counts at its loudest entry.
+        let eligible = vec![
+            (key("a", 1), f32::NAN),
+            (key("a", 2), -90.0),
+            (key("b", 1), -40.0),
+            (key("b", 1), -5.0),
+            (key("c", 1), -20.0),
+        ];
+        let (list, margin) = merge_top_list(&[], &eligible, 1, 5, 3.0);
+        assert_eq!(list, vec![key("b", 1)]);
+        assert_eq!(margin, vec![key("c", 1)]);
     }
 
     #[test]
