@@ -19,12 +19,19 @@ use tokio_util::sync::CancellationToken;
 const ROOM: &str = "plenary";
 const FIVE: [f64; 5] = [300.0, 500.0, 700.0, 900.0, 1100.0];
 
-/// Waits up to `within` for `bot` to hear exactly `want` over its last two seconds.
+/// Waits up to `within` for `bot` to hear exactly `want` over its last full second of audio.
 async fn hears_exactly(bot: &Bot, want: &BTreeSet<u32>, within: Duration) -> BTreeSet<u32> {
+    let window = Some(Duration::from_secs(1));
     let deadline = Instant::now() + within;
     loop {
-        let got = bot.heard(&FIVE);
-        if &got == want || Instant::now() > deadline {
+        let report = bot.report_window(window, &FIVE);
+        let got: BTreeSet<u32> = report
+            .frequencies
+            .iter()
+            .filter(|f| f.present)
+            .map(|f| f.freq_hz as u32)
+            .collect();
+        if (report.seconds_analyzed >= 0.99 && &got == want) || Instant::now() > deadline {
             return got;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -72,6 +79,15 @@ async fn plan_mixing_reaches_every_mixer_and_changes_live() -> Result<()> {
 
     // A new generation: top 5. Nothing restarts; every mixer follows.
     cluster.update_plan(|p| p.mixing.top_speakers = 5)?;
+    // Only audio mixed after the change counts: a second of it, once every server runs it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (0..3)
+        .any(|i| metric(&cluster.server(i).metrics(), "chorus_mesh_plan_generation") != Some(2.0))
+    {
+        anyhow::ensure!(Instant::now() < deadline, "generation 2 never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let all = tones(&[300, 500, 700, 900, 1100]);
     for (i, ear) in listeners.iter().enumerate() {
         let got = hears_exactly(ear, &all, Duration::from_secs(8)).await;
