@@ -14,10 +14,11 @@ TOOLS_PATH := $(CURDIR)/.venv/bin:$(CURDIR)/.tools/bin
 bootstrap:
 	scripts/bootstrap
 
-# What CI runs (.ci/run). Formatting and lints first: they fail in seconds, the tests in minutes.
+# What CI runs (.ci/run). Formatting, lints and docs first: they fail in seconds, the tests in minutes.
 test: bootstrap
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 	PATH="$(TOOLS_PATH):$$PATH" cargo test --workspace
 
 # examples/conference.yaml run locally: one media-server process per planned server, each region on

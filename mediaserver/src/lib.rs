@@ -4,8 +4,15 @@
 //! - [`media`]: the pure media core. Jitter buffers, importance ranking, top-N selection, the mixer
 //!   and the Opus codec wrapper. Time and packets are inputs; no sockets, no clocks.
 //! - [`endpoint`]: the WebRTC shell. One UDP socket shared by every participant, demultiplexed to
-//!   sans-IO `rtc` peer connections.
-//! - [`room`]: one task per room joining the two: packets in, one mixer tick per frame, frames out.
+//!   sans-IO `rtc` peer connections; received audio goes straight into its room's queue.
+//! - [`room`]: the rooms. Each is a pure [`room::core::RoomCore`] (members, mixer, forwarding and
+//!   reporting rules) inside one task; a participant is separate from its
+//!   [`room::transport::Transport`].
+//! - [`mesh`]: the cross-server mesh: wire formats, the sans-IO protocol (primary, top lists,
+//!   forwarding, consistency), the QUIC transport (frames, TLS, connections) and its metrics.
+//! - [`mesh_node`]: the thin shell driving the mesh protocol and linking it to the rooms; it also
+//!   publishes the plan's mixing settings to every room.
+//! - [`plan_source`]: where the mesh plan comes from (a file, or the ConfigMap) and its watch.
 //! - [`api`]: the HTTP API (WHIP-like join), web client, metrics and probes.
 //! - [`config`], [`token`], [`metrics`], [`server`]: configuration layers, join tokens, Prometheus
 //!   metrics and the wiring that `main` calls with bound sockets.

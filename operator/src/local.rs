@@ -1,7 +1,7 @@
 //! The local runtime: one `Conference` YAML run on this machine, for anyone trying Chorus on a
 //! laptop (DESIGN §2) and for end-to-end tests of the mesh.
 //!
-//! It runs the operator's own [`plan`](crate::plan::plan), so what runs locally is what a cluster
+//! It runs the operator's own [`plan`], so what runs locally is what a cluster
 //! would get: the same server ids, regions, mixing, transfer and telephony. Only the addresses
 //! differ: each region gets its own loopback address (`127.0.0.2`, `127.0.0.3`, ...), each media
 //! server is a `chorus-mediaserver serve` child process, and the `MeshPlan` is a file the servers

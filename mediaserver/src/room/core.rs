@@ -1,8 +1,8 @@
 //! The pure core of one room: members, stream ids, the mixer, what to forward, what to report to
 //! the mesh and when, and which remote streams to let go. Time is a parameter (a `Duration` since
 //! the room's epoch) and nothing here touches a socket, a channel or a clock, so every rule is
-//! unit-tested in virtual time with real Opus ([`tests`] below); the task around it
-//! ([`super::task`]) only moves packets and frames.
+//! unit-tested in virtual time with real Opus (the tests below); the task around it
+//! (`task.rs`) only moves packets and frames.
 //!
 //! Invariants:
 //! - a participant's stream id is its participant id, whatever transport carries it; remote
