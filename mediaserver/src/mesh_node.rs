@@ -49,6 +49,8 @@ pub struct RoomView {
     pub selection: Option<Vec<StreamKey>>,
     /// Local streams to forward, each with the servers to send it to.
     pub forward: Vec<(u64, Vec<ServerId>)>,
+    /// Who speaks on each stream of `selection`, in the same order ("" when unknown).
+    pub names: Vec<String>,
 }
 
 /// A forwarded packet for a room, from another server.
@@ -443,9 +445,11 @@ impl Driver {
             }
         }
         for (room, RoomEntry { view, .. }) in &self.rooms {
+            let list = self.state.selection(room);
             let next = RoomView {
-                selection: self.state.selection(room).map(|g| g.list.clone()),
+                selection: list.map(|g| g.list.clone()),
                 forward: self.state.forwarding(room),
+                names: list.map(|g| g.names.clone()).unwrap_or_default(),
             };
             view.send_if_modified(|current| {
                 if *current == next {

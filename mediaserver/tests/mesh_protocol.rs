@@ -52,6 +52,7 @@ fn cand(stream: u64, importance: f32, voice: bool) -> MeshCandidate {
         stream,
         importance,
         voice,
+        identity: Some(format!("speaker-{stream}")),
     }
 }
 
@@ -375,6 +376,16 @@ fn mesh_three_servers_converge_on_one_list_and_one_primary() {
         vec![key(&sim, 2, 21)],
         "margin is the next stream"
     );
+    // Every server learns who speaks on each listed stream, wherever the speaker is.
+    let names: Vec<String> = g
+        .list
+        .iter()
+        .map(|k| format!("speaker-{}", k.stream))
+        .collect();
+    for i in 0..3 {
+        let list = sim.node(i).selection(ROOM).expect("a list");
+        assert_eq!(list.names, names, "server {i}");
+    }
     // The primary is the rendezvous winner, the same everywhere.
     let order = rendezvous_order(ROOM, &sim.ids);
     assert_eq!(g.primary, order[0]);
@@ -692,6 +703,7 @@ fn mesh_refuses_strangers_and_bad_messages() {
         primary: sim.ids[2].clone(),
         list: vec![],
         margin: vec![],
+        names: vec![],
     };
     let e = s.on_message(&sim.ids[1], forged, MS).unwrap_err();
     assert_eq!(e.category(), "invalid");

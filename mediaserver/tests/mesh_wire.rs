@@ -6,8 +6,8 @@ use bytes::Bytes;
 use chorus_mediaserver::media::AudioLevel;
 use chorus_mediaserver::mesh::transport::{Frame, MAX_FRAME};
 use chorus_mediaserver::mesh::wire::{
-    MAX_CONTROL_BYTES, MAX_DATAGRAM, MAX_GLOBAL_LIST, MAX_GLOBAL_MARGIN, MAX_LOCAL_CANDIDATES,
-    MAX_OPUS_PAYLOAD,
+    MAX_CONTROL_BYTES, MAX_DATAGRAM, MAX_GLOBAL_LIST, MAX_GLOBAL_MARGIN, MAX_IDENTITY,
+    MAX_LOCAL_CANDIDATES, MAX_OPUS_PAYLOAD,
 };
 use chorus_mediaserver::mesh::{ControlMessage, MediaDatagram, MeshCandidate, StreamKey};
 use proptest::prelude::*;
@@ -21,13 +21,18 @@ fn server() -> impl Strategy<Value = String> {
 }
 
 fn candidate() -> impl Strategy<Value = MeshCandidate> {
-    (any::<u64>(), -127.0f32..=0.0f32, any::<bool>()).prop_map(|(stream, importance, voice)| {
-        MeshCandidate {
+    (
+        any::<u64>(),
+        -127.0f32..=0.0f32,
+        any::<bool>(),
+        proptest::option::of("\\PC{0,40}"),
+    )
+        .prop_map(|(stream, importance, voice, identity)| MeshCandidate {
             stream,
             importance,
             voice,
-        }
-    })
+            identity,
+        })
 }
 
 fn key() -> impl Strategy<Value = StreamKey> {
@@ -66,15 +71,23 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             any::<u64>(),
             server(),
             prop::collection::vec(key(), 0..=MAX_GLOBAL_LIST),
-            prop::collection::vec(key(), 0..=MAX_GLOBAL_MARGIN)
+            prop::collection::vec(key(), 0..=MAX_GLOBAL_MARGIN),
+            any::<bool>()
         )
-            .prop_map(|(room, epoch, primary, list, margin)| {
+            .prop_map(|(room, epoch, primary, list, margin, named)| {
+                // Names, when present, come one per listed stream.
+                let names = if named {
+                    list.iter().map(|k| format!("who-{}", k.stream)).collect()
+                } else {
+                    Vec::new()
+                };
                 ControlMessage::GlobalTopList {
                     room,
                     epoch,
                     primary,
                     list,
                     margin,
+                    names,
                 }
             }),
     ]
@@ -252,9 +265,31 @@ fn mesh_limits_fail_cleanly_with_categories() {
             stream: 1,
             importance: f32::NAN,
             voice: true,
+            identity: None,
         }],
     };
     assert_eq!(nan.encode().unwrap_err().category(), "invalid");
+    let long_name = ControlMessage::LocalTopList {
+        room: "r".into(),
+        seq: 1,
+        epoch: 0,
+        candidates: vec![MeshCandidate {
+            stream: 1,
+            importance: -20.0,
+            voice: true,
+            identity: Some("x".repeat(MAX_IDENTITY + 1)),
+        }],
+    };
+    assert_eq!(long_name.encode().unwrap_err().category(), "too_large");
+    let misaligned = ControlMessage::GlobalTopList {
+        room: "r".into(),
+        epoch: 1,
+        primary: "a".into(),
+        list: vec![StreamKey::new("a", 1), StreamKey::new("b", 2)],
+        margin: Vec::new(),
+        names: vec!["only-one".into()],
+    };
+    assert_eq!(misaligned.encode().unwrap_err().category(), "invalid");
 
     // Frames: zero and over-long lengths, unknown kind, bad hello.
     assert_eq!(

@@ -132,6 +132,17 @@ async function poll(room) {
     li.append(name, state);
     list.append(li);
   }
+  // Speakers on other servers of the conference, named by the mesh's global list.
+  for (const r of info.remote_speakers || []) {
+    const li = document.createElement("li");
+    li.className = r.speaking ? "speaking remote" : "remote";
+    const name = document.createElement("span");
+    name.textContent = (r.identity || "someone") + " (another region)";
+    const state = document.createElement("span");
+    state.textContent = r.speaking ? "speaking" : "";
+    li.append(name, state);
+    list.append(li);
+  }
 }
 
 function meterFor(stream, meter) {

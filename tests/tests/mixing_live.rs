@@ -113,6 +113,60 @@ async fn plan_mixing_reaches_every_mixer_and_changes_live() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_sees_remote_speakers_by_identity() -> Result<()> {
+    let _serial = heavy_test_guard().await;
+    let cluster = MeshCluster::start(&["us", "eu"], 3, |_, a| a).await?;
+    let bob = cluster
+        .server(1)
+        .join_bot(ROOM, "bob", BotConfig::new(tone(500.0, -20.0)))
+        .await?;
+    let ada = cluster
+        .server(0)
+        .join_bot(ROOM, "ada", BotConfig::new(AudioSource::Silence))
+        .await?;
+    let server = cluster.server(0);
+    let url = format!("{}/v1/rooms/{ROOM}", server.base_url);
+    let token = server.token(ROOM, "ada");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        let info: serde_json::Value = client
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let named = info["remote_speakers"].as_array().is_some_and(|r| {
+            r.iter()
+                .any(|s| s["identity"] == "bob" && s["speaking"] == true)
+        });
+        if named {
+            break info;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bob never named on server 0: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Bob is named with his server, and is not counted as one of this server's participants.
+    let remote = &info["remote_speakers"][0];
+    assert_eq!(remote["server"], cluster.slots[1].id.as_str(), "{info}");
+    let here: Vec<&str> = info["participants"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|p| p["identity"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(here, vec!["ada"], "{info}");
+    // And ada hears him.
+    let heard = hears_exactly(&ada, &tones(&[500]), Duration::from_secs(5)).await;
+    assert_eq!(heard, tones(&[500]));
+    drop(bob);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_rooms_opened_in_a_burst_all_reach_their_primary() -> Result<()> {
     let _serial = heavy_test_guard().await;
     let files = MeshFiles::create(&["us", "eu"], 3, |_, a| a)?;
@@ -142,6 +196,7 @@ async fn a_thousand_rooms_opened_in_a_burst_all_reach_their_primary() -> Result<
                 stream: i + 1,
                 importance: -20.0,
                 voice: true,
+                identity: None,
             }],
             participants: 1,
         });

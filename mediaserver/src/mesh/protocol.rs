@@ -130,6 +130,8 @@ pub struct GlobalList {
     pub list: Vec<StreamKey>,
     /// The streams forwarded beyond the list, sorted by key, disjoint from `list`.
     pub margin: Vec<StreamKey>,
+    /// The identity speaking on each stream of `list`, in the same order ("" when unknown).
+    pub names: Vec<String>,
 }
 
 impl GlobalList {
@@ -224,6 +226,8 @@ struct Lead {
     epoch: u64,
     list: Vec<StreamKey>,
     margin: Vec<StreamKey>,
+    /// Who speaks on each stream of `list`, in the same order ("" when unknown).
+    names: Vec<String>,
     last_broadcast: Duration,
     sent_to: BTreeMap<ServerId, Duration>,
     next_tick: Option<Duration>,
@@ -238,6 +242,7 @@ impl Lead {
             epoch: 0,
             list: Vec::new(),
             margin: Vec::new(),
+            names: Vec::new(),
             last_broadcast: now,
             sent_to: BTreeMap::new(),
             next_tick: None,
@@ -661,7 +666,8 @@ impl MeshNodeState {
                 primary,
                 list,
                 margin,
-            } => self.on_global_top_list(from, &room, epoch, primary, list, margin),
+                names,
+            } => self.on_global_top_list(from, &room, epoch, primary, (list, names), margin),
         }
     }
 
@@ -806,7 +812,7 @@ impl MeshNodeState {
         room: &str,
         epoch: u64,
         primary: ServerId,
-        list: Vec<StreamKey>,
+        (list, names): (Vec<StreamKey>, Vec<String>),
         margin: Vec<StreamKey>,
     ) -> Result<(), MeshError> {
         if primary != from {
@@ -825,7 +831,12 @@ impl MeshNodeState {
             self.counters.lists_rejected += 1;
             return Ok(());
         }
+        let named: BTreeMap<StreamKey, String> = list.iter().cloned().zip(names).collect();
         let list = canonical(list);
+        let names = list
+            .iter()
+            .map(|k| named.get(k).cloned().unwrap_or_default())
+            .collect();
         let margin: Vec<StreamKey> = canonical(margin)
             .into_iter()
             .filter(|k| list.binary_search(k).is_err())
@@ -835,6 +846,7 @@ impl MeshNodeState {
             primary,
             list,
             margin,
+            names,
         };
         let changed = r
             .current
@@ -1007,7 +1019,7 @@ impl MeshNodeState {
             .iter()
             .filter(|c| c.voice)
             .take(limit)
-            .copied()
+            .cloned()
             .collect();
 
         self.outbox.push(Outgoing {
@@ -1088,25 +1100,29 @@ impl MeshNodeState {
         }
 
         let mut eligible: Vec<(StreamKey, f32)> = Vec::new();
+        let mut identities: BTreeMap<StreamKey, String> = BTreeMap::new();
+        let mut note = |key: &StreamKey, c: &MeshCandidate| {
+            if let Some(identity) = &c.identity {
+                identities.insert(key.clone(), identity.clone());
+            }
+        };
         if local_participants > 0 {
-            eligible.extend(
-                r.local_candidates
-                    .iter()
-                    .filter(|c| c.voice)
-                    .map(|c| (StreamKey::new(self_id.clone(), c.stream), c.importance)),
-            );
+            for c in r.local_candidates.iter().filter(|c| c.voice) {
+                let key = StreamKey::new(self_id.clone(), c.stream);
+                note(&key, c);
+                eligible.push((key, c.importance));
+            }
         }
         for (server, l) in &r.remote {
             let live = peers.get(server).is_some_and(|p| p.alive);
             if !live || now.saturating_sub(l.received) > ttl {
                 continue;
             }
-            eligible.extend(
-                l.candidates
-                    .iter()
-                    .filter(|c| c.voice)
-                    .map(|c| (StreamKey::new(server.clone(), c.stream), c.importance)),
-            );
+            for c in l.candidates.iter().filter(|c| c.voice) {
+                let key = StreamKey::new(server.clone(), c.stream);
+                note(&key, c);
+                eligible.push((key, c.importance));
+            }
         }
         // Hysteresis continues the list the members mix: the previous primary's after a
         // takeover, ours within a term. After a grace caused by peers (re)appearing, our own
@@ -1118,6 +1134,19 @@ impl MeshNodeState {
         };
         let (list, margin) =
             merge_top_list(prev, &eligible, mixing.top_n, mixing.extra, hysteresis);
+        // A listed stream whose speaker went quiet keeps the name it had.
+        let names: Vec<String> = list
+            .iter()
+            .map(|k| {
+                identities.get(k).cloned().unwrap_or_else(|| {
+                    lead.list
+                        .iter()
+                        .position(|old| old == k)
+                        .and_then(|i| lead.names.get(i).cloned())
+                        .unwrap_or_default()
+                })
+            })
+            .collect();
 
         let changed = lead.epoch == 0
             || lead.force_new_epoch
@@ -1135,12 +1164,14 @@ impl MeshNodeState {
             lead.force_new_epoch = false;
             lead.list = list;
             lead.margin = margin;
+            lead.names = names;
             r.max_epoch_seen = lead.epoch;
             r.current = Some(GlobalList {
                 epoch: lead.epoch,
                 primary: self_id.clone(),
                 list: lead.list.clone(),
                 margin: lead.margin.clone(),
+                names: lead.names.clone(),
             });
             self.counters.global_list_changes += 1;
             broadcast = true;
@@ -1274,6 +1305,7 @@ fn global_message(room: &str, self_id: &str, lead: &Lead) -> ControlMessage {
         primary: self_id.to_owned(),
         list: lead.list.clone(),
         margin: lead.margin.clone(),
+        names: lead.names.clone(),
     }
 }
 
@@ -1344,16 +1376,19 @@ mod tests {
                     stream: 1,
                     importance: f32::NAN,
                     voice: true,
+                    identity: None,
                 },
                 MeshCandidate {
                     stream: 2,
                     importance: 40.0,
                     voice: true,
+                    identity: None,
                 },
                 MeshCandidate {
                     stream: 2,
                     importance: -90.0,
                     voice: true,
+                    identity: None,
                 },
             ],
             8,

@@ -58,6 +58,8 @@ pub const MAX_LOCAL_CANDIDATES: usize = 64;
 pub const MAX_GLOBAL_LIST: usize = 16;
 /// Longest global margin.
 pub const MAX_GLOBAL_MARGIN: usize = 48;
+/// Longest identity carried with a candidate or a global list (bytes).
+pub const MAX_IDENTITY: usize = 256;
 
 /// Magic and version byte of media datagrams.
 pub const DATAGRAM_MAGIC: u8 = 0xC1;
@@ -71,8 +73,9 @@ pub const MAX_DATAGRAM: usize = DATAGRAM_HEADER + MAX_OPUS_PAYLOAD;
 const FLAG_LEVEL: u8 = 0x01;
 const FLAG_VOICE: u8 = 0x02;
 
-/// One stream as a server reports it to the primary: its local id, importance and voice flag.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+/// One stream as a server reports it to the primary: its local id, importance, voice flag and the
+/// identity of the participant speaking on it (so every server can name remote speakers).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct MeshCandidate {
     /// The stream's id on the reporting server.
     #[serde(rename = "s")]
@@ -83,6 +86,9 @@ pub struct MeshCandidate {
     /// Whether the stream is voice-active.
     #[serde(rename = "v")]
     pub voice: bool,
+    /// The participant's identity (from its join token), at most [`MAX_IDENTITY`] bytes.
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A stream anywhere in the mesh: the server it enters on, and its id there.
@@ -167,6 +173,10 @@ pub enum ControlMessage {
         /// The next-ranked streams, forwarded but not mixed, sorted by key.
         #[serde(rename = "m")]
         margin: Vec<StreamKey>,
+        /// The identity speaking on each stream of `list`, in the same order ("" when unknown);
+        /// empty from a sender that names nobody.
+        #[serde(rename = "nm", default, skip_serializing_if = "Vec::is_empty")]
+        names: Vec<String>,
     },
 }
 
@@ -256,6 +266,9 @@ impl ControlMessage {
                             "importance must be a finite number",
                         ));
                     }
+                    if let Some(identity) = &c.identity {
+                        check_len("candidate identity", identity.len(), MAX_IDENTITY)?;
+                    }
                 }
                 Ok(())
             }
@@ -264,12 +277,22 @@ impl ControlMessage {
                 primary,
                 list,
                 margin,
+                names,
                 ..
             } => {
                 check_room(room)?;
                 check_server_id(primary)?;
                 check_len("global top list", list.len(), MAX_GLOBAL_LIST)?;
                 check_len("global margin", margin.len(), MAX_GLOBAL_MARGIN)?;
+                if !names.is_empty() && names.len() != list.len() {
+                    return Err(MeshError::invalid(
+                        "global top list names",
+                        format!("{} names for {} listed streams", names.len(), list.len()),
+                    ));
+                }
+                for name in names {
+                    check_len("global top list name", name.len(), MAX_IDENTITY)?;
+                }
                 list.iter()
                     .chain(margin)
                     .try_for_each(|k| check_server_id(&k.server))

@@ -22,7 +22,7 @@ use crate::media::{
     AudioLevel, InboundPacket, MediaError, MixOutput, MixerConfig, RoomMixer, StreamId,
     StreamOrigin,
 };
-use crate::mesh::wire::{MediaDatagram, MeshCandidate};
+use crate::mesh::wire::{MAX_IDENTITY, MediaDatagram, MeshCandidate};
 use crate::mesh::{ServerId, StreamKey};
 use crate::mesh_node::{LocalReport, RoomView};
 
@@ -107,6 +107,17 @@ struct MeshSide {
     forward: HashMap<StreamId, Vec<ServerId>>,
     /// Voiced candidates of the last report, sorted: a change makes the next report due at once.
     reported_voiced: Vec<StreamId>,
+    /// The remote streams on the global list, with their server and speaker's identity.
+    remote_listed: BTreeMap<StreamId, RemoteSpeaker>,
+}
+
+/// A speaker on another server whom the global list names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSpeaker {
+    /// The server the speaker is connected to.
+    pub server: ServerId,
+    /// The speaker's identity ("" when that server did not say).
+    pub identity: String,
 }
 
 /// The pure state of one room. See the module docs.
@@ -133,6 +144,7 @@ impl RoomCore {
                 next_remote: 0,
                 forward: HashMap::new(),
                 reported_voiced: Vec::new(),
+                remote_listed: BTreeMap::new(),
             }),
             ticks: 0,
         })
@@ -151,6 +163,13 @@ impl RoomCore {
     /// The members, by id.
     pub fn members(&self) -> &BTreeMap<ParticipantId, Member> {
         &self.members
+    }
+
+    /// The speakers on other servers that the global list names, by their stream id here.
+    pub fn remote_speakers(&self) -> impl Iterator<Item = (StreamId, &RemoteSpeaker)> + '_ {
+        self.mesh
+            .iter()
+            .flat_map(|m| m.remote_listed.iter().map(|(id, s)| (*id, s)))
     }
 
     /// Whether nobody is in the room.
@@ -266,17 +285,25 @@ impl RoomCore {
 
     /// Apply the mesh's latest view: mix exactly the global list; remember what to forward.
     pub fn apply_view(&mut self, view: RoomView) -> Result<(), MediaError> {
+        let mut remote_listed = BTreeMap::new();
         let selection = match view.selection {
             Some(list) => {
                 let mut ids = Vec::with_capacity(list.len());
-                for key in &list {
-                    ids.push(self.remote_stream(key)?);
+                for (i, key) in list.iter().enumerate() {
+                    let id = self.remote_stream(key)?;
+                    if id.0 >= REMOTE_ID_BASE {
+                        let identity = view.names.get(i).cloned().unwrap_or_default();
+                        let server = key.server.clone();
+                        remote_listed.insert(id, RemoteSpeaker { server, identity });
+                    }
+                    ids.push(id);
                 }
                 Some(ids)
             }
             None => None,
         };
         if let Some(m) = &mut self.mesh {
+            m.remote_listed = remote_listed;
             m.forward = view
                 .forward
                 .into_iter()
@@ -352,6 +379,7 @@ impl RoomCore {
             return None;
         }
         m.reported_voiced = voiced;
+        let members = &self.members;
         Some(LocalReport {
             candidates: candidates
                 .into_iter()
@@ -359,6 +387,12 @@ impl RoomCore {
                     stream: c.stream.0,
                     importance: c.importance,
                     voice: c.voice,
+                    // An identity too long for the mesh travels as none, rather than failing
+                    // the whole report.
+                    identity: members
+                        .get(&c.stream.0)
+                        .map(|m| m.identity.clone())
+                        .filter(|id| id.len() <= MAX_IDENTITY),
                 })
                 .collect(),
             participants: self.members.len(),
@@ -548,8 +582,18 @@ mod tests {
         core.apply_view(RoomView {
             selection: Some(vec![StreamKey::new("a", 1), remote.clone()]),
             forward: vec![(1, vec!["b".to_owned(), "c".to_owned()])],
+            names: vec!["one".to_owned(), "far".to_owned()],
         })
         .expect("view applies");
+        // The remote speaker is named; our own listed stream is not a remote speaker.
+        let named: Vec<(StreamId, String, String)> = core
+            .remote_speakers()
+            .map(|(id, s)| (id, s.server.clone(), s.identity.clone()))
+            .collect();
+        assert_eq!(
+            named,
+            vec![(StreamId(REMOTE_ID_BASE), "b".to_owned(), "far".to_owned())]
+        );
         let (_, forward) = core.push_local(1, one.packet(ms(20)), 42);
         let Forward { datagram, to } = forward.expect("stream 1 is forwarded");
         assert_eq!(to, ["b".to_owned(), "c".to_owned()]);
@@ -605,6 +649,7 @@ mod tests {
         core.apply_view(RoomView {
             selection: Some(vec![StreamKey::new("b", 2)]),
             forward: Vec::new(),
+            names: Vec::new(),
         })
         .expect("view applies");
         // Well past the idle limit: the unlisted stream goes, the listed one stays.

@@ -112,6 +112,19 @@ pub struct RoomInfo {
     pub participants: Vec<ParticipantInfo>,
     /// Participant ids being mixed right now.
     pub active_speakers: Vec<u64>,
+    /// Speakers on other servers of the conference whom the room's global list names.
+    pub remote_speakers: Vec<RemoteSpeakerInfo>,
+}
+
+/// A speaker connected to another server of the conference, as this server's participants see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteSpeakerInfo {
+    /// The identity from the speaker's join token ("" when its server did not say).
+    pub identity: String,
+    /// The server the speaker is connected to.
+    pub server: String,
+    /// Whether they are mixed right now.
+    pub speaking: bool,
 }
 
 /// One participant as others see it.

@@ -21,7 +21,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use super::core::{Packet, ParticipantId, RoomCore, Tick};
 use super::transport::Transport;
-use super::{ParticipantInfo, Registry, RoomInfo};
+use super::{ParticipantInfo, Registry, RemoteSpeakerInfo, RoomInfo};
 use crate::endpoint::{InboundAudio, MediaPort};
 use crate::media::MixerConfig;
 use crate::mesh::wire::unix_micros_now;
@@ -292,6 +292,17 @@ impl RoomTask {
     fn publish_roster(&self, mixed: Option<&[crate::media::StreamId]>) {
         let members = self.core.members();
         let mut info = self.info.lock().expect("room info lock is never poisoned");
+        if let Some(mixed) = mixed {
+            info.remote_speakers = self
+                .core
+                .remote_speakers()
+                .map(|(id, s)| RemoteSpeakerInfo {
+                    identity: s.identity.clone(),
+                    server: s.server.clone(),
+                    speaking: mixed.contains(&id),
+                })
+                .collect();
+        }
         let speaking: Vec<u64> = match mixed {
             Some(mixed) => mixed.iter().map(|s| s.0).collect(),
             None => info.active_speakers.clone(),
