@@ -377,7 +377,8 @@ mod media {
         assert!(room.mixer.reconfigure(bad).is_err());
         assert_eq!(room.mixer.config(), cfg());
 
-        // 20 -> 10 ms frames: new talkers' encoders (as clients would follow), same streams.
+        // 20 -> 10 ms frames: the streams stay (10 ms talkers here; 20 ms packets in a 10 ms
+        // room have a test of their own).
         let ten = MixerConfig {
             frame_ms: 10,
             ..cfg()
@@ -396,6 +397,74 @@ mod media {
             &[300.0, 500.0, 700.0],
             "shared after 10 ms",
         );
+    }
+
+    /// Browsers send 20 ms packets; a 10 ms room plays each as two frames, with or without
+    /// RFC 6464 levels, and a speaker still never hears itself.
+    #[test]
+    fn a_ten_ms_room_plays_twenty_ms_packets_as_two_frames() {
+        for rfc6464 in [true, false] {
+            let cfg = MixerConfig {
+                frame_ms: 10,
+                jitter_min_ms: 20,
+                ..cfg()
+            };
+            let mut mixer = RoomMixer::new(cfg).expect("mixer");
+            let mut talkers: Vec<Talker> = FREQS
+                .iter()
+                .zip(&LEVELS)
+                .enumerate()
+                .map(|(i, (&f, &l))| Talker::new(id(i as u64 + 1), f, l, 20, rfc6464))
+                .collect();
+            for t in &talkers {
+                mixer.add_stream(t.id, StreamOrigin::Local);
+            }
+            let mut shared = (Decoder::new(10).expect("decoder"), Vec::new());
+            let mut own = (Decoder::new(10).expect("decoder"), Vec::new());
+            let mut lost = 0;
+            for tick in 0..400u64 {
+                let now = Duration::from_millis(tick * 10);
+                if tick % 2 == 0 {
+                    for t in &mut talkers {
+                        let pkt = t.packet(now);
+                        mixer.push(pkt).expect("a 20 ms packet is accepted");
+                    }
+                }
+                let out = mixer.tick(now + Duration::from_millis(3));
+                if tick >= 200 {
+                    lost += out.stats.lost;
+                    assert_eq!(out.mixed, ids(&[1, 2, 3]), "tick {tick}");
+                    shared
+                        .1
+                        .extend(shared.0.decode(&out.shared).expect("decodes"));
+                    let (_, mine) = out
+                        .per_speaker
+                        .iter()
+                        .find(|(sid, _)| *sid == id(2))
+                        .expect("speaker 2 has its own mix");
+                    own.1.extend(own.0.decode(mine).expect("decodes"));
+                }
+            }
+            assert_eq!(lost, 0, "no frame lost");
+            let what = format!("shared, RFC 6464 {rfc6464}");
+            assert_hears(
+                &ToneReport::analyze(&shared.1, &FREQS, 48_000),
+                &[300.0, 500.0, 700.0],
+                &what,
+            );
+            let what = format!("speaker 2, RFC 6464 {rfc6464}");
+            assert_hears(
+                &ToneReport::analyze(&own.1, &FREQS, 48_000),
+                &[300.0, 700.0, 1100.0],
+                &what,
+            );
+        }
+        // A 20 ms room still refuses 10 ms packets, saying why.
+        let mut mixer = RoomMixer::new(cfg()).expect("mixer");
+        mixer.add_stream(id(1), StreamOrigin::Local);
+        let mut ten = Talker::new(id(1), 300.0, -10.0, 10, true);
+        let err = mixer.push(ten.packet(Duration::ZERO)).unwrap_err();
+        assert_eq!(err.category(), "frame_duration");
     }
 
     #[test]

@@ -38,6 +38,48 @@ async fn hears_exactly(bot: &Bot, want: &BTreeSet<u32>, within: Duration) -> BTr
     }
 }
 
+/// Waits until every server runs plan `generation`, then for a second of audio mixed under it,
+/// and checks that each listener hears exactly `want` and each server mixes `active` speakers.
+async fn expect_everywhere(
+    cluster: &MeshCluster,
+    listeners: &[Bot],
+    generation: u32,
+    want: &BTreeSet<u32>,
+    active: f64,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (0..3).any(|i| {
+        metric(&cluster.server(i).metrics(), "chorus_mesh_plan_generation")
+            != Some(f64::from(generation))
+    }) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "generation {generation} never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Only audio mixed after the change counts.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (i, ear) in listeners.iter().enumerate() {
+        let got = hears_exactly(ear, want, Duration::from_secs(8)).await;
+        let report = ear.report_window(Some(Duration::from_secs(1)), &FIVE);
+        assert_eq!(
+            &got, want,
+            "server {i}'s listener, generation {generation}: {report:?}"
+        );
+    }
+    // The primary and every mixer agree.
+    for i in 0..3 {
+        let text = cluster.server(i).metrics();
+        assert_eq!(
+            metric(&text, "chorus_active_speakers"),
+            Some(active),
+            "server {i}, generation {generation}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_mixing_reaches_every_mixer_and_changes_live() -> Result<()> {
     let _serial = heavy_test_guard().await;
@@ -79,33 +121,22 @@ async fn plan_mixing_reaches_every_mixer_and_changes_live() -> Result<()> {
 
     // A new generation: top 5. Nothing restarts; every mixer follows.
     cluster.update_plan(|p| p.mixing.top_speakers = 5)?;
-    // Only audio mixed after the change counts: a second of it, once every server runs it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while (0..3)
-        .any(|i| metric(&cluster.server(i).metrics(), "chorus_mesh_plan_generation") != Some(2.0))
-    {
-        anyhow::ensure!(Instant::now() < deadline, "generation 2 never applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     let all = tones(&[300, 500, 700, 900, 1100]);
-    for (i, ear) in listeners.iter().enumerate() {
-        let got = hears_exactly(ear, &all, Duration::from_secs(8)).await;
-        let report = ear.report_window(Some(Duration::from_secs(2)), &FIVE);
-        assert_eq!(got, all, "server {i}'s listener after top 5: {report:?}");
-    }
-    // The primary and every mixer agree: five active speakers everywhere, generation 2 running.
-    for i in 0..3 {
-        let text = cluster.server(i).metrics();
-        assert_eq!(
-            metric(&text, "chorus_active_speakers"),
-            Some(5.0),
-            "server {i}"
-        );
-        assert_eq!(
-            metric(&text, "chorus_mesh_plan_generation"),
-            Some(2.0),
-            "server {i}"
+    expect_everywhere(&cluster, &listeners, 2, &all, 5.0).await?;
+
+    // Another generation: 10 ms frames. The bots keep sending 20 ms packets, as browsers do; every
+    // room now ticks every 10 ms, plays each packet as two frames, and still mixes all five.
+    cluster.update_plan(|p| p.mixing.frame_ms = 10)?;
+    expect_everywhere(&cluster, &listeners, 3, &all, 5.0).await?;
+    // One room per server, ticking every 10 ms now: about 100 ticks a second, not 50.
+    let ticks = |i: usize| metric(&cluster.server(i).metrics(), "chorus_mixer_ticks_total");
+    let before: Vec<Option<f64>> = (0..3).map(ticks).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, before) in before.into_iter().enumerate() {
+        let rate = ticks(i).unwrap_or(0.0) - before.unwrap_or(0.0);
+        assert!(
+            (80.0..=120.0).contains(&rate),
+            "server {i}: {rate} ticks in a second"
         );
     }
     drop(talkers);

@@ -41,10 +41,9 @@ pub fn frame_samples_for(frame_ms: u32) -> Result<usize, MediaError> {
     }
 }
 
-/// Checks an Opus payload's framing (TOC byte, frame count, frame lengths) without decoding it,
-/// and that it holds exactly `frame_samples` samples. This is what lets the mixer refuse garbage
-/// at `push` time instead of discovering it at the tick.
-pub fn validate_packet(payload: &[u8], frame_samples: usize) -> Result<(), MediaError> {
+/// Checks an Opus payload's framing like [`validate_packet`] and returns how many samples (per
+/// channel, at 48 kHz) it holds, whatever that is.
+pub fn packet_samples(payload: &[u8]) -> Result<usize, MediaError> {
     if payload.is_empty() {
         return Err(MediaError::MalformedOpus("empty payload".into()));
     }
@@ -54,9 +53,15 @@ pub fn validate_packet(payload: &[u8], frame_samples: usize) -> Result<(), Media
             payload.len()
         )));
     }
-    // `parse` walks the whole framing (code 0-3, padding, frame sizes); it is libopus' own check.
     opus::packet::parse(payload).map_err(malformed)?;
-    let got = opus::packet::get_nb_samples(payload, SAMPLE_RATE).map_err(malformed)?;
+    opus::packet::get_nb_samples(payload, SAMPLE_RATE).map_err(malformed)
+}
+
+/// Checks an Opus payload's framing (TOC byte, frame count, frame lengths) without decoding it,
+/// and that it holds exactly `frame_samples` samples. This is what lets the mixer refuse garbage
+/// at `push` time instead of discovering it at the tick.
+pub fn validate_packet(payload: &[u8], frame_samples: usize) -> Result<(), MediaError> {
+    let got = packet_samples(payload)?;
     if got != frame_samples {
         return Err(MediaError::FrameDuration {
             expected: frame_samples,

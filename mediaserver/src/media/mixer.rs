@@ -244,6 +244,33 @@ struct Stream {
     decoder_warm: bool,
     /// Consecutive ticks concealed because of an underrun.
     underrun_concealed: u32,
+    /// Room frames per packet of this stream: 1, or 2 for 20 ms packets in a 10 ms room.
+    frames_per_packet: usize,
+    /// Which room frame of the current packet the next tick plays (0: pull a new packet).
+    phase: usize,
+    /// The current packet decoded, when a packet spans several room frames.
+    split: Option<SplitPacket>,
+    /// The RFC 6464 level of the current packet, observed again on ticks that pull none.
+    last_level: Option<AudioLevel>,
+}
+
+/// One decoded packet longer than the room's frame, played a frame at a time.
+#[derive(Debug)]
+struct SplitPacket {
+    pcm: Vec<i16>,
+    received: bool,
+    arrival: Option<Duration>,
+}
+
+/// The jitter buffer's settings for a stream whose packets span `frames` room frames: it runs on
+/// the packet's clock, one pull per packet.
+fn jitter_config(cfg: &MixerConfig, frames: usize) -> Result<JitterConfig, MediaError> {
+    let frames = u32::try_from(frames).unwrap_or(u32::MAX);
+    JitterConfig::new(
+        cfg.frame_ms.saturating_mul(frames),
+        cfg.jitter_min_ms,
+        cfg.jitter_max_ms,
+    )
 }
 
 /// One tick's frame of one stream, decoded at most once.
@@ -350,8 +377,11 @@ impl RoomMixer {
         self.mix_ranker.set_config(ranking);
         if next.jitter_cfg != self.jitter_cfg {
             for s in self.streams.values_mut() {
-                if !s.jitter.set_bounds(next.jitter_cfg) {
-                    s.jitter = JitterBuffer::new(next.jitter_cfg);
+                let stream_cfg = jitter_config(&cfg, s.frames_per_packet)?;
+                if !s.jitter.set_bounds(stream_cfg) {
+                    s.jitter = JitterBuffer::new(stream_cfg);
+                    s.phase = 0;
+                    s.split = None;
                 }
             }
             self.jitter_cfg = next.jitter_cfg;
@@ -378,6 +408,10 @@ impl RoomMixer {
                 header_levels: false,
                 decoder_warm: false,
                 underrun_concealed: 0,
+                frames_per_packet: 1,
+                phase: 0,
+                split: None,
+                last_level: None,
             },
         );
     }
@@ -397,6 +431,9 @@ impl RoomMixer {
             s.decoder = None;
             s.decoder_warm = false;
             s.underrun_concealed = 0;
+            s.frames_per_packet = 1;
+            s.phase = 0;
+            s.split = None;
         }
     }
 
@@ -441,14 +478,35 @@ impl RoomMixer {
         Ok(())
     }
 
-    /// Files one packet. Unknown streams and payloads that are not one well-formed Opus frame of
-    /// the room's duration are refused, and nothing else changes.
+    /// Files one packet. Unknown streams and payloads that are not a well-formed Opus packet of
+    /// the room's frame length are refused, and nothing else changes; in a 10 ms room a 20 ms
+    /// packet (what browsers send) is accepted too, and played as two frames.
     pub fn push(&mut self, pkt: InboundPacket) -> Result<(), MediaError> {
         let s = self
             .streams
             .get_mut(&pkt.stream)
             .ok_or(MediaError::UnknownStream(pkt.stream))?;
-        codec::validate_packet(&pkt.payload, self.frame_samples)?;
+        let samples = codec::packet_samples(&pkt.payload)?;
+        let frames = match samples {
+            n if n == self.frame_samples => 1,
+            n if n == 2 * self.frame_samples && self.cfg.frame_ms == 10 => 2,
+            got => {
+                return Err(MediaError::FrameDuration {
+                    expected: self.frame_samples,
+                    got,
+                });
+            }
+        };
+        if frames != s.frames_per_packet {
+            // The sender's packet length changed (or the room's frame did): a new clock for
+            // this stream's buffer and decoder.
+            s.jitter = JitterBuffer::new(jitter_config(&self.cfg, frames)?);
+            s.decoder = None;
+            s.decoder_warm = false;
+            s.frames_per_packet = frames;
+            s.phase = 0;
+            s.split = None;
+        }
         s.header_levels = pkt.level.is_some();
         if let Some(l) = pkt.level
             && !s.muted
@@ -491,17 +549,44 @@ impl RoomMixer {
         let mut stats = TickStats::default();
         let mut pulled: BTreeMap<StreamId, Pulled> = BTreeMap::new();
 
-        // 1-2. Pull a frame from every stream; update importance.
+        // 1-2. Pull a frame from every stream; update importance. A stream whose packets span
+        //    several frames pulls a packet every few ticks and plays it a frame at a time.
+        let frame_samples = self.frame_samples;
         for (&id, s) in &mut self.streams {
-            let playout = s.jitter.tick(now);
-            let arrival = s.jitter.last_arrival();
+            let index = s.phase;
+            let pull = index == 0;
+            s.phase = (s.phase + 1) % s.frames_per_packet.max(1);
+            let (playout, arrival) = if pull {
+                (s.jitter.tick(now), s.jitter.last_arrival())
+            } else {
+                (Playout::Empty, None)
+            };
             stats.jitter_depth.push((id, s.jitter.depth()));
             if matches!(playout, Playout::Lost { .. }) {
                 stats.lost += 1;
             }
-            let warm = std::mem::replace(&mut s.decoder_warm, false);
+            // The decoder is fed once per packet: between pulls its history stays current.
+            let warm = if pull {
+                std::mem::replace(&mut s.decoder_warm, false)
+            } else {
+                s.decoder_warm
+            };
             if s.muted {
                 // Draining only: the muted stream costs no decode and keeps no level.
+                s.split = None;
+                continue;
+            }
+            if s.frames_per_packet > 1 {
+                let p = split_frame(
+                    id,
+                    s,
+                    (playout, arrival),
+                    warm,
+                    index,
+                    frame_samples,
+                    &mut stats,
+                );
+                pulled.insert(id, p);
                 continue;
             }
             let mut p = Pulled {
@@ -670,6 +755,77 @@ fn add_into(bus: &mut [i32], pcm: &[i16], sign: i32) {
     for (b, &s) in bus.iter_mut().zip(pcm) {
         *b = b.saturating_add(sign * i32::from(s));
     }
+}
+
+/// One room frame of a stream whose packets span several: on the packet's first frame, pull
+/// and decode the whole packet (whatever the mix needs: its PCM must be split anyway); on every
+/// frame, serve the matching slice and update the stream's importance.
+fn split_frame(
+    id: StreamId,
+    s: &mut Stream,
+    (playout, arrival): (Playout, Option<Duration>),
+    warm: bool,
+    index: usize,
+    frame_samples: usize,
+    stats: &mut TickStats,
+) -> Pulled {
+    if index == 0 {
+        s.last_level = if s.header_levels {
+            s.pending_level.take()
+        } else {
+            None
+        };
+        let mut whole = Pulled {
+            playout,
+            arrival,
+            pcm: None,
+            rendered: false,
+            warm,
+            received: false,
+        };
+        render(id, s, &mut whole, stats);
+        s.split = whole.pcm.map(|pcm| SplitPacket {
+            pcm,
+            received: whole.received,
+            arrival,
+        });
+    }
+    let start = index * frame_samples;
+    let slice = s.split.as_ref().and_then(|sp| {
+        sp.pcm
+            .get(start..start + frame_samples)
+            .map(|pcm| (pcm.to_vec(), sp))
+    });
+    let p = match slice {
+        Some((pcm, sp)) => Pulled {
+            playout: Playout::Empty,
+            arrival: sp.arrival,
+            pcm: Some(pcm),
+            rendered: true,
+            warm,
+            received: sp.received,
+        },
+        None => Pulled {
+            playout: Playout::Empty,
+            arrival: None,
+            pcm: None,
+            rendered: true,
+            warm,
+            received: false,
+        },
+    };
+    if s.header_levels {
+        match s.last_level {
+            Some(level) => s.level.observe_rfc6464(level),
+            None => s.level.observe_silence(),
+        }
+    } else {
+        match (&p.pcm, p.received) {
+            (Some(pcm), true) => s.level.observe_pcm(pcm),
+            _ => s.level.observe_silence(),
+        }
+    }
+    p
 }
 
 /// Turns one stream's playout into PCM, at most once per tick.
