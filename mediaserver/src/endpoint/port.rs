@@ -61,7 +61,8 @@ pub struct PortConfig {
     pub max_peers: usize,
     /// A participant that is not connected this long after its answer is removed.
     pub connect_timeout: Duration,
-    /// Frames buffered per participant's inbound queue before new ones are dropped.
+    /// Frames buffered in the queue of a peer accepted with a queue of its own ([`MediaPort::accept`])
+    /// before new ones are dropped; a peer accepted into a room's queue uses the room's bound.
     pub inbound_queue: usize,
     /// Commands (mostly outbound frames, all participants together) buffered for the task.
     pub command_queue: usize,
@@ -94,9 +95,10 @@ pub struct PortStats {
     /// Well-formed datagrams dropped because they belong to no participant: from an unknown
     /// address, and no known ufrag. Disjoint from `dropped_malformed`.
     pub dropped_unroutable: u64,
-    /// Audio frames delivered to participants' inbound queues.
+    /// Audio frames delivered to inbound queues (a peer's own, or its room's).
     pub inbound_frames: u64,
-    /// Received audio frames dropped (inbound queue full or closed, or wrong payload type).
+    /// Received audio frames dropped (inbound queue full or closed, or wrong payload type): a
+    /// room that falls behind loses packets here rather than blocking the socket.
     pub inbound_dropped: u64,
     /// Audio frames sent.
     pub outbound_frames: u64,
