@@ -428,6 +428,7 @@ impl RoomMixer {
             stream: id,
             importance: s.level.importance(),
             voice: s.level.voice(),
+            identity: None,
         })
     }
 
@@ -537,6 +538,7 @@ impl RoomMixer {
                 stream: id,
                 importance: s.level.importance(),
                 voice: s.level.voice(),
+                identity: None,
             })
             .collect();
         let local: Vec<Candidate> = eligible
@@ -546,7 +548,7 @@ impl RoomMixer {
                     .get(&c.stream)
                     .is_some_and(|s| s.origin == StreamOrigin::Local)
             })
-            .copied()
+            .cloned()
             .collect();
         self.last_local = self.local_ranker.update(&local);
         let ranked = self.mix_ranker.update(&eligible);
@@ -562,7 +564,7 @@ impl RoomMixer {
                 let mut outside: Vec<Candidate> = eligible
                     .iter()
                     .filter(|c| !set.contains(&c.stream) && c.importance >= silence)
-                    .copied()
+                    .cloned()
                     .collect();
                 outside.sort_by(rank_order);
                 (set, outside.first().map(|c| c.stream))
