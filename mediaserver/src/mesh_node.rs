@@ -31,8 +31,8 @@ use chorus_crds::MeshPlan;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::media::MixerConfig;
-use crate::mesh::wire::{MediaDatagram, MeshCandidate, cross_server_delay, unix_micros_now};
+use crate::media::{Candidate, MixerConfig, StreamId};
+use crate::mesh::wire::{MediaDatagram, cross_server_delay, unix_micros_now};
 use crate::mesh::{
     MeshError, MeshMetrics, MeshNodeState, MeshPeer, MeshTls, MeshTransport, ProtocolConfig,
     ServerId, StreamKey, TransportConfig,
@@ -48,7 +48,7 @@ pub struct RoomView {
     /// top speakers meanwhile).
     pub selection: Option<Vec<StreamKey>>,
     /// Local streams to forward, each with the servers to send it to.
-    pub forward: Vec<(u64, Vec<ServerId>)>,
+    pub forward: Vec<(StreamId, Vec<ServerId>)>,
     /// Who speaks on each stream of `selection`, in the same order ("" when unknown).
     pub names: Vec<String>,
 }
@@ -68,8 +68,9 @@ pub struct RemotePacket {
 /// has here.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalReport {
-    /// Ranked local candidates, best first (top N then the margin).
-    pub candidates: Vec<MeshCandidate>,
+    /// Ranked local candidates, best first (top N then the margin), each with its speaker's
+    /// identity when the room knows it.
+    pub candidates: Vec<Candidate>,
     /// Participants connected here.
     pub participants: usize,
 }

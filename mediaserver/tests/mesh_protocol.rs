@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chorus_crds::{MeshMixing, MeshNode, MeshPlan, MeshTransfer};
+use chorus_mediaserver::media::{Candidate, StreamId};
 use chorus_mediaserver::mesh::protocol::rendezvous_order;
 use chorus_mediaserver::mesh::{
-    ControlMessage, GlobalList, MeshCandidate, MeshNodeState, ProtocolConfig, StreamKey,
+    ControlMessage, GlobalList, MeshNodeState, ProtocolConfig, StreamKey,
 };
 
 const ROOM: &str = "town";
@@ -47,9 +48,9 @@ fn plan(ids: &[String]) -> MeshPlan {
     }
 }
 
-fn cand(stream: u64, importance: f32, voice: bool) -> MeshCandidate {
-    MeshCandidate {
-        stream,
+fn cand(stream: u64, importance: f32, voice: bool) -> Candidate {
+    Candidate {
+        stream: StreamId(stream),
         importance,
         voice,
         identity: Some(format!("speaker-{stream}")),
@@ -75,7 +76,7 @@ impl Rng {
 #[derive(Clone, Default)]
 struct Local {
     participants: usize,
-    candidates: Vec<MeshCandidate>,
+    candidates: Vec<Candidate>,
 }
 
 struct Sim {
@@ -160,7 +161,7 @@ impl Sim {
         self.nodes[i] = None;
     }
 
-    fn set_local(&mut self, i: usize, participants: usize, candidates: Vec<MeshCandidate>) {
+    fn set_local(&mut self, i: usize, participants: usize, candidates: Vec<Candidate>) {
         let l = Local {
             participants,
             candidates,
@@ -325,7 +326,7 @@ impl Sim {
     }
 }
 
-fn key(sim: &Sim, i: usize, stream: u64) -> StreamKey {
+fn key(sim: &Sim, i: usize, stream: impl Into<StreamId>) -> StreamKey {
     StreamKey::new(sim.ids[i].clone(), stream)
 }
 
@@ -380,7 +381,7 @@ fn mesh_three_servers_converge_on_one_list_and_one_primary() {
     let names: Vec<String> = g
         .list
         .iter()
-        .map(|k| format!("speaker-{}", k.stream))
+        .map(|k| format!("speaker-{}", k.stream.0))
         .collect();
     for i in 0..3 {
         let list = sim.node(i).selection(ROOM).expect("a list");
@@ -562,7 +563,7 @@ fn mesh_lossy_links_converge_and_the_consistency_counter_sees_disagreement_with(
     for round in 0..10u64 {
         let i = (round % 3) as usize;
         let mut cands = sim.local[i][ROOM].candidates.clone();
-        cands.retain(|c| c.stream < 100);
+        cands.retain(|c| c.stream < StreamId(100));
         cands.push(cand(100 + round, -2.0, true));
         sim.set_local(i, 5, cands);
         sim.run(Duration::from_millis(400));
@@ -640,14 +641,14 @@ fn mesh_silent_server_forwards_nothing() {
     sim.run(Duration::from_millis(500));
     let silent = sim.node(2);
     assert!(silent.forwarding(ROOM).is_empty());
-    assert!(silent.forward_targets(ROOM, 20).is_empty());
+    assert!(silent.forward_targets(ROOM, StreamId(20)).is_empty());
     assert_eq!(silent.forwarded_stream_count(), 0);
     // The others forward their listed streams to both other servers, the silent one included.
-    let mut targets = sim.node(0).forward_targets(ROOM, 1);
+    let mut targets = sim.node(0).forward_targets(ROOM, StreamId(1));
     targets.sort();
     assert_eq!(targets, vec![sim.ids[1].clone(), sim.ids[2].clone()]);
     assert_eq!(
-        sim.node(1).forward_targets(ROOM, 10),
+        sim.node(1).forward_targets(ROOM, StreamId(10)),
         vec![sim.ids[0].clone(), sim.ids[2].clone()]
     );
 }
@@ -655,7 +656,7 @@ fn mesh_silent_server_forwards_nothing() {
 fn bandwidth_run(participants: usize) -> (usize, u64) {
     let mut sim = Sim::new(3, 10, 21);
     for i in 0..3 {
-        let cands: Vec<MeshCandidate> = (0..participants as u64)
+        let cands: Vec<Candidate> = (0..participants as u64)
             .map(|s| cand(s, -10.0 - (s as f32) * 0.5 - i as f32 * 0.1, true))
             .collect();
         sim.set_local(i, participants, cands);
@@ -795,7 +796,7 @@ fn mesh_plan_changes_apply_live() {
         sim.node(3).selection(ROOM).is_none(),
         "a removed server mixes locally"
     );
-    assert!(sim.node(3).forward_targets(ROOM, 1).is_empty());
+    assert!(sim.node(3).forward_targets(ROOM, StreamId(1)).is_empty());
     sim.kill(3);
     sim.run_until(Duration::from_secs(2), |s| s.agreed_on(&want3))
         .expect("the others reconverge without it");
@@ -822,7 +823,7 @@ fn mesh_fast_restart_is_noticed_by_incarnation() {
                         .list
                         .iter()
                         .chain(&g.margin)
-                        .any(|k| k.server == s.ids[other] && k.stream != 77)
+                        .any(|k| k.server == s.ids[other] && k.stream != StreamId(77))
             })
         })
         .expect("the restarted server's new list replaces its old one");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chorus_mediaserver::media::AudioLevel;
+use chorus_mediaserver::media::{AudioLevel, StreamId};
 use chorus_mediaserver::mesh::transport::{ALPN, Frame};
 use chorus_mediaserver::mesh::{
     ControlMessage, MediaDatagram, MeshInbound, MeshMetrics, MeshPeer, MeshTls, MeshTransport,
@@ -132,7 +132,7 @@ fn hb(n: u64) -> ControlMessage {
 fn media(n: u16) -> MediaDatagram {
     MediaDatagram {
         room_hash: 42,
-        stream: 9,
+        stream: StreamId(9),
         seq: n,
         rtp_timestamp: u32::from(n) * 960,
         level: Some(AudioLevel {

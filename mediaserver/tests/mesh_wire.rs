@@ -4,12 +4,13 @@
 
 use bytes::Bytes;
 use chorus_mediaserver::media::AudioLevel;
+use chorus_mediaserver::media::{Candidate, StreamId};
 use chorus_mediaserver::mesh::transport::{Frame, MAX_FRAME};
 use chorus_mediaserver::mesh::wire::{
     MAX_CONTROL_BYTES, MAX_DATAGRAM, MAX_GLOBAL_LIST, MAX_GLOBAL_MARGIN, MAX_IDENTITY,
     MAX_LOCAL_CANDIDATES, MAX_OPUS_PAYLOAD,
 };
-use chorus_mediaserver::mesh::{ControlMessage, MediaDatagram, MeshCandidate, StreamKey};
+use chorus_mediaserver::mesh::{ControlMessage, MediaDatagram, StreamKey};
 use proptest::prelude::*;
 
 fn room() -> impl Strategy<Value = String> {
@@ -20,15 +21,15 @@ fn server() -> impl Strategy<Value = String> {
     "[a-z0-9][a-z0-9.-]{0,40}"
 }
 
-fn candidate() -> impl Strategy<Value = MeshCandidate> {
+fn candidate() -> impl Strategy<Value = Candidate> {
     (
         any::<u64>(),
         -127.0f32..=0.0f32,
         any::<bool>(),
         proptest::option::of("\\PC{0,40}"),
     )
-        .prop_map(|(stream, importance, voice, identity)| MeshCandidate {
-            stream,
+        .prop_map(|(stream, importance, voice, identity)| Candidate {
+            stream: StreamId(stream),
             importance,
             voice,
             identity,
@@ -77,7 +78,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             .prop_map(|(room, epoch, primary, list, margin, named)| {
                 // Names, when present, come one per listed stream.
                 let names = if named {
-                    list.iter().map(|k| format!("who-{}", k.stream)).collect()
+                    list.iter().map(|k| format!("who-{}", k.stream.0)).collect()
                 } else {
                     Vec::new()
                 };
@@ -106,7 +107,7 @@ fn datagram() -> impl Strategy<Value = MediaDatagram> {
         .prop_map(
             |(room_hash, stream, seq, rtp_timestamp, level, ingress_us, payload)| MediaDatagram {
                 room_hash,
-                stream,
+                stream: StreamId(stream),
                 seq,
                 rtp_timestamp,
                 level: level.map(|(dbov, voice)| AudioLevel { dbov, voice }),
@@ -197,7 +198,7 @@ fn mesh_limits_fail_cleanly_with_categories() {
     );
     let mut d = MediaDatagram {
         room_hash: 1,
-        stream: 2,
+        stream: StreamId(2),
         seq: 3,
         rtp_timestamp: 4,
         level: None,
@@ -261,8 +262,8 @@ fn mesh_limits_fail_cleanly_with_categories() {
         room: "r".into(),
         seq: 1,
         epoch: 0,
-        candidates: vec![MeshCandidate {
-            stream: 1,
+        candidates: vec![Candidate {
+            stream: StreamId(1),
             importance: f32::NAN,
             voice: true,
             identity: None,
@@ -273,8 +274,8 @@ fn mesh_limits_fail_cleanly_with_categories() {
         room: "r".into(),
         seq: 1,
         epoch: 0,
-        candidates: vec![MeshCandidate {
-            stream: 1,
+        candidates: vec![Candidate {
+            stream: StreamId(1),
             importance: -20.0,
             voice: true,
             identity: Some("x".repeat(MAX_IDENTITY + 1)),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use chorus_mediaserver::mesh::wire::MeshCandidate;
+use chorus_mediaserver::media::{Candidate, StreamId};
 use chorus_mediaserver::mesh::{MeshMetrics, MeshTls};
 use chorus_mediaserver::mesh_node::{LocalReport, MeshNode};
 use chorus_tests::bot::{AudioSource, Bot, BotConfig, tone, tones};
@@ -223,8 +223,8 @@ async fn a_thousand_rooms_opened_in_a_burst_all_reach_their_primary() -> Result<
     for i in 0..1000u64 {
         let link = node.open_room(&format!("room-{i}"));
         link.report(LocalReport {
-            candidates: vec![MeshCandidate {
-                stream: i + 1,
+            candidates: vec![Candidate {
+                stream: StreamId(i + 1),
                 importance: -20.0,
                 voice: true,
                 identity: None,
@@ -244,7 +244,7 @@ async fn a_thousand_rooms_opened_in_a_burst_all_reach_their_primary() -> Result<
                 !view
                     .selection
                     .as_ref()
-                    .is_some_and(|list| list.iter().any(|k| k.stream == *i as u64 + 1))
+                    .is_some_and(|list| list.iter().any(|k| k.stream == StreamId(*i as u64 + 1)))
             })
             .map(|(i, _)| i)
             .collect();

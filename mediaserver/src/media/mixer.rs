@@ -465,6 +465,7 @@ impl RoomMixer {
             stream: id,
             importance: s.level.importance(),
             voice: s.level.voice(),
+            identity: None,
         })
     }
 
@@ -622,6 +623,7 @@ impl RoomMixer {
                 stream: id,
                 importance: s.level.importance(),
                 voice: s.level.voice(),
+                identity: None,
             })
             .collect();
         let local: Vec<Candidate> = eligible
@@ -631,7 +633,7 @@ impl RoomMixer {
                     .get(&c.stream)
                     .is_some_and(|s| s.origin == StreamOrigin::Local)
             })
-            .copied()
+            .cloned()
             .collect();
         self.last_local = self.local_ranker.update(&local);
         let ranked = self.mix_ranker.update(&eligible);
@@ -647,7 +649,7 @@ impl RoomMixer {
                 let mut outside: Vec<Candidate> = eligible
                     .iter()
                     .filter(|c| !set.contains(&c.stream) && c.importance >= silence)
-                    .copied()
+                    .cloned()
                     .collect();
                 outside.sort_by(rank_order);
                 (set, outside.first().map(|c| c.stream))

@@ -40,8 +40,19 @@ pub const SAMPLE_RATE: u32 = 48_000;
 /// Identifies one inbound audio stream within a room (a participant's microphone, local or
 /// forwarded from another server). Ordered, so ties anywhere in the core break the same way on
 /// every server.
+///
+/// The same id names the stream everywhere: in the mixer, in the room, and on the mesh (where the
+/// origin server's id is its `StreamKey::stream`). It serialises as the bare number, so the mesh's
+/// JSON carries `"s":7`, and media datagrams carry the `u64` in network byte order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct StreamId(pub u64);
+
+impl From<u64> for StreamId {
+    fn from(id: u64) -> Self {
+        Self(id)
+    }
+}
 
 /// Where a stream enters this server. Both kinds are mixed the same way; only local streams get a
 /// "mix minus self" output, because a remote stream's own listeners live on another server.
@@ -79,15 +90,24 @@ pub struct InboundPacket {
     pub arrival: Duration,
 }
 
-/// A ranked stream: what a server tells the mesh primary about its local speakers.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// A ranked stream: what the ranker selects, and what a server tells the mesh primary about its
+/// local speakers (the `"c"` entries of a local top list, hence the short serde names).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
-    /// The stream.
+    /// The stream (on the mesh: its id on the reporting server).
+    #[serde(rename = "s")]
     pub stream: StreamId,
     /// Smoothed speech level in dBov (-127 silent ..= 0 loudest). Higher is more important.
+    #[serde(rename = "i")]
     pub importance: f32,
     /// Whether the stream is currently voice-active.
+    #[serde(rename = "v")]
     pub voice: bool,
+    /// The identity of the participant speaking on it (from its join token), when known: the room
+    /// fills it in for the mesh, which carries at most `mesh::wire::MAX_IDENTITY` bytes of it.
+    /// The media core leaves it `None`.
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Every failure the media core reports. One enum so callers can label metrics with

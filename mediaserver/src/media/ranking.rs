@@ -176,7 +176,7 @@ pub struct Ranking {
 impl Ranking {
     /// Selected then margin: the list a server sends to the mesh primary.
     pub fn candidates(&self) -> Vec<Candidate> {
-        self.selected.iter().chain(&self.extra).copied().collect()
+        self.selected.iter().chain(&self.extra).cloned().collect()
     }
 
     /// The ids of the selected streams, sorted by id.
@@ -235,7 +235,7 @@ impl Ranker {
 
     /// One ranking round over every eligible stream (muted or removed streams simply are not in
     /// `streams`), by [`select_top_n`]. A duplicate id counts once, at its most important entry
-    /// (voice-active if any entry at that importance is).
+    /// (voice-active if any entry at that importance is, named by the first identity given there).
     pub fn update(&mut self, streams: &[Candidate]) -> Ranking {
         let levels: Vec<(StreamId, f32)> =
             streams.iter().map(|c| (c.stream, c.importance)).collect();
@@ -247,13 +247,19 @@ impl Ranker {
             self.cfg.silence_dbov,
         );
         // Back to full candidates. The voice flag is looked up by level, not by position, so the
-        // result does not depend on the order of duplicates either.
-        let candidate = |&(stream, importance): &(StreamId, f32)| Candidate {
-            stream,
-            importance,
-            voice: streams.iter().any(|c| {
-                c.stream == stream && c.importance.total_cmp(&importance).is_eq() && c.voice
-            }),
+        // result does not depend on the order of duplicates either; the identity is the first
+        // one given at that level (the media core gives none, so this clones no string there).
+        let candidate = |&(stream, importance): &(StreamId, f32)| {
+            let mut at_level = streams
+                .iter()
+                .filter(|c| c.stream == stream && c.importance.total_cmp(&importance).is_eq());
+            let identity = at_level.clone().find_map(|c| c.identity.clone());
+            Candidate {
+                stream,
+                importance,
+                voice: at_level.any(|c| c.voice),
+                identity,
+            }
         };
         self.selected = selection.selected.iter().map(|(id, _)| *id).collect();
         Ranking {
@@ -277,6 +283,7 @@ mod tests {
             stream: StreamId(id),
             importance,
             voice: true,
+            identity: None,
         }
     }
 
@@ -342,7 +349,7 @@ mod tests {
         let mut a = Ranker::new(RankingConfig::new(2, 2));
         let mut b = Ranker::new(RankingConfig::new(2, 2));
         let input = [c(9, -20.0), c(3, -20.0), c(7, -20.0), c(5, -20.0)];
-        let mut reversed = input;
+        let mut reversed = input.clone();
         reversed.reverse();
         let ra = a.update(&input);
         let rb = b.update(&reversed);

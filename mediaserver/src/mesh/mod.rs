@@ -46,4 +46,4 @@ pub use protocol::{
 };
 pub use tls::MeshTls;
 pub use transport::{MeshInbound, MeshPeer, MeshTransport, PeerStats, TransportConfig};
-pub use wire::{ControlMessage, MediaDatagram, MeshCandidate};
+pub use wire::{ControlMessage, MediaDatagram};

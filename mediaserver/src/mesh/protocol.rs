@@ -66,14 +66,14 @@ use chorus_crds::MeshPlan;
 use sha2::{Digest, Sha256};
 
 use super::error::MeshError;
+pub use super::wire::StreamKey;
 use super::wire::{
     self, ControlMessage, MAX_GLOBAL_LIST, MAX_GLOBAL_MARGIN, MAX_LOCAL_CANDIDATES,
     MAX_ROOMS_PER_MESSAGE,
 };
-pub use super::wire::{MeshCandidate, StreamKey};
-use crate::media::MixerConfig;
 use crate::media::level::DEFAULT_SILENCE_THRESHOLD_DBOV;
 use crate::media::ranking::select_top_n;
+use crate::media::{Candidate, MixerConfig, StreamId};
 
 /// A media server's id (its pod name), as in the plan.
 pub type ServerId = String;
@@ -136,7 +136,7 @@ pub struct GlobalList {
 
 impl GlobalList {
     /// Whether stream `stream` of server `server` is on the list or the margin.
-    pub fn forwards(&self, server: &str, stream: u64) -> bool {
+    pub fn forwards(&self, server: &str, stream: StreamId) -> bool {
         self.list
             .iter()
             .chain(&self.margin)
@@ -212,7 +212,7 @@ struct RemoteList {
     seq: u64,
     received: Duration,
     epoch: u64,
-    candidates: Vec<MeshCandidate>,
+    candidates: Vec<Candidate>,
 }
 
 #[derive(Debug)]
@@ -261,14 +261,14 @@ struct Room {
     order: Vec<ServerId>,
     primary: Option<ServerId>,
     local_participants: usize,
-    local_candidates: Vec<MeshCandidate>,
+    local_candidates: Vec<Candidate>,
     local_seq: u64,
     /// When the next local list is due; `None`: at the next poll.
     next_rank: Option<Duration>,
     /// The voiced streams (sorted) of the last local list sent: when the candidates' set differs,
     /// the next list is due at once instead of at the next rank interval, so a new speaker
     /// reaches the primary without waiting out the interval.
-    sent_streams: Vec<u64>,
+    sent_streams: Vec<StreamId>,
     remote: BTreeMap<ServerId, RemoteList>,
     current: Option<GlobalList>,
     max_epoch_seen: u64,
@@ -284,8 +284,8 @@ impl Room {
 
 /// The voiced streams among the first `limit` candidates, sorted: what a local list says, apart
 /// from levels.
-fn voiced_streams(candidates: &[MeshCandidate], limit: usize) -> Vec<u64> {
-    let mut ids: Vec<u64> = candidates
+fn voiced_streams(candidates: &[Candidate], limit: usize) -> Vec<StreamId> {
+    let mut ids: Vec<StreamId> = candidates
         .iter()
         .filter(|c| c.voice)
         .take(limit)
@@ -322,11 +322,11 @@ fn sanitize_importance(x: f32) -> f32 {
 
 /// Best first: voice-active, then louder, then lower stream id. One entry per stream, at most
 /// `limit`, importance clamped to -127..=0 (NaN is silence).
-fn sanitize_candidates(mut c: Vec<MeshCandidate>, limit: usize) -> Vec<MeshCandidate> {
+fn sanitize_candidates(mut c: Vec<Candidate>, limit: usize) -> Vec<Candidate> {
     for x in &mut c {
         x.importance = sanitize_importance(x.importance);
     }
-    let better = |a: &MeshCandidate, b: &MeshCandidate| {
+    let better = |a: &Candidate, b: &Candidate| {
         b.voice
             .cmp(&a.voice)
             .then_with(|| b.importance.total_cmp(&a.importance))
@@ -537,7 +537,7 @@ impl MeshNodeState {
 
     /// The servers a local stream's packets go to now (sorted); empty when it is not forwarded.
     /// It allocates; per packet, prefer caching [`Self::forwarding`] once per tick.
-    pub fn forward_targets(&self, room: &str, stream: u64) -> Vec<ServerId> {
+    pub fn forward_targets(&self, room: &str, stream: StreamId) -> Vec<ServerId> {
         match self.rooms.get(room) {
             Some(r) if self.forwards(r, stream) => self.room_targets(room),
             _ => Vec::new(),
@@ -545,7 +545,7 @@ impl MeshNodeState {
     }
 
     /// Every local stream of `room` that is forwarded now, with its targets.
-    pub fn forwarding(&self, room: &str) -> Vec<(u64, Vec<ServerId>)> {
+    pub fn forwarding(&self, room: &str) -> Vec<(StreamId, Vec<ServerId>)> {
         let Some(r) = self.rooms.get(room) else {
             return Vec::new();
         };
@@ -598,7 +598,7 @@ impl MeshNodeState {
     pub fn on_local_candidates(
         &mut self,
         room: &str,
-        candidates: Vec<MeshCandidate>,
+        candidates: Vec<Candidate>,
         now: Duration,
     ) -> Result<(), MeshError> {
         self.now = self.now.max(now);
@@ -757,7 +757,7 @@ impl MeshNodeState {
         room: &str,
         seq: u64,
         epoch: u64,
-        candidates: Vec<MeshCandidate>,
+        candidates: Vec<Candidate>,
         now: Duration,
     ) -> Result<(), MeshError> {
         let limit = self.mixing.local_limit();
@@ -1014,7 +1014,7 @@ impl MeshNodeState {
             return; // the primary reads its own candidates directly
         }
         r.local_seq += 1;
-        let candidates: Vec<MeshCandidate> = r
+        let candidates: Vec<Candidate> = r
             .local_candidates
             .iter()
             .filter(|c| c.voice)
@@ -1101,7 +1101,7 @@ impl MeshNodeState {
 
         let mut eligible: Vec<(StreamKey, f32)> = Vec::new();
         let mut identities: BTreeMap<StreamKey, String> = BTreeMap::new();
-        let mut note = |key: &StreamKey, c: &MeshCandidate| {
+        let mut note = |key: &StreamKey, c: &Candidate| {
             if let Some(identity) = &c.identity {
                 identities.insert(key.clone(), identity.clone());
             }
@@ -1237,7 +1237,7 @@ impl MeshNodeState {
         now.saturating_sub(since) >= linger
     }
 
-    fn forwards(&self, r: &Room, stream: u64) -> bool {
+    fn forwards(&self, r: &Room, stream: StreamId) -> bool {
         r.local_participants > 0
             && r.current
                 .as_ref()
@@ -1372,20 +1372,20 @@ mod tests {
     fn mesh_candidates_are_sanitised() {
         let c = sanitize_candidates(
             vec![
-                MeshCandidate {
-                    stream: 1,
+                Candidate {
+                    stream: StreamId(1),
                     importance: f32::NAN,
                     voice: true,
                     identity: None,
                 },
-                MeshCandidate {
-                    stream: 2,
+                Candidate {
+                    stream: StreamId(2),
                     importance: 40.0,
                     voice: true,
                     identity: None,
                 },
-                MeshCandidate {
-                    stream: 2,
+                Candidate {
+                    stream: StreamId(2),
                     importance: -90.0,
                     voice: true,
                     identity: None,
@@ -1394,7 +1394,7 @@ mod tests {
             8,
         );
         assert_eq!(c.len(), 2);
-        assert_eq!(c[0].stream, 2);
+        assert_eq!(c[0].stream, StreamId(2));
         assert_eq!(c[0].importance, 0.0);
         assert_eq!(c[1].importance, -127.0);
     }

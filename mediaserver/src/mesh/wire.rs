@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::MeshError;
-use crate::media::AudioLevel;
+use crate::media::{AudioLevel, Candidate, StreamId};
 
 /// Version byte of control messages.
 pub const CONTROL_VERSION: u8 = 1;
@@ -73,24 +73,6 @@ pub const MAX_DATAGRAM: usize = DATAGRAM_HEADER + MAX_OPUS_PAYLOAD;
 const FLAG_LEVEL: u8 = 0x01;
 const FLAG_VOICE: u8 = 0x02;
 
-/// One stream as a server reports it to the primary: its local id, importance, voice flag and the
-/// identity of the participant speaking on it (so every server can name remote speakers).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct MeshCandidate {
-    /// The stream's id on the reporting server.
-    #[serde(rename = "s")]
-    pub stream: u64,
-    /// Smoothed speech level in dBov, -127 (silent) ..= 0 (loudest). Higher is more important.
-    #[serde(rename = "i")]
-    pub importance: f32,
-    /// Whether the stream is voice-active.
-    #[serde(rename = "v")]
-    pub voice: bool,
-    /// The participant's identity (from its join token), at most [`MAX_IDENTITY`] bytes.
-    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
-}
-
 /// A stream anywhere in the mesh: the server it enters on, and its id there.
 ///
 /// Ordered (server, then stream) so ties break the same way on every server.
@@ -101,15 +83,15 @@ pub struct StreamKey {
     pub server: String,
     /// The stream's id on that server.
     #[serde(rename = "s")]
-    pub stream: u64,
+    pub stream: StreamId,
 }
 
 impl StreamKey {
     /// A key from its parts.
-    pub fn new(server: impl Into<String>, stream: u64) -> Self {
+    pub fn new(server: impl Into<String>, stream: impl Into<StreamId>) -> Self {
         Self {
             server: server.into(),
-            stream,
+            stream: stream.into(),
         }
     }
 }
@@ -151,9 +133,10 @@ pub enum ControlMessage {
         /// acknowledgement and tells a new primary which epoch to start above.
         #[serde(rename = "e")]
         epoch: u64,
-        /// Voice-active local streams, most important first.
+        /// Voice-active local streams, most important first, each with its speaker's identity
+        /// when known (at most [`MAX_IDENTITY`] bytes).
         #[serde(rename = "c")]
-        candidates: Vec<MeshCandidate>,
+        candidates: Vec<Candidate>,
     },
     /// The primary's merged list for one room, to every server with participants in it.
     #[serde(rename = "gt")]
@@ -378,7 +361,7 @@ pub struct MediaDatagram {
     /// [`room_hash`] of the room.
     pub room_hash: u64,
     /// The stream's id on the sending server.
-    pub stream: u64,
+    pub stream: StreamId,
     /// RTP sequence number.
     pub seq: u16,
     /// RTP timestamp.
@@ -418,7 +401,7 @@ impl MediaDatagram {
         out.put_u8(DATAGRAM_MAGIC);
         out.put_u8(flags);
         out.put_u64(self.room_hash);
-        out.put_u64(self.stream);
+        out.put_u64(self.stream.0);
         out.put_u16(self.seq);
         out.put_u32(self.rtp_timestamp);
         out.put_u8(dbov);
@@ -486,7 +469,7 @@ impl MediaDatagram {
         };
         Ok(Self {
             room_hash: be64(2),
-            stream: be64(10),
+            stream: StreamId(be64(10)),
             seq: u16::from_be_bytes([h[18], h[19]]),
             rtp_timestamp: u32::from_be_bytes([h[20], h[21], h[22], h[23]]),
             level,
@@ -521,7 +504,7 @@ mod tests {
     fn mesh_datagram_layout_is_as_documented() {
         let d = MediaDatagram {
             room_hash: 0x0102_0304_0506_0708,
-            stream: 9,
+            stream: StreamId(9),
             seq: 0xABCD,
             rtp_timestamp: 0x1122_3344,
             level: Some(AudioLevel {
@@ -535,6 +518,7 @@ mod tests {
         assert_eq!(b[0], 0xC1);
         assert_eq!(b[1], 0x03);
         assert_eq!(&b[2..10], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&b[10..18], &9u64.to_be_bytes());
         assert_eq!(&b[18..20], &[0xAB, 0xCD]);
         assert_eq!(b[24], 30);
         assert_eq!(&b[33..], b"\xf8opus");
@@ -556,6 +540,49 @@ mod tests {
             "version"
         );
         assert_eq!(ControlMessage::decode(&b).unwrap(), m);
+    }
+
+    #[test]
+    fn mesh_top_list_json_is_unchanged() {
+        let local = ControlMessage::LocalTopList {
+            room: "lobby".into(),
+            seq: 3,
+            epoch: 2,
+            candidates: vec![
+                Candidate {
+                    stream: StreamId(7),
+                    importance: -12.5,
+                    voice: true,
+                    identity: Some("alice".into()),
+                },
+                Candidate {
+                    stream: StreamId(9),
+                    importance: -40.0,
+                    voice: false,
+                    identity: None,
+                },
+            ],
+        };
+        let b = local.encode().unwrap();
+        assert_eq!(
+            &b[1..],
+            br#"{"t":"lt","r":"lobby","q":3,"e":2,"c":[{"s":7,"i":-12.5,"v":true,"n":"alice"},{"s":9,"i":-40.0,"v":false}]}"#
+        );
+        assert_eq!(ControlMessage::decode(&b).unwrap(), local);
+        let global = ControlMessage::GlobalTopList {
+            room: "lobby".into(),
+            epoch: 5,
+            primary: "a".into(),
+            list: vec![StreamKey::new("a", 7), StreamKey::new("b", 9)],
+            margin: vec![StreamKey::new("c", 1)],
+            names: vec!["alice".into(), String::new()],
+        };
+        let b = global.encode().unwrap();
+        assert_eq!(
+            &b[1..],
+            br#"{"t":"gt","r":"lobby","e":5,"p":"a","l":[{"n":"a","s":7},{"n":"b","s":9}],"m":[{"n":"c","s":1}],"nm":["alice",""]}"#
+        );
+        assert_eq!(ControlMessage::decode(&b).unwrap(), global);
     }
 
     #[test]

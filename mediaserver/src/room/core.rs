@@ -22,7 +22,7 @@ use crate::media::{
     AudioLevel, InboundPacket, MediaError, MixOutput, MixerConfig, RoomMixer, StreamId,
     StreamOrigin,
 };
-use crate::mesh::wire::{MAX_IDENTITY, MediaDatagram, MeshCandidate};
+use crate::mesh::wire::{MAX_IDENTITY, MediaDatagram};
 use crate::mesh::{ServerId, StreamKey};
 use crate::mesh_node::{LocalReport, RoomView};
 
@@ -216,7 +216,7 @@ impl RoomCore {
                     Some(Forward {
                         datagram: MediaDatagram {
                             room_hash: m.room_hash,
-                            stream: id,
+                            stream,
                             seq: packet.seq,
                             rtp_timestamp: packet.rtp_timestamp,
                             level: packet.level,
@@ -268,10 +268,10 @@ impl RoomCore {
         let m = self
             .mesh
             .as_mut()
-            .ok_or(MediaError::UnknownStream(StreamId(key.stream)))?;
+            .ok_or(MediaError::UnknownStream(key.stream))?;
         if key.server == m.self_id {
             // Our own stream named by the mesh: it is the participant's stream.
-            return Ok(StreamId(key.stream));
+            return Ok(key.stream);
         }
         if let Some(id) = m.remote_ids.get(key) {
             return Ok(*id);
@@ -304,11 +304,7 @@ impl RoomCore {
         };
         if let Some(m) = &mut self.mesh {
             m.remote_listed = remote_listed;
-            m.forward = view
-                .forward
-                .into_iter()
-                .map(|(stream, to)| (StreamId(stream), to))
-                .collect();
+            m.forward = view.forward.into_iter().collect();
         }
         self.mixer.set_selection(selection);
         Ok(())
@@ -367,7 +363,7 @@ impl RoomCore {
     /// change. Only on a mesh.
     fn report_due(&mut self, periodic: bool) -> Option<LocalReport> {
         let m = self.mesh.as_mut()?;
-        let candidates = self.mixer.candidates();
+        let mut candidates = self.mixer.candidates();
         // A set: levels reorder candidates all the time, membership rarely.
         let mut voiced: Vec<StreamId> = candidates
             .iter()
@@ -379,22 +375,17 @@ impl RoomCore {
             return None;
         }
         m.reported_voiced = voiced;
-        let members = &self.members;
+        for c in &mut candidates {
+            // The ranked streams are local, so each is a member's; an identity too long for the
+            // mesh travels as none, rather than failing the whole report.
+            c.identity = self
+                .members
+                .get(&c.stream.0)
+                .filter(|m| m.identity.len() <= MAX_IDENTITY)
+                .map(|m| m.identity.clone());
+        }
         Some(LocalReport {
-            candidates: candidates
-                .into_iter()
-                .map(|c| MeshCandidate {
-                    stream: c.stream.0,
-                    importance: c.importance,
-                    voice: c.voice,
-                    // An identity too long for the mesh travels as none, rather than failing
-                    // the whole report.
-                    identity: members
-                        .get(&c.stream.0)
-                        .map(|m| m.identity.clone())
-                        .filter(|id| id.len() <= MAX_IDENTITY),
-                })
-                .collect(),
+            candidates,
             participants: self.members.len(),
         })
     }
@@ -554,7 +545,7 @@ mod tests {
         assert_eq!(reported.len(), 5, "{reported:?}");
         let report = ticks[19].report.as_ref().expect("periodic");
         assert_eq!(report.participants, 2);
-        assert_eq!(report.candidates[0].stream, 1);
+        assert_eq!(report.candidates[0].stream, StreamId(1));
         assert!(report.candidates[0].voice);
 
         // Speaker 2 starts: reported on the tick its voice is first seen, not at the interval.
@@ -564,8 +555,14 @@ mod tests {
             .iter()
             .find_map(|t| t.report.as_ref())
             .expect("reported at once");
-        let streams: Vec<u64> = report.candidates.iter().map(|c| c.stream).collect();
-        assert_eq!(streams, vec![1, 2]);
+        let streams: Vec<StreamId> = report.candidates.iter().map(|c| c.stream).collect();
+        assert_eq!(streams, vec![StreamId(1), StreamId(2)]);
+        let names: Vec<Option<&str>> = report
+            .candidates
+            .iter()
+            .map(|c| c.identity.as_deref())
+            .collect();
+        assert_eq!(names, vec![Some("one"), Some("two")]);
     }
 
     #[test]
@@ -581,7 +578,7 @@ mod tests {
         let remote = StreamKey::new("b", 9);
         core.apply_view(RoomView {
             selection: Some(vec![StreamKey::new("a", 1), remote.clone()]),
-            forward: vec![(1, vec!["b".to_owned(), "c".to_owned()])],
+            forward: vec![(StreamId(1), vec!["b".to_owned(), "c".to_owned()])],
             names: vec!["one".to_owned(), "far".to_owned()],
         })
         .expect("view applies");
@@ -599,7 +596,7 @@ mod tests {
         assert_eq!(to, ["b".to_owned(), "c".to_owned()]);
         assert_eq!(
             (datagram.room_hash, datagram.stream, datagram.ingress_us),
-            (7, 1, 42)
+            (7, StreamId(1), 42)
         );
         let (_, forward) = core.push_local(2, Talker::new(500.0, -30.0).packet(ms(20)), 0);
         assert!(forward.is_none(), "stream 2 is not on the view");
@@ -614,7 +611,7 @@ mod tests {
             let p = far.packet(now);
             let datagram = MediaDatagram {
                 room_hash: 7,
-                stream: 9,
+                stream: StreamId(9),
                 seq: p.seq,
                 rtp_timestamp: p.rtp_timestamp,
                 level: p.level,
