@@ -18,11 +18,11 @@
 //!   each connection (dial with backoff, accept and identify, heartbeats/RTT).
 //! - [`metrics`]: the mesh's Prometheus collectors.
 //!
-//! The glue (owned by the server shell, not this module) feeds the mixer's candidates into
-//! [`protocol::MeshNodeState::on_local_candidates`], hands
-//! [`protocol::MeshNodeState::selection`] to the mixer's `set_selection`, and sends every local
-//! packet of a stream to [`protocol::MeshNodeState::forward_targets`] as a
-//! [`wire::MediaDatagram`].
+//! The glue lives outside this module: `crate::mesh_node` feeds each room's latest candidates
+//! into [`protocol::MeshNodeState::on_local_candidates`] and publishes to the room, as its view,
+//! the [`protocol::MeshNodeState::selection`] to mix and the
+//! [`protocol::MeshNodeState::forwarding`] of its local streams; the room's core then sends each
+//! listed local packet, unchanged, as a [`wire::MediaDatagram`].
 //!
 //! Invariants across the module:
 //! - nothing that arrives from the network can make it panic; every rejection is a [`MeshError`]
