@@ -1,0 +1,282 @@
+//! The primary's term in a room (DESIGN.md §5, "Global top list", "Mixing").
+//!
+//! While this server is a room's primary it holds a `Lead`: it takes in the members' local top
+//! lists, merges them with its own candidates into the global list and margin, stamps a new
+//! epoch when they change, and sends the list to every live member (again every
+//! `global_refresh`, and to a member whose acknowledged epoch lags). On the frame grid it counts
+//! the ticks at which every member mixes the current epoch.
+//!
+//! Invariants: a term starts in a grace period (until every live member has reported, or one
+//! rank interval passed), so its first epoch is above every epoch the members reported and a
+//! restarted or partitioned old primary never wins with a stale list; within a term the epoch
+//! never decreases; a member is sent a repair at most once per rank interval.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::rooms::{GlobalList, RemoteList};
+use super::top_list::{merge_top_list, sanitize_candidates};
+use super::{MeshNodeState, Outgoing, ServerId, StreamKey};
+use crate::media::Candidate;
+use crate::mesh::error::MeshError;
+use crate::mesh::wire::ControlMessage;
+
+/// This server's term as the primary of a room.
+#[derive(Debug)]
+pub(super) struct Lead {
+    /// Start of the current grace period.
+    since: Duration,
+    in_grace: bool,
+    /// Emit a new epoch when the grace ends, even if the content is unchanged.
+    force_new_epoch: bool,
+    /// The epoch last emitted; 0 before the first emission.
+    epoch: u64,
+    list: Vec<StreamKey>,
+    margin: Vec<StreamKey>,
+    /// Who speaks on each stream of `list`, in the same order ("" when unknown).
+    names: Vec<String>,
+    last_broadcast: Duration,
+    sent_to: BTreeMap<ServerId, Duration>,
+    next_tick: Option<Duration>,
+}
+
+impl Lead {
+    pub(super) fn new(now: Duration) -> Self {
+        Self {
+            since: now,
+            in_grace: true,
+            force_new_epoch: true,
+            epoch: 0,
+            list: Vec::new(),
+            margin: Vec::new(),
+            names: Vec::new(),
+            last_broadcast: now,
+            sent_to: BTreeMap::new(),
+            next_tick: None,
+        }
+    }
+
+    pub(super) fn enter_grace(&mut self, now: Duration) {
+        self.since = now;
+        self.in_grace = true;
+        self.force_new_epoch = true;
+    }
+}
+
+impl MeshNodeState {
+    /// A member's local top list, to this server as (it believes) the room's primary. The list
+    /// also acknowledges the epoch the member mixes: when that lags this server's current term,
+    /// the member missed a global list and is sent it again.
+    pub(super) fn on_local_top_list(
+        &mut self,
+        from: &str,
+        room: &str,
+        seq: u64,
+        epoch: u64,
+        candidates: Vec<Candidate>,
+        now: Duration,
+    ) -> Result<(), MeshError> {
+        let limit = self.mixing.local_limit();
+        let rank_interval = self.mixing.rank_interval;
+        self.ensure_room(room)?;
+        if let Some(peer) = self.peers.get_mut(from) {
+            peer.rooms.insert(room.to_owned());
+        }
+        let self_id = self.self_id.clone();
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        if r.remote.get(from).is_some_and(|l| seq <= l.seq) {
+            return Ok(()); // reordered or duplicate
+        }
+        r.remote.insert(
+            from.to_owned(),
+            RemoteList {
+                seq,
+                received: now,
+                epoch,
+                candidates: sanitize_candidates(candidates, limit),
+            },
+        );
+        r.max_epoch_seen = r.max_epoch_seen.max(epoch);
+        // Repair: a member that acknowledges an older epoch missed the list. At most once per
+        // rank interval: the member's next list, an interval later, is the first that can
+        // acknowledge the copy, so resending sooner would only duplicate it.
+        if let Some(lead) = &mut r.lead
+            && lead.epoch > 0
+            && !lead.in_grace
+            && epoch != lead.epoch
+        {
+            let last = lead.sent_to.get(from).copied();
+            if last.is_none_or(|t| now.saturating_sub(t) >= rank_interval) {
+                lead.sent_to.insert(from.to_owned(), now);
+                self.outbox.push(Outgoing {
+                    to: from.to_owned(),
+                    msg: global_message(room, &self_id, lead),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of this server's term in room `name` at `now` (nothing when it does not lead
+    /// the room): once the grace period is over, merge the fresh lists into the global list,
+    /// emit a new epoch or a refresh when due, and count the consistency ticks up to `now`.
+    pub(super) fn step_primary(&mut self, name: &str, now: Duration) {
+        if self.rooms.get(name).is_none_or(|r| r.lead.is_none()) {
+            return;
+        }
+        let members = self.members(name, now);
+        let unreachable = self.has_unreachable_member(name, now);
+        let ttl = self.list_ttl();
+        let mixing = self.mixing;
+        let hysteresis = self.config.hysteresis_db;
+        let refresh = self.config.global_refresh;
+        let self_id = self.self_id.clone();
+        let peers = &self.peers;
+        let Some(r) = self.rooms.get_mut(name) else {
+            return;
+        };
+        let local_participants = r.local_participants;
+        let Some(lead) = r.lead.as_mut() else {
+            return;
+        };
+
+        if lead.in_grace {
+            let since = lead.since;
+            let all_reported = members
+                .iter()
+                .all(|m| r.remote.get(m).is_some_and(|l| l.received >= since));
+            if !all_reported && now < since + mixing.rank_interval {
+                return;
+            }
+            lead.in_grace = false;
+        }
+
+        let mut eligible: Vec<(StreamKey, f32)> = Vec::new();
+        let mut identities: BTreeMap<StreamKey, String> = BTreeMap::new();
+        let mut note = |key: &StreamKey, c: &Candidate| {
+            if let Some(identity) = &c.identity {
+                identities.insert(key.clone(), identity.clone());
+            }
+        };
+        if local_participants > 0 {
+            for c in r.local_candidates.iter().filter(|c| c.voice) {
+                let key = StreamKey::new(self_id.clone(), c.stream);
+                note(&key, c);
+                eligible.push((key, c.importance));
+            }
+        }
+        for (server, l) in &r.remote {
+            let live = peers.get(server).is_some_and(|p| p.alive);
+            if !live || now.saturating_sub(l.received) > ttl {
+                continue;
+            }
+            for c in l.candidates.iter().filter(|c| c.voice) {
+                let key = StreamKey::new(server.clone(), c.stream);
+                note(&key, c);
+                eligible.push((key, c.importance));
+            }
+        }
+        // Hysteresis continues the list the members mix: the previous primary's after a
+        // takeover, ours within a term. After a grace caused by peers (re)appearing, our own
+        // list may be an isolated one, so the merge starts afresh.
+        let prev: &[StreamKey] = match &r.current {
+            Some(c) if c.primary != self_id => &c.list,
+            _ if lead.epoch > 0 && !lead.force_new_epoch => &lead.list,
+            _ => &[],
+        };
+        let (list, margin) =
+            merge_top_list(prev, &eligible, mixing.top_n, mixing.extra, hysteresis);
+        // A listed stream whose speaker went quiet keeps the name it had.
+        let names: Vec<String> = list
+            .iter()
+            .map(|k| {
+                identities.get(k).cloned().unwrap_or_else(|| {
+                    lead.list
+                        .iter()
+                        .position(|old| old == k)
+                        .and_then(|i| lead.names.get(i).cloned())
+                        .unwrap_or_default()
+                })
+            })
+            .collect();
+
+        let changed = lead.epoch == 0
+            || lead.force_new_epoch
+            || r.max_epoch_seen > lead.epoch
+            || list != lead.list
+            || margin != lead.margin;
+        let mut broadcast = false;
+        if changed {
+            let current = r.current.as_ref().map_or(0, |c| c.epoch);
+            lead.epoch = lead
+                .epoch
+                .max(r.max_epoch_seen)
+                .max(current)
+                .saturating_add(1);
+            lead.force_new_epoch = false;
+            lead.list = list;
+            lead.margin = margin;
+            lead.names = names;
+            r.max_epoch_seen = lead.epoch;
+            r.current = Some(GlobalList {
+                epoch: lead.epoch,
+                primary: self_id.clone(),
+                list: lead.list.clone(),
+                margin: lead.margin.clone(),
+                names: lead.names.clone(),
+            });
+            self.counters.global_list_changes += 1;
+            broadcast = true;
+        } else if now.saturating_sub(lead.last_broadcast) >= refresh {
+            broadcast = true;
+        }
+        if broadcast {
+            lead.last_broadcast = now;
+            for m in &members {
+                lead.sent_to.insert(m.clone(), now);
+                self.outbox.push(Outgoing {
+                    to: m.clone(),
+                    msg: global_message(name, &self_id, lead),
+                });
+            }
+        }
+
+        // Consistency: on the frame grid, does every member mix the current epoch?
+        if local_participants > 0 || !members.is_empty() {
+            let consistent = !unreachable
+                && members
+                    .iter()
+                    .all(|m| r.remote.get(m).is_some_and(|l| l.epoch == lead.epoch));
+            let mut next = lead.next_tick.unwrap_or(now);
+            let mut n = 0;
+            while next <= now && n < 1000 {
+                self.counters.ticks += 1;
+                if consistent {
+                    self.counters.consistent_ticks += 1;
+                }
+                next += mixing.frame;
+                n += 1;
+            }
+            if next <= now {
+                next = now + mixing.frame;
+            }
+            lead.next_tick = Some(next);
+        } else {
+            lead.next_tick = None;
+        }
+    }
+}
+
+/// The term's current global list of `room`, as sent to a member.
+fn global_message(room: &str, self_id: &str, lead: &Lead) -> ControlMessage {
+    ControlMessage::GlobalTopList {
+        room: room.to_owned(),
+        epoch: lead.epoch,
+        primary: self_id.to_owned(),
+        list: lead.list.clone(),
+        margin: lead.margin.clone(),
+        names: lead.names.clone(),
+    }
+}

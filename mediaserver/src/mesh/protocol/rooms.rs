@@ -1,0 +1,280 @@
+//! The state every server keeps per room, primary or not: the rendezvous order and the current
+//! primary, the local participants and candidates, the local top list sent to the primary, the
+//! members' lists received, and the global list accepted and mixed.
+//!
+//! A room is created by the first local participant, candidate list or peer message that names
+//! it, and dropped (by `poll`) once it has been empty for `room_linger`: no local participant,
+//! no live peer announcing it, no fresh local list from a peer.
+//!
+//! Invariants: at most `max_rooms` rooms, a room beyond that is refused; a global list is
+//! accepted only from the server this one considers the primary and only with an epoch not below
+//! the current one; an accepted list is canonical (sorted, deduplicated, its margin disjoint from
+//! the list).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::election::{rendezvous_order, update_primary};
+use super::lead::Lead;
+use super::top_list::{canonical, voiced_streams};
+use super::{MeshNodeState, Outgoing, ServerId, StreamKey};
+use crate::media::{Candidate, StreamId};
+use crate::mesh::error::MeshError;
+use crate::mesh::wire::{self, ControlMessage};
+
+/// A global top list as accepted by a server (or made by it, as primary).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalList {
+    /// The list's epoch.
+    pub epoch: u64,
+    /// The primary that made it.
+    pub primary: ServerId,
+    /// The streams to mix, sorted by key.
+    pub list: Vec<StreamKey>,
+    /// The streams forwarded beyond the list, sorted by key, disjoint from `list`.
+    pub margin: Vec<StreamKey>,
+    /// The identity speaking on each stream of `list`, in the same order ("" when unknown).
+    pub names: Vec<String>,
+}
+
+impl GlobalList {
+    /// Whether stream `stream` of server `server` is on the list or the margin.
+    pub fn forwards(&self, server: &str, stream: StreamId) -> bool {
+        self.list
+            .iter()
+            .chain(&self.margin)
+            .any(|k| k.stream == stream && k.server == server)
+    }
+}
+
+/// A member's latest local top list, as received by the server it considers the primary.
+#[derive(Debug)]
+pub(super) struct RemoteList {
+    pub(super) seq: u64,
+    pub(super) received: Duration,
+    pub(super) epoch: u64,
+    pub(super) candidates: Vec<Candidate>,
+}
+
+/// One room on this server.
+#[derive(Debug)]
+pub(super) struct Room {
+    pub(super) order: Vec<ServerId>,
+    pub(super) primary: Option<ServerId>,
+    pub(super) local_participants: usize,
+    pub(super) local_candidates: Vec<Candidate>,
+    pub(super) local_seq: u64,
+    /// When the next local list is due; `None`: at the next poll.
+    pub(super) next_rank: Option<Duration>,
+    /// The voiced streams (sorted) of the last local list sent: when the candidates' set differs,
+    /// the next list is due at once instead of at the next rank interval, so a new speaker
+    /// reaches the primary without waiting out the interval.
+    pub(super) sent_streams: Vec<StreamId>,
+    pub(super) remote: BTreeMap<ServerId, RemoteList>,
+    pub(super) current: Option<GlobalList>,
+    pub(super) max_epoch_seen: u64,
+    pub(super) lead: Option<Lead>,
+    pub(super) idle_since: Option<Duration>,
+}
+
+impl Room {
+    /// The epoch of the accepted global list; 0 before the first.
+    pub(super) fn current_epoch(&self) -> u64 {
+        self.current.as_ref().map_or(0, |c| c.epoch)
+    }
+}
+
+impl MeshNodeState {
+    /// Rooms this server keeps state for.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> + '_ {
+        self.rooms.keys().map(String::as_str)
+    }
+
+    /// The room whose [`wire::room_hash`] is `hash`, among the rooms this server knows.
+    pub fn room_for_hash(&self, hash: u64) -> Option<&str> {
+        self.by_hash.get(&hash).map(String::as_str)
+    }
+
+    /// What this server mixes in `room`: the accepted global list. `None` until one arrives (the
+    /// mixer then ranks locally).
+    pub fn selection(&self, room: &str) -> Option<&GlobalList> {
+        self.rooms.get(room).and_then(|r| r.current.as_ref())
+    }
+
+    /// The state of `room`, created (and its primary elected) if new; a new room beyond
+    /// `max_rooms` is refused.
+    pub(super) fn ensure_room(&mut self, room: &str) -> Result<&mut Room, MeshError> {
+        wire::check_room(room)?;
+        if !self.rooms.contains_key(room) {
+            if self.rooms.len() >= self.config.max_rooms {
+                return Err(MeshError::TooManyRooms {
+                    max: self.config.max_rooms,
+                });
+            }
+            let order = rendezvous_order(room, &self.nodes);
+            self.by_hash.insert(wire::room_hash(room), room.to_owned());
+            self.rooms.insert(
+                room.to_owned(),
+                Room {
+                    order,
+                    primary: None,
+                    local_participants: 0,
+                    local_candidates: Vec::new(),
+                    local_seq: 0,
+                    next_rank: None,
+                    sent_streams: Vec::new(),
+                    remote: BTreeMap::new(),
+                    current: None,
+                    max_epoch_seen: 0,
+                    lead: None,
+                    idle_since: None,
+                },
+            );
+        }
+        let r = self
+            .rooms
+            .get_mut(room)
+            .ok_or_else(|| MeshError::invalid("room", "room vanished"))?;
+        if r.primary.is_none() {
+            update_primary(
+                r,
+                &self.self_id,
+                self.in_plan,
+                &self.peers,
+                self.now,
+                &mut self.counters,
+            );
+        }
+        Ok(r)
+    }
+
+    /// This server's local top list of room `name` to the primary, when due. The primary itself
+    /// sends none: it reads its own candidates directly.
+    pub(super) fn send_local_list(&mut self, name: &str, now: Duration) {
+        let limit = self.mixing.local_limit();
+        let rank_interval = self.mixing.rank_interval;
+        let Some(r) = self.rooms.get_mut(name) else {
+            return;
+        };
+        if r.local_participants == 0 || r.next_rank.is_some_and(|t| now < t) {
+            return;
+        }
+        r.next_rank = Some(now + rank_interval);
+        r.sent_streams = voiced_streams(&r.local_candidates, limit);
+        let Some(primary) = r.primary.clone() else {
+            return;
+        };
+        if primary == self.self_id {
+            return; // the primary reads its own candidates directly
+        }
+        r.local_seq += 1;
+        let candidates: Vec<Candidate> = r
+            .local_candidates
+            .iter()
+            .filter(|c| c.voice)
+            .take(limit)
+            .cloned()
+            .collect();
+
+        self.outbox.push(Outgoing {
+            to: primary,
+            msg: ControlMessage::LocalTopList {
+                room: name.to_owned(),
+                seq: r.local_seq,
+                epoch: r.current_epoch(),
+                candidates,
+            },
+        });
+    }
+
+    /// A global top list. Accepted only from the server this one considers the room's primary
+    /// and only if its epoch is not below the current list's (the epoch rules of the `protocol`
+    /// module doc); a list that names another sender as its primary is an error.
+    pub(super) fn on_global_top_list(
+        &mut self,
+        from: &str,
+        room: &str,
+        epoch: u64,
+        primary: ServerId,
+        (list, names): (Vec<StreamKey>, Vec<String>),
+        margin: Vec<StreamKey>,
+    ) -> Result<(), MeshError> {
+        if primary != from {
+            return Err(MeshError::invalid(
+                "global top list",
+                format!("sent by {from:?} but names {primary:?} as its primary"),
+            ));
+        }
+        self.ensure_room(room)?;
+        let Some(r) = self.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        r.max_epoch_seen = r.max_epoch_seen.max(epoch);
+        let from_primary = r.primary.as_deref() == Some(from);
+        if !from_primary || epoch < r.current_epoch() {
+            self.counters.lists_rejected += 1;
+            return Ok(());
+        }
+        let named: BTreeMap<StreamKey, String> = list.iter().cloned().zip(names).collect();
+        let list = canonical(list);
+        let names = list
+            .iter()
+            .map(|k| named.get(k).cloned().unwrap_or_default())
+            .collect();
+        let margin: Vec<StreamKey> = canonical(margin)
+            .into_iter()
+            .filter(|k| list.binary_search(k).is_err())
+            .collect();
+        let new = GlobalList {
+            epoch,
+            primary,
+            list,
+            margin,
+            names,
+        };
+        let changed = r
+            .current
+            .as_ref()
+            .is_none_or(|c| c.epoch != new.epoch || c.primary != new.primary);
+        r.current = Some(new);
+        if changed {
+            // Acknowledge at once (the local list carries the epoch we now mix).
+            r.next_rank = None;
+        }
+        self.counters.lists_accepted += 1;
+        Ok(())
+    }
+
+    /// How long a received local list counts as fresh.
+    pub(super) fn list_ttl(&self) -> Duration {
+        self.mixing
+            .rank_interval
+            .saturating_mul(4)
+            .max(self.config.heartbeat_timeout())
+    }
+
+    /// Whether room `name` has been empty for the room linger, so `poll` drops it. Starts the
+    /// room's idle time when it becomes empty and clears it when it is not.
+    pub(super) fn room_is_idle(&mut self, name: &str, now: Duration) -> bool {
+        let ttl = self.list_ttl();
+        let linger = self.config.room_linger;
+        let anyone = self
+            .peers
+            .values()
+            .any(|p| p.alive && p.rooms.contains(name));
+        let Some(r) = self.rooms.get_mut(name) else {
+            return false;
+        };
+        let busy = r.local_participants > 0
+            || anyone
+            || r.remote
+                .values()
+                .any(|l| now.saturating_sub(l.received) <= ttl);
+        if busy {
+            r.idle_since = None;
+            return false;
+        }
+        let since = *r.idle_since.get_or_insert(now);
+        now.saturating_sub(since) >= linger
+    }
+}
