@@ -16,6 +16,8 @@
 //! - [`api`]: the HTTP API (WHIP-like join), web client, metrics and probes.
 //! - [`config`], [`token`], [`metrics`], [`server`]: configuration layers, join tokens, Prometheus
 //!   metrics and the wiring that `main` calls with bound sockets.
+//! - [`stdin_watch`]: how a server (or bot) started by `chorus-operator local` notices its parent
+//!   is gone.
 
 pub mod api;
 pub mod config;
@@ -27,4 +29,5 @@ pub mod metrics;
 pub mod plan_source;
 pub mod room;
 pub mod server;
+pub mod stdin_watch;
 pub mod token;

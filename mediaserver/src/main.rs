@@ -3,7 +3,6 @@
 //! Thin by design: configuration layers are merged by [`chorus_mediaserver::config::load`], sockets
 //! are bound here, and everything else is the library.
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -200,31 +199,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Cancel `shutdown` once standard input reaches its end, then exit after [`ORPHAN_GRACE`] if the
-/// server has not stopped by then.
-///
-/// A plain thread, not `tokio::io::stdin`: tokio reads stdin with a blocking read it cannot cancel,
-/// which would hold up the runtime's shutdown on an ordinary SIGTERM. The hard exit is there
-/// because nobody is left to send SIGKILL: a drain stuck on a client must not keep the ports.
+/// server has not stopped by then: nobody is left to send SIGKILL, and a drain stuck on a client
+/// must not keep the ports.
 fn stop_when_stdin_closes(shutdown: CancellationToken) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("stdin-watch".to_owned())
-        .spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0_u8; 256];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // Unreadable counts as closed: a watch that cannot see the parent must not
-                    // silently stop watching.
-                    Err(_) => break,
-                }
-            }
-            eprintln!("chorus-mediaserver: standard input closed (its parent is gone); stopping");
-            shutdown.cancel();
-            std::thread::sleep(ORPHAN_GRACE);
-            std::process::exit(1);
-        })
-        .map(drop)
+    chorus_mediaserver::stdin_watch::on_stdin_closed(move || {
+        eprintln!("chorus-mediaserver: standard input closed (its parent is gone); stopping");
+        shutdown.cancel();
+        std::thread::sleep(ORPHAN_GRACE);
+        std::process::exit(1);
+    })
 }

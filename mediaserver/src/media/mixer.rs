@@ -286,6 +286,20 @@ struct Pulled {
     received: bool,
 }
 
+impl Pulled {
+    /// A frame pulled from the jitter buffer and not decoded yet.
+    fn undecoded(playout: Playout, arrival: Option<Duration>, warm: bool) -> Self {
+        Self {
+            playout,
+            arrival,
+            pcm: None,
+            rendered: false,
+            warm,
+            received: false,
+        }
+    }
+}
+
 /// The mixer of one room on one server. See the module docs.
 #[derive(Debug)]
 pub struct RoomMixer {
@@ -590,14 +604,7 @@ impl RoomMixer {
                 pulled.insert(id, p);
                 continue;
             }
-            let mut p = Pulled {
-                playout,
-                arrival,
-                pcm: None,
-                rendered: false,
-                warm,
-                received: false,
-            };
+            let mut p = Pulled::undecoded(playout, arrival, warm);
             if s.header_levels {
                 match s.pending_level.take() {
                     Some(level) => s.level.observe_rfc6464(level),
@@ -777,14 +784,7 @@ fn split_frame(
         } else {
             None
         };
-        let mut whole = Pulled {
-            playout,
-            arrival,
-            pcm: None,
-            rendered: false,
-            warm,
-            received: false,
-        };
+        let mut whole = Pulled::undecoded(playout, arrival, warm);
         render(id, s, &mut whole, stats);
         s.split = whole.pcm.map(|pcm| SplitPacket {
             pcm,
@@ -798,24 +798,14 @@ fn split_frame(
             .get(start..start + frame_samples)
             .map(|pcm| (pcm.to_vec(), sp))
     });
-    let p = match slice {
-        Some((pcm, sp)) => Pulled {
-            playout: Playout::Empty,
-            arrival: sp.arrival,
-            pcm: Some(pcm),
-            rendered: true,
-            warm,
-            received: sp.received,
-        },
-        None => Pulled {
-            playout: Playout::Empty,
-            arrival: None,
-            pcm: None,
-            rendered: true,
-            warm,
-            received: false,
-        },
-    };
+    // Rendered already: the packet was decoded whole when it was pulled.
+    let mut p = Pulled::undecoded(Playout::Empty, None, warm);
+    p.rendered = true;
+    if let Some((pcm, sp)) = slice {
+        p.arrival = sp.arrival;
+        p.pcm = Some(pcm);
+        p.received = sp.received;
+    }
     if s.header_levels {
         match s.last_level {
             Some(level) => s.level.observe_rfc6464(level),

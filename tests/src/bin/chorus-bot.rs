@@ -3,7 +3,6 @@
 //!
 //! Thin: argument parsing and the run loop; everything else is `chorus_tests::bot`.
 
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -143,28 +142,12 @@ async fn run(args: Args) -> Result<()> {
 /// Exit the process once standard input reaches its end.
 ///
 /// No report and no leave: whoever started the bot is gone, and so are, or soon will be, the
-/// servers it would say goodbye to. A plain thread, because tokio's stdin is a blocking read that
-/// cannot be cancelled and would hold up the runtime's shutdown after a normal Ctrl-C.
+/// servers it would say goodbye to.
 fn exit_when_stdin_closes() -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("stdin-watch".to_owned())
-        .spawn(|| {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0_u8; 256];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // Unreadable counts as closed: a watch that cannot see the parent must not
-                    // silently stop watching.
-                    Err(_) => break,
-                }
-            }
-            eprintln!("chorus-bot: standard input closed (its parent is gone); exiting");
-            std::process::exit(1);
-        })
-        .map(drop)
+    chorus_mediaserver::stdin_watch::on_stdin_closed(|| {
+        eprintln!("chorus-bot: standard input closed (its parent is gone); exiting");
+        std::process::exit(1);
+    })
 }
 
 #[tokio::main]
