@@ -3,6 +3,9 @@
 //! private). Nothing here starts a process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+use support::names_mixing;
+
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -37,25 +40,6 @@ fn local(conf: &Conference) -> (Plan, LocalLayout, MeshPlan) {
     let l = layout::layout(conf, &p, ports(), None).expect("layout");
     let m = layout::local_mesh_plan(&p, &l, &HashMap::new(), None).expect("mesh plan");
     (p, l, m)
-}
-
-/// Mixing settings as a flag or variable could name them, lower case without `-` or `_`.
-const MIXING_SETTINGS: [&str; 5] = [
-    "topspeakers",
-    "framems",
-    "jitter",
-    "rankinterval",
-    "extracandidates",
-];
-
-/// Whether a flag or variable name (`--top-speakers`, `CHORUS_FRAME_MS`, ...) names a mixing setting.
-fn names_mixing(name: &str) -> bool {
-    let folded: String = name
-        .chars()
-        .filter(|c| !matches!(c, '-' | '_'))
-        .collect::<String>()
-        .to_ascii_lowercase();
-    MIXING_SETTINGS.iter().any(|m| folded.contains(m))
 }
 
 fn addr(s: &str) -> SocketAddr {

@@ -1,6 +1,9 @@
 //! Unit tests of the pure core: `plan` and `status`, with no cluster and no clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+use support::names_mixing;
+
 use chorus_crds::{Conference, ConferenceStatus, Phase};
 use chorus_operator::manifests;
 use chorus_operator::plan::{Desired, SecretPlan, plan};
@@ -168,25 +171,6 @@ fn plan_places_each_region_on_its_nodes() {
             o.name()
         );
     }
-}
-
-/// Mixing settings as a flag or variable could name them, lower case without `-` or `_`.
-const MIXING_SETTINGS: [&str; 5] = [
-    "topspeakers",
-    "framems",
-    "jitter",
-    "rankinterval",
-    "extracandidates",
-];
-
-/// Whether a flag or variable name (`--top-speakers`, `CHORUS_FRAME_MS`, ...) names a mixing setting.
-fn names_mixing(name: &str) -> bool {
-    let folded: String = name
-        .chars()
-        .filter(|c| !matches!(c, '-' | '_'))
-        .collect::<String>()
-        .to_ascii_lowercase();
-    MIXING_SETTINGS.iter().any(|m| folded.contains(m))
 }
 
 #[test]
