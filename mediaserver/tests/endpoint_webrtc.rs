@@ -724,6 +724,25 @@ async fn flood(
 }
 
 /// Drops for every reason a datagram can be dropped for, before it reaches a participant.
+/// Between `before` and `after`, the port dropped every datagram of `garbage` exactly once, each
+/// under the reason it deserves.
+fn assert_dropped_once_each(before: &PortStats, after: &PortStats, garbage: &[(Vec<u8>, Verdict)]) {
+    let expect = |verdict| garbage.iter().filter(|(_, v)| *v == verdict).count() as u64;
+    assert_eq!(
+        datagrams_dropped(after) - datagrams_dropped(before),
+        garbage.len() as u64,
+        "each garbage datagram is dropped exactly once"
+    );
+    assert_eq!(
+        after.dropped_malformed - before.dropped_malformed,
+        expect(Verdict::Malformed)
+    );
+    assert_eq!(
+        after.dropped_unroutable - before.dropped_unroutable,
+        expect(Verdict::Unroutable)
+    );
+}
+
 fn datagrams_dropped(stats: &PortStats) -> u64 {
     stats.dropped_malformed + stats.dropped_unroutable
 }
@@ -736,7 +755,6 @@ async fn a_garbage_flood_is_counted_once_per_datagram() {
     // On a port with nobody on it, every datagram read is garbage: the drops must add up to
     // exactly the datagrams read, one reason each.
     let garbage = garbage_datagrams(FLOOD);
-    let expect = |verdict| garbage.iter().filter(|(_, v)| *v == verdict).count() as u64;
     let before = port.stats();
     flood(&port, &garbage, |stats| stats.datagrams_in).await;
     // Anything counted late would show up here.
@@ -744,19 +762,7 @@ async fn a_garbage_flood_is_counted_once_per_datagram() {
     let after = port.stats();
     println!("idle port: before {before:?}\nafter {after:?}");
     assert_eq!(after.datagrams_in - before.datagrams_in, FLOOD as u64);
-    assert_eq!(
-        datagrams_dropped(&after) - datagrams_dropped(&before),
-        FLOOD as u64,
-        "each garbage datagram is dropped exactly once"
-    );
-    assert_eq!(
-        after.dropped_malformed - before.dropped_malformed,
-        expect(Verdict::Malformed)
-    );
-    assert_eq!(
-        after.dropped_unroutable - before.dropped_unroutable,
-        expect(Verdict::Unroutable)
-    );
+    assert_dropped_once_each(&before, &after, &garbage);
 
     // The same with a participant talking and listening: its own datagrams are never dropped,
     // and the flood does not disturb it.
@@ -790,7 +796,6 @@ async fn a_garbage_flood_is_counted_once_per_datagram() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let garbage = garbage_datagrams(FLOOD);
-    let expect = |verdict| garbage.iter().filter(|(_, v)| *v == verdict).count() as u64;
     let before = port.stats();
     let received_before = client.received_len();
     let heard_before = heard_from_client.load(std::sync::atomic::Ordering::Relaxed);
@@ -801,19 +806,7 @@ async fn a_garbage_flood_is_counted_once_per_datagram() {
     let elapsed = started.elapsed();
     let after = port.stats();
     println!("with a participant, {elapsed:?}: before {before:?}\nafter {after:?}");
-    assert_eq!(
-        datagrams_dropped(&after) - datagrams_dropped(&before),
-        FLOOD as u64,
-        "each garbage datagram is dropped exactly once"
-    );
-    assert_eq!(
-        after.dropped_malformed - before.dropped_malformed,
-        expect(Verdict::Malformed)
-    );
-    assert_eq!(
-        after.dropped_unroutable - before.dropped_unroutable,
-        expect(Verdict::Unroutable)
-    );
+    assert_dropped_once_each(&before, &after, &garbage);
     // The participant's datagrams were read too, and none of them was dropped.
     assert!(after.datagrams_in - before.datagrams_in > FLOOD as u64);
 

@@ -284,20 +284,12 @@ async fn the_command_prints_join_urls_applies_a_watched_change_and_exits_zero_on
     );
     std::fs::write(&file, &text).unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-operator"))
-        .arg("local")
-        .arg("-f")
-        .arg(&file)
-        .arg("--workdir")
-        .arg(&workdir)
-        .arg("--mediaserver-bin")
-        .arg(&bin)
-        .args(["--base-port", "28080", "--room", "standup", "--watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_local(
+        &file,
+        &workdir,
+        &bin,
+        &["--base-port", "28080", "--room", "standup", "--watch"],
+    );
     let pid = child.id().unwrap();
     let _stop = StopOnDrop(pid);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -455,20 +447,7 @@ async fn no_child_outlives_the_command_killed_with_sigkill() {
     )
     .unwrap();
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-operator"))
-        .arg("local")
-        .arg("-f")
-        .arg(&file)
-        .arg("--workdir")
-        .arg(&workdir)
-        .arg("--mediaserver-bin")
-        .arg(&bin)
-        .args(["--base-port", "38080"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_local(&file, &workdir, &bin, &["--base-port", "38080"]);
     let pid = child.id().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
@@ -508,4 +487,28 @@ async fn no_child_outlives_the_command_killed_with_sigkill() {
         let addr: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
         std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} still taken: {e}"));
     }
+}
+
+/// `chorus-operator local -f FILE` in `workdir` with the media server `bin` and `extra` flags;
+/// its stdout is piped for the test to read, and it is killed if the test drops it.
+fn spawn_local(
+    file: &std::path::Path,
+    workdir: &std::path::Path,
+    bin: &std::path::Path,
+    extra: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus-operator"))
+        .arg("local")
+        .arg("-f")
+        .arg(file)
+        .arg("--workdir")
+        .arg(workdir)
+        .arg("--mediaserver-bin")
+        .arg(bin)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
