@@ -134,8 +134,10 @@ pub mod env {
     pub const MAX_PARTICIPANTS: &str = "CHORUS_MAX_PARTICIPANTS";
     /// The join-token HMAC key (from its Secret).
     pub const JOIN_KEY: &str = "CHORUS_JOIN_KEY";
-    /// SIP credentials (from the telephony Secret).
-    pub const SIP_USERNAME: &str = "CHORUS_SIP_USERNAME";
-    /// SIP credentials (from the telephony Secret).
-    pub const SIP_PASSWORD: &str = "CHORUS_SIP_PASSWORD";
+    /// The SIP port for phone calls.
+    pub const SIP_PORT: &str = "CHORUS_SIP_PORT";
+    /// The directory where the telephony Secret's `username` and `password` are mounted.
+    pub const SIP_CREDENTIALS_DIR: &str = "CHORUS_SIP_CREDENTIALS_DIR";
+    /// The PEM file of the call manager's CA.
+    pub const SIP_CA_FILE: &str = "CHORUS_SIP_CA_FILE";
 }

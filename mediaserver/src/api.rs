@@ -6,6 +6,8 @@
 //!   `Location` to DELETE for leaving, and the participant id in `Chorus-Participant-Id`.
 //! - `DELETE /v1/rooms/{room}/participants/{id}`: the same token; `204`.
 //! - `GET /v1/rooms/{room}`: the same token; participants and active speakers as JSON.
+//! - `/v1/rooms/{room}/calls...`: "call me", a participant's desk phone brought into the room
+//!   (see [`calls`]).
 //! - `GET /`: the web client. `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Every refusal is JSON `{"error": <message>, "reason": <static code>}` with a 4xx/5xx status, and is
@@ -22,6 +24,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::json;
+
+mod calls;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -46,6 +50,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The mesh node, whose plan generation `/readyz` reports.
     pub mesh: Option<crate::mesh_node::MeshNode>,
+    /// The phone calls ("call me").
+    pub calls: crate::telephony::calls::Calls,
 }
 
 /// The router.
@@ -56,6 +62,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rooms/{room}", get(room_info))
         .route("/v1/rooms/{room}/participants", post(join))
         .route("/v1/rooms/{room}/participants/{id}", delete(leave))
+        .route("/v1/rooms/{room}/calls", post(calls::create))
+        .route(
+            "/v1/rooms/{room}/calls/{id}",
+            get(calls::read).delete(calls::hang_up),
+        )
+        .route("/v1/rooms/{room}/calls/{id}/events", get(calls::events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -90,6 +90,13 @@ pub struct Config {
     pub mesh_addr: SocketAddr,
     /// The directory holding `ca.crt`, `<server-id>.crt` and `<server-id>.key`.
     pub mesh_tls_dir: PathBuf,
+    /// The SIP address for phone calls (UDP; TCP and TLS are dialled from it). `None`: the
+    /// server places no calls.
+    pub sip_addr: Option<SocketAddr>,
+    /// The directory holding the line's `username` and `password` (the telephony Secret).
+    pub sip_credentials_dir: Option<PathBuf>,
+    /// A PEM file of the CA that signed the call manager's TLS certificate.
+    pub sip_ca_file: Option<PathBuf>,
 }
 
 /// Where a server reads its mesh plan.
@@ -128,6 +135,9 @@ impl std::fmt::Debug for Config {
             .field("mesh", &self.mesh)
             .field("mesh_addr", &self.mesh_addr)
             .field("mesh_tls_dir", &self.mesh_tls_dir)
+            .field("sip_addr", &self.sip_addr)
+            .field("sip_credentials_dir", &self.sip_credentials_dir)
+            .field("sip_ca_file", &self.sip_ca_file)
             .finish()
     }
 }
@@ -156,6 +166,9 @@ impl Default for Config {
             mesh: None,
             mesh_addr: SocketAddr::from(([0, 0, 0, 0], chorus_crds::names::MESH_PORT)),
             mesh_tls_dir: PathBuf::from(chorus_crds::names::MESH_TLS_MOUNT),
+            sip_addr: None,
+            sip_credentials_dir: None,
+            sip_ca_file: None,
         }
     }
 }
@@ -202,6 +215,12 @@ pub struct Layer {
     pub mesh_addr: Option<SocketAddr>,
     /// See [`Config::mesh_tls_dir`].
     pub mesh_tls_dir: Option<PathBuf>,
+    /// See [`Config::sip_addr`].
+    pub sip_addr: Option<SocketAddr>,
+    /// See [`Config::sip_credentials_dir`].
+    pub sip_credentials_dir: Option<PathBuf>,
+    /// See [`Config::sip_ca_file`].
+    pub sip_ca_file: Option<PathBuf>,
 }
 
 impl Layer {
@@ -239,6 +258,7 @@ impl Layer {
                 .transpose()
         }
         let udp_port: Option<u16> = parse(&get, env::UDP_PORT)?;
+        let sip_port: Option<u16> = parse(&get, env::SIP_PORT)?;
         let configmap = match (get(env::MESH_CONFIGMAP), get(env::NAMESPACE)) {
             (Some(name), Some(namespace)) => Some(MeshSource::ConfigMap { namespace, name }),
             _ => None,
@@ -251,6 +271,9 @@ impl Layer {
             public_address: parse(&get, env::PUBLIC_ADDRESS)?,
             udp_addr: udp_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
             max_participants: parse(&get, env::MAX_PARTICIPANTS)?,
+            sip_addr: sip_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
+            sip_credentials_dir: get(env::SIP_CREDENTIALS_DIR).map(PathBuf::from),
+            sip_ca_file: get(env::SIP_CA_FILE).map(PathBuf::from),
             ..Layer::default()
         };
         // The key comes straight from the Secret; it is never written to a file by us.
@@ -284,6 +307,15 @@ impl Config {
             mesh_addr,
             mesh_tls_dir
         );
+        if layer.sip_addr.is_some() {
+            self.sip_addr = layer.sip_addr;
+        }
+        if layer.sip_credentials_dir.is_some() {
+            self.sip_credentials_dir = layer.sip_credentials_dir.clone();
+        }
+        if layer.sip_ca_file.is_some() {
+            self.sip_ca_file = layer.sip_ca_file.clone();
+        }
         if let Some(path) = &layer.mesh_plan_file {
             self.mesh = Some(MeshSource::File(path.clone()));
         }

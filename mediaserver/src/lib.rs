@@ -13,6 +13,9 @@
 //! - [`mesh_node`]: the thin shell driving the mesh protocol and linking it to the rooms; it also
 //!   publishes the plan's mixing settings to every room.
 //! - [`plan_source`]: where the mesh plan comes from (a file, or the ConfigMap) and its watch.
+//! - [`telephony`]: "call me": the SIP agent, the pure call state machine, the phone leg's media
+//!   (SDP, RTP, G.711, DTMF, SDES-SRTP) and the calls of a server; a phone is one more room
+//!   member behind the same transport interface.
 //! - [`api`]: the HTTP API (WHIP-like join), web client, metrics and probes.
 //! - [`config`], [`token`], [`metrics`], [`server`]: configuration layers, join tokens, Prometheus
 //!   metrics and the wiring that `main` calls with bound sockets.
@@ -30,4 +33,5 @@ pub mod plan_source;
 pub mod room;
 pub mod server;
 pub mod stdin_watch;
+pub mod telephony;
 pub mod token;

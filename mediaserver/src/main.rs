@@ -90,6 +90,15 @@ struct ServeArgs {
     /// Directory with ca.crt, <server-id>.crt and <server-id>.key.
     #[arg(long)]
     mesh_tls_dir: Option<PathBuf>,
+    /// SIP address for phone calls (the conference's telephony); none: no calls.
+    #[arg(long)]
+    sip_addr: Option<std::net::SocketAddr>,
+    /// Directory holding the SIP line's `username` and `password` files.
+    #[arg(long)]
+    sip_credentials_dir: Option<PathBuf>,
+    /// PEM file of the CA that signed the call manager's TLS certificate.
+    #[arg(long)]
+    sip_ca_file: Option<PathBuf>,
     /// Stop when standard input closes (set by `chorus-operator local`, which holds the other end
     /// of a pipe there, so the server ends with it however it ends).
     #[arg(long)]
@@ -152,6 +161,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mesh_plan_file: args.mesh_plan_file,
         mesh_addr: args.mesh_addr,
         mesh_tls_dir: args.mesh_tls_dir,
+        sip_addr: args.sip_addr,
+        sip_credentials_dir: args.sip_credentials_dir,
+        sip_ca_file: args.sip_ca_file,
         ..Layer::default()
     };
     let config = config::load(args.config.as_deref(), |k| std::env::var(k).ok(), &flags)
@@ -167,6 +179,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let udp = tokio::net::UdpSocket::bind(config.udp_addr)
             .await
             .with_context(|| format!("binding UDP {}", config.udp_addr))?;
+        let sip = match config.sip_addr {
+            Some(addr) => Some(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .with_context(|| format!("binding SIP {addr}"))?,
+            ),
+            None => None,
+        };
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -192,7 +212,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "chorus-mediaserver {} ({}) listening on http://{} and udp {}",
             config.server_id, config.region, config.http_addr, config.udp_addr
         );
-        chorus_mediaserver::server::serve(config, http, udp, shutdown)
+        chorus_mediaserver::server::serve(config, http, udp, sip, shutdown)
             .await
             .context("media server")
     })

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chorus_crds::MeshPlan;
+use chorus_crds::{MeshPlan, MeshTelephony};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -164,6 +164,7 @@ pub struct MeshNode {
     metrics: MeshMetrics,
     generation: Arc<AtomicI64>,
     mixing: watch::Receiver<MixerConfig>,
+    telephony: watch::Receiver<Option<MeshTelephony>>,
 }
 
 impl MeshNode {
@@ -191,6 +192,7 @@ impl MeshNode {
         let state = MeshNodeState::new(self_id, &plan, ProtocolConfig::default(), incarnation);
         let generation = Arc::new(AtomicI64::new(plan.generation));
         let (mixing_tx, mixing) = watch::channel(MixerConfig::from_plan(&plan.mixing));
+        let (telephony_tx, telephony) = watch::channel(plan.telephony.clone());
         metrics.observe(&state);
         let (events, events_rx) = mpsc::unbounded_channel();
         let wake = Arc::new(Notify::new());
@@ -201,6 +203,7 @@ impl MeshNode {
             rooms: HashMap::new(),
             generation: generation.clone(),
             mixing: mixing_tx,
+            telephony: telephony_tx,
             epoch: Instant::now(),
         };
         tokio::spawn(driver.run(events_rx, wake.clone(), inbound, shutdown));
@@ -213,6 +216,7 @@ impl MeshNode {
             metrics,
             generation,
             mixing,
+            telephony,
         })
     }
 
@@ -229,6 +233,12 @@ impl MeshNode {
     /// The mixing settings of the running plan; changes when a new generation changes them.
     pub fn mixing(&self) -> watch::Receiver<MixerConfig> {
         self.mixing.clone()
+    }
+
+    /// The telephony settings of the running plan (`None`: the conference places no calls);
+    /// changes when a new generation changes them.
+    pub fn telephony(&self) -> watch::Receiver<Option<MeshTelephony>> {
+        self.telephony.clone()
     }
 
     /// Apply a new plan (a new generation from the ConfigMap or the file).
@@ -297,6 +307,7 @@ struct Driver {
     rooms: HashMap<String, RoomEntry>,
     generation: Arc<AtomicI64>,
     mixing: watch::Sender<MixerConfig>,
+    telephony: watch::Sender<Option<MeshTelephony>>,
     epoch: Instant,
 }
 
@@ -383,6 +394,11 @@ impl Driver {
                     self.transport
                         .set_peers(MeshPeer::from_plan(&plan, self.state.self_id()));
                     self.generation.store(plan.generation, Ordering::Relaxed);
+                    self.telephony.send_if_modified(|current| {
+                        let changed = *current != plan.telephony;
+                        current.clone_from(&plan.telephony);
+                        changed
+                    });
                     let mixing = MixerConfig::from_plan(&plan.mixing);
                     self.mixing.send_if_modified(|current| {
                         let changed = *current != mixing;

@@ -16,6 +16,10 @@ use crate::mesh_node::MeshNode;
 use crate::metrics::Metrics;
 use crate::plan_source;
 use crate::room::Rooms;
+use crate::telephony::calls::Calls;
+use crate::telephony::metrics::TelephonyMetrics;
+use crate::telephony::sip::SipAgent;
+use crate::telephony::{self, TelephonySettings};
 use crate::token::TokenKey;
 
 /// Why the server could not start or stopped with an error.
@@ -56,6 +60,9 @@ pub enum ServeError {
     /// Metrics could not be registered (a name registered twice: a bug).
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// Telephony could not start (credentials, CA file, SIP socket).
+    #[error("telephony: {0}")]
+    Telephony(#[from] crate::telephony::TelephonyError),
 }
 
 impl ServeError {
@@ -70,6 +77,7 @@ impl ServeError {
             ServeError::Mesh(e) => e.category(),
             ServeError::MeshSocket { .. } => "mesh_socket",
             ServeError::Metrics(_) => "metrics",
+            ServeError::Telephony(e) => e.category(),
         }
     }
 }
@@ -83,16 +91,20 @@ pub struct Running {
     pub rooms: Arc<Rooms>,
     /// The mesh node, when the server is part of a mesh.
     pub mesh: Option<MeshNode>,
+    /// The phone calls.
+    pub calls: Calls,
 }
 
-/// Serve until `shutdown` is cancelled.
+/// Serve until `shutdown` is cancelled. `sip`, when given, is the socket phone calls are placed
+/// from (used once the plan has a `telephony` block).
 pub async fn serve(
     config: Config,
     http: tokio::net::TcpListener,
     udp: tokio::net::UdpSocket,
+    sip: Option<tokio::net::UdpSocket>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let (running, fut) = start(config, http, udp, shutdown).await?;
+    let (running, fut) = start(config, http, udp, sip, shutdown).await?;
     drop(running);
     fut.await
 }
@@ -102,6 +114,7 @@ pub async fn start(
     config: Config,
     http: tokio::net::TcpListener,
     udp: tokio::net::UdpSocket,
+    sip: Option<tokio::net::UdpSocket>,
     shutdown: CancellationToken,
 ) -> Result<(Running, impl Future<Output = Result<(), ServeError>>), ServeError> {
     let key = TokenKey::new(&config.join_key)?;
@@ -125,6 +138,7 @@ pub async fn start(
         metrics.clone(),
         mesh.clone(),
     ));
+    let calls = start_telephony(&config, sip, &metrics, mesh.as_ref(), rooms.clone()).await?;
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
         config: config.clone(),
@@ -133,9 +147,17 @@ pub async fn start(
         metrics: metrics.clone(),
         ready: ready.clone(),
         mesh: mesh.clone(),
+        calls: calls.clone(),
     };
     tracing::info!(config = ?config, "media server starting");
+    let hang_up = calls.clone();
     let fut = async move {
+        let stop = shutdown.clone();
+        // Phones are hung up (a BYE each) as soon as shutdown starts, while HTTP drains.
+        let calls_done = tokio::spawn(async move {
+            stop.cancelled().await;
+            hang_up.shutdown().await;
+        });
         let stop = shutdown.clone();
         axum::serve(http, api::router(state))
             .with_graceful_shutdown(async move {
@@ -143,6 +165,7 @@ pub async fn start(
                 ready.store(false, Ordering::Relaxed);
             })
             .await?;
+        let _ = calls_done.await;
         Ok(())
     };
     Ok((
@@ -150,9 +173,80 @@ pub async fn start(
             metrics,
             rooms,
             mesh,
+            calls,
         },
         fut,
     ))
+}
+
+/// The server's calls: a SIP agent on `sip` with the line's credentials, placing calls once the
+/// plan's `telephony` block says how (and following its changes).
+async fn start_telephony(
+    config: &Config,
+    sip: Option<tokio::net::UdpSocket>,
+    metrics: &Metrics,
+    mesh: Option<&MeshNode>,
+    rooms: Arc<Rooms>,
+) -> Result<Calls, ServeError> {
+    let telephony_metrics = TelephonyMetrics::new();
+    for c in telephony_metrics.collectors() {
+        metrics.register(c)?;
+    }
+    // The agent's transport outlives the server's shutdown signal: calls must still send their
+    // BYEs. `Calls::shutdown` stops it once they have.
+    let sip_stop = CancellationToken::new();
+    let (Some(sip), Some(node)) = (sip, mesh) else {
+        return Ok(Calls::new(None, None, rooms, telephony_metrics, sip_stop));
+    };
+    let line = match &config.sip_credentials_dir {
+        Some(dir) => Some(telephony::read_credentials(dir)?),
+        None => None,
+    };
+    let ca = match &config.sip_ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            telephony::TelephonyError::Config(format!("CA file {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let agent = SipAgent::start(sip, config.public_address, ca, sip_stop.clone()).await?;
+    tracing::info!(sip = %agent.local_addr(), "SIP agent listening");
+    let settings = |plan: &Option<chorus_crds::MeshTelephony>| -> Option<TelephonySettings> {
+        let plan = plan.as_ref()?;
+        let Some(line) = line.clone() else {
+            tracing::error!("the plan has telephony but no SIP credentials are mounted; no calls");
+            return None;
+        };
+        match TelephonySettings::from_plan(plan, line) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "telephony settings refused; no calls");
+                None
+            }
+        }
+    };
+    let mut plan = node.telephony();
+    let calls = Calls::new(
+        settings(&plan.borrow_and_update()),
+        Some(agent),
+        rooms,
+        telephony_metrics,
+        sip_stop.clone(),
+    );
+    let follower = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sip_stop.cancelled() => break,
+                changed = plan.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    follower.set_settings(settings(&plan.borrow_and_update()));
+                }
+            }
+        }
+    });
+    Ok(calls)
 }
 
 async fn start_mesh(

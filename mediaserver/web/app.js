@@ -82,6 +82,7 @@ async function join() {
     await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
     $("leave").disabled = false;
     $("mute").disabled = false;
+    $("callPhone").disabled = false;
     pollTimer = setInterval(() => poll(room), 500);
   } catch (e) {
     setStatus("Could not join: " + e.message, true);
@@ -106,6 +107,9 @@ function cleanup() {
   $("leave").disabled = true;
   $("mute").disabled = true;
   $("mute").textContent = "Mute";
+  $("callPhone").disabled = true;
+  $("hangUpPhone").disabled = true;
+  if (phoneEvents) phoneEvents.abort();
 }
 
 function toggleMute() {
@@ -145,6 +149,98 @@ async function poll(room) {
   }
 }
 
+// "Call my phone": the server calls the given phone through the PBX; the phone joins the room
+// once answered, and this page's microphone is muted by the server meanwhile (audio: replace).
+let phoneCallUrl = null;
+let phoneEvents = null;
+const PHONE_STATES = {
+  dialing: "Calling your phone…",
+  ringing: "Your phone is ringing.",
+  active: "Your phone is in the call.",
+};
+const END_REASONS = {
+  completed: "the phone hung up",
+  hangup: "hung up",
+  cancelled: "cancelled",
+  no_answer: "no answer",
+  busy: "the line is busy",
+  declined: "declined",
+  not_registered: "that phone is not registered",
+  unreachable: "the phone cannot be reached",
+  auth_failed: "the phone system refused our credentials",
+  codec_mismatch: "no common audio codec",
+  media_timeout: "no audio from the phone",
+  rejected: "the phone system refused the call",
+  failed: "failed",
+};
+
+function showPhoneState(t) {
+  const el = $("phoneState");
+  window.chorusPhoneState = t.state;
+  if (t.state === "ended") {
+    const why = END_REASONS[t.endReason] || t.endReason || "ended";
+    el.textContent = "Phone call ended: " + why + (t.sipStatus ? " (SIP " + t.sipStatus + ")" : "") + ".";
+    el.className = t.endReason === "completed" || t.endReason === "hangup" || t.endReason === "cancelled" ? "" : "error";
+    $("callPhone").disabled = !pc;
+    $("hangUpPhone").disabled = true;
+    phoneCallUrl = null;
+  } else {
+    el.textContent = PHONE_STATES[t.state] || t.state;
+    el.className = "";
+    $("hangUpPhone").disabled = false;
+  }
+}
+
+// Server-sent events with the bearer token: EventSource cannot send headers, so read the stream.
+async function followPhone(url) {
+  phoneEvents = new AbortController();
+  try {
+    const res = await fetch(url + "/events", { headers: authHeaders(), signal: phoneEvents.signal });
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("");
+        if (data) showPhoneState(JSON.parse(data));
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") setStatus("Lost the phone call's events: " + e.message, true);
+  }
+}
+
+async function callPhone() {
+  const to = $("phoneTo").value.trim();
+  if (!to) { $("phoneState").textContent = "Enter your phone's number or extension."; return; }
+  $("callPhone").disabled = true;
+  const room = $("room").value.trim();
+  const res = await fetch("/v1/rooms/" + encodeURIComponent(room) + "/calls", {
+    method: "POST",
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: JSON.stringify({ to, participantId: Number(window.chorusParticipantId) }),
+  }).catch((e) => ({ status: 0, json: async () => ({ error: e.message }) }));
+  if (res.status !== 202) {
+    const body = await res.json().catch(() => ({}));
+    $("phoneState").textContent = "Could not call: " + (body.error || ("HTTP " + res.status));
+    $("phoneState").className = "error";
+    $("callPhone").disabled = false;
+    return;
+  }
+  phoneCallUrl = res.headers.get("Location");
+  showPhoneState(await res.json());
+  followPhone(phoneCallUrl);
+}
+
+async function hangUpPhone() {
+  if (phoneCallUrl) await fetch(phoneCallUrl, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+}
+
 function meterFor(stream, meter) {
   const analyser = audioCtx.createAnalyser();
   analyser.fftSize = 1024;
@@ -176,4 +272,6 @@ window.chorusState = () => (pc ? pc.connectionState : "none");
 $("join").onclick = join;
 $("leave").onclick = leave;
 $("mute").onclick = toggleMute;
+$("callPhone").onclick = callPhone;
+$("hangUpPhone").onclick = hangUpPhone;
 if (params.get("autojoin") === "1") join();

@@ -18,6 +18,8 @@ pub struct MediaServer {
     pub base_url: String,
     /// The UDP media address.
     pub udp: SocketAddr,
+    /// The SIP address, when the configuration asked for one (`sip_addr`).
+    pub sip: Option<SocketAddr>,
     /// Metrics and rooms, for assertions.
     pub running: Running,
     key: TokenKey,
@@ -49,13 +51,19 @@ impl MediaServer {
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
         let http_addr = http.local_addr()?;
         let udp_addr = udp.local_addr()?;
+        let sip = match config.sip_addr {
+            Some(addr) => Some(tokio::net::UdpSocket::bind(addr).await?),
+            None => None,
+        };
+        let sip_addr = sip.as_ref().map(|s| s.local_addr()).transpose()?;
         let conference = config.conference.clone();
         let shutdown = CancellationToken::new();
-        let (running, serving) = server::start(config, http, udp, shutdown.clone()).await?;
+        let (running, serving) = server::start(config, http, udp, sip, shutdown.clone()).await?;
         tokio::spawn(serving);
         Ok(Self {
             base_url: format!("http://{http_addr}"),
             udp: udp_addr,
+            sip: sip_addr,
             running,
             key: TokenKey::new(&key_bytes).map_err(|e| anyhow::anyhow!("{e}"))?,
             conference,

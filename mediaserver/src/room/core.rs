@@ -193,6 +193,16 @@ impl RoomCore {
         Some(member)
     }
 
+    /// Mute or unmute a member's stream: a muted stream is neither ranked nor mixed (its
+    /// participant's phone speaks for it, say). `false` if it is not a member.
+    pub fn set_muted(&mut self, id: ParticipantId, muted: bool) -> bool {
+        if !self.members.contains_key(&id) {
+            return false;
+        }
+        self.mixer.set_muted(StreamId(id), muted);
+        true
+    }
+
     /// Forget a participant's received audio (a new transport starts a new SSRC, sequence and
     /// timestamp): its jitter buffer and decoder start afresh; its level, rank and selection
     /// stay.

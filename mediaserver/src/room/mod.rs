@@ -282,6 +282,38 @@ impl Rooms {
 
     /// Admit `identity` to `room` with an SDP offer.
     pub async fn join(&self, room: &str, identity: &str, offer: &str) -> Result<Joined, JoinError> {
+        let port = self.port.clone();
+        let mut answer = String::new();
+        let id = self
+            .admit(room, identity, async |sink: AudioSink| {
+                let (sdp, link) = port.accept_into(offer, sink).await?;
+                answer = sdp;
+                Ok(Box::new(WebRtcTransport::new(link, port.clone())) as Box<dyn Transport>)
+            })
+            .await?;
+        Ok(Joined { id, answer })
+    }
+
+    /// Admit `identity` to `room` over a transport that is not a WebRTC peer of this server's
+    /// port (a phone leg): `connect` gets the room's packet sink, tagged with the new
+    /// participant's id, and returns the transport. The same limits and seats apply.
+    pub async fn join_transport(
+        &self,
+        room: &str,
+        identity: &str,
+        connect: impl FnOnce(AudioSink) -> Result<Box<dyn Transport>, JoinError>,
+    ) -> Result<ParticipantId, JoinError> {
+        self.admit(room, identity, async |sink: AudioSink| connect(sink))
+            .await
+    }
+
+    /// Reserve a seat, connect the transport into the room's queue, hand the room the member.
+    async fn admit(
+        &self,
+        room: &str,
+        identity: &str,
+        connect: impl AsyncFnOnce(AudioSink) -> Result<Box<dyn Transport>, JoinError>,
+    ) -> Result<ParticipantId, JoinError> {
         let mut seat = self.reserve(room)?;
         let id = self
             .registry
@@ -300,8 +332,7 @@ impl Rooms {
             queue: packets,
             tag: id,
         };
-        let (answer, link) = self.port.accept_into(offer, sink).await?;
-        let transport: Box<dyn Transport> = Box::new(WebRtcTransport::new(link, self.port.clone()));
+        let transport = connect(sink).await?;
         let command = Command::Join {
             id,
             identity: identity.to_owned(),
@@ -317,7 +348,43 @@ impl Rooms {
         self.metrics.participants.set(
             i64::try_from(self.registry.participants.load(Ordering::SeqCst)).unwrap_or(i64::MAX),
         );
-        Ok(Joined { id, answer })
+        Ok(id)
+    }
+
+    /// Mute or unmute participant `id`'s stream in `room` (while its phone speaks for it).
+    pub async fn set_muted(
+        &self,
+        room: &str,
+        id: ParticipantId,
+        muted: bool,
+    ) -> Result<(), JoinError> {
+        let commands = self
+            .registry
+            .lock()
+            .get(room)
+            .map(|h| h.commands.clone())
+            .ok_or(JoinError::NotFound)?;
+        let (done, found) = oneshot::channel();
+        commands
+            .send(Command::Mute { id, muted, done })
+            .await
+            .map_err(|_| JoinError::NotFound)?;
+        match found.await {
+            Ok(true) => Ok(()),
+            _ => Err(JoinError::NotFound),
+        }
+    }
+
+    /// Whether participant `id` is in `room` now (as the last roster snapshot shows).
+    pub fn is_member(&self, room: &str, id: ParticipantId) -> bool {
+        self.registry.lock().get(room).is_some_and(|h| {
+            h.info
+                .lock()
+                .expect("room info lock is never poisoned")
+                .participants
+                .iter()
+                .any(|p| p.id == id)
+        })
     }
 
     /// Take a seat on the server and in `room` (starting the room if it is new), or refuse.

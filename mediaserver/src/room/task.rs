@@ -41,6 +41,12 @@ pub(super) enum Command {
         id: ParticipantId,
         done: oneshot::Sender<bool>,
     },
+    /// A participant's stream is muted or unmuted; `done` says whether it was here.
+    Mute {
+        id: ParticipantId,
+        muted: bool,
+        done: oneshot::Sender<bool>,
+    },
 }
 
 /// Everything one room task holds.
@@ -140,6 +146,9 @@ impl RoomTask {
             Command::Leave { id, done } => {
                 let found = self.remove(id);
                 let _ = done.send(found);
+            }
+            Command::Mute { id, muted, done } => {
+                let _ = done.send(self.core.set_muted(id, muted));
             }
         }
     }

@@ -1,0 +1,476 @@
+//! The phone leg's media: one RTP socket per call, transcoding at the edge of the room, and the
+//! room [`Transport`] a phone member uses.
+//!
+//! Into the room, each phone packet becomes what a WebRTC participant's packet is: an Opus frame
+//! with a level, delivered straight into the room's queue with the phone's stream id. G.711 is
+//! decoded at 8 kHz and re-encoded as 20 ms Opus at 8 kHz (libopus takes 8 kHz natively, so no
+//! resampler), its level measured from the PCM; an Opus phone's packets pass through untouched.
+//! Out of the room, the phone's frame (its mix-minus when it is a top speaker, the shared mix
+//! otherwise) is decoded at 8 kHz and G.711-encoded, or passed through to an Opus phone. The
+//! room sends a frame every tick, silence included, so phones with RTP timeouts stay up.
+//!
+//! Invariants:
+//! - nothing is read before the answer: datagrams queued in the socket before the phone joined
+//!   (early media) are discarded, never mixed;
+//! - plain RTP is accepted only from the address the phone answered with; SRTP from wherever it
+//!   authenticates;
+//! - RFC 4733 events are counted and reported, never decoded as audio;
+//! - a malformed or unexpected datagram is dropped and counted by reason, never a panic, and it
+//!   touches no other call.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use opus::{Application, Channels};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::TelephonyError;
+use super::media::dtmf::DtmfDetector;
+use super::media::rtp::{RtpPacket, RtpSender};
+use super::media::sdp::{OfferParams, PhoneAnswer};
+use super::media::srtp::SrtpSession;
+use super::media::{G711, PhoneCodec};
+use super::metrics::TelephonyMetrics;
+use crate::endpoint::{AudioSink, EndpointError, InboundAudio};
+use crate::media::AudioLevel;
+use crate::media::level::dbov_from_pcm;
+use crate::room::transport::Transport;
+
+/// G.711 samples in one 20 ms frame at 8 kHz.
+const NARROW_FRAME: usize = 160;
+/// The 48 kHz RTP clock of Opus over the 8 kHz of G.711.
+const CLOCK_RATIO: u32 = 6;
+/// Frames waiting for the phone before new ones are dropped (the room never waits).
+const OUT_QUEUE: usize = 32;
+/// How often the call is told media still arrives.
+const MEDIA_REPORT: Duration = Duration::from_millis(200);
+/// A level below this is not voice (the RFC 6464 V flag we set).
+const VOICE_DBOV: f32 = -50.0;
+
+/// What the leg tells its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegEvent {
+    /// Media arrived from the phone (at most every [`MEDIA_REPORT`]).
+    Media,
+    /// The phone sent a DTMF key press.
+    Dtmf(char),
+}
+
+/// The media of a call: what we offered and, once answered, what the phone chose.
+#[derive(Debug, Clone)]
+pub struct LegParams {
+    /// Our offer.
+    pub offer: OfferParams,
+    /// The phone's answer.
+    pub answer: Option<PhoneAnswer>,
+}
+
+impl LegParams {
+    /// Media as offered, not answered yet.
+    pub fn offered(offer: OfferParams) -> Self {
+        Self {
+            offer,
+            answer: None,
+        }
+    }
+}
+
+/// A bound RTP socket, before the phone answers.
+#[derive(Debug)]
+pub struct PhoneLeg {
+    socket: UdpSocket,
+    local: SocketAddr,
+}
+
+impl PhoneLeg {
+    /// Bind an RTP socket on `ip` (an ephemeral port).
+    pub async fn bind(ip: IpAddr) -> Result<Self, TelephonyError> {
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
+            .await
+            .map_err(|e| TelephonyError::Socket(format!("RTP socket on {ip}: {e}")))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| TelephonyError::Socket(format!("RTP socket address: {e}")))?;
+        Ok(Self { socket, local })
+    }
+
+    /// The socket's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Start the media of an answered call: packets from the phone go into `sink`; frames sent
+    /// through the returned transport go to the phone.
+    pub fn connect(
+        self,
+        params: LegParams,
+        sink: AudioSink,
+        events: mpsc::UnboundedSender<LegEvent>,
+        metrics: TelephonyMetrics,
+    ) -> Result<PhoneTransport, TelephonyError> {
+        let answer = params
+            .answer
+            .ok_or_else(|| TelephonyError::Sip("the call has no answer yet".to_owned()))?;
+        let srtp = match (&params.offer.crypto, &answer.crypto) {
+            (Some(local), Some(remote)) => Some(SrtpSession::new(local, remote)?),
+            _ => None,
+        };
+        // Early media queued before the answer is never mixed.
+        let mut scratch = [0u8; 2048];
+        while self.socket.try_recv_from(&mut scratch).is_ok() {}
+        let socket = Arc::new(self.socket);
+        let stop = CancellationToken::new();
+        let gone = Arc::new(AtomicBool::new(false));
+        let (frames, frames_rx) = mpsc::channel(OUT_QUEUE);
+        let srtp = srtp.map(|s| Arc::new(std::sync::Mutex::new(s)));
+        let inbound = Inbound::new(&answer, srtp.clone(), sink, events, metrics.clone())?;
+        let outbound = Outbound::new(&answer, srtp, metrics)?;
+        tokio::spawn(inbound.run(socket.clone(), stop.clone(), gone.clone()));
+        tokio::spawn(outbound.run(socket, frames_rx, stop.clone(), gone.clone()));
+        Ok(PhoneTransport { frames, stop, gone })
+    }
+}
+
+/// The room's side of a phone: [`Transport::send_opus`] queues a frame for the phone.
+#[derive(Debug)]
+pub struct PhoneTransport {
+    frames: mpsc::Sender<(Bytes, u32)>,
+    stop: CancellationToken,
+    gone: Arc<AtomicBool>,
+}
+
+impl Transport for PhoneTransport {
+    fn send_opus(&self, payload: Bytes, samples: u32) -> Result<(), EndpointError> {
+        self.frames
+            .try_send((payload, samples))
+            .map_err(|_| EndpointError::SendQueueFull)
+    }
+
+    fn port_peer(&self) -> Option<u64> {
+        None
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+type SharedSrtp = Option<Arc<std::sync::Mutex<SrtpSession>>>;
+
+fn lock_srtp(s: &std::sync::Mutex<SrtpSession>) -> std::sync::MutexGuard<'_, SrtpSession> {
+    s.lock()
+        .expect("SRTP lock is never poisoned: nothing panics while holding it")
+}
+
+/// From the phone into the room.
+struct Inbound {
+    codec: PhoneCodec,
+    payload_type: u8,
+    dtmf_payload_type: Option<u8>,
+    remote: SocketAddr,
+    srtp: SharedSrtp,
+    sink: AudioSink,
+    events: mpsc::UnboundedSender<LegEvent>,
+    metrics: TelephonyMetrics,
+    encoder: Option<opus::Encoder>,
+    dtmf: DtmfDetector,
+    /// G.711 samples waiting for a whole 20 ms frame, and the 8 kHz timestamp of the first.
+    pending: Vec<i16>,
+    pending_ts: u32,
+    expected: Option<(u16, u32)>,
+    seq: u16,
+    last_report: Option<Instant>,
+}
+
+impl Inbound {
+    fn new(
+        answer: &PhoneAnswer,
+        srtp: SharedSrtp,
+        sink: AudioSink,
+        events: mpsc::UnboundedSender<LegEvent>,
+        metrics: TelephonyMetrics,
+    ) -> Result<Self, TelephonyError> {
+        let encoder = match answer.codec.g711() {
+            Some(_) => {
+                let mut e = opus::Encoder::new(8000, Channels::Mono, Application::Voip)
+                    .map_err(|e| TelephonyError::Socket(format!("Opus encoder: {e}")))?;
+                // Narrowband speech needs little; keep FEC so the room can recover losses.
+                let _ = e.set_bitrate(opus::Bitrate::Bits(24_000));
+                let _ = e.set_inband_fec(true);
+                Some(e)
+            }
+            None => None,
+        };
+        Ok(Self {
+            codec: answer.codec,
+            payload_type: answer.payload_type,
+            dtmf_payload_type: answer.dtmf_payload_type,
+            remote: answer.remote,
+            srtp,
+            sink,
+            events,
+            metrics,
+            encoder,
+            dtmf: DtmfDetector::new(),
+            pending: Vec::with_capacity(NARROW_FRAME * 2),
+            pending_ts: 0,
+            expected: None,
+            seq: 0,
+            last_report: None,
+        })
+    }
+
+    async fn run(mut self, socket: Arc<UdpSocket>, stop: CancellationToken, gone: Arc<AtomicBool>) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let received = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = socket.recv_from(&mut buf) => r,
+            };
+            match received {
+                Ok((n, from)) => {
+                    let arrival = Instant::now();
+                    if let Err(reason) = self.on_datagram(&buf[..n], from, arrival) {
+                        self.metrics.rtp_dropped.with_label_values(&[reason]).inc();
+                    }
+                }
+                Err(e) => {
+                    // ICMP port unreachable from a phone that went away shows up here on Linux.
+                    tracing::debug!(error = %e, "phone RTP receive error");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        gone.store(true, Ordering::Relaxed);
+    }
+
+    fn on_datagram(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        arrival: Instant,
+    ) -> Result<(), &'static str> {
+        let clear;
+        let rtp = match &self.srtp {
+            Some(srtp) => {
+                clear = lock_srtp(srtp)
+                    .unprotect(datagram)
+                    .map_err(|_| "srtp_auth")?;
+                &clear[..]
+            }
+            None => {
+                if from != self.remote {
+                    return Err("wrong_source");
+                }
+                datagram
+            }
+        };
+        let packet = RtpPacket::parse(rtp).map_err(|_| "malformed")?;
+        self.metrics.rtp_packets.with_label_values(&["in"]).inc();
+        let now = Instant::now();
+        if self
+            .last_report
+            .is_none_or(|t| now.duration_since(t) >= MEDIA_REPORT)
+        {
+            self.last_report = Some(now);
+            let _ = self.events.send(LegEvent::Media);
+        }
+        let header = packet.header;
+        if Some(header.payload_type) == self.dtmf_payload_type {
+            let presses = self
+                .dtmf
+                .push(header.timestamp, packet.payload)
+                .map_err(|_| "malformed_dtmf")?;
+            for press in presses {
+                let _ = self.events.send(LegEvent::Dtmf(press.digit));
+            }
+            return Ok(());
+        }
+        if header.payload_type != self.payload_type {
+            return Err("payload_type");
+        }
+        match self.codec.g711() {
+            None => {
+                // Opus: the room takes it as it is.
+                if packet.payload.is_empty() {
+                    return Err("malformed");
+                }
+                self.deliver(InboundAudio {
+                    tag: self.sink.tag,
+                    seq: header.sequence,
+                    rtp_timestamp: header.timestamp,
+                    payload: Bytes::copy_from_slice(packet.payload),
+                    level: None,
+                    arrival,
+                })
+            }
+            Some(law) => self.transcode(law, header.sequence, header.timestamp, packet.payload, arrival),
+        }
+    }
+
+    fn transcode(
+        &mut self,
+        law: G711,
+        sequence: u16,
+        timestamp: u32,
+        payload: &[u8],
+        arrival: Instant,
+    ) -> Result<(), &'static str> {
+        // A gap or a jump starts the frame afresh: never glue audio across a loss.
+        let continuous = self.expected == Some((sequence, timestamp));
+        if !continuous {
+            self.pending.clear();
+        }
+        if self.pending.is_empty() {
+            self.pending_ts = timestamp;
+        }
+        self.expected = Some((
+            sequence.wrapping_add(1),
+            timestamp.wrapping_add(u32::try_from(payload.len()).unwrap_or(u32::MAX)),
+        ));
+        law.decode(payload, &mut self.pending);
+        while self.pending.len() >= NARROW_FRAME {
+            let frame: Vec<i16> = self.pending.drain(..NARROW_FRAME).collect();
+            let encoder = self
+                .encoder
+                .as_mut()
+                .expect("a G.711 leg always has its Opus encoder");
+            let opus = encoder.encode_vec(&frame, 400).map_err(|_| "encode")?;
+            self.metrics
+                .transcodes
+                .with_label_values(&["from_phone"])
+                .inc();
+            let dbov = dbov_from_pcm(&frame);
+            let level = AudioLevel {
+                dbov: u8::try_from((-dbov).clamp(0.0, 127.0) as i64).unwrap_or(127),
+                voice: dbov >= VOICE_DBOV,
+            };
+            let rtp_timestamp = self.pending_ts.wrapping_mul(CLOCK_RATIO);
+            self.pending_ts = self.pending_ts.wrapping_add(NARROW_FRAME as u32);
+            self.seq = self.seq.wrapping_add(1);
+            self.deliver(InboundAudio {
+                tag: self.sink.tag,
+                seq: self.seq,
+                rtp_timestamp,
+                payload: Bytes::from(opus),
+                level: Some(level),
+                arrival,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, audio: InboundAudio) -> Result<(), &'static str> {
+        self.sink.queue.try_send(audio).map_err(|_| "room_behind")
+    }
+}
+
+/// From the room to the phone.
+struct Outbound {
+    codec: PhoneCodec,
+    payload_type: u8,
+    remote: SocketAddr,
+    srtp: SharedSrtp,
+    metrics: TelephonyMetrics,
+    decoder: Option<opus::Decoder>,
+    sender: RtpSender,
+}
+
+impl Outbound {
+    fn new(
+        answer: &PhoneAnswer,
+        srtp: SharedSrtp,
+        metrics: TelephonyMetrics,
+    ) -> Result<Self, TelephonyError> {
+        let decoder = match answer.codec.g711() {
+            Some(_) => Some(
+                opus::Decoder::new(8000, Channels::Mono)
+                    .map_err(|e| TelephonyError::Socket(format!("Opus decoder: {e}")))?,
+            ),
+            None => None,
+        };
+        let ssrc = rand::random::<u32>();
+        Ok(Self {
+            codec: answer.codec,
+            payload_type: answer.payload_type,
+            remote: answer.remote,
+            srtp,
+            metrics,
+            decoder,
+            sender: RtpSender::new(ssrc, rand::random(), rand::random()),
+        })
+    }
+
+    async fn run(
+        mut self,
+        socket: Arc<UdpSocket>,
+        mut frames: mpsc::Receiver<(Bytes, u32)>,
+        stop: CancellationToken,
+        gone: Arc<AtomicBool>,
+    ) {
+        let mut pcm = vec![0i16; 960];
+        let mut encoded = Vec::with_capacity(NARROW_FRAME);
+        let mut packet = Vec::with_capacity(1500);
+        let mut first = true;
+        loop {
+            let (payload, samples) = tokio::select! {
+                _ = stop.cancelled() => break,
+                frame = frames.recv() => match frame {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            };
+            packet.clear();
+            let units = match (&mut self.decoder, self.codec.g711()) {
+                (Some(decoder), Some(law)) => {
+                    let n = match decoder.decode(&payload, &mut pcm, false) {
+                        Ok(n) => n,
+                        Err(_) => {
+                            self.metrics.rtp_dropped.with_label_values(&["decode"]).inc();
+                            continue;
+                        }
+                    };
+                    encoded.clear();
+                    law.encode(&pcm[..n], &mut encoded);
+                    self.metrics
+                        .transcodes
+                        .with_label_values(&["to_phone"])
+                        .inc();
+                    let header = self.sender.next_header(self.payload_type, first);
+                    header.write_packet(&encoded, &mut packet);
+                    u32::try_from(n).unwrap_or(0)
+                }
+                _ => {
+                    let header = self.sender.next_header(self.payload_type, first);
+                    header.write_packet(&payload, &mut packet);
+                    samples
+                }
+            };
+            self.sender.advance(units);
+            first = false;
+            let wire = match &self.srtp {
+                Some(srtp) => match lock_srtp(srtp).protect(&packet) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        self.metrics.rtp_dropped.with_label_values(&["srtp_protect"]).inc();
+                        continue;
+                    }
+                },
+                None => packet.clone(),
+            };
+            if socket.send_to(&wire, self.remote).await.is_ok() {
+                self.metrics.rtp_packets.with_label_values(&["out"]).inc();
+            }
+        }
+        gone.store(true, Ordering::Relaxed);
+    }
+}

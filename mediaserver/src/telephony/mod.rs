@@ -1,0 +1,381 @@
+//! Call me (patent 2, DESIGN §11): a participant asks the conference to call a desk phone; the
+//! server asks the PBX's call manager where the phone is registered, calls it, and the phone
+//! becomes one more member of the room.
+//!
+//! Parts:
+//! - [`call`]: the pure call state machine (SIP events and timer ticks in, state and actions
+//!   out), tested in virtual time;
+//! - [`sip`]: the SIP user agent on `rsipstack` (transactions, dialogs, digest auth, CANCEL,
+//!   BYE, UDP/TCP/TLS), the routing lookup and the incoming-request loop;
+//! - [`media`]: the phone leg's pure media parts, written here because no maintained crate does
+//!   them for a SIP leg: SDP offer/answer, plain RTP, G.711, RFC 4733 DTMF, SDES-SRTP keys (on
+//!   `rtc`'s SRTP);
+//! - [`leg`]: the phone leg's RTP socket and transcoding, and the room [`crate::room::transport::Transport`]
+//!   it implements;
+//! - [`calls`]: the server's calls: limits, target checks, one task per call running the state
+//!   machine against the agent, the leg and the room; the HTTP handlers live in
+//!   [`crate::api`].
+//!
+//! Invariants:
+//! - only targets matching `allowedTargets`, in the call manager's own domain, are dialled;
+//! - credentials come from the Secret's files and are never logged, put in an event, a metric or
+//!   a status; a target number is logged only as a short hash ([`target_hash`]);
+//! - the phone joins the room only on 200 OK with usable media, so early media is never mixed.
+
+pub mod call;
+pub mod calls;
+pub mod leg;
+pub mod media;
+pub mod metrics;
+pub mod sip;
+
+use std::path::Path;
+use std::time::Duration;
+
+use regex::Regex;
+use sha2::{Digest, Sha256};
+
+use self::call::CallTimeouts;
+use self::media::PhoneCodec;
+use self::sip::{CallManager, LineCredentials};
+
+/// Everything that can go wrong in telephony.
+#[derive(Debug, thiserror::Error)]
+pub enum TelephonyError {
+    /// The conference has no telephony block.
+    #[error("telephony is not enabled for this conference")]
+    Disabled,
+    /// The settings cannot be used.
+    #[error("telephony settings: {0}")]
+    Config(String),
+    /// The credentials could not be read.
+    #[error("SIP credentials: {0}")]
+    Credentials(String),
+    /// A socket could not be opened.
+    #[error("socket: {0}")]
+    Socket(String),
+    /// The SIP stack failed.
+    #[error("SIP: {0}")]
+    Sip(String),
+    /// The target may not be dialled.
+    #[error("target refused: {0}")]
+    Target(String),
+    /// The target is in another domain than the call manager's.
+    #[error("target refused: only the call manager's domain may be dialled")]
+    ForeignHost,
+    /// The participant already has a phone.
+    #[error("participant {0} already has a phone call")]
+    AlreadyCalling(u64),
+    /// The identity has as many calls as allowed.
+    #[error("too many calls for this identity (at most {0})")]
+    IdentityLimit(usize),
+    /// The server has as many calls as allowed.
+    #[error("this server has its maximum of {0} calls")]
+    ServerLimit(usize),
+    /// No such call.
+    #[error("no such call")]
+    NoSuchCall,
+    /// No such participant in the room.
+    #[error("participant {0} is not in this room")]
+    NoSuchParticipant(u64),
+    /// The phone's media was malformed.
+    #[error(transparent)]
+    Media(#[from] media::PhoneMediaError),
+}
+
+impl TelephonyError {
+    /// A static label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            TelephonyError::Disabled => "telephony_disabled",
+            TelephonyError::Config(_) => "config",
+            TelephonyError::Credentials(_) => "credentials",
+            TelephonyError::Socket(_) => "socket",
+            TelephonyError::Sip(_) => "sip",
+            TelephonyError::Target(_) => "target_not_allowed",
+            TelephonyError::ForeignHost => "foreign_host",
+            TelephonyError::AlreadyCalling(_) => "already_calling",
+            TelephonyError::IdentityLimit(_) => "identity_limit",
+            TelephonyError::ServerLimit(_) => "server_limit",
+            TelephonyError::NoSuchCall => "no_such_call",
+            TelephonyError::NoSuchParticipant(_) => "no_such_participant",
+            TelephonyError::Media(e) => e.category(),
+        }
+    }
+}
+
+/// Whether SRTP is used on the phone leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaEncryption {
+    /// Plain RTP only.
+    Disabled,
+    /// SRTP offered when signalling is TLS (SDES keys never travel in clear text); plain RTP
+    /// accepted.
+    Optional,
+    /// SRTP or no call.
+    Required,
+}
+
+/// The running telephony settings (the plan's `telephony` block plus the line's credentials).
+#[derive(Debug, Clone)]
+pub struct TelephonySettings {
+    /// The call manager.
+    pub manager: CallManager,
+    /// The line's credentials.
+    pub line: LineCredentials,
+    /// Shown on the phone.
+    pub caller_id: Option<String>,
+    /// Offered codecs, in order of preference.
+    pub codecs: Vec<PhoneCodec>,
+    /// SRTP policy.
+    pub encryption: MediaEncryption,
+    /// Ring, media and call-length timeouts.
+    pub timeouts: CallTimeouts,
+    /// Calls this server places at once.
+    pub max_concurrent_calls: usize,
+    /// Calls one identity may have at once.
+    pub max_calls_per_identity: usize,
+    /// Patterns a target's user part must fully match.
+    pub allowed_targets: Vec<Regex>,
+}
+
+impl TelephonySettings {
+    /// Whether SRTP is offered on this call manager's transport.
+    pub fn offers_srtp(&self) -> bool {
+        self.encryption != MediaEncryption::Disabled
+            && self.manager.transport == rsipstack::sip::Transport::Tls
+    }
+
+    /// The user part to dial for `to` (a number, an extension, `user@host` or `sip:user@host`),
+    /// or why it may not be dialled. A host, when given, must be the call manager's.
+    pub fn check_target(&self, to: &str) -> Result<String, TelephonyError> {
+        let to = to.trim();
+        let to = to
+            .strip_prefix("sips:")
+            .or_else(|| to.strip_prefix("sip:"))
+            .or_else(|| to.strip_prefix("tel:"))
+            .unwrap_or(to);
+        let (user, host) = match to.split_once('@') {
+            Some((user, host)) => (user, Some(host)),
+            None => (to, None),
+        };
+        if let Some(host) = host {
+            let host = host.split([';', '?', '>']).next().unwrap_or_default();
+            let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            if !bare.eq_ignore_ascii_case(&self.manager.host) {
+                return Err(TelephonyError::ForeignHost);
+            }
+        }
+        if user.is_empty() || user.len() > 64 {
+            return Err(TelephonyError::Target(
+                "the number must have 1 to 64 characters".to_owned(),
+            ));
+        }
+        if !user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '*' | '#' | '-' | '.' | '_'))
+        {
+            return Err(TelephonyError::Target(
+                "the number may hold only digits, letters and + * # - . _".to_owned(),
+            ));
+        }
+        if !self.allowed_targets.iter().any(|p| p.is_match(user)) {
+            return Err(TelephonyError::Target(
+                "the number does not match the conference's allowedTargets".to_owned(),
+            ));
+        }
+        Ok(user.to_owned())
+    }
+}
+
+impl TelephonySettings {
+    /// The settings of a plan's `telephony` block, with the line's credentials.
+    pub fn from_plan(
+        plan: &chorus_crds::MeshTelephony,
+        line: LineCredentials,
+    ) -> Result<Self, TelephonyError> {
+        use chorus_crds::{MediaEncryption as Enc, PhoneCodec as Codec, SipTransport};
+        let transport = match plan.transport {
+            SipTransport::Udp => "udp",
+            SipTransport::Tcp => "tcp",
+            SipTransport::Tls => "tls",
+        };
+        let codecs = plan
+            .codecs
+            .iter()
+            .map(|c| match c {
+                Codec::Opus => PhoneCodec::Opus,
+                Codec::Pcmu => PhoneCodec::Pcmu,
+                Codec::Pcma => PhoneCodec::Pcma,
+            })
+            .collect::<Vec<_>>();
+        if codecs.is_empty() {
+            return Err(TelephonyError::Config("no codecs".to_owned()));
+        }
+        Ok(Self {
+            manager: CallManager::parse(&plan.call_manager_uri, transport)?,
+            caller_id: plan.caller_id.clone(),
+            codecs,
+            encryption: match plan.media_encryption {
+                Enc::Disabled => MediaEncryption::Disabled,
+                Enc::Optional => MediaEncryption::Optional,
+                Enc::Required => MediaEncryption::Required,
+            },
+            timeouts: CallTimeouts {
+                ring: secs(plan.ring_timeout_seconds),
+                media: secs(plan.media_timeout_seconds),
+                max_call: secs(plan.max_call_seconds),
+            },
+            max_concurrent_calls: usize::try_from(plan.max_concurrent_calls).unwrap_or(1),
+            max_calls_per_identity: usize::try_from(plan.max_calls_per_identity).unwrap_or(1),
+            allowed_targets: compile_targets(&plan.allowed_targets)?,
+            line,
+        })
+    }
+}
+
+/// Compile `allowedTargets` patterns, each anchored so it must match the whole user part.
+pub fn compile_targets(patterns: &[String]) -> Result<Vec<Regex>, TelephonyError> {
+    patterns
+        .iter()
+        .map(|p| {
+            Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                TelephonyError::Config(format!("allowedTargets pattern {p:?} does not compile: {e}"))
+            })
+        })
+        .collect()
+}
+
+/// Read the line's credentials from a directory holding `username` and `password` (the
+/// telephony Secret mounted as files). Errors name the file, never its content.
+pub fn read_credentials(dir: &Path) -> Result<LineCredentials, TelephonyError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|e| TelephonyError::Credentials(format!("{}: {e}", path.display())))
+            .and_then(|s| {
+                if s.is_empty() {
+                    Err(TelephonyError::Credentials(format!(
+                        "{} is empty",
+                        path.display()
+                    )))
+                } else {
+                    Ok(s)
+                }
+            })
+    };
+    Ok(LineCredentials {
+        username: read("username")?,
+        password: read("password")?,
+    })
+}
+
+/// A short, stable hash of a phone number for logs: numbers are personal data.
+pub fn target_hash(target: &str) -> String {
+    let digest = Sha256::digest(target.as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Seconds as a `Duration`, for plan fields.
+fn secs(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(patterns: &[&str]) -> TelephonySettings {
+        TelephonySettings {
+            manager: CallManager::parse("sip:pbx.example.com:5060", "udp").unwrap(),
+            line: LineCredentials {
+                username: "chorus".into(),
+                password: "pw".into(),
+            },
+            caller_id: None,
+            codecs: vec![PhoneCodec::Pcmu],
+            encryption: MediaEncryption::Optional,
+            timeouts: CallTimeouts {
+                ring: secs(30),
+                media: secs(10),
+                max_call: secs(3600),
+            },
+            max_concurrent_calls: 2,
+            max_calls_per_identity: 1,
+            allowed_targets: compile_targets(
+                &patterns.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn targets_must_match_a_pattern_wholly_and_stay_in_the_domain() {
+        let s = settings(&["1[0-9]{3}", r"\+49[0-9]+"]);
+        assert_eq!(s.check_target("1001").unwrap(), "1001");
+        assert_eq!(s.check_target("sip:1001@pbx.example.com").unwrap(), "1001");
+        assert_eq!(s.check_target("1001@pbx.example.com:5060").unwrap(), "1001");
+        assert_eq!(s.check_target("+4930123").unwrap(), "+4930123");
+        // Anchored: a pattern matching a part is not enough.
+        assert!(matches!(
+            s.check_target("10011"),
+            Err(TelephonyError::Target(_))
+        ));
+        assert!(matches!(
+            s.check_target("+19005551234"),
+            Err(TelephonyError::Target(_))
+        ));
+        assert!(matches!(
+            s.check_target("1001@evil.example.net"),
+            Err(TelephonyError::ForeignHost)
+        ));
+        assert!(matches!(
+            s.check_target("sip:1001@pbx.example.com.evil.net"),
+            Err(TelephonyError::ForeignHost)
+        ));
+        for bad in ["", "10 01", "1001;transport=tcp", "1001>", "a\"b"] {
+            assert!(s.check_target(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_pattern_that_does_not_compile_is_refused_by_name() {
+        let err = compile_targets(&["(".to_owned()]).unwrap_err();
+        assert!(err.to_string().contains("\"(\""), "{err}");
+    }
+
+    #[test]
+    fn call_manager_uris_parse_with_default_ports() {
+        let m = CallManager::parse("sip:127.0.0.1:5070", "udp").unwrap();
+        assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 5070));
+        let m = CallManager::parse("sips:pbx.example.com", "tls").unwrap();
+        assert_eq!((m.host.as_str(), m.port), ("pbx.example.com", 5061));
+        assert!(CallManager::parse("http://x", "udp").is_err());
+        assert!(CallManager::parse("sip:x", "sctp").is_err());
+        assert!(CallManager::parse("sip:", "udp").is_err());
+    }
+
+    #[test]
+    fn credentials_come_from_files_and_never_show_in_debug() {
+        let dir = std::env::temp_dir().join(format!("chorus-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("username"), "chorus\n").unwrap();
+        std::fs::write(dir.join("password"), "s3cret-value\n").unwrap();
+        let line = read_credentials(&dir).unwrap();
+        assert_eq!(line.username, "chorus");
+        assert_eq!(line.password, "s3cret-value");
+        assert!(!format!("{line:?}").contains("s3cret"));
+        std::fs::remove_file(dir.join("password")).unwrap();
+        let err = read_credentials(&dir).unwrap_err();
+        assert!(err.to_string().contains("password"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn target_hashes_are_short_and_stable() {
+        assert_eq!(target_hash("1001"), target_hash("1001"));
+        assert_ne!(target_hash("1001"), target_hash("1002"));
+        assert_eq!(target_hash("1001").len(), 8);
+    }
+}
