@@ -30,4 +30,5 @@ pub mod plan_source;
 pub mod room;
 pub mod server;
 pub mod stdin_watch;
+pub mod telephony;
 pub mod token;

@@ -1,0 +1,2 @@
+//! Call me (placeholder doc)
+pub mod media;
