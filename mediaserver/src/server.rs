@@ -210,7 +210,7 @@ async fn start_telephony(
     };
     let agent = SipAgent::start(sip, config.public_address, ca, sip_stop.clone()).await?;
     tracing::info!(sip = %agent.local_addr(), "SIP agent listening");
-    let settings = |plan: &Option<chorus_crds::MeshTelephony>| -> Option<TelephonySettings> {
+    let settings = move |plan: &Option<chorus_crds::MeshTelephony>| -> Option<TelephonySettings> {
         let plan = plan.as_ref()?;
         let Some(line) = line.clone() else {
             tracing::error!("the plan has telephony but no SIP credentials are mounted; no calls");

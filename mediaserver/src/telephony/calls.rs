@@ -580,13 +580,14 @@ impl CallJob {
         };
         self.info.send_modify(|i| i.routing = Some(info));
         let leg = PhoneLeg::bind(self.agent.public_ip()).await?;
-        let crypto = s.offers_srtp().then(|| SdesKey::generate(&mut rand::rng()));
+        let srtp = s.offers_srtp().then(|| SdesKey::generate(&mut rand::rng()));
         let offer = OfferParams {
-            session_id: self.id,
             address: self.agent.public_ip(),
             port: leg.local_addr().port(),
             codecs: s.codecs.clone(),
-            crypto: crypto.clone(),
+            session_id: self.id,
+            session_version: 1,
+            srtp,
         };
         let sdp = build_offer(&offer);
         let events = self.agent.invite(
@@ -645,7 +646,7 @@ impl CallJob {
                     })
                     .and_then(|answer| {
                         if self.settings.encryption == super::MediaEncryption::Required
-                            && answer.crypto.is_none()
+                            && answer.remote_key.is_none()
                         {
                             Err("SRTP is required but the phone answered without a key".to_owned())
                         } else {
@@ -734,7 +735,7 @@ impl CallJob {
         let encrypted = params
             .answer
             .as_ref()
-            .is_some_and(|a| a.crypto.is_some());
+            .is_some_and(|a| a.remote_key.is_some());
         let identity = format!("{} (phone)", self.identity);
         let phone = self
             .calls

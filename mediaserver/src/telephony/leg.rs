@@ -34,7 +34,8 @@ use super::media::dtmf::DtmfDetector;
 use super::media::rtp::{RtpPacket, RtpSender};
 use super::media::sdp::{OfferParams, PhoneAnswer};
 use super::media::srtp::SrtpSession;
-use super::media::{G711, PhoneCodec};
+use super::media::PhoneCodec;
+use super::media::g711::G711;
 use super::metrics::TelephonyMetrics;
 use crate::endpoint::{AudioSink, EndpointError, InboundAudio};
 use crate::media::AudioLevel;
@@ -116,7 +117,7 @@ impl PhoneLeg {
         let answer = params
             .answer
             .ok_or_else(|| TelephonyError::Sip("the call has no answer yet".to_owned()))?;
-        let srtp = match (&params.offer.crypto, &answer.crypto) {
+        let srtp = match (&params.offer.srtp, &answer.remote_key) {
             (Some(local), Some(remote)) => Some(SrtpSession::new(local, remote)?),
             _ => None,
         };
@@ -174,8 +175,7 @@ fn lock_srtp(s: &std::sync::Mutex<SrtpSession>) -> std::sync::MutexGuard<'_, Srt
 /// From the phone into the room.
 struct Inbound {
     codec: PhoneCodec,
-    payload_type: u8,
-    dtmf_payload_type: Option<u8>,
+    answer: PhoneAnswer,
     remote: SocketAddr,
     srtp: SharedSrtp,
     sink: AudioSink,
@@ -212,8 +212,7 @@ impl Inbound {
         };
         Ok(Self {
             codec: answer.codec,
-            payload_type: answer.payload_type,
-            dtmf_payload_type: answer.dtmf_payload_type,
+            answer: answer.clone(),
             remote: answer.remote,
             srtp,
             sink,
@@ -285,7 +284,7 @@ impl Inbound {
             let _ = self.events.send(LegEvent::Media);
         }
         let header = packet.header;
-        if Some(header.payload_type) == self.dtmf_payload_type {
+        if self.answer.is_telephone_event(header.payload_type) {
             let presses = self
                 .dtmf
                 .push(header.timestamp, packet.payload)
@@ -295,7 +294,7 @@ impl Inbound {
             }
             return Ok(());
         }
-        if header.payload_type != self.payload_type {
+        if !self.answer.is_audio(header.payload_type) {
             return Err("payload_type");
         }
         match self.codec.g711() {

@@ -25,14 +25,14 @@ use rsipstack::dialog::dialog::{Dialog, DialogState, TerminatedReason};
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invitation::InviteOption;
 use rsipstack::dialog::invite_dialog::InviteDialog;
-use rsipstack::sip::prelude::*;
-use rsipstack::sip::{HostWithPort, Transport as SipTransportKind};
+use rsipstack::sip::{HeadersExt, HostWithPort, Method, StatusCode, Transport as SipTransportKind, Uri};
 use rsipstack::transaction::TransactionReceiver;
 use rsipstack::transaction::key::{TransactionKey, TransactionRole};
 use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::udp::UdpConnection;
 use rsipstack::transport::{SipAddr, TlsConfig, TransportLayer};
-use rsipstack::{Endpoint, EndpointBuilder};
+use rsipstack::EndpointBuilder;
+use rsipstack::transaction::Endpoint;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -153,7 +153,6 @@ pub enum Routing {
 }
 
 /// What happened to an outgoing call, in order.
-#[derive(Debug)]
 pub enum SipEvent {
     /// The INVITE went out; the dialog can be cancelled by this id.
     Calling(DialogId),
@@ -173,6 +172,18 @@ pub enum SipEvent {
     RemoteBye,
     /// Signalling failed without a final response.
     Failed(String),
+}
+
+impl std::fmt::Debug for SipEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SipEvent::Calling(id) => write!(f, "Calling({id})"),
+            SipEvent::Provisional(s) => write!(f, "Provisional({s})"),
+            SipEvent::Final { status, .. } => write!(f, "Final({status})"),
+            SipEvent::RemoteBye => write!(f, "RemoteBye"),
+            SipEvent::Failed(e) => write!(f, "Failed({e})"),
+        }
+    }
 }
 
 /// One server's SIP user agent.
