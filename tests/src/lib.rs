@@ -13,6 +13,7 @@ pub mod link;
 pub mod media_server;
 pub mod mediaserver_process;
 pub mod mesh_cluster;
+pub mod telephony;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
