@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod bot;
+pub mod call_me;
 pub mod janus;
 pub mod link;
 pub mod media_server;

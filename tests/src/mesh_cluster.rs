@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use chorus_crds::{MeshMixing, MeshNode, MeshPlan, MeshTransfer};
+use chorus_mediaserver::config::Config;
 use chorus_operator::plan::ServerCert;
 use chorus_operator::secret_material::{MeshCa, new_mesh_ca};
 
@@ -106,8 +107,10 @@ impl Drop for MeshFiles {
     }
 }
 
+/// Extra configuration of server i (its SIP socket and credentials, say).
+pub type ConfigureServer = std::sync::Arc<dyn Fn(usize, &mut Config) + Send + Sync>;
+
 /// A running mesh of servers.
-#[derive(Debug)]
 pub struct MeshCluster {
     /// The servers, `None` while killed.
     pub servers: Vec<Option<MediaServer>>,
@@ -117,6 +120,16 @@ pub struct MeshCluster {
     pub plan: MeshPlan,
     key: Vec<u8>,
     files: MeshFiles,
+    configure: Option<ConfigureServer>,
+}
+
+impl std::fmt::Debug for MeshCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshCluster")
+            .field("slots", &self.slots)
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MeshCluster {
@@ -128,13 +141,28 @@ impl MeshCluster {
         top_speakers: usize,
         advertise: impl Fn(usize, SocketAddr) -> SocketAddr,
     ) -> Result<Self> {
-        let files = MeshFiles::create(regions, top_speakers, advertise)?;
+        Self::start_configured(regions, top_speakers, advertise, |_| {}, None).await
+    }
+
+    /// Like [`MeshCluster::start`], with the first plan changed by `change_plan` (a `telephony`
+    /// block, say) and each server's configuration by `configure`.
+    pub async fn start_configured(
+        regions: &[&str],
+        top_speakers: usize,
+        advertise: impl Fn(usize, SocketAddr) -> SocketAddr,
+        change_plan: impl FnOnce(&mut MeshPlan),
+        configure: Option<ConfigureServer>,
+    ) -> Result<Self> {
+        let mut files = MeshFiles::create(regions, top_speakers, advertise)?;
+        change_plan(&mut files.plan);
+        std::fs::write(files.dir.join("mesh.json"), files.plan.to_json())?;
         let mut cluster = Self {
             servers: Vec::new(),
             slots: files.slots.clone(),
             plan: files.plan.clone(),
             key: random_key(),
             files,
+            configure,
         };
         for i in 0..regions.len() {
             let server = cluster.launch(i).await?;
@@ -157,6 +185,7 @@ impl MeshCluster {
     async fn launch(&self, i: usize) -> Result<MediaServer> {
         let slot = self.slots[i].clone();
         let dir = self.files.dir.clone();
+        let configure = self.configure.clone();
         MediaServer::start_with_key(&self.key, move |c| {
             c.server_id = slot.id.clone();
             c.region = slot.region.clone();
@@ -165,6 +194,9 @@ impl MeshCluster {
             ));
             c.mesh_addr = slot.mesh_bind;
             c.mesh_tls_dir = dir.clone();
+            if let Some(configure) = &configure {
+                configure(i, c);
+            }
         })
         .await
         .with_context(|| format!("starting {}", self.slots[i].id))

@@ -547,8 +547,12 @@ impl CallJob {
             }
             Err(_) => Routing::ProxyLookup(None),
         };
+        // A binding is dialled directly: the call manager said where the phone is. Over TLS the
+        // call stays on the call manager's connection (a phone's own TLS port is rarely
+        // reachable with a certificate we can verify), so the proxy routes it.
+        let tls = s.manager.transport == rsipstack::sip::Transport::Tls;
         let (request_uri, info) = match &routing {
-            Routing::Bindings(contacts) if !contacts.is_empty() => {
+            Routing::Bindings(contacts) if !contacts.is_empty() && !tls => {
                 let contact = contacts[0].clone();
                 let uri = rsipstack::sip::Uri::try_from(contact.as_str())
                     .map_err(|e| TelephonyError::Sip(format!("binding contact: {e}")))?;
@@ -561,11 +565,11 @@ impl CallJob {
                     },
                 )
             }
-            Routing::Bindings(_) => (
+            Routing::Bindings(contacts) => (
                 s.manager.aor(&self.target)?,
                 RoutingInfo {
                     method: "proxy",
-                    contact: None,
+                    contact: contacts.first().cloned(),
                     query_status: Some(200),
                 },
             ),
@@ -578,6 +582,7 @@ impl CallJob {
                 },
             ),
         };
+        let direct = info.method == "binding";
         self.info.send_modify(|i| i.routing = Some(info));
         let leg = PhoneLeg::bind(self.agent.public_ip()).await?;
         let srtp = s.offers_srtp().then(|| SdesKey::generate(&mut rand::rng()));
@@ -595,6 +600,7 @@ impl CallJob {
             &s.line,
             s.caller_id.clone(),
             request_uri,
+            direct,
             sdp,
         )?;
         live.leg = Some(leg);

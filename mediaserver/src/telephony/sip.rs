@@ -342,9 +342,10 @@ impl SipAgent {
         Ok(Routing::ProxyLookup(None))
     }
 
-    /// Place a call. `request_uri` is the binding to dial (or the address of record); the To
-    /// header is the target's address of record. Events arrive on the returned channel; the
-    /// last one is a [`SipEvent::Final`] or [`SipEvent::Failed`], possibly followed by
+    /// Place a call to `request_uri`: the address of record through the call manager (whose
+    /// location lookup routes it), or, when `direct`, a binding the routing lookup returned,
+    /// sent straight to the address it names. Events arrive on the returned channel; the last
+    /// one is a [`SipEvent::Final`] or [`SipEvent::Failed`], possibly followed by
     /// [`SipEvent::RemoteBye`] for an answered call.
     pub fn invite(
         &self,
@@ -352,8 +353,15 @@ impl SipAgent {
         line: &LineCredentials,
         caller_display: Option<String>,
         request_uri: Uri,
+        direct: bool,
         sdp_offer: String,
     ) -> Result<mpsc::UnboundedReceiver<SipEvent>, TelephonyError> {
+        let destination = if direct {
+            SipAddr::try_from(&request_uri)
+                .map_err(|e| TelephonyError::Sip(format!("binding address: {e}")))?
+        } else {
+            manager.destination()?
+        };
         let contact_host = match manager.transport {
             SipTransportKind::Udp => format!("{}:{}", self.public, self.local.port()),
             // On TCP and TLS, rsipstack puts the connection's local address in the Contact.
@@ -363,7 +371,7 @@ impl SipAgent {
             caller_display_name: caller_display,
             caller: manager.aor(&line.username)?,
             callee: request_uri,
-            destination: Some(manager.destination()?),
+            destination: Some(destination),
             content_type: Some("application/sdp".to_owned()),
             offer: Some(sdp_offer.into_bytes()),
             contact: Uri::try_from(format!("sip:{}@{contact_host}", line.username).as_str())
