@@ -197,7 +197,10 @@ impl CallMeRig {
         let server = self.server(i);
         let mut res = self
             .http
-            .get(format!("{}/v1/rooms/{room}/calls/{id}/events", server.base_url))
+            .get(format!(
+                "{}/v1/rooms/{room}/calls/{id}/events",
+                server.base_url
+            ))
             .bearer_auth(server.token(room, identity))
             .send()
             .await?;

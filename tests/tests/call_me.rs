@@ -186,7 +186,10 @@ async fn opus_phone_passes_through_without_transcoding() -> Result<()> {
     ensure!(call["codec"] == "opus", "{call}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let heard = listener.heard(&[440.0, 1000.0]);
-    ensure!(heard.contains(&440), "the listener hears the phone: {heard:?}");
+    ensure!(
+        heard.contains(&440),
+        "the listener hears the phone: {heard:?}"
+    );
     ensure!(rig.hang_up(0, ROOM, "olga", id).await? == 202);
     phone
         .wait_event("CALL_CLOSED", Duration::from_secs(5))
@@ -218,7 +221,10 @@ async fn tls_signalling_with_required_srtp() -> Result<()> {
         CallMeRig::password(),
     )
     .await?;
-    let phone = Baresip::start(&rig.kam, BaresipOptions::phone("1003").tone(440.0).tls_srtp())?;
+    let phone = Baresip::start(
+        &rig.kam,
+        BaresipOptions::phone("1003").tone(440.0).tls_srtp(),
+    )?;
     let caller = join(&rig, 0, "tess", tone(1000.0, -20.0)).await?;
     let listener = join(&rig, 0, "lars", AudioSource::Silence).await?;
     let id = call_active(&rig, 0, "tess", &caller, "1003")
@@ -228,7 +234,10 @@ async fn tls_signalling_with_required_srtp() -> Result<()> {
     ensure!(call["encrypted"] == true, "{call}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let heard = listener.heard(&[440.0, 1000.0]);
-    ensure!(heard.contains(&440), "the listener hears the phone over SRTP: {heard:?}");
+    ensure!(
+        heard.contains(&440),
+        "the listener hears the phone over SRTP: {heard:?}"
+    );
     ensure!(rig.hang_up(0, ROOM, "tess", id).await? == 202);
     phone
         .wait_event("CALL_CLOSED", Duration::from_secs(5))

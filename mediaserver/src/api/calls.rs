@@ -112,9 +112,8 @@ pub(super) async fn events(
     let call = owned_call(&state, &headers, &room, id)?;
     // One event per transition: each wake-up sends the transitions not sent yet, so two quick
     // transitions between wake-ups are both sent.
-    let stream = futures::stream::unfold(
-        (call, 0usize, false),
-        |(mut call, sent, done)| async move {
+    let stream =
+        futures::stream::unfold((call, 0usize, false), |(mut call, sent, done)| async move {
             if done {
                 return None;
             }
@@ -136,7 +135,6 @@ pub(super) async fn events(
                     return None;
                 }
             }
-        },
-    );
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -216,9 +216,7 @@ impl CallMachine {
             }),
             CallState::Active => {
                 let answered = self.answered_at.unwrap_or(self.started);
-                Some(
-                    (self.last_media + self.timeouts.media).min(answered + self.timeouts.max_call),
-                )
+                Some((self.last_media + self.timeouts.media).min(answered + self.timeouts.max_call))
             }
         }
     }
@@ -261,9 +259,7 @@ impl CallMachine {
             CallInput::AnswerUnusable(status) => {
                 self.sip_status = Some(status);
                 actions.push(CallAction::SendBye);
-                let reason = self
-                    .cancelling
-                    .map_or(EndReason::CodecMismatch, |(_, r)| r);
+                let reason = self.cancelling.map_or(EndReason::CodecMismatch, |(_, r)| r);
                 self.end(reason, &mut actions);
             }
             CallInput::Final(status) => {
@@ -300,9 +296,7 @@ impl CallMachine {
                     // nobody can hang it up properly any more.
                     actions.push(CallAction::SendBye);
                 }
-                let reason = self
-                    .cancelling
-                    .map_or(EndReason::Unreachable, |(_, r)| r);
+                let reason = self.cancelling.map_or(EndReason::Unreachable, |(_, r)| r);
                 self.end(reason, &mut actions);
             }
             CallInput::LocalFailure => {
@@ -398,18 +392,12 @@ mod tests {
         assert_eq!(m.step(ms(60), CallInput::Provisional(183)), vec![]);
         assert_eq!(
             m.step(ms(900), CallInput::Answered(200)),
-            vec![
-                CallAction::JoinRoom,
-                CallAction::Publish(CallState::Active)
-            ]
+            vec![CallAction::JoinRoom, CallAction::Publish(CallState::Active)]
         );
         assert_eq!(m.answered_at(), Some(ms(900)));
         assert_eq!(
             m.step(ms(5000), CallInput::RemoteBye),
-            vec![
-                CallAction::LeaveRoom,
-                CallAction::Publish(CallState::Ended)
-            ]
+            vec![CallAction::LeaveRoom, CallAction::Publish(CallState::Ended)]
         );
         assert_eq!(m.end_reason(), Some(EndReason::Completed));
         assert_eq!(m.sip_status(), Some(200));
@@ -483,10 +471,7 @@ mod tests {
         let actions = m.step(ms(2010), CallInput::Answered(200));
         assert_eq!(
             actions,
-            vec![
-                CallAction::SendBye,
-                CallAction::Publish(CallState::Ended)
-            ]
+            vec![CallAction::SendBye, CallAction::Publish(CallState::Ended)]
         );
         assert!(!actions.contains(&CallAction::JoinRoom));
         assert_eq!(m.end_reason(), Some(EndReason::Cancelled));
@@ -542,10 +527,7 @@ mod tests {
         let mut m = CallMachine::new(ms(0), T);
         assert_eq!(
             m.step(ms(700), CallInput::AnswerUnusable(200)),
-            vec![
-                CallAction::SendBye,
-                CallAction::Publish(CallState::Ended)
-            ]
+            vec![CallAction::SendBye, CallAction::Publish(CallState::Ended)]
         );
         assert_eq!(m.end_reason(), Some(EndReason::CodecMismatch));
     }

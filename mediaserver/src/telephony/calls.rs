@@ -257,15 +257,11 @@ impl Calls {
             return Err(refused(TelephonyError::Disabled));
         };
         let target = settings.check_target(&request.to).map_err(refused)?;
-        let owner_ok = self
-            .inner
-            .rooms
-            .info(room)
-            .is_some_and(|info| {
-                info.participants
-                    .iter()
-                    .any(|p| p.id == request.participant_id && p.identity == identity)
-            });
+        let owner_ok = self.inner.rooms.info(room).is_some_and(|info| {
+            info.participants
+                .iter()
+                .any(|p| p.id == request.participant_id && p.identity == identity)
+        });
         if !owner_ok {
             return Err(refused(TelephonyError::NoSuchParticipant(
                 request.participant_id,
@@ -751,9 +747,9 @@ impl CallJob {
                 leg.connect(params, sink, events, metrics)
                     .map(|t| Box::new(t) as Box<dyn crate::room::transport::Transport>)
                     .map_err(|e| {
-                        crate::room::JoinError::Endpoint(crate::endpoint::EndpointError::Negotiation(
-                            e.to_string(),
-                        ))
+                        crate::room::JoinError::Endpoint(
+                            crate::endpoint::EndpointError::Negotiation(e.to_string()),
+                        )
                     })
             })
             .await

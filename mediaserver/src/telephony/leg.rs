@@ -30,12 +30,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::TelephonyError;
+use super::media::PhoneCodec;
 use super::media::dtmf::DtmfDetector;
+use super::media::g711::G711;
 use super::media::rtp::{RtpPacket, RtpSender};
 use super::media::sdp::{OfferParams, PhoneAnswer};
 use super::media::srtp::SrtpSession;
-use super::media::PhoneCodec;
-use super::media::g711::G711;
 use super::metrics::TelephonyMetrics;
 use crate::endpoint::{AudioSink, EndpointError, InboundAudio};
 use crate::media::AudioLevel;
@@ -312,7 +312,13 @@ impl Inbound {
                     arrival,
                 })
             }
-            Some(law) => self.transcode(law, header.sequence, header.timestamp, packet.payload, arrival),
+            Some(law) => self.transcode(
+                law,
+                header.sequence,
+                header.timestamp,
+                packet.payload,
+                arrival,
+            ),
         }
     }
 
@@ -434,7 +440,10 @@ impl Outbound {
                     let n = match decoder.decode(&payload, &mut pcm, false) {
                         Ok(n) => n,
                         Err(_) => {
-                            self.metrics.rtp_dropped.with_label_values(&["decode"]).inc();
+                            self.metrics
+                                .rtp_dropped
+                                .with_label_values(&["decode"])
+                                .inc();
                             continue;
                         }
                     };
@@ -460,7 +469,10 @@ impl Outbound {
                 Some(srtp) => match lock_srtp(srtp).protect(&packet) {
                     Ok(p) => p,
                     Err(_) => {
-                        self.metrics.rtp_dropped.with_label_values(&["srtp_protect"]).inc();
+                        self.metrics
+                            .rtp_dropped
+                            .with_label_values(&["srtp_protect"])
+                            .inc();
                         continue;
                     }
                 },

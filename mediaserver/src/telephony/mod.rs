@@ -240,7 +240,9 @@ pub fn compile_targets(patterns: &[String]) -> Result<Vec<Regex>, TelephonyError
         .iter()
         .map(|p| {
             Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                TelephonyError::Config(format!("allowedTargets pattern {p:?} does not compile: {e}"))
+                TelephonyError::Config(format!(
+                    "allowedTargets pattern {p:?} does not compile: {e}"
+                ))
             })
         })
         .collect()

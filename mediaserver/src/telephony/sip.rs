@@ -19,20 +19,22 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use rsipstack::EndpointBuilder;
 use rsipstack::dialog::DialogId;
 use rsipstack::dialog::authenticate::{AuthRetry, Credential, handle_client_authenticate};
 use rsipstack::dialog::dialog::{Dialog, DialogState, TerminatedReason};
 use rsipstack::dialog::dialog_layer::DialogLayer;
 use rsipstack::dialog::invitation::InviteOption;
 use rsipstack::dialog::invite_dialog::InviteDialog;
-use rsipstack::sip::{HeadersExt, HostWithPort, Method, StatusCode, Transport as SipTransportKind, Uri};
+use rsipstack::sip::{
+    HeadersExt, HostWithPort, Method, StatusCode, Transport as SipTransportKind, Uri,
+};
+use rsipstack::transaction::Endpoint;
 use rsipstack::transaction::TransactionReceiver;
 use rsipstack::transaction::key::{TransactionKey, TransactionRole};
 use rsipstack::transaction::transaction::Transaction;
 use rsipstack::transport::udp::UdpConnection;
 use rsipstack::transport::{SipAddr, TlsConfig, TransportLayer};
-use rsipstack::EndpointBuilder;
-use rsipstack::transaction::Endpoint;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -221,9 +223,10 @@ impl SipAgent {
             .local_addr()
             .map_err(|e| TelephonyError::Socket(format!("SIP UDP address: {e}")))?;
         let local = SocketAddr::new(public, bound.port());
-        let udp = UdpConnection::from_socket(Arc::new(socket), Some(local), Some(shutdown.child_token()))
-            .await
-            .map_err(|e| TelephonyError::Socket(format!("SIP UDP socket {bound}: {e}")))?;
+        let udp =
+            UdpConnection::from_socket(Arc::new(socket), Some(local), Some(shutdown.child_token()))
+                .await
+                .map_err(|e| TelephonyError::Socket(format!("SIP UDP socket {bound}: {e}")))?;
         transport.add_transport(udp.into());
         if let Some(ca) = ca_pem {
             transport.set_tls_config(TlsConfig {
