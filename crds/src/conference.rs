@@ -215,31 +215,112 @@ pub enum Exposure {
     LoadBalancer,
 }
 
-/// Dial-out to IP phones through the PBX's call manager.
+/// Dial-out to desk IP phones through the PBX's call manager ("call me"): a participant asks the
+/// conference to call a phone, and the phone joins the room as one more member.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mediaEncryption != 'required' || self.transport == 'tls'").message("mediaEncryption: required needs transport: tls (SRTP keys are exchanged in SDP, which must travel over TLS)"))]
+#[x_kube(validation = Rule::new("self.mode != 'server' || has(self.credentialsSecretRef)").message("mode: server needs credentialsSecretRef (the media servers dial through the call manager themselves)"))]
+#[x_kube(validation = Rule::new("self.mode != 'edge' || has(self.edgeTokenSecretRef)").message("mode: edge needs edgeTokenSecretRef (the token the edge bridge authenticates with)"))]
+#[x_kube(validation = Rule::new("self.maxCallsPerIdentity <= self.maxConcurrentCalls").message("maxCallsPerIdentity must not exceed maxConcurrentCalls"))]
 pub struct TelephonySpec {
     /// The call manager (SIP registrar / proxy), as a SIP URI such as `sip:pbx.example.com:5060`.
-    #[schemars(regex(pattern = r"^sips?:[^\s]+$"))]
+    /// Calls go to `sip:<target>@<its host>`, so targets stay in the call manager's domain.
+    #[schemars(length(min = 5, max = 512), regex(pattern = r"^sips?:[^\s]+$"))]
     pub call_manager_uri: String,
 
-    /// SIP transport to the call manager.
+    /// SIP transport to the call manager: `udp` (default), `tcp` or `tls`.
     #[serde(default)]
     pub transport: SipTransport,
 
-    /// A Secret with keys `username` and `password` for registering with the call manager.
+    /// A Secret in the conference's namespace with the keys `username` and `password` the media
+    /// servers authenticate to the call manager with (SIP digest). Required in `server` mode. The
+    /// operator mounts it into the media-server pods as files; it never copies its content
+    /// anywhere else (not into the mesh plan, status, events or logs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_secret_ref: Option<SecretRef>,
+    pub credentials_secret_ref: Option<SecretNameRef>,
 
-    /// The caller id the phone shows, such as `"Chorus" <sip:chorus@pbx.example.com>`.
+    /// The caller id the phone shows, such as `"Chorus" <sip:chorus@pbx.example.com>`. Defaults
+    /// to the credentials' username at the call manager's domain. No control characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 200))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[^\x00-\x1F\x7F]+$"))]
     pub caller_id: Option<String>,
 
-    /// Codecs offered to the phone, in order of preference.
+    /// Codecs offered to the phone, in order of preference, each at most once: `opus`, `PCMU`
+    /// (G.711 mu-law), `PCMA` (G.711 A-law). G.722 is not offered: the media server has no G.722
+    /// codec, and offering one it cannot decode would end in silence rather than a clean refusal.
     #[serde(default = "default_phone_codecs")]
-    #[schemars(length(min = 1, max = 4))]
+    #[schemars(length(min = 1, max = 3))]
+    #[x_kube(validation = Rule::new("self.all(c, self.exists_one(o, o == c))").message("codecs must not repeat"))]
     pub codecs: Vec<PhoneCodec>,
+
+    /// Where calls are placed: `server` (default), the media servers dial the phone through the
+    /// call manager themselves; `edge`, a `chorus-mediaserver edge` bridge inside the enterprise
+    /// network registers with the call manager, dials and joins the room as a participant.
+    #[serde(default)]
+    pub mode: TelephonyMode,
+
+    /// SRTP on the phone leg: `disabled` (plain RTP), `optional` (default; SRTP when the phone
+    /// accepts it, else plain RTP) or `required` (calls fail without SRTP). SRTP keys travel in
+    /// SDP (SDES), so they are offered only over `tls`; `required` therefore needs `transport: tls`.
+    #[serde(default)]
+    pub media_encryption: MediaEncryption,
+
+    /// How long a phone may ring before the call ends as `no_answer`, in seconds.
+    #[serde(default = "default_ring_timeout_seconds")]
+    #[schemars(range(min = 5, max = 120))]
+    pub ring_timeout_seconds: i32,
+
+    /// How long an answered phone may send no RTP before the call ends as `media_timeout`, in
+    /// seconds.
+    #[serde(default = "default_media_timeout_seconds")]
+    #[schemars(range(min = 2, max = 60))]
+    pub media_timeout_seconds: i32,
+
+    /// The longest a call may last once answered, in seconds (default 4 hours).
+    #[serde(default = "default_max_call_seconds")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub max_call_seconds: i32,
+
+    /// The most phone calls one media server holds at once (ringing or answered); more are
+    /// refused.
+    #[serde(default = "default_max_concurrent_calls")]
+    #[schemars(range(min = 1, max = 500))]
+    pub max_concurrent_calls: i32,
+
+    /// The most phone calls one participant identity may have at once.
+    #[serde(default = "default_max_calls_per_identity")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_calls_per_identity: i32,
+
+    /// What may be dialled: regular expressions (RE2 / Rust `regex` syntax) of which a target's
+    /// user part must match at least one, matched against the whole user part. The default allows
+    /// 2 to 20 digits, `*`, `#` and `+`. A pattern that does not compile is refused, and so is one
+    /// that compiles to more than 1 MiB (prefer ASCII classes such as `[0-9a-z]` to Unicode ones
+    /// such as `\w`, which are large).
+    #[serde(default = "default_allowed_targets")]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 256)))]
+    // `matches` fails on a pattern that does not compile, and a failing rule refuses the object;
+    // `in [true, false]` keeps that failure from being absorbed the way `||` would absorb it.
+    #[x_kube(validation = Rule::new("self.all(p, ''.matches(p) in [true, false])").message("every allowedTargets entry must be a valid regular expression"))]
+    pub allowed_targets: Vec<String>,
+
+    /// The port each media server uses for SIP, UDP and TCP alike (and for TLS when `transport`
+    /// is `tls`). It must differ from the mesh port (7000), the HTTP port (8080) and
+    /// `media.udpPort`.
+    #[serde(default = "default_sip_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub sip_port: i32,
+
+    /// An optional Secret with the key `ca.crt`: the CA (PEM) that signed the call manager's TLS
+    /// certificate, when it is not a public CA. Used with `transport: tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretNameRef>,
+
+    /// A Secret with the key `token` that an edge bridge presents when it connects to the
+    /// conference. Required in `edge` mode, unused in `server` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_token_secret_ref: Option<SecretNameRef>,
 }
 
 /// SIP transport.
@@ -257,21 +338,47 @@ pub enum SipTransport {
     Tls,
 }
 
-/// A codec the phone leg may use.
+/// A codec the phone leg may use. There is deliberately no G.722: the media server has no G.722
+/// codec and must not advertise one.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
 pub enum PhoneCodec {
     /// Opus.
     #[serde(rename = "opus")]
     Opus,
-    /// G.722 wideband.
-    #[serde(rename = "G722")]
-    G722,
     /// G.711 mu-law.
     #[serde(rename = "PCMU")]
     Pcmu,
     /// G.711 A-law.
     #[serde(rename = "PCMA")]
     Pcma,
+}
+
+/// Where phone calls are placed.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TelephonyMode {
+    /// The media servers dial through the call manager.
+    #[default]
+    Server,
+    /// An edge bridge inside the enterprise network dials and joins the room as a participant.
+    Edge,
+}
+
+/// SRTP on the phone leg.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaEncryption {
+    /// Plain RTP only.
+    Disabled,
+    /// SRTP when the phone accepts it (and the transport is TLS), plain RTP otherwise.
+    #[default]
+    Optional,
+    /// SRTP or no call.
+    Required,
 }
 
 /// Session transfer by QR code.
@@ -308,6 +415,16 @@ pub struct SecretRef {
     #[serde(default = "default_secret_key")]
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// A Secret in the conference's namespace, by name. The keys it must hold are fixed by the field
+/// that names it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretNameRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// What the operator observed of a conference.
@@ -423,6 +540,29 @@ fn default_secret_key() -> String {
 }
 fn default_phone_codecs() -> Vec<PhoneCodec> {
     vec![PhoneCodec::Opus, PhoneCodec::Pcmu, PhoneCodec::Pcma]
+}
+fn default_ring_timeout_seconds() -> i32 {
+    30
+}
+fn default_media_timeout_seconds() -> i32 {
+    10
+}
+fn default_max_call_seconds() -> i32 {
+    14_400
+}
+fn default_max_concurrent_calls() -> i32 {
+    20
+}
+fn default_max_calls_per_identity() -> i32 {
+    1
+}
+/// What may be dialled unless the spec says otherwise: 2 to 20 digits, `*`, `#` and `+`.
+pub const DEFAULT_ALLOWED_TARGET: &str = "^[0-9*#+]{2,20}$";
+fn default_allowed_targets() -> Vec<String> {
+    vec![DEFAULT_ALLOWED_TARGET.to_owned()]
+}
+fn default_sip_port() -> i32 {
+    5060
 }
 
 impl Default for MixingSpec {

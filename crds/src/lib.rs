@@ -12,8 +12,8 @@ pub mod mesh_plan;
 pub mod names;
 
 pub use conference::{
-    AuthSpec, Conference, ConferenceSpec, ConferenceStatus, Exposure, JitterBufferSpec, MediaSpec,
-    MixingSpec, Phase, PhoneCodec, RegionSpec, RegionStatus, SecretRef, SipTransport,
-    TelephonySpec, TransferSpec,
+    AuthSpec, Conference, ConferenceSpec, ConferenceStatus, Exposure, JitterBufferSpec,
+    MediaEncryption, MediaSpec, MixingSpec, Phase, PhoneCodec, RegionSpec, RegionStatus,
+    SecretNameRef, SecretRef, SipTransport, TelephonyMode, TelephonySpec, TransferSpec,
 };
 pub use mesh_plan::{MeshMixing, MeshNode, MeshPlan, MeshPlanError, MeshTelephony, MeshTransfer};

@@ -8,9 +8,12 @@
 //!   everything but the generation, and the operator bumps the generation only when it moves.
 //! - node ids are unique and listed in a stable order (regions in spec order, then ordinal), so
 //!   every server computes the same rendezvous-hash primaries from the same plan.
+//! - the plan carries no secret material, only Secret names: it lives in a ConfigMap.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::{MediaEncryption, PhoneCodec, SipTransport, TelephonyMode};
 
 /// The mesh of one conference at one generation.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -96,20 +99,204 @@ pub struct MeshTransfer {
     pub token_ttl_seconds: u32,
 }
 
-/// Dial-out settings. Credentials are not here: they stay in their Secret.
+/// Dial-out settings ("call me"), the Conference's `telephony` block as the media servers use it.
+///
+/// Secrets are named, never carried: the credentials stay in their Secret, which pods get mounted
+/// as files (see `names::env::SIP_CREDENTIALS_DIR`), and this plan sits in a ConfigMap that
+/// anyone allowed to read ConfigMaps can read.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshTelephony {
-    /// The call manager's SIP URI.
+    /// The call manager's SIP URI (`sip:` or `sips:`).
     pub call_manager_uri: String,
-    /// `udp`, `tcp` or `tls`.
-    pub transport: String,
-    /// The caller id shown on the phone.
+    /// SIP transport to the call manager.
+    pub transport: SipTransport,
+    /// The caller id shown on the phone; `None` means the credentials' username.
     pub caller_id: Option<String>,
-    /// Codec names in order of preference.
-    pub codecs: Vec<String>,
-    /// The Secret holding `username` and `password`, if any.
+    /// Codecs offered to the phone, in order of preference, no repeats.
+    pub codecs: Vec<PhoneCodec>,
+    /// Whether the servers dial themselves or an edge bridge does.
+    pub mode: TelephonyMode,
+    /// SRTP policy on the phone leg.
+    pub media_encryption: MediaEncryption,
+    /// Seconds a phone may ring before the call ends as `no_answer`.
+    pub ring_timeout_seconds: u32,
+    /// Seconds without RTP from an answered phone before the call ends as `media_timeout`.
+    pub media_timeout_seconds: u32,
+    /// Seconds an answered call may last.
+    pub max_call_seconds: u32,
+    /// Calls one server holds at once.
+    pub max_concurrent_calls: u32,
+    /// Calls one participant identity holds at once.
+    pub max_calls_per_identity: u32,
+    /// Patterns of which a target's user part must match one, whole
+    /// ([`MeshTelephony::allowed_target_matchers`] anchors them).
+    pub allowed_targets: Vec<String>,
+    /// The server's SIP port (UDP and TCP; TLS too when the transport is TLS).
+    pub sip_port: u16,
+    /// The name of the Secret holding `username` and `password`, in server mode (`None` in edge
+    /// mode, where the servers hold no SIP account); never its content.
     pub credentials_secret: Option<String>,
+}
+
+/// Ranges of the telephony numbers, as the CRD states them: (JSON field, lowest, highest, text).
+const TELEPHONY_RANGES: [(&str, u32, u32, &str); 5] = [
+    ("telephony.ringTimeoutSeconds", 5, 120, "5..=120"),
+    ("telephony.mediaTimeoutSeconds", 2, 60, "2..=60"),
+    ("telephony.maxCallSeconds", 60, 86_400, "60..=86400"),
+    ("telephony.maxConcurrentCalls", 1, 500, "1..=500"),
+    ("telephony.maxCallsPerIdentity", 1, 10, "1..=10"),
+];
+/// Most `allowedTargets` entries, and the longest one, as in the CRD.
+const MAX_ALLOWED_TARGETS: usize = 32;
+const MAX_TARGET_PATTERN_LEN: usize = 256;
+/// Compiled size cap per pattern: a short pattern with nested counted repetition can otherwise
+/// compile to megabytes on every server.
+const TARGET_PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+impl From<&crate::TelephonySpec> for MeshTelephony {
+    /// The plan's copy of a Conference's `telephony` block. Numbers out of their type's range
+    /// (refused by the CRD's schema) become 0, which [`MeshTelephony::validate`] then refuses.
+    fn from(t: &crate::TelephonySpec) -> Self {
+        let non_negative = |v: i32| u32::try_from(v).unwrap_or(0);
+        Self {
+            call_manager_uri: t.call_manager_uri.clone(),
+            transport: t.transport,
+            caller_id: t.caller_id.clone(),
+            codecs: t.codecs.clone(),
+            mode: t.mode,
+            media_encryption: t.media_encryption,
+            ring_timeout_seconds: non_negative(t.ring_timeout_seconds),
+            media_timeout_seconds: non_negative(t.media_timeout_seconds),
+            max_call_seconds: non_negative(t.max_call_seconds),
+            max_concurrent_calls: non_negative(t.max_concurrent_calls),
+            max_calls_per_identity: non_negative(t.max_calls_per_identity),
+            allowed_targets: t.allowed_targets.clone(),
+            sip_port: u16::try_from(t.sip_port).unwrap_or(0),
+            // Only servers that dial hold the credentials; in edge mode the bridge does.
+            credentials_secret: t
+                .credentials_secret_ref
+                .as_ref()
+                .filter(|_| t.mode == TelephonyMode::Server)
+                .map(|s| s.name.clone()),
+        }
+    }
+}
+
+impl MeshTelephony {
+    /// Check what the type alone cannot, the same rules as the CRD's schema and CEL: ranges,
+    /// codecs without repeats, patterns that compile, TLS for required SRTP, credentials in
+    /// server mode.
+    pub fn validate(&self) -> Result<(), MeshPlanError> {
+        let invalid = |field: &'static str, reason: String| {
+            Err(MeshPlanError::InvalidTelephony { field, reason })
+        };
+        let uri = &self.call_manager_uri;
+        if !(uri.starts_with("sip:") || uri.starts_with("sips:"))
+            || uri.len() < 5
+            || uri.chars().any(char::is_whitespace)
+        {
+            return invalid(
+                "telephony.callManagerUri",
+                format!("{uri:?} is not a sip: or sips: URI"),
+            );
+        }
+        if let Some(caller_id) = &self.caller_id
+            && (caller_id.is_empty() || caller_id.chars().any(char::is_control))
+        {
+            return invalid(
+                "telephony.callerId",
+                "must be non-empty and hold no control characters".to_owned(),
+            );
+        }
+        let values = [
+            self.ring_timeout_seconds,
+            self.media_timeout_seconds,
+            self.max_call_seconds,
+            self.max_concurrent_calls,
+            self.max_calls_per_identity,
+        ];
+        for ((field, lo, hi, range), value) in TELEPHONY_RANGES.into_iter().zip(values) {
+            if value < lo || value > hi {
+                return Err(MeshPlanError::OutOfRange {
+                    field,
+                    value,
+                    range,
+                });
+            }
+        }
+        if self.sip_port < 1024 {
+            return Err(MeshPlanError::OutOfRange {
+                field: "telephony.sipPort",
+                value: u32::from(self.sip_port),
+                range: "1024..=65535",
+            });
+        }
+        if self.max_calls_per_identity > self.max_concurrent_calls {
+            return invalid(
+                "telephony.maxCallsPerIdentity",
+                format!(
+                    "{} exceeds maxConcurrentCalls {}",
+                    self.max_calls_per_identity, self.max_concurrent_calls
+                ),
+            );
+        }
+        if self.codecs.is_empty() {
+            return invalid("telephony.codecs", "lists no codec".to_owned());
+        }
+        for (i, codec) in self.codecs.iter().enumerate() {
+            if self.codecs[..i].contains(codec) {
+                return invalid("telephony.codecs", format!("lists {codec:?} twice"));
+            }
+        }
+        if self.media_encryption == MediaEncryption::Required && self.transport != SipTransport::Tls
+        {
+            return invalid(
+                "telephony.mediaEncryption",
+                "required needs transport tls: SRTP keys travel in SDP, which must be encrypted"
+                    .to_owned(),
+            );
+        }
+        if self.mode == TelephonyMode::Server
+            && self.credentials_secret.as_deref().is_none_or(str::is_empty)
+        {
+            return invalid(
+                "telephony.credentialsSecretRef",
+                "server mode needs the credentials Secret".to_owned(),
+            );
+        }
+        self.allowed_target_matchers().map(|_| ())
+    }
+
+    /// The `allowedTargets` patterns compiled for matching a whole target user part: each is
+    /// anchored at both ends, so `1234` allows exactly `1234`, not `99912345`. The one place that
+    /// says what "a target matches" means; an error names the pattern that does not compile.
+    pub fn allowed_target_matchers(&self) -> Result<Vec<regex::Regex>, MeshPlanError> {
+        let invalid = |reason: String| MeshPlanError::InvalidTelephony {
+            field: "telephony.allowedTargets",
+            reason,
+        };
+        if self.allowed_targets.is_empty() || self.allowed_targets.len() > MAX_ALLOWED_TARGETS {
+            return Err(invalid(format!(
+                "must list 1 to {MAX_ALLOWED_TARGETS} patterns, lists {}",
+                self.allowed_targets.len()
+            )));
+        }
+        self.allowed_targets
+            .iter()
+            .map(|pattern| {
+                if pattern.is_empty() || pattern.len() > MAX_TARGET_PATTERN_LEN {
+                    return Err(invalid(format!(
+                        "pattern {pattern:?} must be 1 to {MAX_TARGET_PATTERN_LEN} bytes long"
+                    )));
+                }
+                regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+                    .size_limit(TARGET_PATTERN_SIZE_LIMIT)
+                    .build()
+                    .map_err(|e| invalid(format!("pattern {pattern:?} does not compile: {e}")))
+            })
+            .collect()
+    }
 }
 
 /// Why a mesh plan cannot be used.
@@ -121,6 +308,14 @@ pub enum MeshPlanError {
     /// Two nodes share an id.
     #[error("mesh plan lists node id {0:?} twice")]
     DuplicateNode(String),
+    /// The telephony block breaks a rule other than a range.
+    #[error("mesh plan field {field}: {reason}")]
+    InvalidTelephony {
+        /// The JSON path of the field, such as `telephony.allowedTargets`.
+        field: &'static str,
+        /// What is wrong, naming the offending value (never a secret: the plan holds none).
+        reason: String,
+    },
     /// A number is out of its range.
     #[error("mesh plan field {field} = {value} is out of range ({range})")]
     OutOfRange {
@@ -140,6 +335,7 @@ impl MeshPlanError {
             MeshPlanError::Parse(_) => "parse",
             MeshPlanError::DuplicateNode(_) => "duplicate_node",
             MeshPlanError::OutOfRange { .. } => "out_of_range",
+            MeshPlanError::InvalidTelephony { .. } => "invalid_telephony",
         }
     }
 }
@@ -175,6 +371,9 @@ impl MeshPlan {
                     range,
                 });
             }
+        }
+        if let Some(telephony) = &self.telephony {
+            telephony.validate()?;
         }
         Ok(())
     }
@@ -241,6 +440,115 @@ mod tests {
           "transfer": { "enabled": true, "tokenTtlSeconds": 60 },
           "telephony": null }"#;
         assert_eq!(MeshPlan::from_json(text), Ok(sample()));
+    }
+
+    fn telephony() -> MeshTelephony {
+        MeshTelephony {
+            call_manager_uri: "sip:pbx.example.com:5060".into(),
+            transport: SipTransport::Tls,
+            caller_id: Some("\"Chorus\" <sip:chorus@pbx.example.com>".into()),
+            codecs: vec![PhoneCodec::Opus, PhoneCodec::Pcmu],
+            mode: TelephonyMode::Server,
+            media_encryption: MediaEncryption::Required,
+            ring_timeout_seconds: 30,
+            media_timeout_seconds: 10,
+            max_call_seconds: 14_400,
+            max_concurrent_calls: 20,
+            max_calls_per_identity: 1,
+            allowed_targets: vec!["^[0-9*#+]{2,20}$".into(), "1[0-9]{3}".into()],
+            sip_port: 5060,
+            credentials_secret: Some("pbx".into()),
+        }
+    }
+
+    #[test]
+    fn a_plan_with_telephony_parses_and_names_only_the_secret() {
+        let text = r#"{ "conference": "townhall", "generation": 7,
+          "nodes": [ { "id": "townhall-us-0", "region": "us", "mesh": "townhall-us-0.townhall-mesh.ns.svc:7000",
+                       "signal": "http://townhall-us-0.townhall-mesh.ns.svc:8080" } ],
+          "mixing": { "topSpeakers": 3, "extraCandidates": 1, "frameMs": 20, "jitterMinMs": 20, "jitterMaxMs": 120, "rankIntervalMs": 100 },
+          "transfer": { "enabled": true, "tokenTtlSeconds": 60 },
+          "telephony": { "callManagerUri": "sip:pbx.example.com:5060", "transport": "tls",
+                         "callerId": "\"Chorus\" <sip:chorus@pbx.example.com>", "codecs": ["opus", "PCMU"],
+                         "mode": "server", "mediaEncryption": "required",
+                         "ringTimeoutSeconds": 30, "mediaTimeoutSeconds": 10, "maxCallSeconds": 14400,
+                         "maxConcurrentCalls": 20, "maxCallsPerIdentity": 1,
+                         "allowedTargets": ["^[0-9*#+]{2,20}$", "1[0-9]{3}"], "sipPort": 5060,
+                         "credentialsSecret": "pbx" } }"#;
+        let mut expected = sample();
+        expected.telephony = Some(telephony());
+        assert_eq!(MeshPlan::from_json(text), Ok(expected.clone()));
+        // And back: what the operator writes is what a server reads.
+        assert_eq!(MeshPlan::from_json(&expected.to_json()), Ok(expected));
+        // Strict: a field the servers would not understand (such as a password) is refused.
+        let with_password = text.replace(
+            r#""credentialsSecret": "pbx""#,
+            r#""credentialsSecret": "pbx", "password": "x""#,
+        );
+        assert_eq!(
+            MeshPlan::from_json(&with_password).unwrap_err().category(),
+            "parse"
+        );
+        // G.722 is not a codec the servers have.
+        let g722 = text.replace(r#"["opus", "PCMU"]"#, r#"["G722"]"#);
+        assert_eq!(MeshPlan::from_json(&g722).unwrap_err().category(), "parse");
+    }
+
+    #[test]
+    fn bad_telephony_is_refused_naming_the_field() {
+        let refused = |edit: &dyn Fn(&mut MeshTelephony), field: &str| {
+            let mut plan = sample();
+            let mut t = telephony();
+            edit(&mut t);
+            plan.telephony = Some(t);
+            let err = MeshPlan::from_json(&plan.to_json()).unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        };
+        refused(&|t| t.ring_timeout_seconds = 4, "ringTimeoutSeconds");
+        refused(&|t| t.media_timeout_seconds = 61, "mediaTimeoutSeconds");
+        refused(&|t| t.max_call_seconds = 59, "maxCallSeconds");
+        refused(&|t| t.max_concurrent_calls = 0, "maxConcurrentCalls");
+        refused(&|t| t.max_calls_per_identity = 11, "maxCallsPerIdentity");
+        refused(
+            &|t| {
+                t.max_concurrent_calls = 2;
+                t.max_calls_per_identity = 3;
+            },
+            "maxCallsPerIdentity",
+        );
+        refused(&|t| t.sip_port = 80, "sipPort");
+        refused(&|t| t.codecs = vec![], "codecs");
+        refused(&|t| t.codecs.push(PhoneCodec::Opus), "codecs");
+        refused(&|t| t.transport = SipTransport::Udp, "mediaEncryption");
+        refused(&|t| t.credentials_secret = None, "credentialsSecret");
+        refused(
+            &|t| t.call_manager_uri = "http://pbx".into(),
+            "callManagerUri",
+        );
+        refused(&|t| t.caller_id = Some("a\r\nVia: x".into()), "callerId");
+        refused(&|t| t.allowed_targets = vec![], "allowedTargets");
+        refused(
+            &|t| t.allowed_targets.push("[0-9".into()),
+            "pattern \"[0-9\" does not compile",
+        );
+        // Edge mode dials from the enterprise network: the servers need no credentials.
+        let mut edge = telephony();
+        edge.mode = TelephonyMode::Edge;
+        edge.credentials_secret = None;
+        assert_eq!(edge.validate(), Ok(()));
+    }
+
+    #[test]
+    fn allowed_targets_match_the_whole_user_part() {
+        let mut t = telephony();
+        t.allowed_targets = vec!["1[0-9]{3}".into(), "^\\+49[0-9]+$".into()];
+        let matchers = t.allowed_target_matchers().unwrap();
+        let allowed = |target: &str| matchers.iter().any(|m| m.is_match(target));
+        assert!(allowed("1234"));
+        assert!(!allowed("91234"), "unanchored patterns still match whole");
+        assert!(!allowed("12345"));
+        assert!(allowed("+4930123"));
+        assert!(!allowed("+4930123@evil.example"));
     }
 
     #[test]

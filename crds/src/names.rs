@@ -47,6 +47,23 @@ pub const OPERATOR_HTTP_PORT: u16 = 8080;
 /// Where a media-server pod mounts its mesh TLS Secret.
 pub const MESH_TLS_MOUNT: &str = "/etc/chorus/mesh-tls";
 
+/// Where a media-server pod mounts the telephony credentials Secret (files `username`, `password`).
+/// Files rather than environment variables: a variable's value shows in `kubectl describe`-style
+/// tooling, crash reports and `/proc/<pid>/environ` far more readily than a mode-0440 file.
+pub const SIP_CREDENTIALS_MOUNT: &str = "/etc/chorus/sip-credentials";
+/// The key (and file) of the SIP username in the telephony credentials Secret.
+pub const SIP_USERNAME_KEY: &str = "username";
+/// The key (and file) of the SIP password in the telephony credentials Secret.
+pub const SIP_PASSWORD_KEY: &str = "password";
+/// Where a media-server pod mounts the Secret with the call manager's CA (`ca.crt`).
+pub const SIP_CA_MOUNT: &str = "/etc/chorus/sip-ca";
+/// The key (and file) of the call manager's CA certificate in its Secret.
+pub const SIP_CA_KEY: &str = "ca.crt";
+/// Where a media-server pod mounts the edge bridge's token Secret (edge mode).
+pub const EDGE_TOKEN_MOUNT: &str = "/etc/chorus/edge-token";
+/// The key (and file) of the edge bridge's token in its Secret.
+pub const EDGE_TOKEN_KEY: &str = "token";
+
 /// Condition types on `Conference.status.conditions`.
 pub mod condition {
     /// Every desired media server is ready.
@@ -134,8 +151,15 @@ pub mod env {
     pub const MAX_PARTICIPANTS: &str = "CHORUS_MAX_PARTICIPANTS";
     /// The join-token HMAC key (from its Secret).
     pub const JOIN_KEY: &str = "CHORUS_JOIN_KEY";
-    /// SIP credentials (from the telephony Secret).
-    pub const SIP_USERNAME: &str = "CHORUS_SIP_USERNAME";
-    /// SIP credentials (from the telephony Secret).
-    pub const SIP_PASSWORD: &str = "CHORUS_SIP_PASSWORD";
+    /// The directory holding the SIP credentials as the files `username` and `password` (the
+    /// telephony Secret, mounted read-only). Set only with telephony in server mode.
+    pub const SIP_CREDENTIALS_DIR: &str = "CHORUS_SIP_CREDENTIALS_DIR";
+    /// The PEM file of the CA that signed the call manager's certificate. Set only when the
+    /// telephony spec names a CA Secret.
+    pub const SIP_CA_FILE: &str = "CHORUS_SIP_CA_FILE";
+    /// The port the server uses for SIP, UDP and TCP (TLS too with transport `tls`), on all its
+    /// addresses. Set only with telephony in server mode.
+    pub const SIP_PORT: &str = "CHORUS_SIP_PORT";
+    /// The file holding the token an edge bridge presents. Set only with telephony in edge mode.
+    pub const EDGE_TOKEN_FILE: &str = "CHORUS_EDGE_TOKEN_FILE";
 }
