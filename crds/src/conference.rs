@@ -295,7 +295,9 @@ pub struct TelephonySpec {
 
     /// What may be dialled: regular expressions (RE2 / Rust `regex` syntax) of which a target's
     /// user part must match at least one, matched against the whole user part. The default allows
-    /// 2 to 20 digits, `*`, `#` and `+`. A pattern that does not compile is refused.
+    /// 2 to 20 digits, `*`, `#` and `+`. A pattern that does not compile is refused, and so is one
+    /// that compiles to more than 1 MiB (prefer ASCII classes such as `[0-9a-z]` to Unicode ones
+    /// such as `\w`, which are large).
     #[serde(default = "default_allowed_targets")]
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 256)))]
     // `matches` fails on a pattern that does not compile, and a failing rule refuses the object;

@@ -12,6 +12,7 @@
 //! - [`files`]: the working directory (mesh plan written atomically, TLS material, join key, logs).
 //! - [`process`]: finding binaries, the server command line, health probes, stopping children.
 //! - [`bots`]: who the synthetic talkers are and where they join.
+//! - [`secrets`]: the Secrets a Conference names, read from Secret manifests beside it.
 //! - [`cli`]: the `chorus-operator local` loop (print join URLs, report deaths, watch the file).
 //! - [`LocalConference`]: the library handle tests use; dropping it stops every child.
 //!
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod files;
 pub mod layout;
 pub mod process;
+pub mod secrets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use chorus_crds::{Conference, MeshPlan};
+use chorus_crds::{Conference, MeshPlan, TelephonyMode};
 use tokio::process::Child;
 
 use crate::plan::{Plan, SpecProblem, plan};
@@ -76,6 +78,15 @@ pub enum LocalError {
     /// Making certificates or keys failed.
     #[error("secret material: {0}")]
     SecretMaterial(String),
+    /// A Secret the Conference names is missing, malformed or lacks a key. The message names the
+    /// manifest file and the key, never a value.
+    #[error("{}: {message}", path.display())]
+    Secret {
+        /// The Secret manifest that was (or would be) read.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A binary the runtime starts is not there.
     #[error("{name} not found at {}; build it with `{build}` (or pass {flag} PATH)", path.display())]
     MissingBinary {
@@ -138,6 +149,7 @@ impl LocalError {
             LocalError::Layout(_) => "layout",
             LocalError::Io { .. } => "io",
             LocalError::SecretMaterial(_) => "secret_material",
+            LocalError::Secret { .. } => "secret",
             LocalError::MissingBinary { .. } => "missing_binary",
             LocalError::Bind { .. } => "bind",
             LocalError::Spawn { .. } => "spawn",
@@ -204,6 +216,13 @@ pub struct LocalOptions {
     pub server_env: Vec<(String, String)>,
     /// Keep a fresh working directory after stopping.
     pub keep_workdir: bool,
+    /// Where the Secrets the Conference names are read from, as `<name>.yaml` Secret manifests;
+    /// `None` is the current directory. The command line passes the Conference file's directory
+    /// unless `--secrets` says otherwise.
+    pub secrets_dir: Option<PathBuf>,
+    /// SIP port of server 0 when the conference dials phones; `None` takes the spec's
+    /// `telephony.sipPort` (5060 by default).
+    pub sip_base_port: Option<u16>,
 }
 
 impl Default for LocalOptions {
@@ -218,6 +237,8 @@ impl Default for LocalOptions {
             health_timeout: Duration::from_secs(20),
             server_env: Vec::new(),
             keep_workdir: false,
+            secrets_dir: None,
+            sip_base_port: None,
         }
     }
 }
@@ -236,6 +257,8 @@ pub struct LocalServer {
     /// The mesh UDP address it binds (the plan may advertise another, see
     /// [`LocalOptions::mesh_addr_override`]).
     pub mesh: SocketAddr,
+    /// Its SIP address (UDP and TCP) when the conference dials phones from its servers.
+    pub sip: Option<SocketAddr>,
     /// Its log file (stdout and stderr).
     pub log: PathBuf,
     /// The process; `None` after [`LocalConference::kill`] or once it was found dead.
@@ -251,6 +274,7 @@ impl LocalServer {
             http: node.http,
             udp: node.udp,
             mesh: node.mesh,
+            sip: node.sip,
             log,
             child: None,
             node,
@@ -351,6 +375,8 @@ pub struct LocalConference {
     health_timeout: Duration,
     server_env: Vec<(String, String)>,
     remove_workdir: bool,
+    secrets_dir: PathBuf,
+    sip_files: Option<files::SipFiles>,
 }
 
 impl LocalConference {
@@ -361,10 +387,20 @@ impl LocalConference {
     /// error names a log in it (a server that exited or did not answer).
     pub async fn start(conf: &Conference, options: LocalOptions) -> Result<Self, LocalError> {
         let plan = plan(conf)?;
+        refuse_edge_mode(conf)?;
+        let secrets_dir = options
+            .secrets_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("."));
+        // Before anything is written: a missing Secret is the user's to fix, not a half-made run.
+        let user_secrets = secrets::load_all(&plan, &secrets_dir)?;
         let mut ports = Ports::for_conference(conf, options.base_port);
         ports.mesh = options.mesh_base_port;
         if let Some(udp) = options.udp_base_port {
             ports.udp = udp;
+        }
+        if let Some(sip) = options.sip_base_port {
+            ports.sip = sip;
         }
         let layout = layout::layout(conf, &plan, ports, None)?;
         if let Some(id) = options
@@ -386,16 +422,29 @@ impl LocalConference {
         };
         let prepared = (|| {
             files::prepare_workdir(&workdir)?;
-            files::write_join_key(&workdir)?;
+            match &conf.spec.auth.join_key_secret_ref {
+                Some(r) => {
+                    let secret = user_secrets.get(&r.name).ok_or_else(|| {
+                        LocalError::SecretMaterial(format!("Secret {:?} was not read", r.name))
+                    })?;
+                    let key = secret.value(&r.key, "the join-token key (auth.joinKeySecretRef)")?;
+                    files::write_join_key_value(&workdir, key)?;
+                }
+                None => {
+                    files::write_join_key(&workdir)?;
+                }
+            }
+            let sip_files =
+                files::write_sip_files(&workdir, conf.spec.telephony.as_ref(), &user_secrets)?;
             let ca = files::new_ca(&workdir, &plan.conference)?;
             for node in &layout.nodes {
                 files::issue_server_cert(&workdir, &ca, node)?;
             }
             let mesh = layout::local_mesh_plan(&plan, &layout, &options.mesh_addr_override, None)?;
             files::write_mesh_plan(&workdir, &mesh)?;
-            Ok::<_, LocalError>((ca, mesh))
+            Ok::<_, LocalError>((ca, mesh, sip_files))
         })();
-        let (ca, mesh) = match prepared {
+        let (ca, mesh, sip_files) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 // Nothing ran yet, so a directory we made holds nothing worth keeping.
@@ -422,6 +471,8 @@ impl LocalConference {
             health_timeout: options.health_timeout,
             server_env: options.server_env,
             remove_workdir: fresh && !options.keep_workdir,
+            secrets_dir,
+            sip_files,
         };
         match this.boot().await {
             Ok(()) => Ok(this),
@@ -608,6 +659,10 @@ impl LocalConference {
     /// A spec that does not plan is refused and changes nothing.
     pub async fn update(&mut self, conf: &Conference) -> Result<Update, LocalError> {
         let plan = plan(conf)?;
+        refuse_edge_mode(conf)?;
+        // Read again: telephony may have been added, or point at another Secret. The join key is
+        // not reread: running servers keep trusting the key they started with.
+        let user_secrets = secrets::load_all(&plan, &self.secrets_dir)?;
         if plan.conference != self.name {
             return Err(LocalError::Unsupported(format!(
                 "the conference was renamed from {} to {}; stop and start it again to rename",
@@ -641,6 +696,8 @@ impl LocalConference {
             preflight(node)?;
             files::issue_server_cert(&self.workdir, &self.ca, node)?;
         }
+        let sip_files =
+            files::write_sip_files(&self.workdir, conf.spec.telephony.as_ref(), &user_secrets)?;
 
         // Publish first: peers learn of a removed server before it goes (no false failure), and a
         // new server finds itself in the plan when it starts.
@@ -652,6 +709,7 @@ impl LocalConference {
         self.plan = plan;
         self.layout = layout;
         self.advertise = advertise;
+        self.sip_files = sip_files;
 
         let (mut leaving, staying): (Vec<LocalServer>, Vec<LocalServer>) =
             std::mem::take(&mut self.servers)
@@ -800,7 +858,12 @@ impl LocalConference {
     }
 
     fn spawn(&self, server: &mut LocalServer) -> Result<(), LocalError> {
-        let args = process::serve_args(&server.node, &self.name, &self.workdir);
+        let args = process::serve_args(
+            &server.node,
+            &self.name,
+            &self.workdir,
+            self.sip_files.as_ref(),
+        );
         let child = process::spawn_logged(
             &self.mediaserver_bin,
             &args,
@@ -897,7 +960,7 @@ fn reap(child: &mut Option<Child>) -> Option<ExitStatus> {
     Some(status)
 }
 
-/// Check that a server's three addresses are free, so a clash is a clear error naming the server
+/// Check that a server's addresses are free, so a clash is a clear error naming the server
 /// rather than a line deep in its log. (A race with another program remains possible, and then
 /// the server's own error is in its log.)
 fn preflight(node: &LocalNode) -> Result<(), LocalError> {
@@ -926,5 +989,28 @@ fn preflight(node: &LocalNode) -> Result<(), LocalError> {
     drop(std::net::TcpListener::bind(node.http).map_err(bind_error("TCP", node.http))?);
     drop(std::net::UdpSocket::bind(node.udp).map_err(bind_error("UDP", node.udp))?);
     drop(std::net::UdpSocket::bind(node.mesh).map_err(bind_error("UDP", node.mesh))?);
+    if let Some(sip) = node.sip {
+        drop(std::net::UdpSocket::bind(sip).map_err(bind_error("UDP", sip))?);
+        drop(std::net::TcpListener::bind(sip).map_err(bind_error("TCP", sip))?);
+    }
+    Ok(())
+}
+
+/// Edge mode runs the phone side inside an enterprise network, as its own `chorus-mediaserver
+/// edge` process; the local runtime starts only media servers, so it says so instead of running a
+/// conference whose phone calls could never be placed.
+fn refuse_edge_mode(conf: &Conference) -> Result<(), LocalError> {
+    if conf
+        .spec
+        .telephony
+        .as_ref()
+        .is_some_and(|t| t.mode == TelephonyMode::Edge)
+    {
+        return Err(LocalError::Unsupported(
+            "telephony.mode edge is not run by chorus-operator local (it places calls from an \
+             edge bridge inside the enterprise network); use mode server locally"
+                .to_owned(),
+        ));
+    }
     Ok(())
 }

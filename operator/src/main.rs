@@ -70,6 +70,10 @@ struct LocalArgs {
     /// Re-read the file every second and apply changes live (mixing; servers added or removed).
     #[arg(long)]
     watch: bool,
+    /// Directory of the Secret manifests the Conference names, each `<secret-name>.yaml`
+    /// (default: the Conference file's directory).
+    #[arg(long = "secrets", value_name = "DIR")]
+    secrets: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -144,6 +148,7 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         bot_bin: args.bot_bin,
         base_port: args.base_port,
         watch: args.watch,
+        secrets_dir: args.secrets,
     };
     let result = runtime.block_on(async move {
         let stop = CancellationToken::new();

@@ -8,7 +8,9 @@
 //! - Every object carries the conference label, so pruning can select on it, and an owner reference
 //!   to the conference when the conference has a uid (it has none in a dry run).
 //! - Secrets are planned by name and purpose only ([`SecretPlan`]); their random material is made by
-//!   [`crate::secret_material`] at apply time, and only when absent.
+//!   [`crate::secret_material`] at apply time, and only when absent. The user's own Secrets (a join
+//!   key, the telephony credentials, CA and edge token) are named with the keys they must hold;
+//!   pods mount them as files, and no value of theirs enters the plan, the mesh plan or an env var.
 //! - The mesh generation moves exactly when the mesh plan's digest differs from the one recorded in
 //!   the conference's status.
 //! - A spec that passes the schema but cannot be satisfied is a [`SpecProblem`], never a panic.
@@ -17,13 +19,13 @@ use std::collections::BTreeMap;
 
 use chorus_crds::names::{self, env};
 use chorus_crds::{
-    Conference, Exposure, MeshMixing, MeshNode, MeshPlan, MeshTelephony, MeshTransfer, PhoneCodec,
-    RegionSpec, SipTransport,
+    Conference, Exposure, MeshMixing, MeshNode, MeshPlan, MeshPlanError, MeshTelephony,
+    MeshTransfer, RegionSpec, TelephonyMode, TelephonySpec,
 };
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    EnvVarSource, HTTPGetAction, KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement,
     NodeSelectorTerm, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
     SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
@@ -164,12 +166,12 @@ pub enum SecretPlan {
         /// The Secret's name.
         name: String,
     },
-    /// A user-provided Secret that must exist; the operator only checks it.
+    /// A user-provided Secret that must exist; the operator only checks it (and pods may mount it).
     External {
         /// The Secret's name.
         name: String,
-        /// The key that must be inside.
-        key: String,
+        /// The keys that must be inside.
+        keys: Vec<String>,
         /// What it is for, for the condition message.
         purpose: &'static str,
     },
@@ -322,6 +324,9 @@ fn check(conf: &Conference, name: &str) -> Result<(), SpecProblem> {
             }
         }
     }
+    if let Some(t) = &spec.telephony {
+        check_telephony(t, spec.media.udp_port)?;
+    }
     if spec.media.exposure == Exposure::NodePort {
         let servers: i32 = spec.regions.iter().map(|r| r.replicas.max(0)).sum();
         let base = spec.media.node_port_base.unwrap_or(0);
@@ -331,6 +336,43 @@ fn check(conf: &Conference, name: &str) -> Result<(), SpecProblem> {
                 format!(
                     "{servers} servers from nodePortBase {base} run past {MAX_NODE_PORT}; \
                      lower nodePortBase or use another exposure"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The telephony rules the schema cannot state: everything [`MeshTelephony::validate`] checks
+/// (patterns compile, ranges, TLS for required SRTP, credentials in server mode), and a SIP port
+/// that no other port of the pod uses.
+fn check_telephony(t: &TelephonySpec, udp_port: i32) -> Result<(), SpecProblem> {
+    const REASON: &str = "InvalidTelephony";
+    MeshTelephony::from(t).validate().map_err(|e| {
+        // The plan's field paths are the spec's under `spec.`; say it the way the user wrote it.
+        let message = match e {
+            MeshPlanError::InvalidTelephony { field, reason } => format!("spec.{field}: {reason}"),
+            MeshPlanError::OutOfRange {
+                field,
+                value,
+                range,
+            } => format!("spec.{field} = {value} is out of range ({range})"),
+            other => other.to_string(),
+        };
+        SpecProblem::new(REASON, message)
+    })?;
+    if t.mode == TelephonyMode::Server {
+        let taken = [
+            (i32::from(names::MESH_PORT), "the mesh port (UDP)"),
+            (i32::from(names::SIGNAL_PORT), "the HTTP port (TCP)"),
+            (udp_port, "media.udpPort (UDP)"),
+        ];
+        if let Some((_, what)) = taken.iter().find(|(port, _)| *port == t.sip_port) {
+            return Err(SpecProblem::new(
+                REASON,
+                format!(
+                    "spec.telephony.sipPort {} is also {what}; choose another port",
+                    t.sip_port
                 ),
             ));
         }
@@ -399,28 +441,7 @@ fn mesh_plan(ctx: &Ctx<'_>) -> MeshPlan {
             enabled: spec.transfer.enabled,
             token_ttl_seconds: spec.transfer.token_ttl_seconds.max(0) as u32,
         },
-        telephony: spec.telephony.as_ref().map(|t| MeshTelephony {
-            call_manager_uri: t.call_manager_uri.clone(),
-            transport: match t.transport {
-                SipTransport::Udp => "udp",
-                SipTransport::Tcp => "tcp",
-                SipTransport::Tls => "tls",
-            }
-            .to_owned(),
-            caller_id: t.caller_id.clone(),
-            codecs: t
-                .codecs
-                .iter()
-                .map(|c| match c {
-                    PhoneCodec::Opus => "opus",
-                    PhoneCodec::G722 => "G722",
-                    PhoneCodec::Pcmu => "PCMU",
-                    PhoneCodec::Pcma => "PCMA",
-                })
-                .map(str::to_owned)
-                .collect(),
-            credentials_secret: t.credentials_secret_ref.as_ref().map(|s| s.name.clone()),
-        }),
+        telephony: spec.telephony.as_ref().map(MeshTelephony::from),
     };
     let digest = mesh_without_generation.digest();
     let status = ctx.conf.status.as_ref();
@@ -459,25 +480,52 @@ fn secret_plans(ctx: &Ctx<'_>, mesh: &MeshPlan) -> Vec<SecretPlan> {
     match &ctx.conf.spec.auth.join_key_secret_ref {
         Some(r) => out.push(SecretPlan::External {
             name: r.name.clone(),
-            key: r.key.clone(),
+            keys: vec![r.key.clone()],
             purpose: "the join-token key (spec.auth.joinKeySecretRef)",
         }),
         None => out.push(SecretPlan::JoinKey {
             name: names::join_key_secret(ctx.name),
         }),
     }
-    if let Some(creds) = ctx
-        .conf
-        .spec
-        .telephony
-        .as_ref()
-        .and_then(|t| t.credentials_secret_ref.as_ref())
-    {
-        out.push(SecretPlan::External {
-            name: creds.name.clone(),
-            key: "username".to_owned(),
-            purpose: "the SIP credentials (spec.telephony.credentialsSecretRef)",
-        });
+    if let Some(t) = &ctx.conf.spec.telephony {
+        out.extend(telephony_secrets(t));
+    }
+    out
+}
+
+/// The user's Secrets a telephony spec names, with the keys each must hold. Only the ones its mode
+/// uses: an edge bridge holds the SIP credentials itself, so in edge mode the cluster needs none.
+fn telephony_secrets(t: &TelephonySpec) -> Vec<SecretPlan> {
+    let mut out = Vec::new();
+    match t.mode {
+        TelephonyMode::Server => {
+            if let Some(creds) = &t.credentials_secret_ref {
+                out.push(SecretPlan::External {
+                    name: creds.name.clone(),
+                    keys: vec![
+                        names::SIP_USERNAME_KEY.to_owned(),
+                        names::SIP_PASSWORD_KEY.to_owned(),
+                    ],
+                    purpose: "the SIP credentials (spec.telephony.credentialsSecretRef)",
+                });
+            }
+            if let Some(ca) = &t.ca_secret_ref {
+                out.push(SecretPlan::External {
+                    name: ca.name.clone(),
+                    keys: vec![names::SIP_CA_KEY.to_owned()],
+                    purpose: "the call manager's CA (spec.telephony.caSecretRef)",
+                });
+            }
+        }
+        TelephonyMode::Edge => {
+            if let Some(token) = &t.edge_token_secret_ref {
+                out.push(SecretPlan::External {
+                    name: token.name.clone(),
+                    keys: vec![names::EDGE_TOKEN_KEY.to_owned()],
+                    purpose: "the edge bridge's token (spec.telephony.edgeTokenSecretRef)",
+                });
+            }
+        }
     }
     out
 }
@@ -632,11 +680,109 @@ impl Ctx<'_> {
             spec: Some(ServiceSpec {
                 type_: Some("ClusterIP".into()),
                 selector: Some(self.region_selector(&region.name)),
-                ports: Some(vec![port("http", names::SIGNAL_PORT, "TCP")]),
+                ports: Some(self.client_ports()),
                 ..ServiceSpec::default()
             }),
             ..Service::default()
         }
+    }
+
+    /// The client Service's ports: HTTP, and SIP over UDP and TCP when the servers dial phones.
+    fn client_ports(&self) -> Vec<ServicePort> {
+        let mut ports = vec![port("http", names::SIGNAL_PORT, "TCP")];
+        if let Some(t) = self.dialling_telephony() {
+            let sip = sip_port(t);
+            ports.push(port(SIP_UDP_PORT_NAME, sip, "UDP"));
+            ports.push(port(SIP_TCP_PORT_NAME, sip, "TCP"));
+        }
+        ports
+    }
+
+    /// The telephony block when the media servers dial phones themselves (`mode: server`). In edge
+    /// mode the edge bridge speaks SIP, so the pods get no SIP port and no SIP credentials.
+    fn dialling_telephony(&self) -> Option<&TelephonySpec> {
+        self.conf
+            .spec
+            .telephony
+            .as_ref()
+            .filter(|t| t.mode == TelephonyMode::Server)
+    }
+
+    /// The telephony block in edge mode.
+    fn edge_telephony(&self) -> Option<&TelephonySpec> {
+        self.conf
+            .spec
+            .telephony
+            .as_ref()
+            .filter(|t| t.mode == TelephonyMode::Edge)
+    }
+
+    /// The media-server container's ports: HTTP, mesh, media, and SIP when it dials phones. SIP
+    /// gets a hostPort exactly when media does: the Contact the server puts in its SIP messages is
+    /// its public address, where the call manager sends in-dialog requests such as the phone's BYE.
+    fn container_ports(&self) -> Vec<ContainerPort> {
+        let media = &self.conf.spec.media;
+        let host_port = media.exposure == Exposure::HostPort;
+        let mut ports = vec![
+            container_port("http", names::SIGNAL_PORT, "TCP", None),
+            container_port("mesh", names::MESH_PORT, "UDP", None),
+            container_port(
+                "media",
+                media.udp_port as u16,
+                "UDP",
+                host_port.then_some(media.udp_port),
+            ),
+        ];
+        if let Some(t) = self.dialling_telephony() {
+            let sip = sip_port(t);
+            let host = host_port.then_some(i32::from(sip));
+            ports.push(container_port(SIP_UDP_PORT_NAME, sip, "UDP", host));
+            ports.push(container_port(SIP_TCP_PORT_NAME, sip, "TCP", host));
+        }
+        ports
+    }
+
+    /// The Secrets the media-server container mounts: mesh TLS always; with telephony the
+    /// credentials and the call manager's CA (server mode) or the edge token (edge mode). Each
+    /// user Secret is projected key by key, so only the keys Chorus uses land in the pod, and a
+    /// missing key keeps the pod from starting instead of starting it without credentials.
+    fn secret_mounts(&self) -> Vec<(Volume, VolumeMount)> {
+        let mut out = vec![secret_mount(
+            "mesh-tls",
+            &names::mesh_tls_secret(self.name),
+            None,
+            names::MESH_TLS_MOUNT,
+        )];
+        if let Some(t) = self.dialling_telephony() {
+            if let Some(creds) = &t.credentials_secret_ref {
+                out.push(secret_mount(
+                    "sip-credentials",
+                    &creds.name,
+                    Some(&[names::SIP_USERNAME_KEY, names::SIP_PASSWORD_KEY]),
+                    names::SIP_CREDENTIALS_MOUNT,
+                ));
+            }
+            if let Some(ca) = &t.ca_secret_ref {
+                out.push(secret_mount(
+                    "sip-ca",
+                    &ca.name,
+                    Some(&[names::SIP_CA_KEY]),
+                    names::SIP_CA_MOUNT,
+                ));
+            }
+        }
+        if let Some(token) = self
+            .edge_telephony()
+            .and_then(|t| t.edge_token_secret_ref.as_ref())
+        {
+            out.push(secret_mount(
+                "edge-token",
+                &token.name,
+                Some(&[names::EDGE_TOKEN_KEY]),
+                names::EDGE_TOKEN_MOUNT,
+            ));
+        }
+        out
     }
 
     /// A per-server Service for the UDP media port, when exposure is NodePort or LoadBalancer.
@@ -725,6 +871,18 @@ impl Ctx<'_> {
             }),
             ..NodeAffinity::default()
         });
+        let (mut volumes, mut volume_mounts): (Vec<Volume>, Vec<VolumeMount>) =
+            self.secret_mounts().into_iter().unzip();
+        volumes.push(Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
+        volume_mounts.push(VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        });
         PodSpec {
             service_account_name: Some(names::mediaserver_account(self.name)),
             affinity: Some(Affinity {
@@ -764,33 +922,12 @@ impl Ctx<'_> {
                 name: "mediaserver".into(),
                 image: Some(media.image.clone()),
                 args: Some(vec!["serve".into()]),
-                ports: Some(vec![
-                    container_port("http", names::SIGNAL_PORT, "TCP", None),
-                    container_port("mesh", names::MESH_PORT, "UDP", None),
-                    container_port(
-                        "media",
-                        media.udp_port as u16,
-                        "UDP",
-                        (media.exposure == Exposure::HostPort).then_some(media.udp_port),
-                    ),
-                ]),
+                ports: Some(self.container_ports()),
                 env: Some(self.env(region)),
                 resources: Some(media.resources.clone().unwrap_or_else(default_resources)),
                 readiness_probe: Some(http_probe("/readyz", 5, 3)),
                 liveness_probe: Some(http_probe("/healthz", 10, 3)),
-                volume_mounts: Some(vec![
-                    VolumeMount {
-                        name: "mesh-tls".into(),
-                        mount_path: names::MESH_TLS_MOUNT.into(),
-                        read_only: Some(true),
-                        ..VolumeMount::default()
-                    },
-                    VolumeMount {
-                        name: "tmp".into(),
-                        mount_path: "/tmp".into(),
-                        ..VolumeMount::default()
-                    },
-                ]),
+                volume_mounts: Some(volume_mounts),
                 security_context: Some(SecurityContext {
                     allow_privilege_escalation: Some(false),
                     read_only_root_filesystem: Some(true),
@@ -802,22 +939,7 @@ impl Ctx<'_> {
                 }),
                 ..Container::default()
             }],
-            volumes: Some(vec![
-                Volume {
-                    name: "mesh-tls".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(names::mesh_tls_secret(self.name)),
-                        default_mode: Some(0o440),
-                        ..SecretVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                },
-            ]),
+            volumes: Some(volumes),
             ..PodSpec::default()
         }
     }
@@ -849,13 +971,30 @@ impl Ctx<'_> {
             ),
         };
         out.push(env_secret(env::JOIN_KEY, &key_secret, &key_key));
-        if let Some(creds) = spec
-            .telephony
-            .as_ref()
-            .and_then(|t| t.credentials_secret_ref.as_ref())
+        // Telephony secrets are files (see `secret_mounts`); the environment only says where.
+        if let Some(t) = self.dialling_telephony() {
+            if t.credentials_secret_ref.is_some() {
+                out.push(env_value(
+                    env::SIP_CREDENTIALS_DIR,
+                    names::SIP_CREDENTIALS_MOUNT,
+                ));
+            }
+            out.push(env_value(env::SIP_PORT, &sip_port(t).to_string()));
+            if t.ca_secret_ref.is_some() {
+                out.push(env_value(
+                    env::SIP_CA_FILE,
+                    &format!("{}/{}", names::SIP_CA_MOUNT, names::SIP_CA_KEY),
+                ));
+            }
+        }
+        if self
+            .edge_telephony()
+            .is_some_and(|t| t.edge_token_secret_ref.is_some())
         {
-            out.push(env_secret(env::SIP_USERNAME, &creds.name, "username"));
-            out.push(env_secret(env::SIP_PASSWORD, &creds.name, "password"));
+            out.push(env_value(
+                env::EDGE_TOKEN_FILE,
+                &format!("{}/{}", names::EDGE_TOKEN_MOUNT, names::EDGE_TOKEN_KEY),
+            ));
         }
         out
     }
@@ -878,6 +1017,54 @@ impl Ctx<'_> {
             ..PodDisruptionBudget::default()
         }
     }
+}
+
+/// Names of the SIP ports on the container and the client Service (at most 15 characters, unique
+/// within a pod).
+const SIP_UDP_PORT_NAME: &str = "sip-udp";
+const SIP_TCP_PORT_NAME: &str = "sip-tcp";
+
+/// The SIP port as a port number. The schema and [`check_telephony`] keep it in 1024..=65535, so
+/// the fallback is never used; it only keeps a bad value from turning into a panic.
+fn sip_port(t: &TelephonySpec) -> u16 {
+    u16::try_from(t.sip_port).unwrap_or(5060)
+}
+
+/// A Secret volume mounted read-only at `path`: all its keys, or only `keys` (each a file of the
+/// same name). Files are readable by the pod's group only (the media server runs in it).
+fn secret_mount(
+    volume: &str,
+    secret: &str,
+    keys: Option<&[&str]>,
+    path: &str,
+) -> (Volume, VolumeMount) {
+    let items = keys.map(|keys| {
+        keys.iter()
+            .map(|k| KeyToPath {
+                key: (*k).to_owned(),
+                path: (*k).to_owned(),
+                mode: None,
+            })
+            .collect()
+    });
+    (
+        Volume {
+            name: volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                default_mode: Some(0o440),
+                items,
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: volume.into(),
+            mount_path: path.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    )
 }
 
 fn port(name: &str, port: u16, protocol: &str) -> ServicePort {

@@ -272,21 +272,28 @@ async fn ensure_secrets(
                 .await?;
                 events.push(secret_created(name, &plan.namespace, "join-token key"));
             }
-            (SecretPlan::External { key, purpose, .. }, found) => {
-                let has_key = found
-                    .as_ref()
-                    .and_then(|s| s.data.as_ref())
-                    .is_some_and(|d| d.contains_key(key));
-                if found.is_none() {
-                    outcome.problem = Some(SpecProblem {
+            (SecretPlan::External { keys, purpose, .. }, found) => {
+                // Only key names are looked at; the values are never read into a message.
+                let missing_key = keys.iter().find(|key| {
+                    !found
+                        .as_ref()
+                        .and_then(|s| s.data.as_ref())
+                        .is_some_and(|d| d.contains_key(*key))
+                });
+                let problem = if found.is_none() {
+                    Some(SpecProblem {
                         reason: "SecretMissing",
                         message: format!("Secret {name:?} for {purpose} does not exist"),
-                    });
-                } else if !has_key {
-                    outcome.problem = Some(SpecProblem {
+                    })
+                } else {
+                    missing_key.map(|key| SpecProblem {
                         reason: "SecretKeyMissing",
                         message: format!("Secret {name:?} for {purpose} has no key {key:?}"),
-                    });
+                    })
+                };
+                // The first problem found stays: it is the one to fix first.
+                if outcome.problem.is_none() {
+                    outcome.problem = problem;
                 }
             }
         }

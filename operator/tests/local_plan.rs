@@ -32,6 +32,7 @@ fn ports() -> Ports {
         http: 8080,
         udp: 40000,
         mesh: 7000,
+        sip: 5060,
     }
 }
 
@@ -154,12 +155,17 @@ metadata: { name: phones }
 spec:
   regions: [ { name: us, replicas: 1, maxParticipantsPerServer: 7 } ]
   transfer: { enabled: false, tokenTtlSeconds: 30 }
-  telephony: { callManagerUri: "sip:pbx.example.com:5060", transport: tls, codecs: [G722, PCMU] }
+  telephony:
+    callManagerUri: "sip:pbx.example.com:5060"
+    transport: tls
+    codecs: [PCMU, opus]
+    credentialsSecretRef: { name: pbx }
 "#,
     );
     let (cluster, l, m) = local(&c);
     assert!(m.telephony.is_some());
     assert_eq!(m.telephony, cluster.mesh.telephony);
+    assert_eq!(l.nodes[0].sip, Some(addr("127.0.0.2:5060")));
     assert!(!m.transfer.enabled);
     assert_eq!(m.transfer.token_ttl_seconds, 30);
     assert_eq!(l.nodes[0].max_participants, 7);
@@ -279,6 +285,7 @@ fn ports_past_65535_are_a_layout_error() {
             http: 65535,
             udp: 40000,
             mesh: 7000,
+            sip: 5060,
         },
         None,
     )
@@ -292,7 +299,7 @@ fn the_server_command_line_has_every_flag_and_no_mixing() {
     let c = example();
     let (_, l, _) = local(&c);
     let workdir = PathBuf::from("/w");
-    let args: Vec<String> = process::serve_args(&l.nodes[1], "townhall", &workdir)
+    let args: Vec<String> = process::serve_args(&l.nodes[1], "townhall", &workdir, None)
         .into_iter()
         .map(|a| a.into_string().unwrap())
         .collect();
@@ -498,4 +505,253 @@ async fn an_override_for_an_unknown_server_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.category(), "unknown_server", "{err}");
+}
+
+/// A conference that dials phones from its servers, with credentials and a CA Secret.
+const PHONES: &str = r#"
+apiVersion: chorus.dev/v1alpha1
+kind: Conference
+metadata: { name: phones }
+spec:
+  regions: [ { name: us, replicas: 2 }, { name: eu, replicas: 1 } ]
+  telephony:
+    callManagerUri: "sips:pbx.example.com:5061"
+    transport: tls
+    sipPort: 5070
+    credentialsSecretRef: { name: pbx }
+    caSecretRef: { name: pbx-ca }
+"#;
+
+fn secrets_dir(test: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("local-secrets")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
+const PBX_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: { name: pbx }\n\
+                          stringData: { username: chorus, password: chorus-secret }\n";
+const CA_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: { name: pbx-ca }\ntype: Opaque\n\
+                         data: { ca.crt: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg== }\n";
+
+#[test]
+fn servers_that_dial_phones_get_a_sip_port_each_and_the_secret_files() {
+    let c = conf(PHONES);
+    let p = plan(&c).unwrap();
+    let l = layout::layout(&c, &p, Ports::for_conference(&c, 8080), None).unwrap();
+    // Like every other port: the spec's sipPort plus the ordinal, on the region's address.
+    let sips: Vec<Option<SocketAddr>> = l.nodes.iter().map(|n| n.sip).collect();
+    assert_eq!(
+        sips,
+        vec![
+            Some(addr("127.0.0.2:5070")),
+            Some(addr("127.0.0.2:5071")),
+            Some(addr("127.0.0.3:5070")),
+        ]
+    );
+
+    let dir = secrets_dir(
+        "args",
+        &[("pbx.yaml", PBX_SECRET), ("pbx-ca.yaml", CA_SECRET)],
+    );
+    let secrets = chorus_operator::local::secrets::load_all(&p, &dir).unwrap();
+    assert_eq!(
+        secrets.keys().collect::<Vec<_>>(),
+        vec!["pbx", "pbx-ca"],
+        "exactly the Secrets the cluster plan checks"
+    );
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let sip = files::write_sip_files(&work, c.spec.telephony.as_ref(), &secrets)
+        .unwrap()
+        .expect("server mode writes the SIP files");
+    assert_eq!(sip.credentials_dir, work.join("sip-credentials"));
+    assert_eq!(
+        std::fs::read_to_string(work.join("sip-credentials/username")).unwrap(),
+        "chorus"
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("sip-credentials/password")).unwrap(),
+        "chorus-secret"
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.join("sip-ca.crt")).unwrap(),
+        "-----BEGIN CERTIFICATE-----\n"
+    );
+    #[cfg(unix)]
+    {
+        assert_eq!(mode(&work.join("sip-credentials/username")), 0o600);
+        assert_eq!(mode(&work.join("sip-credentials/password")), 0o600);
+        assert_eq!(mode(&work.join("sip-credentials")), 0o700);
+    }
+
+    let args: Vec<String> = process::serve_args(&l.nodes[1], "phones", &work, Some(&sip))
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect();
+    let tail = &args[args.len() - 6..];
+    let credentials_dir = work.join("sip-credentials").display().to_string();
+    let ca_file = work.join("sip-ca.crt").display().to_string();
+    assert_eq!(
+        tail,
+        [
+            "--sip-addr",
+            "127.0.0.2:5071",
+            "--sip-credentials-dir",
+            credentials_dir.as_str(),
+            "--sip-ca-file",
+            ca_file.as_str(),
+        ]
+    );
+    // The password is a file's content, never an argument (`ps` shows arguments to everyone).
+    assert!(args.iter().all(|a| !a.contains("chorus-secret")));
+    // Nor does a `{:?}` of the loaded Secret show it.
+    assert!(!format!("{secrets:?}").contains("chorus-secret"));
+}
+
+#[test]
+fn a_conference_without_phones_gets_no_sip_flags() {
+    let c = example();
+    let (_, l, _) = local(&c);
+    assert!(l.nodes.iter().all(|n| n.sip.is_none()));
+    let args = process::serve_args(&l.nodes[0], "townhall", Path::new("/w"), None);
+    assert!(args.iter().all(|a| !a.to_string_lossy().contains("sip")));
+}
+
+#[test]
+fn secret_manifests_parse_from_string_data_and_base64_data() {
+    use chorus_operator::local::secrets::LocalSecret;
+    let path = Path::new("/s/pbx.yaml");
+    let read = |text: &str| LocalSecret::parse(text, path, "pbx");
+
+    let s = read(PBX_SECRET).unwrap();
+    assert_eq!(s.value("password", "test").unwrap(), b"chorus-secret");
+
+    // `chorus` and `chorus-secret` in base64, with the usual extra metadata.
+    let s = read(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: pbx\n  namespace: x\n  labels: {a: b}\n\
+         type: Opaque\ndata:\n  username: Y2hvcnVz\n  password: Y2hvcnVzLXNlY3JldA==\n",
+    )
+    .unwrap();
+    assert_eq!(s.value("username", "test").unwrap(), b"chorus");
+    assert_eq!(s.value("password", "test").unwrap(), b"chorus-secret");
+    assert_eq!(s.keys().collect::<Vec<_>>(), vec!["password", "username"]);
+
+    // Both: stringData wins, as the API server has it.
+    let s = read(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: pbx}\ndata: {password: b2xk}\n\
+         stringData: {password: new}\n",
+    )
+    .unwrap();
+    assert_eq!(s.value("password", "test").unwrap(), b"new");
+
+    let refused = |text: &str, says: &str| {
+        let err = read(text).unwrap_err();
+        assert_eq!(err.category(), "secret");
+        let message = err.to_string();
+        assert!(message.contains("/s/pbx.yaml"), "{message}");
+        assert!(message.contains(says), "{says}: {message}");
+        message
+    };
+    refused(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: pbx}\ndata: {username: chorus}\n",
+        "kind Secret",
+    );
+    refused(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: other}\nstringData: {username: chorus}\n",
+        "metadata.name \"other\"",
+    );
+    // A bad base64 value is named by its key, and its text is not repeated.
+    let message = refused(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: pbx}\ndata: {password: chorus-secret!}\n",
+        "data.password is not base64",
+    );
+    assert!(!message.contains("chorus-secret"), "{message}");
+    refused("apiVersion: v1\nkind: Secret\n: [\n", "not a YAML document");
+
+    // A missing key names the file and the key.
+    let s =
+        read("apiVersion: v1\nkind: Secret\nmetadata: {name: pbx}\nstringData: {username: a}\n")
+            .unwrap();
+    let err = s.value("password", "the SIP credentials").unwrap_err();
+    assert_eq!(err.category(), "secret");
+    assert!(
+        err.to_string().contains("/s/pbx.yaml") && err.to_string().contains("\"password\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_secret_or_key_is_refused_naming_file_and_key() {
+    let c = conf(PHONES);
+    let p = plan(&c).unwrap();
+    let dir = secrets_dir("missing", &[("pbx-ca.yaml", CA_SECRET)]);
+    let err = chorus_operator::local::secrets::load_all(&p, &dir).unwrap_err();
+    assert_eq!(err.category(), "secret");
+    assert!(err.to_string().contains("pbx.yaml"), "{err}");
+
+    let dir = secrets_dir(
+        "missing-key",
+        &[
+            ("pbx-ca.yaml", CA_SECRET),
+            (
+                "pbx.yaml",
+                "apiVersion: v1\nkind: Secret\nmetadata: {name: pbx}\nstringData: {username: a}\n",
+            ),
+        ],
+    );
+    let err = chorus_operator::local::secrets::load_all(&p, &dir).unwrap_err();
+    assert!(
+        err.to_string().contains("pbx.yaml") && err.to_string().contains("\"password\""),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn local_mode_reads_secrets_before_it_starts_anything() {
+    let c = conf(PHONES);
+    let dir = secrets_dir("before-start", &[]);
+    let options = LocalOptions {
+        mediaserver_bin: Some(PathBuf::from("/nonexistent/chorus-mediaserver")),
+        secrets_dir: Some(dir.clone()),
+        ..LocalOptions::default()
+    };
+    let err = LocalConference::start(&c, options).await.unwrap_err();
+    assert_eq!(err.category(), "secret", "{err}");
+    assert!(
+        err.to_string()
+            .contains(&dir.join("pbx.yaml").display().to_string()),
+        "{err}"
+    );
+
+    // Edge mode places calls from outside; local mode says so rather than run without phones.
+    let edge = conf(
+        "apiVersion: chorus.dev/v1alpha1\nkind: Conference\nmetadata: {name: e}\nspec:\n  \
+         regions: [{name: us}]\n  telephony:\n    callManagerUri: sip:pbx\n    mode: edge\n    \
+         edgeTokenSecretRef: {name: edge}\n",
+    );
+    let err = LocalConference::start(&edge, LocalOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "unsupported", "{err}");
+}
+
+#[test]
+fn the_phone_example_plans_with_the_pbx_secret_beside_it() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let text = std::fs::read_to_string(examples.join("conference-phone.yaml")).unwrap();
+    let c = manifests::read_conference(&text, "default").unwrap();
+    let p = plan(&c).unwrap();
+    let secrets = chorus_operator::local::secrets::load_all(&p, &examples).unwrap();
+    let pbx = &secrets["pbx"];
+    assert_eq!(pbx.value("username", "test").unwrap(), b"chorus");
+    assert_eq!(pbx.value("password", "test").unwrap(), b"chorus-secret");
+    let t = p.mesh.telephony.as_ref().unwrap();
+    assert_eq!(t.call_manager_uri, "sip:127.0.0.1:5060");
+    assert_eq!(t.credentials_secret.as_deref(), Some("pbx"));
 }

@@ -684,3 +684,115 @@ async fn a_server_error_stops_the_reconcile_and_requeues() {
         Action::requeue(Duration::from_secs(300))
     );
 }
+
+/// TWO_REGIONS dialling phones with the credentials Secret `pbx`.
+fn with_phones() -> Conference {
+    conference(&format!(
+        "{TWO_REGIONS}  telephony:\n    callManagerUri: sip:pbx.example.com\n    \
+         credentialsSecretRef: {{ name: pbx }}\n"
+    ))
+}
+
+const PBX_PASSWORD: &str = "chorus-secret";
+
+fn pbx_secret(keys: &[(&str, &str)]) -> Value {
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_owned(),
+                base64::engine::general_purpose::STANDARD.encode(v).into(),
+            )
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "pbx", "namespace": "chorus"}, "data": data})
+}
+
+fn degraded(status_call: &Call) -> &Value {
+    status_call.body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_sip_password_goes_nowhere_but_into_the_pods_mount() {
+    let mut secrets = existing_secrets(&["town-us-0", "town-eu-0"]);
+    secrets.insert(
+        "pbx".to_owned(),
+        pbx_secret(&[("username", "chorus"), ("password", PBX_PASSWORD)]),
+    );
+    let (result, calls, _ctx) = run(with_phones(), fake(secrets, BTreeMap::new())).await;
+    result.expect("reconcile succeeds");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.line() == "GET /api/v1/namespaces/chorus/secrets/pbx"),
+        "the operator checks the credentials Secret"
+    );
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PBX_PASSWORD);
+    for call in &calls {
+        let body = call.body.to_string();
+        assert!(
+            !body.contains(PBX_PASSWORD) && !body.contains(&encoded),
+            "{} carries the SIP password",
+            call.line()
+        );
+    }
+    let status = calls.iter().find(|c| c.line() == STATUS_LINE).unwrap();
+    assert_eq!(degraded(status)["status"], "False");
+    let sts = calls
+        .iter()
+        .find(|c| c.path.ends_with("/statefulsets/town-us") && c.method == "PATCH")
+        .unwrap();
+    let volumes = &sts.body["spec"]["template"]["spec"]["volumes"];
+    assert!(
+        volumes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "pbx"),
+        "{volumes}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_credentials_secret_or_key_degrades_the_conference_naming_it() {
+    let (result, calls, _ctx) = run(
+        with_phones(),
+        fake(
+            existing_secrets(&["town-us-0", "town-eu-0"]),
+            BTreeMap::new(),
+        ),
+    )
+    .await;
+    result.expect("a missing user Secret is a condition, not an error");
+    let status = calls.iter().find(|c| c.line() == STATUS_LINE).unwrap();
+    assert_eq!(status.body["status"]["phase"], "Degraded");
+    let condition = degraded(status);
+    assert_eq!(condition["status"], "True");
+    assert_eq!(condition["reason"], "SecretMissing");
+    let message = condition["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"pbx\"") && message.contains("credentialsSecretRef"),
+        "{message}"
+    );
+
+    let mut secrets = existing_secrets(&["town-us-0", "town-eu-0"]);
+    secrets.insert("pbx".to_owned(), pbx_secret(&[("username", "chorus")]));
+    let (result, calls, _ctx) = run(with_phones(), fake(secrets, BTreeMap::new())).await;
+    result.unwrap();
+    let status = calls.iter().find(|c| c.line() == STATUS_LINE).unwrap();
+    let condition = degraded(status);
+    assert_eq!(condition["reason"], "SecretKeyMissing");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"password\""),
+        "{condition}"
+    );
+}

@@ -356,3 +356,62 @@ fn plan_rejects_invalid_spec() -> Result<()> {
     );
     Ok(())
 }
+
+const PHONE_EXAMPLE_FILE: &str = "examples/conference-phone.yaml";
+
+#[test]
+fn phone_example_matches_the_crd_and_plans_valid_objects() -> Result<()> {
+    let example = workspace_root().join(PHONE_EXAMPLE_FILE);
+    let output = validate_against_crd(&[&example])?;
+    ensure!(
+        output.status.success(),
+        "{PHONE_EXAMPLE_FILE} does not match the CRD schema in {CRD_FILE}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Its Secret manifest is an ordinary, valid Secret.
+    kubernetes_validate_strict(&workspace_root().join("examples/pbx.yaml"))?;
+    // G.722 is gone from the schema: the validator refuses it.
+    let text = read_workspace_file(PHONE_EXAMPLE_FILE)?;
+    ensure!(
+        text.contains("codecs: [opus, PCMU, PCMA]"),
+        "{PHONE_EXAMPLE_FILE} no longer lists its codecs as this test expects"
+    );
+    let g722 = scratch_file(
+        "bad-phone-g722.yaml",
+        &text.replacen("codecs: [opus, PCMU, PCMA]", "codecs: [G722]", 1),
+    )?;
+    let output = validate_against_crd(&[&g722])?;
+    ensure!(
+        output.status.code() == Some(1)
+            && String::from_utf8_lossy(&output.stderr).contains("spec.telephony.codecs"),
+        "the CRD schema accepted codec G722:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let output = run_ok(&operator_bin()?, ["plan", "-f", PHONE_EXAMPLE_FILE])?;
+    let plan =
+        String::from_utf8(output.stdout).context("`chorus-operator plan` printed non-UTF-8")?;
+    kubernetes_validate_strict(&scratch_file("plan-phones.yaml", &plan)?)?;
+    // The mesh plan names the Secret and holds nothing of its content.
+    let objects = parse_stream(&plan)?;
+    let config_map: ConfigMap = serde_yaml::from_value(
+        find(&objects, "ConfigMap", &names::mesh_object("phones"))?
+            .value
+            .clone(),
+    )?;
+    let mesh_json = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(names::MESH_PLAN_KEY))
+        .context("the mesh ConfigMap has no mesh.json")?;
+    let mesh_plan = MeshPlan::from_json(mesh_json)?;
+    let telephony = mesh_plan
+        .telephony
+        .context("the phone example's plan has no telephony")?;
+    ensure!(telephony.credentials_secret.as_deref() == Some("pbx"));
+    ensure!(
+        !plan.contains("chorus-secret"),
+        "the plan carries the example's password"
+    );
+    Ok(())
+}

@@ -42,6 +42,9 @@ pub struct CliOptions {
     pub base_port: u16,
     /// Re-read the file every second and apply changes live.
     pub watch: bool,
+    /// Where the Secret manifests the Conference names are (`<name>.yaml`); `None` is the
+    /// Conference file's directory.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 /// Read and parse a Conference file.
@@ -56,10 +59,18 @@ pub fn read_conference_file(path: &Path) -> Result<(String, Conference), LocalEr
 /// Run until `stop` is cancelled, then stop every child and return.
 pub async fn run(options: CliOptions, stop: CancellationToken) -> Result<(), LocalError> {
     let (mut last_text, conf) = read_conference_file(&options.file)?;
+    let secrets_dir = options
+        .secrets_dir
+        .clone()
+        .unwrap_or_else(|| match options.file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        });
     let local_options = LocalOptions {
         workdir: options.workdir.clone(),
         mediaserver_bin: options.mediaserver_bin.clone(),
         base_port: options.base_port,
+        secrets_dir: Some(secrets_dir),
         ..LocalOptions::default()
     };
     // Ctrl-C during start-up drops the half-started conference, which stops what it started.
@@ -72,6 +83,7 @@ pub async fn run(options: CliOptions, stop: CancellationToken) -> Result<(), Loc
         local.name,
         local.workdir.display()
     );
+    print_sip_lines(&local);
 
     let setup = async {
         tokio::select! {
@@ -220,6 +232,22 @@ async fn print_join_lines(local: &LocalConference, room: &str) -> Result<(), Loc
         );
     }
     Ok(())
+}
+
+/// One line per server that dials phones: where its SIP endpoint listens (UDP and TCP), so a
+/// call manager's configuration or a packet capture can be pointed at it.
+fn print_sip_lines(local: &LocalConference) {
+    let Some(t) = local.mesh.telephony.as_ref() else {
+        return;
+    };
+    for server in &local.servers {
+        if let Some(sip) = server.sip {
+            println!(
+                "chorus: {} places phone calls through {} from SIP {sip} (UDP and TCP)",
+                server.id, t.call_manager_uri
+            );
+        }
+    }
 }
 
 fn report_deaths(local: &mut LocalConference) {

@@ -6,22 +6,29 @@
 //! - `tls/ca.crt`, `tls/<id>.crt`, `tls/<id>.key`: what a pod finds in its mounted mesh TLS Secret.
 //!   The CA's private key is never written: like in a cluster, no server holds it. The runtime keeps
 //!   it in memory to issue certificates for servers added later.
-//! - `join.key`: the join-token key, the text the `key` entry of the join-key Secret would hold.
+//! - `join.key`: the join-token key, the text the `key` entry of the join-key Secret would hold
+//!   (fresh, or the named `auth.joinKeySecretRef` Secret's key).
+//! - `sip-credentials/username`, `sip-credentials/password`: what a pod finds at
+//!   `/etc/chorus/sip-credentials`, copied from the telephony credentials Secret's manifest.
+//! - `sip-ca.crt`: the call manager's CA, when the telephony spec names a CA Secret.
 //! - `logs/<id>.log`, `logs/bot-<j>.log`: each child's stdout and stderr.
 //!
-//! Invariant: private keys and the join key are created with mode 0600 (the directory holding them
+//! Invariant: private keys, the join key and the SIP credentials are created with mode 0600 (the directory holding them
 //! 0700), before any content is written, so they are never readable by others, not even briefly.
 
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use chorus_crds::{MeshPlan, names};
+use std::collections::BTreeMap;
+
+use chorus_crds::{MeshPlan, TelephonyMode, TelephonySpec, names};
 use k8s_openapi::ByteString;
 use rand::RngCore as _;
 
 use super::LocalError;
 use super::layout::LocalNode;
+use super::secrets::LocalSecret;
 use crate::plan::ServerCert;
 use crate::secret_material::{self, MeshCa};
 
@@ -33,6 +40,10 @@ pub const JOIN_KEY_FILE: &str = "join.key";
 pub const TLS_DIR: &str = "tls";
 /// The log directory.
 pub const LOG_DIR: &str = "logs";
+/// The directory of the SIP credentials (`username`, `password`).
+pub const SIP_CREDENTIALS_DIR: &str = "sip-credentials";
+/// The call manager's CA certificate.
+pub const SIP_CA_FILE: &str = "sip-ca.crt";
 
 const PRIVATE_FILE: u32 = 0o600;
 const PUBLIC_FILE: u32 = 0o644;
@@ -151,6 +162,76 @@ pub fn write_join_key(workdir: &Path) -> Result<PathBuf, LocalError> {
     let path = workdir.join(JOIN_KEY_FILE);
     write_atomic(&path, &key.0, PRIVATE_FILE)?;
     Ok(path)
+}
+
+/// Write the join key the Conference names (`auth.joinKeySecretRef`) to `WORKDIR/join.key` (0600).
+pub fn write_join_key_value(workdir: &Path, key: &[u8]) -> Result<PathBuf, LocalError> {
+    let path = workdir.join(JOIN_KEY_FILE);
+    write_atomic(&path, key, PRIVATE_FILE)?;
+    Ok(path)
+}
+
+/// Where a server that dials phones finds the telephony Secrets' content on this machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SipFiles {
+    /// Holds the files `username` and `password` (0600, in a 0700 directory).
+    pub credentials_dir: PathBuf,
+    /// The call manager's CA certificate (PEM), when the spec names a CA Secret.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Copy the telephony Secrets into the working directory, as a pod's mounts would hold them:
+/// `sip-credentials/{username,password}` and `sip-ca.crt`. `None` when the servers dial no
+/// phones (no telephony, or edge mode).
+pub fn write_sip_files(
+    workdir: &Path,
+    telephony: Option<&TelephonySpec>,
+    secrets: &BTreeMap<String, LocalSecret>,
+) -> Result<Option<SipFiles>, LocalError> {
+    let Some(t) = telephony.filter(|t| t.mode == TelephonyMode::Server) else {
+        return Ok(None);
+    };
+    let lookup = |name: &str| {
+        secrets.get(name).ok_or_else(|| {
+            LocalError::SecretMaterial(format!("Secret {name:?} was not read before use"))
+        })
+    };
+    let creds_ref = t.credentials_secret_ref.as_ref().ok_or_else(|| {
+        LocalError::Input(
+            "telephony in server mode needs credentialsSecretRef (the SIP username and password)"
+                .to_owned(),
+        )
+    })?;
+    let creds = lookup(&creds_ref.name)?;
+    let purpose = "the SIP credentials (spec.telephony.credentialsSecretRef)";
+    let dir = workdir.join(SIP_CREDENTIALS_DIR);
+    match create_private_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            set_mode(&dir, PRIVATE_DIR).map_err(io_error("restricting", &dir))?;
+        }
+        Err(e) => return Err(io_error("creating", &dir)(e)),
+    }
+    for key in [names::SIP_USERNAME_KEY, names::SIP_PASSWORD_KEY] {
+        write_atomic(&dir.join(key), creds.value(key, purpose)?, PRIVATE_FILE)?;
+    }
+    let ca_file = match &t.ca_secret_ref {
+        Some(ca_ref) => {
+            let ca = lookup(&ca_ref.name)?;
+            let path = workdir.join(SIP_CA_FILE);
+            let pem = ca.value(
+                names::SIP_CA_KEY,
+                "the call manager's CA (spec.telephony.caSecretRef)",
+            )?;
+            write_atomic(&path, pem, PUBLIC_FILE)?;
+            Some(path)
+        }
+        None => None,
+    };
+    Ok(Some(SipFiles {
+        credentials_dir: dir,
+        ca_file,
+    }))
 }
 
 /// A fresh mesh CA, its certificate written to `WORKDIR/tls/ca.crt`. The CA key stays in memory.

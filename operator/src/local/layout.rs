@@ -9,7 +9,9 @@
 //!   starts. On a live update ([`layout`] with a previous layout) regions keep the address they had,
 //!   and a new region takes the lowest free one, so no running server ever has to move.
 //! - Server i (its ordinal) of a region listens on `http + i`, `udp + i` and `mesh + i` of its
-//!   region's address. Regions differ by address, so ports repeat across regions without clashing.
+//!   region's address, and, when it dials phones (telephony in server mode), on `sip + i` for SIP
+//!   over UDP and TCP. Regions differ by address, so ports repeat across regions without clashing,
+//!   and a call manager on `127.0.0.1` keeps its own 5060.
 //! - The local mesh plan has exactly the cluster plan's node ids, regions (same order), mixing,
 //!   transfer and telephony; only `mesh` and `signal` are local addresses.
 //! - The generation starts at 1 and moves exactly when [`MeshPlan::digest`] moves.
@@ -17,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use chorus_crds::{Conference, MeshPlan, names};
+use chorus_crds::{Conference, MeshPlan, TelephonyMode, names};
 
 use super::LocalError;
 use crate::plan::Plan;
@@ -28,6 +30,9 @@ pub const FIRST_REGION_OCTET: u8 = 2;
 /// The last usable octet: 127.0.0.255 is the /24's broadcast address on some systems.
 pub const LAST_REGION_OCTET: u8 = 254;
 
+/// SIP's well-known port, the schema's default for `telephony.sipPort`.
+pub const DEFAULT_SIP_PORT: u16 = 5060;
+
 /// The first port of each kind; server i of a region adds i.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ports {
@@ -37,16 +42,26 @@ pub struct Ports {
     pub udp: u16,
     /// UDP: the QUIC mesh.
     pub mesh: u16,
+    /// UDP and TCP: SIP, used only when the conference dials phones from its servers.
+    pub sip: u16,
 }
 
 impl Ports {
     /// The defaults: HTTP from `http` (8080 on the command line), media from the spec's `udpPort`
-    /// (40000 unless set), mesh from 7000, as in a cluster.
+    /// (40000 unless set), mesh from 7000, SIP from the spec's `telephony.sipPort` (5060 unless
+    /// set), as in a cluster.
     pub fn for_conference(conf: &Conference, http: u16) -> Self {
+        let sip = conf
+            .spec
+            .telephony
+            .as_ref()
+            .and_then(|t| u16::try_from(t.sip_port).ok())
+            .unwrap_or(DEFAULT_SIP_PORT);
         Self {
             http,
             udp: u16::try_from(conf.spec.media.udp_port).unwrap_or(40000),
             mesh: names::MESH_PORT,
+            sip,
         }
     }
 }
@@ -68,6 +83,9 @@ pub struct LocalNode {
     pub udp: SocketAddr,
     /// Mesh UDP address the server binds: `ip:mesh+ordinal`.
     pub mesh: SocketAddr,
+    /// SIP address (UDP and TCP): `ip:sip+ordinal`, when the conference dials phones from its
+    /// servers (telephony in server mode); `None` otherwise.
+    pub sip: Option<SocketAddr>,
     /// Its region's `maxParticipantsPerServer`.
     pub max_participants: u32,
 }
@@ -134,6 +152,12 @@ pub fn layout(
         })
         .collect();
 
+    let dials_phones = conf
+        .spec
+        .telephony
+        .as_ref()
+        .is_some_and(|t| t.mode == TelephonyMode::Server);
+
     // The plan lists nodes region by region in ordinal order (MeshPlan invariant), so counting the
     // nodes already seen in a region gives the ordinal without parsing ids.
     let mut seen_in_region: HashMap<&str, u16> = HashMap::new();
@@ -160,7 +184,7 @@ pub fn layout(
                     ))
                 })
         };
-        nodes.push(LocalNode {
+        let local = LocalNode {
             id: node.id.clone(),
             region: node.region.clone(),
             ordinal,
@@ -168,11 +192,28 @@ pub fn layout(
             http: port(ports.http, "HTTP")?,
             udp: port(ports.udp, "media UDP")?,
             mesh: port(ports.mesh, "mesh UDP")?,
+            sip: if dials_phones {
+                Some(port(ports.sip, "SIP")?)
+            } else {
+                None
+            },
             max_participants: max_participants
                 .get(node.region.as_str())
                 .copied()
                 .unwrap_or(1),
-        });
+        };
+        // SIP uses UDP and TCP on one port, so it must miss every other port of the server.
+        if let Some(sip) = local.sip
+            && [local.http, local.udp, local.mesh].contains(&sip)
+        {
+            return Err(LocalError::Layout(format!(
+                "{} would use port {} for SIP and for another of its ports; choose another \
+                 telephony.sipPort",
+                local.id,
+                sip.port()
+            )));
+        }
+        nodes.push(local);
     }
     Ok(LocalLayout { regions, nodes })
 }

@@ -17,8 +17,8 @@
 //!   The watch is opt-in because a server run by hand or in a pod often has no standard input at
 //!   all, and must not take that for its parent's death.
 //! - A child is only ever signalled while it is unreaped, so its pid cannot have been reused.
-//! - Secrets never go on a command line (visible in `ps`): the join key is a file path, a bot's
-//!   token travels in its environment.
+//! - Secrets never go on a command line (visible in `ps`): the join key and the SIP credentials
+//!   are file paths, a bot's token travels in its environment.
 //! - The user's `CHORUS_*` environment does not leak into children: local mode configures servers
 //!   by flags only, and a stray `CHORUS_JOIN_KEY` must not silently change which key they trust.
 
@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
 use super::LocalError;
-use super::files::{JOIN_KEY_FILE, MESH_PLAN_FILE, TLS_DIR, io_error};
+use super::files::{JOIN_KEY_FILE, MESH_PLAN_FILE, SipFiles, TLS_DIR, io_error};
 use super::layout::LocalNode;
 
 /// The media server's binary name.
@@ -102,8 +102,15 @@ pub fn resolve_binary(
 ///
 /// No mixing flags: mixing belongs to the mesh plan's `mixing` block (`mesh.json` here, the
 /// ConfigMap in a cluster, whose pods get no mixing flags either). A flag would be a second source
-/// that keeps its start-up value while the plan moves on.
-pub fn serve_args(node: &LocalNode, conference: &str, workdir: &Path) -> Vec<OsString> {
+/// that keeps its start-up value while the plan moves on. Telephony settings likewise come from the
+/// plan; only where SIP listens and where its secrets lie are flags (`--sip-addr`,
+/// `--sip-credentials-dir`, `--sip-ca-file`), as in a pod they are its environment and mounts.
+pub fn serve_args(
+    node: &LocalNode,
+    conference: &str,
+    workdir: &Path,
+    sip: Option<&SipFiles>,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut flag = |name: &str, value: OsString| {
         args.push(name.into());
@@ -123,6 +130,16 @@ pub fn serve_args(node: &LocalNode, conference: &str, workdir: &Path) -> Vec<OsS
         "--max-participants",
         node.max_participants.to_string().into(),
     );
+    if let (Some(addr), Some(files)) = (node.sip, sip) {
+        flag("--sip-addr", addr.to_string().into());
+        flag(
+            "--sip-credentials-dir",
+            files.credentials_dir.clone().into(),
+        );
+        if let Some(ca) = &files.ca_file {
+            flag("--sip-ca-file", ca.clone().into());
+        }
+    }
     let mut out = vec![OsString::from("serve")];
     out.extend(args);
     out
@@ -163,8 +180,10 @@ pub fn spawn_logged(
         env::UDP_PORT,
         env::MAX_PARTICIPANTS,
         env::JOIN_KEY,
-        env::SIP_USERNAME,
-        env::SIP_PASSWORD,
+        env::SIP_CREDENTIALS_DIR,
+        env::SIP_CA_FILE,
+        env::SIP_PORT,
+        env::EDGE_TOKEN_FILE,
     ] {
         cmd.env_remove(name);
     }
