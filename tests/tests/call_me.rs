@@ -327,3 +327,137 @@ async fn a_phone_called_in_one_region_is_heard_in_another() -> Result<()> {
     ensure!(rig.hang_up(0, ROOM, "uma", id).await? == 202);
     Ok(())
 }
+
+/// Test 8: as a user would. `chorus-operator local -f conf.yaml` with a `telephony` block pointing
+/// at a Kamailio on loopback and `pbx.yaml` (a Secret manifest) beside it; a participant joins with
+/// the printed join URL's token, `POST`s a call to 1001 and polls until it is active; the phone
+/// hears the participant and the participant's room hears the phone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+    let kam = chorus_tests::telephony::Kamailio::start()?;
+    let phone = Baresip::start(&kam, BaresipOptions::phone("1001").tone(440.0))?;
+    let dir = std::env::temp_dir().join(format!(
+        "chorus-local-phone-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let sip_port = chorus_tests::free_udp_addr()?.port();
+    std::fs::write(
+        dir.join("conf.yaml"),
+        format!(
+            "apiVersion: chorus.dev/v1alpha1\nkind: Conference\nmetadata:\n  name: phones\n\
+             spec:\n  regions:\n    - name: local\n      replicas: 1\n      nodeSelector: {{}}\n  \
+             media:\n    udpPort: 43100\n  \
+             telephony:\n    callManagerUri: {}\n    credentialsSecretRef:\n      name: pbx\n    \
+             codecs: [PCMU]\n    sipPort: {sip_port}\n",
+            kam.uri()
+        ),
+    )?;
+    std::fs::write(
+        dir.join("pbx.yaml"),
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: pbx\nstringData:\n  username: chorus\n  \
+         password: chorus-secret\n",
+    )?;
+    let mut child = tokio::process::Command::new(chorus_tests::operator_bin()?)
+        .args(["local", "-f"])
+        .arg(dir.join("conf.yaml"))
+        .args(["--base-port", "29180", "--room", "phoneroom", "--workdir"])
+        .arg(dir.join("work"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let join_line = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.starts_with("chorus: join at ") {
+                return anyhow::Ok(line);
+            }
+        }
+        anyhow::bail!("chorus-operator local ended before printing a join URL")
+    })
+    .await
+    .context("no join URL within 60 s")??;
+    let url = join_line
+        .trim_start_matches("chorus: join at ")
+        .split(' ')
+        .next()
+        .context("join URL")?
+        .to_owned();
+    let parsed = reqwest::Url::parse(&url)?;
+    let base = format!(
+        "http://{}:{}",
+        parsed.host_str().context("host")?,
+        parsed.port().context("port")?
+    );
+    let token = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .context("token")?;
+    let caller = Bot::join_http(
+        &base,
+        "phoneroom",
+        &token,
+        BotConfig::new(tone(1000.0, -20.0)),
+    )
+    .await?;
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{base}/v1/rooms/phoneroom/calls"))
+        .bearer_auth(&token)
+        .json(&json!({"to": "1001", "participantId": participant_id(&caller)?, "audio": "add"}))
+        .send()
+        .await?;
+    ensure!(res.status() == 202, "create: {}", res.status());
+    let location = res
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .context("Location")?
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let call: Value = http
+            .get(format!("{base}{location}"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if call["state"] == "active" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline && call["state"] != "ended",
+            "the call did not become active: {call}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let heard = caller.heard(&[440.0]);
+    ensure!(
+        heard.contains(&440),
+        "the caller hears the phone: {heard:?}"
+    );
+    let res = http
+        .delete(format!("{base}{location}"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    ensure!(res.status() == 202, "DELETE: {}", res.status());
+    phone
+        .wait_event("CALL_CLOSED", Duration::from_secs(5))
+        .await?;
+    let levels = tone_levels(&phone.recording()?, &[440.0, 1000.0])?;
+    ensure!(
+        levels[1] > -30.0 && levels[1] > levels[0] + 15.0,
+        "the phone hears the caller: {levels:?}"
+    );
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

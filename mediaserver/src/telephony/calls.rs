@@ -433,6 +433,8 @@ struct Live {
     dialog_id: Option<DialogId>,
     cancel_pending: bool,
     dialog: Option<InviteDialog>,
+    /// A final response (of any class) has arrived.
+    finished_signalling: bool,
     leg: Option<PhoneLeg>,
     params: Option<LegParams>,
     phone: Option<ParticipantId>,
@@ -451,6 +453,7 @@ impl CallJob {
             dialog_id: None,
             cancel_pending: false,
             dialog: None,
+            finished_signalling: false,
             leg: None,
             params: None,
             phone: None,
@@ -504,9 +507,10 @@ impl CallJob {
                 self.perform(&mut live, actions).await;
             }
         }
-        // A 200 OK may still arrive for a call we cancelled: the machine asks for its BYE.
+        // A 200 OK may still arrive for a call we cancelled before any final response: it gets
+        // its BYE. A call whose final response came has nothing more to wait for.
         if let Some(mut events) = sip
-            && live.dialog.is_none()
+            && !live.finished_signalling
             && live.dialog_id.is_some()
         {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -624,6 +628,7 @@ impl CallJob {
                 dialog,
             } => {
                 metrics.sip_response(status);
+                live.finished_signalling = true;
                 if let Some(since) = live.ringing_since {
                     metrics
                         .ringing_seconds

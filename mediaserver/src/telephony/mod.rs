@@ -228,24 +228,14 @@ impl TelephonySettings {
             },
             max_concurrent_calls: usize::try_from(plan.max_concurrent_calls).unwrap_or(1),
             max_calls_per_identity: usize::try_from(plan.max_calls_per_identity).unwrap_or(1),
-            allowed_targets: compile_targets(&plan.allowed_targets)?,
+            // The plan's own matchers: "matches the whole user part" is defined once, in the CRD
+            // crate, for the operator's check and for dialling alike.
+            allowed_targets: plan
+                .allowed_target_matchers()
+                .map_err(|e| TelephonyError::Config(e.to_string()))?,
             line,
         })
     }
-}
-
-/// Compile `allowedTargets` patterns, each anchored so it must match the whole user part.
-pub fn compile_targets(patterns: &[String]) -> Result<Vec<Regex>, TelephonyError> {
-    patterns
-        .iter()
-        .map(|p| {
-            Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                TelephonyError::Config(format!(
-                    "allowedTargets pattern {p:?} does not compile: {e}"
-                ))
-            })
-        })
-        .collect()
 }
 
 /// Read the line's credentials from a directory holding `username` and `password` (the
@@ -288,28 +278,34 @@ fn secs(n: u32) -> Duration {
 mod tests {
     use super::*;
 
-    fn settings(patterns: &[&str]) -> TelephonySettings {
-        TelephonySettings {
-            manager: CallManager::parse("sip:pbx.example.com:5060", "udp").unwrap(),
-            line: LineCredentials {
-                username: "chorus".into(),
-                password: "pw".into(),
-            },
+    fn plan(patterns: &[&str]) -> chorus_crds::MeshTelephony {
+        chorus_crds::MeshTelephony {
+            call_manager_uri: "sip:pbx.example.com:5060".into(),
+            transport: chorus_crds::SipTransport::Udp,
             caller_id: None,
-            codecs: vec![PhoneCodec::Pcmu],
-            encryption: MediaEncryption::Optional,
-            timeouts: CallTimeouts {
-                ring: secs(30),
-                media: secs(10),
-                max_call: secs(3600),
-            },
+            codecs: vec![chorus_crds::PhoneCodec::Pcmu],
+            mode: chorus_crds::TelephonyMode::Server,
+            media_encryption: chorus_crds::MediaEncryption::Optional,
+            ring_timeout_seconds: 30,
+            media_timeout_seconds: 10,
+            max_call_seconds: 3600,
             max_concurrent_calls: 2,
             max_calls_per_identity: 1,
-            allowed_targets: compile_targets(
-                &patterns.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            )
-            .unwrap(),
+            allowed_targets: patterns.iter().map(|s| s.to_string()).collect(),
+            sip_port: 5060,
+            credentials_secret: Some("pbx".into()),
         }
+    }
+
+    fn settings(patterns: &[&str]) -> TelephonySettings {
+        let line = LineCredentials {
+            username: "chorus".into(),
+            password: "pw".into(),
+        };
+        let s = TelephonySettings::from_plan(&plan(patterns), line).unwrap();
+        assert_eq!(s.codecs, vec![PhoneCodec::Pcmu]);
+        assert_eq!(s.timeouts.ring, secs(30));
+        s
     }
 
     #[test]
@@ -343,8 +339,12 @@ mod tests {
 
     #[test]
     fn a_pattern_that_does_not_compile_is_refused_by_name() {
-        let err = compile_targets(&["(".to_owned()]).unwrap_err();
-        assert!(err.to_string().contains("\"(\""), "{err}");
+        let line = LineCredentials {
+            username: "chorus".into(),
+            password: "pw".into(),
+        };
+        let err = TelephonySettings::from_plan(&plan(&["("]), line).unwrap_err();
+        assert!(err.to_string().contains("allowedTargets"), "{err}");
     }
 
     #[test]
