@@ -7,7 +7,7 @@
 //! - `DELETE /v1/rooms/{room}/participants/{id}`: the same token; `204`.
 //! - `GET /v1/rooms/{room}`: the same token; participants and active speakers as JSON.
 //! - `/v1/rooms/{room}/calls...`: "call me", a participant's desk phone brought into the room
-//!   (see [`calls`]).
+//!   (see `api/calls.rs`).
 //! - `GET /`: the web client. `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Every refusal is JSON `{"error": <message>, "reason": <static code>}` with a 4xx/5xx status, and is

@@ -239,7 +239,7 @@ impl Kamailio {
     }
 
     /// Stops Kamailio (SIGTERM to its process group, which it passes on to its workers; SIGKILL
-    /// to the group after [`STOP_GRACE`]) and starts it again on the same ports and files. Every
+    /// to the group after `STOP_GRACE`) and starts it again on the same ports and files. Every
     /// binding and every account added at run time is gone afterwards.
     pub fn restart(&mut self) -> Result<()> {
         self.spawn_and_wait()

@@ -402,22 +402,26 @@ fn leg_port(log: &str) -> Option<u16> {
     log.lines()
         .filter_map(|l| l.split_once("receiving from 127.0.0.1:"))
         .filter_map(|(_, port)| port.trim().parse().ok())
-        .last()
+        .next_back()
 }
 
 /// One garbage datagram: random bytes of a random length, or (every fourth) something that
 /// looks like RTP (version 2, PCMU or a random payload type, a random SSRC) with a random payload.
 fn garbage(rng: &mut impl Rng, i: usize) -> Vec<u8> {
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         let mut packet = vec![0u8; 12 + rng.random_range(0..200)];
         rng.fill_bytes(&mut packet);
         packet[0] = 0x80;
-        packet[1] = if i % 8 == 0 { 0 } else { packet[1] & 0x7F };
+        packet[1] = if i.is_multiple_of(8) {
+            0
+        } else {
+            packet[1] & 0x7F
+        };
         packet
     } else {
         let mut bytes = vec![0u8; rng.random_range(0..1400)];
         rng.fill_bytes(&mut bytes);
-        if i % 5 == 0 && bytes.len() > 8 {
+        if i.is_multiple_of(5) && bytes.len() > 8 {
             // A start line that looks like SIP, then noise.
             bytes[..8].copy_from_slice(b"INVITE s");
         }

@@ -56,7 +56,7 @@ const VOICE_DBOV: f32 = -50.0;
 /// What the leg tells its call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LegEvent {
-    /// Media arrived from the phone (at most every [`MEDIA_REPORT`]).
+    /// Media arrived from the phone (reported at most every 200 ms).
     Media,
     /// The phone sent a DTMF key press.
     Dtmf(char),
