@@ -142,6 +142,26 @@ async fn g711_call_both_ways_through_kamailio() -> Result<()> {
     Ok(())
 }
 
+/// Hangs call `id` up from the web side, waits for the phone to close it, and checks the phone's
+/// recording is dominated by the caller's 1000 Hz over its own 440 Hz.
+async fn hang_up_and_check_phone_heard_caller(
+    rig: &CallMeRig,
+    who: &str,
+    id: u64,
+    phone: &Baresip,
+) -> Result<()> {
+    ensure!(rig.hang_up(0, ROOM, who, id).await? == 202, "DELETE");
+    phone
+        .wait_event("CALL_CLOSED", Duration::from_secs(5))
+        .await?;
+    let levels = tone_levels(&phone.recording()?, &[440.0, 1000.0])?;
+    ensure!(
+        levels[1] > -30.0 && levels[1] > levels[0] + 15.0,
+        "the phone hears the caller's 1000 Hz, not its own 440 Hz: {levels:?}"
+    );
+    Ok(())
+}
+
 /// Places a call from `caller` (identity `who`, on server `i`) to `to`, waits until it is active
 /// and returns its id.
 async fn call_active(rig: &CallMeRig, i: usize, who: &str, caller: &Bot, to: &str) -> Result<u64> {
@@ -190,15 +210,7 @@ async fn opus_phone_passes_through_without_transcoding() -> Result<()> {
         heard.contains(&440),
         "the listener hears the phone: {heard:?}"
     );
-    ensure!(rig.hang_up(0, ROOM, "olga", id).await? == 202);
-    phone
-        .wait_event("CALL_CLOSED", Duration::from_secs(5))
-        .await?;
-    let levels = tone_levels(&phone.recording()?, &[440.0, 1000.0])?;
-    ensure!(
-        levels[1] > -30.0 && levels[1] > levels[0] + 15.0,
-        "the Opus phone hears 1000 Hz: {levels:?}"
-    );
+    hang_up_and_check_phone_heard_caller(&rig, "olga", id, &phone).await?;
     let metrics = rig.metrics(0).await?;
     ensure!(
         !metrics.contains("chorus_phone_transcodes_total{"),
@@ -238,15 +250,7 @@ async fn tls_signalling_with_required_srtp() -> Result<()> {
         heard.contains(&440),
         "the listener hears the phone over SRTP: {heard:?}"
     );
-    ensure!(rig.hang_up(0, ROOM, "tess", id).await? == 202);
-    phone
-        .wait_event("CALL_CLOSED", Duration::from_secs(5))
-        .await?;
-    let levels = tone_levels(&phone.recording()?, &[440.0, 1000.0])?;
-    ensure!(
-        levels[1] > -30.0 && levels[1] > levels[0] + 15.0,
-        "the phone hears 1000 Hz over SRTP: {levels:?}"
-    );
+    hang_up_and_check_phone_heard_caller(&rig, "tess", id, &phone).await?;
     ensure!(
         phone.log().contains("SRTP is Enabled"),
         "the phone's log shows SRTP:\n{}",

@@ -358,21 +358,8 @@ impl Rooms {
         id: ParticipantId,
         muted: bool,
     ) -> Result<(), JoinError> {
-        let commands = self
-            .registry
-            .lock()
-            .get(room)
-            .map(|h| h.commands.clone())
-            .ok_or(JoinError::NotFound)?;
-        let (done, found) = oneshot::channel();
-        commands
-            .send(Command::Mute { id, muted, done })
+        self.ask_member(room, |done| Command::Mute { id, muted, done })
             .await
-            .map_err(|_| JoinError::NotFound)?;
-        match found.await {
-            Ok(true) => Ok(()),
-            _ => Err(JoinError::NotFound),
-        }
     }
 
     /// Whether participant `id` is in `room` now (as the last roster snapshot shows).
@@ -428,6 +415,16 @@ impl Rooms {
 
     /// Remove participant `id` from `room`.
     pub async fn leave(&self, room: &str, id: ParticipantId) -> Result<(), JoinError> {
+        self.ask_member(room, |done| Command::Leave { id, done })
+            .await
+    }
+
+    /// Send `room` a command about one member and wait for whether the member was there.
+    async fn ask_member(
+        &self,
+        room: &str,
+        command: impl FnOnce(oneshot::Sender<bool>) -> Command,
+    ) -> Result<(), JoinError> {
         let commands = self
             .registry
             .lock()
@@ -436,7 +433,7 @@ impl Rooms {
             .ok_or(JoinError::NotFound)?;
         let (done, found) = oneshot::channel();
         commands
-            .send(Command::Leave { id, done })
+            .send(command(done))
             .await
             .map_err(|_| JoinError::NotFound)?;
         match found.await {
