@@ -714,3 +714,55 @@ async fn no_telephony_no_calls() -> Result<()> {
     drop(caller);
     Ok(())
 }
+
+/// Leaving and shutting down hang phones up with a real BYE: the participant leaving ends its
+/// active call (`hangup`) and the phone sees the call close; another participant's phone, still
+/// up when the server is stopped, is hung up by the shutdown before the SIP transport stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_and_shutdown_hang_phones_up() -> Result<()> {
+    let mut rig = CallMeRig::start(
+        &["us"],
+        |kam| telephony_plan(kam, SipTransport::Udp),
+        CHORUS_PASSWORD,
+    )
+    .await?;
+    let first = Baresip::start(&rig.kam, BaresipOptions::phone("1001").tone(440.0))?;
+    let second = Baresip::start(&rig.kam, BaresipOptions::phone("1002").tone(440.0))?;
+    let leaver = join(&rig, "leo", tone(1000.0, -20.0)).await?;
+    let stayer = join(&rig, "stan", tone(700.0, -20.0)).await?;
+    let leaving_call = place(
+        &rig,
+        "leo",
+        &json!({"to": "1001", "participantId": participant_id(&leaver)?}),
+    )
+    .await?;
+    let staying_call = place(
+        &rig,
+        "stan",
+        &json!({"to": "1002", "participantId": participant_id(&stayer)?}),
+    )
+    .await?;
+    for (who, id) in [("leo", leaving_call), ("stan", staying_call)] {
+        rig.wait_state(0, ROOM, who, id, "active", Duration::from_secs(15))
+            .await?;
+    }
+    // The participant leaves (its DELETE): its phone is hung up.
+    leaver.leave(&[]).await?;
+    let call = ended(&rig, "leo", leaving_call, Duration::from_secs(3)).await?;
+    ensure!(call["endReason"] == "hangup", "{call}");
+    first
+        .wait_event("CALL_CLOSED", Duration::from_secs(3))
+        .await
+        .context("the leaver's phone got its BYE")?;
+    // The other call is untouched by that.
+    let call = rig.call(0, ROOM, "stan", staying_call).await?;
+    ensure!(call["state"] == "active", "{call}");
+    // The server stops: the remaining phone is hung up too.
+    rig.cluster.kill(0);
+    second
+        .wait_event("CALL_CLOSED", Duration::from_secs(4))
+        .await
+        .context("the phone got a BYE at server shutdown")?;
+    drop(stayer);
+    Ok(())
+}

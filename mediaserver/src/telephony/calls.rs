@@ -492,11 +492,11 @@ impl CallJob {
                     }
                 },
                 _ = tick.tick() => {
-                    if live.machine.state() == CallState::Active
-                        && !self.calls.inner.rooms.is_member(&self.room, self.owner)
+                    // The owner left (or its room closed): the phone goes too, ringing or not.
+                    if !self.calls.inner.rooms.is_member(&self.room, self.owner)
                         && !self.hangup.is_cancelled()
                     {
-                        tracing::info!(call = self.id, "the participant left; hanging up its phone");
+                        tracing::info!(call = self.id, "the participant left; ending its phone call");
                         self.hangup.cancel();
                     }
                     Some(CallInput::Tick)
