@@ -123,7 +123,8 @@ pub struct TelephonySettings {
     pub manager: CallManager,
     /// The line's credentials.
     pub line: LineCredentials,
-    /// Shown on the phone.
+    /// The display name shown on the phone (from the plan's `callerId`, see
+    /// [`caller_display_name`]).
     pub caller_id: Option<String>,
     /// Offered codecs, in order of preference.
     pub codecs: Vec<PhoneCodec>,
@@ -214,7 +215,7 @@ impl TelephonySettings {
         }
         Ok(Self {
             manager: CallManager::parse(&plan.call_manager_uri, transport)?,
-            caller_id: plan.caller_id.clone(),
+            caller_id: plan.caller_id.as_deref().and_then(caller_display_name),
             codecs,
             encryption: match plan.media_encryption {
                 Enc::Disabled => MediaEncryption::Disabled,
@@ -236,6 +237,25 @@ impl TelephonySettings {
             line,
         })
     }
+}
+
+/// The display name of a `callerId`: the quoted or bare name of `"Chorus" <sip:chorus@pbx>`, or
+/// the whole value when it is only a name. The address part is not ours to choose: calls come from
+/// the line's own address of record, which the call manager authenticates. `None` when no name
+/// remains.
+pub fn caller_display_name(caller_id: &str) -> Option<String> {
+    let name = match caller_id.split_once('<') {
+        Some((name, _)) => name,
+        None if caller_id.contains(':') => "",
+        None => caller_id,
+    };
+    let name = name.trim().trim_matches('"').trim();
+    // A quote or a control character would break the From header it goes into.
+    let name: String = name
+        .chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Read the line's credentials from a directory holding `username` and `password` (the
@@ -372,6 +392,27 @@ mod tests {
         let err = read_credentials(&dir).unwrap_err();
         assert!(err.to_string().contains("password"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn caller_ids_become_display_names() {
+        assert_eq!(
+            caller_display_name("\"Chorus\" <sip:chorus@127.0.0.1>").as_deref(),
+            Some("Chorus")
+        );
+        assert_eq!(
+            caller_display_name("Town hall <sip:x@y>").as_deref(),
+            Some("Town hall")
+        );
+        assert_eq!(caller_display_name("Chorus").as_deref(), Some("Chorus"));
+        assert_eq!(caller_display_name("sip:chorus@pbx"), None);
+        assert_eq!(caller_display_name("<sip:chorus@pbx>"), None);
+        // Nothing that could end the header survives.
+        assert_eq!(
+            caller_display_name("Ev\"il\r\nX-Injected <sip:a@b>").as_deref(),
+            Some("EvilX-Injected")
+        );
+        assert_eq!(caller_display_name("Evil\r\nVia: x"), None);
     }
 
     #[test]
