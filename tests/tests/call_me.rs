@@ -465,3 +465,35 @@ async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// SIP over TCP to a call manager that hides where phones are (the line's binding query gets 403):
+/// the INVITE goes to the address of record through the proxy, whose location lookup routes it;
+/// tones both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> {
+    let rig = CallMeRig::start(
+        &["us"],
+        |kam| telephony_plan(kam, SipTransport::Tcp),
+        CallMeRig::password(),
+    )
+    .await?;
+    rig.kam
+        .refuse_binding_query(chorus_tests::telephony::CHORUS_USER)?;
+    let phone = Baresip::start(&rig.kam, BaresipOptions::phone("1002").tone(440.0))?;
+    let caller = join(&rig, 0, "tom", tone(1000.0, -20.0)).await?;
+    let listener = join(&rig, 0, "lars", AudioSource::Silence).await?;
+    let id = call_active(&rig, 0, "tom", &caller, "1002").await?;
+    let call = rig.call(0, ROOM, "tom", id).await?;
+    ensure!(
+        call["routing"]["method"] == "proxy" && call["routing"]["queryStatus"] == 403,
+        "the refused query sends the call through the proxy: {call}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let heard = listener.heard(&[440.0, 1000.0]);
+    ensure!(
+        heard.contains(&440),
+        "the listener hears the phone: {heard:?}"
+    );
+    hang_up_and_check_phone_heard_caller(&rig, "tom", id, &phone).await?;
+    Ok(())
+}
