@@ -36,7 +36,9 @@ use tokio::sync::mpsc;
 
 use crate::media::AudioLevel;
 
-pub use port::{MediaPort, PeerHandle, PeerLink, PeerSender, PortConfig, PortStats};
+pub use port::{
+    MediaPort, PeerHandle, PeerLink, PeerSender, PlainRoute, PlainSender, PortConfig, PortStats,
+};
 
 /// One Opus frame received from a participant, as it arrived (no jitter buffering here).
 #[derive(Debug, Clone, PartialEq, Eq)]

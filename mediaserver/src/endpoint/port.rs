@@ -150,6 +150,20 @@ enum Command {
     Close {
         peer: u64,
     },
+    /// Route RTP and RTCP from `remote` (a phone leg's answered address) to `inbox`.
+    RoutePlain {
+        remote: SocketAddr,
+        inbox: mpsc::Sender<(Bytes, Instant)>,
+    },
+    /// Stop routing `remote`.
+    UnroutePlain {
+        remote: SocketAddr,
+    },
+    /// Send one datagram as it is (a phone leg's RTP or SRTP).
+    SendPlain {
+        to: SocketAddr,
+        datagram: Bytes,
+    },
 }
 
 /// The shared UDP media port. Cheap to share behind an `Arc`; dropping it does not stop the
@@ -173,6 +187,11 @@ impl std::fmt::Debug for Command {
                 write!(f, "FanOut({} peers, {samples})", peers.len())
             }
             Command::Close { peer } => write!(f, "Close({peer})"),
+            Command::RoutePlain { remote, .. } => write!(f, "RoutePlain({remote})"),
+            Command::UnroutePlain { remote } => write!(f, "UnroutePlain({remote})"),
+            Command::SendPlain { to, datagram } => {
+                write!(f, "SendPlain({to}, {} bytes)", datagram.len())
+            }
         }
     }
 }
@@ -313,6 +332,7 @@ impl MediaPort {
             sessions: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            plain: HashMap::new(),
             timers: BTreeSet::new(),
             commands: command_rx,
             counters: Arc::clone(&counters),
@@ -446,6 +466,24 @@ impl MediaPort {
         })
     }
 
+    /// Route RTP and RTCP arriving from `remote` to the returned queue, until the returned
+    /// route is dropped: a phone leg's media shares the server's one UDP port (one port per pod
+    /// is all Kubernetes exposes). Only that exact address is routed, and only once WebRTC
+    /// sessions have not claimed it; anything else from elsewhere stays unroutable and counted.
+    pub async fn route_plain(&self, remote: SocketAddr) -> Result<PlainRoute, EndpointError> {
+        let (inbox, inbound) = mpsc::channel(PLAIN_QUEUE);
+        self.commands
+            .send(Command::RoutePlain { remote, inbox })
+            .await
+            .map_err(|_| EndpointError::PortClosed)?;
+        Ok(PlainRoute {
+            remote,
+            inbound,
+            commands: self.commands.clone(),
+            counters: Arc::clone(&self.counters),
+        })
+    }
+
     /// Closes participant `peer`, as [`PeerHandle::close`] does.
     pub fn close_peer(&self, peer: u64) {
         close_peer(&self.commands, peer);
@@ -470,6 +508,65 @@ impl MediaPort {
     }
 }
 
+/// Datagrams waiting for a phone leg before new ones are dropped (about a second of G.711).
+const PLAIN_QUEUE: usize = 64;
+
+/// Plain RTP to and from one remote address through the port ([`MediaPort::route_plain`]).
+/// Dropping it stops the routing.
+#[derive(Debug)]
+pub struct PlainRoute {
+    remote: SocketAddr,
+    /// Datagrams from the remote, with their arrival.
+    pub inbound: mpsc::Receiver<(Bytes, Instant)>,
+    commands: mpsc::Sender<Command>,
+    counters: Arc<Counters>,
+}
+
+impl PlainRoute {
+    /// A sender of datagrams to the remote, from the port's address.
+    pub fn sender(&self) -> PlainSender {
+        PlainSender {
+            to: self.remote,
+            commands: self.commands.clone(),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+}
+
+impl Drop for PlainRoute {
+    fn drop(&mut self) {
+        let _ = self.commands.try_send(Command::UnroutePlain {
+            remote: self.remote,
+        });
+    }
+}
+
+/// Sends datagrams to a routed remote. Never waits.
+#[derive(Debug, Clone)]
+pub struct PlainSender {
+    to: SocketAddr,
+    commands: mpsc::Sender<Command>,
+    counters: Arc<Counters>,
+}
+
+impl PlainSender {
+    /// Queue one datagram; fails at once (dropping it) when the port's queue is full.
+    pub fn send(&self, datagram: Bytes) -> Result<(), EndpointError> {
+        self.commands
+            .try_send(Command::SendPlain {
+                to: self.to,
+                datagram,
+            })
+            .map_err(|err| {
+                bump(&self.counters.outbound_dropped, 1);
+                match err {
+                    mpsc::error::TrySendError::Full(_) => EndpointError::SendQueueFull,
+                    mpsc::error::TrySendError::Closed(_) => EndpointError::PortClosed,
+                }
+            })
+    }
+}
+
 /// The port's task: owns the socket and every session.
 struct Driver {
     socket: UdpSocket,
@@ -478,6 +575,8 @@ struct Driver {
     sessions: HashMap<u64, Session>,
     by_ufrag: HashMap<String, u64>,
     by_addr: HashMap<SocketAddr, u64>,
+    /// Phone legs' answered addresses and where their datagrams go.
+    plain: HashMap<SocketAddr, mpsc::Sender<(Bytes, Instant)>>,
     /// (deadline, peer) for every session's next timer.
     timers: BTreeSet<(Instant, u64)>,
     commands: mpsc::Receiver<Command>,
@@ -558,6 +657,18 @@ impl Driver {
                     return;
                 }
                 by_ufrag.or_else(|| self.by_addr.get(&from).copied())
+            }
+            Ok(Datagram::Rtp | Datagram::Rtcp) if !self.by_addr.contains_key(&from) => {
+                if let Some(inbox) = self.plain.get(&from) {
+                    if inbox
+                        .try_send((Bytes::copy_from_slice(datagram), now))
+                        .is_err()
+                    {
+                        bump(&self.counters.inbound_dropped, 1);
+                    }
+                    return;
+                }
+                None
             }
             Ok(Datagram::Stun | Datagram::Dtls | Datagram::Rtp | Datagram::Rtcp) => {
                 self.by_addr.get(&from).copied()
@@ -645,6 +756,15 @@ impl Driver {
                 }
             }
             Command::Close { peer } => self.remove(peer, PeerState::Closed),
+            Command::RoutePlain { remote, inbox } => {
+                self.plain.insert(remote, inbox);
+            }
+            Command::UnroutePlain { remote } => {
+                self.plain.remove(&remote);
+            }
+            Command::SendPlain { to, datagram } => {
+                self.outgoing.push((to, BytesMut::from(&datagram[..])));
+            }
         }
     }
 

@@ -275,6 +275,11 @@ impl Rooms {
         }
     }
 
+    /// The server's media port (phone legs route their RTP through it).
+    pub fn media_port(&self) -> Arc<MediaPort> {
+        self.port.clone()
+    }
+
     /// The mixing settings rooms run now.
     pub fn mixing(&self) -> MixerConfig {
         *self.mixing.borrow()

@@ -584,10 +584,10 @@ impl CallJob {
         };
         let direct = info.method == "binding";
         self.info.send_modify(|i| i.routing = Some(info));
-        let leg = PhoneLeg::bind(self.agent.public_ip()).await?;
+        let leg = PhoneLeg::on_port(self.calls.inner.rooms.media_port());
         let srtp = s.offers_srtp().then(|| SdesKey::generate(&mut rand::rng()));
         let offer = OfferParams {
-            address: self.agent.public_ip(),
+            address: leg.local_addr().ip(),
             port: leg.local_addr().port(),
             codecs: s.codecs.clone(),
             session_id: self.id,
@@ -736,6 +736,12 @@ impl CallJob {
             .params
             .clone()
             .ok_or_else(|| TelephonyError::Sip("no negotiated media".to_owned()))?;
+        let remote = params
+            .answer
+            .as_ref()
+            .map(|a| a.remote)
+            .ok_or_else(|| TelephonyError::Sip("no answer".to_owned()))?;
+        let route = leg.route(remote).await?;
         let events = live.leg_events.clone();
         let metrics = self.calls.inner.metrics.clone();
         let codec = params.answer.as_ref().map(|a| a.codec.name());
@@ -749,7 +755,7 @@ impl CallJob {
             .inner
             .rooms
             .join_transport(&self.room, &identity, move |sink| {
-                leg.connect(params, sink, events, metrics)
+                leg.connect(params, route, sink, events, metrics)
                     .map(|t| Box::new(t) as Box<dyn crate::room::transport::Transport>)
                     .map_err(|e| {
                         crate::room::JoinError::Endpoint(

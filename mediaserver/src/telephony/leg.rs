@@ -1,5 +1,9 @@
-//! The phone leg's media: one RTP socket per call, transcoding at the edge of the room, and the
-//! room [`Transport`] a phone member uses.
+//! The phone leg's media: RTP through the server's one media port, transcoding at the edge of the
+//! room, and the room [`Transport`] a phone member uses.
+//!
+//! A phone's RTP shares the media port with every WebRTC participant (Kubernetes exposes one UDP
+//! port per pod): our SDP offers the port's address, and once the phone answers, the port routes
+//! datagrams from the address it answered with to this leg ([`MediaPort::route_plain`]).
 //!
 //! Into the room, each phone packet becomes what a WebRTC participant's packet is: an Opus frame
 //! with a level, delivered straight into the room's queue with the phone's stream id. G.711 is
@@ -10,22 +14,20 @@
 //! room sends a frame every tick, silence included, so phones with RTP timeouts stay up.
 //!
 //! Invariants:
-//! - nothing is read before the answer: datagrams queued in the socket before the phone joined
-//!   (early media) are discarded, never mixed;
-//! - plain RTP is accepted only from the address the phone answered with; SRTP from wherever it
-//!   authenticates;
+//! - nothing is routed before the answer: early media is unroutable at the port, never mixed;
+//! - RTP is accepted only from the address the phone answered with (and, with SRTP, only when it
+//!   authenticates);
 //! - RFC 4733 events are counted and reported, never decoded as audio;
 //! - a malformed or unexpected datagram is dropped and counted by reason, never a panic, and it
 //!   touches no other call.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use opus::{Application, Channels};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +39,7 @@ use super::media::rtp::{RtpPacket, RtpSender};
 use super::media::sdp::{OfferParams, PhoneAnswer};
 use super::media::srtp::SrtpSession;
 use super::metrics::TelephonyMetrics;
-use crate::endpoint::{AudioSink, EndpointError, InboundAudio};
+use crate::endpoint::{AudioSink, EndpointError, InboundAudio, MediaPort, PlainRoute, PlainSender};
 use crate::media::AudioLevel;
 use crate::media::level::dbov_from_pcm;
 use crate::room::transport::Transport;
@@ -81,35 +83,37 @@ impl LegParams {
     }
 }
 
-/// A bound RTP socket, before the phone answers.
+/// A call's media before the phone answers: where our offer says to send RTP.
 #[derive(Debug)]
 pub struct PhoneLeg {
-    socket: UdpSocket,
-    local: SocketAddr,
+    port: Arc<MediaPort>,
 }
 
 impl PhoneLeg {
-    /// Bind an RTP socket on `ip` (an ephemeral port).
-    pub async fn bind(ip: IpAddr) -> Result<Self, TelephonyError> {
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
-            .await
-            .map_err(|e| TelephonyError::Socket(format!("RTP socket on {ip}: {e}")))?;
-        let local = socket
-            .local_addr()
-            .map_err(|e| TelephonyError::Socket(format!("RTP socket address: {e}")))?;
-        Ok(Self { socket, local })
+    /// A leg on the server's media port.
+    pub fn on_port(port: Arc<MediaPort>) -> Self {
+        Self { port }
     }
 
-    /// The socket's address.
+    /// The address our offer gives the phone (the media port's public address).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        self.port.candidate_addr()
     }
 
-    /// Start the media of an answered call: packets from the phone go into `sink`; frames sent
-    /// through the returned transport go to the phone.
+    /// Route the answered phone's datagrams to this leg; call before [`PhoneLeg::connect`].
+    pub async fn route(&self, remote: SocketAddr) -> Result<PlainRoute, TelephonyError> {
+        self.port
+            .route_plain(remote)
+            .await
+            .map_err(|e| TelephonyError::Socket(format!("routing the phone's RTP: {e}")))
+    }
+
+    /// Start the media of an answered call: packets from the phone (through `route`) go into
+    /// `sink`; frames sent through the returned transport go to the phone.
     pub fn connect(
         self,
         params: LegParams,
+        route: PlainRoute,
         sink: AudioSink,
         events: mpsc::UnboundedSender<LegEvent>,
         metrics: TelephonyMetrics,
@@ -121,18 +125,15 @@ impl PhoneLeg {
             (Some(local), Some(remote)) => Some(SrtpSession::new(local, remote)?),
             _ => None,
         };
-        // Early media queued before the answer is never mixed.
-        let mut scratch = [0u8; 2048];
-        while self.socket.try_recv_from(&mut scratch).is_ok() {}
-        let socket = Arc::new(self.socket);
         let stop = CancellationToken::new();
         let gone = Arc::new(AtomicBool::new(false));
         let (frames, frames_rx) = mpsc::channel(OUT_QUEUE);
         let srtp = srtp.map(|s| Arc::new(std::sync::Mutex::new(s)));
+        let sender = route.sender();
         let inbound = Inbound::new(&answer, srtp.clone(), sink, events, metrics.clone())?;
         let outbound = Outbound::new(&answer, srtp, metrics)?;
-        tokio::spawn(inbound.run(socket.clone(), stop.clone(), gone.clone()));
-        tokio::spawn(outbound.run(socket, frames_rx, stop.clone(), gone.clone()));
+        tokio::spawn(inbound.run(route, stop.clone(), gone.clone()));
+        tokio::spawn(outbound.run(sender, frames_rx, stop.clone(), gone.clone()));
         Ok(PhoneTransport { frames, stop, gone })
     }
 }
@@ -176,7 +177,6 @@ fn lock_srtp(s: &std::sync::Mutex<SrtpSession>) -> std::sync::MutexGuard<'_, Srt
 struct Inbound {
     codec: PhoneCodec,
     answer: PhoneAnswer,
-    remote: SocketAddr,
     srtp: SharedSrtp,
     sink: AudioSink,
     events: mpsc::UnboundedSender<LegEvent>,
@@ -213,7 +213,6 @@ impl Inbound {
         Ok(Self {
             codec: answer.codec,
             answer: answer.clone(),
-            remote: answer.remote,
             srtp,
             sink,
             events,
@@ -228,36 +227,27 @@ impl Inbound {
         })
     }
 
-    async fn run(mut self, socket: Arc<UdpSocket>, stop: CancellationToken, gone: Arc<AtomicBool>) {
-        let mut buf = vec![0u8; 2048];
+    async fn run(mut self, mut route: PlainRoute, stop: CancellationToken, gone: Arc<AtomicBool>) {
         loop {
-            let received = tokio::select! {
+            let (datagram, arrival) = tokio::select! {
                 _ = stop.cancelled() => break,
-                r = socket.recv_from(&mut buf) => r,
+                received = route.inbound.recv() => match received {
+                    Some(received) => received,
+                    None => break,
+                },
             };
-            match received {
-                Ok((n, from)) => {
-                    let arrival = Instant::now();
-                    if let Err(reason) = self.on_datagram(&buf[..n], from, arrival) {
-                        self.metrics.rtp_dropped.with_label_values(&[reason]).inc();
-                    }
-                }
-                Err(e) => {
-                    // ICMP port unreachable from a phone that went away shows up here on Linux.
-                    tracing::debug!(error = %e, "phone RTP receive error");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+            if let Err(reason) = self.on_datagram(&datagram, arrival) {
+                self.metrics.rtp_dropped.with_label_values(&[reason]).inc();
             }
         }
         gone.store(true, Ordering::Relaxed);
     }
 
-    fn on_datagram(
-        &mut self,
-        datagram: &[u8],
-        from: SocketAddr,
-        arrival: Instant,
-    ) -> Result<(), &'static str> {
+    fn on_datagram(&mut self, datagram: &[u8], arrival: Instant) -> Result<(), &'static str> {
+        // RTCP (payload types 200..=204 in the second byte) is not used yet.
+        if matches!(datagram.get(1), Some(200..=204)) {
+            return Err("rtcp");
+        }
         let clear;
         let rtp = match &self.srtp {
             Some(srtp) => {
@@ -266,12 +256,7 @@ impl Inbound {
                     .map_err(|_| "srtp_auth")?;
                 &clear[..]
             }
-            None => {
-                if from != self.remote {
-                    return Err("wrong_source");
-                }
-                datagram
-            }
+            None => datagram,
         };
         let packet = RtpPacket::parse(rtp).map_err(|_| "malformed")?;
         self.metrics.rtp_packets.with_label_values(&["in"]).inc();
@@ -383,7 +368,6 @@ impl Inbound {
 struct Outbound {
     codec: PhoneCodec,
     payload_type: u8,
-    remote: SocketAddr,
     srtp: SharedSrtp,
     metrics: TelephonyMetrics,
     decoder: Option<opus::Decoder>,
@@ -407,7 +391,6 @@ impl Outbound {
         Ok(Self {
             codec: answer.codec,
             payload_type: answer.payload_type,
-            remote: answer.remote,
             srtp,
             metrics,
             decoder,
@@ -417,7 +400,7 @@ impl Outbound {
 
     async fn run(
         mut self,
-        socket: Arc<UdpSocket>,
+        sender: PlainSender,
         mut frames: mpsc::Receiver<(Bytes, u32)>,
         stop: CancellationToken,
         gone: Arc<AtomicBool>,
@@ -478,8 +461,13 @@ impl Outbound {
                 },
                 None => packet.clone(),
             };
-            if socket.send_to(&wire, self.remote).await.is_ok() {
-                self.metrics.rtp_packets.with_label_values(&["out"]).inc();
+            match sender.send(Bytes::from(wire)) {
+                Ok(()) => self.metrics.rtp_packets.with_label_values(&["out"]).inc(),
+                Err(_) => self
+                    .metrics
+                    .rtp_dropped
+                    .with_label_values(&["port_busy"])
+                    .inc(),
             }
         }
         gone.store(true, Ordering::Relaxed);
