@@ -23,10 +23,16 @@ test: bootstrap
 
 # examples/conference.yaml run locally: one media-server process per planned server, each region on
 # its own loopback address, one mesh, BOTS (default 3) talking bots. Prints a join URL per region.
+# First chorus-demo-pbx: the conference's call manager (Kamailio on 127.0.0.1:5060) and a talking
+# desk phone, extension 1001. It reads a pipe this shell holds, so it stops when the demo does
+# (Ctrl-C, SIGTERM, or the shell killed); without a free port 5060 the demo runs without a phone.
 BOTS ?= 3
 demo: bootstrap
-	cargo build -q -p chorus-operator -p chorus-mediaserver -p chorus-tests --bin chorus-operator --bin chorus-mediaserver --bin chorus-bot
-	"$$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/chorus-operator" local -f examples/conference.yaml --bots $(BOTS)
+	cargo build -q -p chorus-operator -p chorus-mediaserver -p chorus-tests --bin chorus-operator --bin chorus-mediaserver --bin chorus-bot --bin chorus-demo-pbx
+	bin="$$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"; \
+	exec {pbx}> >("$$bin/chorus-demo-pbx" || true); pbx_pid=$$!; \
+	status=0; "$$bin/chorus-operator" local -f examples/conference.yaml --bots $(BOTS) || status=$$?; \
+	exec {pbx}>&-; wait "$$pbx_pid" 2>/dev/null || true; exit "$$status"
 
 # Benchmarks (timing is measured here, never asserted in tests): every scenario RUNS times, side by
 # side with Janus AudioBridge; writes bench/results/latest.json and BENCHMARKS.md. Release build,

@@ -49,6 +49,9 @@ async fn example_conference_becomes_ready() -> anyhow::Result<()> {
         "/../examples/conference.yaml"
     ))?;
     let mut conf = manifests::read_conference(&text, ns)?;
+    // The example dials phones through a call manager on the developer's machine, which a
+    // cluster's pods cannot reach; its Secret would be needed too. This test is about the mesh.
+    conf.spec.telephony = None;
     for region in &mut conf.spec.regions {
         region.node_selector = Some(Default::default());
     }

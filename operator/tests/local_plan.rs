@@ -27,13 +27,19 @@ fn conf(yaml: &str) -> Conference {
     manifests::read_conference(yaml, "default").expect("valid conference")
 }
 
+/// The example's ports (its `telephony.sipPort` is 5062, clear of a call manager on 5060).
 fn ports() -> Ports {
     Ports {
         http: 8080,
         udp: 40000,
         mesh: 7000,
-        sip: 5060,
+        sip: 5062,
     }
+}
+
+/// Where the example's Secret manifests are (`examples/pbx.yaml`).
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
 fn local(conf: &Conference) -> (Plan, LocalLayout, MeshPlan) {
@@ -165,7 +171,8 @@ spec:
     let (cluster, l, m) = local(&c);
     assert!(m.telephony.is_some());
     assert_eq!(m.telephony, cluster.mesh.telephony);
-    assert_eq!(l.nodes[0].sip, Some(addr("127.0.0.2:5060")));
+    // SIP from the base ports the test lays out with (`ports()`).
+    assert_eq!(l.nodes[0].sip, Some(addr("127.0.0.2:5062")));
     assert!(!m.transfer.enabled);
     assert_eq!(m.transfer.token_ttl_seconds, 30);
     assert_eq!(l.nodes[0].max_participants, 7);
@@ -482,6 +489,7 @@ spec:
 async fn a_missing_binary_says_how_to_build_it() {
     let options = LocalOptions {
         mediaserver_bin: Some(PathBuf::from("/nonexistent/chorus-mediaserver")),
+        secrets_dir: Some(examples_dir()),
         ..LocalOptions::default()
     };
     let err = LocalConference::start(&example(), options)
@@ -499,6 +507,7 @@ async fn a_missing_binary_says_how_to_build_it() {
 async fn an_override_for_an_unknown_server_is_refused() {
     let options = LocalOptions {
         mesh_addr_override: HashMap::from([("nobody".to_owned(), addr("127.0.0.1:1"))]),
+        secrets_dir: Some(examples_dir()),
         ..LocalOptions::default()
     };
     let err = LocalConference::start(&example(), options)
@@ -616,7 +625,8 @@ fn servers_that_dial_phones_get_a_sip_port_each_and_the_secret_files() {
 
 #[test]
 fn a_conference_without_phones_gets_no_sip_flags() {
-    let c = example();
+    let mut c = example();
+    c.spec.telephony = None;
     let (_, l, _) = local(&c);
     assert!(l.nodes.iter().all(|n| n.sip.is_none()));
     let args = process::serve_args(&l.nodes[0], "townhall", Path::new("/w"), None);

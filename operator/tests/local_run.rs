@@ -126,6 +126,10 @@ async fn the_example_runs_as_local_processes_survives_a_kill_and_stops_cleanly()
         base_port: 18080,
         udp_base_port: Some(41000),
         mesh_base_port: 17000,
+        // The example dials phones: its Secret is beside it, and SIP ports away from the
+        // command test's and from a running demo's.
+        secrets_dir: Some(workspace().join("examples")),
+        sip_base_port: Some(17400),
         ..LocalOptions::default()
     };
     let mut local = match LocalConference::start(&example(), options).await {
@@ -276,7 +280,15 @@ async fn the_command_prints_join_urls_applies_a_watched_change_and_exits_zero_on
     std::fs::create_dir_all(&workdir).unwrap();
     // Media ports away from the library test's; mesh ports are the command's default 7000 + i.
     let file = workdir.join("conference.yaml");
-    let text = example_text().replace("udpPort: 40000", "udpPort: 42000");
+    let text = example_text()
+        .replace("udpPort: 40000", "udpPort: 42000")
+        .replace("sipPort: 5062", "sipPort: 27400");
+    // The example dials phones: its Secret goes beside the copy, as `kubectl apply` would read it.
+    std::fs::copy(
+        workspace().join("examples/pbx.yaml"),
+        workdir.join("pbx.yaml"),
+    )
+    .unwrap();
     assert_ne!(
         text,
         example_text(),

@@ -3,16 +3,26 @@
 //! one mesh, talking bots), and every media-server PromQL expression of the chart must come back
 //! successful and non-empty.
 //!
+//! The conference also calls phones ("call me"), so the telephony row has data: the example's
+//! `telephony` block is pointed at a real Kamailio (`chorus_tests::telephony`) with a baresip desk
+//! phone 1001 and a SIPp phone 1004 that answers, presses a key (DTMF) and then sends no audio.
+//! Before the scrape: a refused request (a target outside `allowedTargets`), a call to 1004 that
+//! ends `media_timeout` after the key press, and a call to 1001 that is active. While Prometheus
+//! scrapes: that call is hung up and a second one placed, answered and hung up, so the calls
+//! counter grows under Prometheus' eyes (a counter series that first appears at 1 has no rate).
+//!
 //! How each kind of expression is checked:
 //! - dashboard panels: Grafana's variables are replaced as Grafana would (`$__rate_interval` by
 //!   `30s`, a multi-value "All" of `$conference`/`$region` by `.*`), then the query must return
-//!   data. Only "Mesh errors by category" may be empty: its counter has a series per category
-//!   only once something was refused, which a healthy mesh never does;
+//!   data. Only the panels of [`MAY_BE_EMPTY`] may be empty: their counters have a series per
+//!   label value only once something went wrong, which it does not here;
 //! - dashboard variables (`label_values(SELECTOR, LABEL)`, a Grafana function, not PromQL): the
 //!   selector must return series that carry LABEL;
 //! - media alerts (`LHS OP THRESHOLD`): the whole rule must evaluate successfully (its result is
 //!   whatever fires now, possibly nothing), and LHS alone must return data, so the alert is able
-//!   to fire. On this healthy mesh ChorusMeshLinkDown must also not hold for any link.
+//!   to fire. On this healthy mesh ChorusMeshLinkDown must also not hold for any link, and
+//!   ChorusCallFailuresRising's left side must be a number (not NaN) for the conference: calls
+//!   ended in the window, so the share of failures is defined.
 //! - operator expressions: no API server runs here, so no operator runs; chart.rs checks their
 //!   metric names against the code instead.
 //!
@@ -27,22 +37,38 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use chorus_operator::local::{LocalConference, LocalOptions, cli::read_conference_file};
+use chorus_tests::bot::{Bot, BotConfig, tone};
+use chorus_tests::call_me::participant_id;
+use chorus_tests::telephony::{Baresip, BaresipOptions, Kamailio, Sipp, SippOptions};
 use chorus_tests::{heavy_test_guard, run_ok, tool, workspace_root};
 use serde::Deserialize;
+use serde_json::{Value, json};
 
 const EXAMPLE_FILE: &str = "examples/conference.yaml";
+/// Where the Secrets the example names are (`pbx.yaml`: the line's demo credentials, which the
+/// test call manager knows).
+const EXAMPLE_SECRETS: &str = "examples";
 const MEDIA_DASHBOARD: &str = "charts/chorus/dashboards/media.json";
 const CONFIG_TEMPLATE: &str = "tests/prometheus/prometheus.yml.in";
 /// Ports away from the defaults (8080, 7000, 40000) and from the other end-to-end tests.
 const BASE_PORT: u16 = 18180;
 const MESH_BASE_PORT: u16 = 17100;
 const UDP_BASE_PORT: u16 = 41000;
+/// SIP port of server 0 of each region (away from the example's 5062, which `make demo` uses).
+const SIP_BASE_PORT: u16 = 17300;
 const BOTS: usize = 3;
+/// The room of the bots and of the participants who ask for calls.
+const ROOM: &str = "prometheus";
 /// How long Prometheus scrapes (every second) before the queries: enough for 30 s rate windows to
 /// hold a couple of dozen samples, and for the mesh to measure RTTs and the primary to count ticks.
 const SCRAPE_FOR: Duration = Duration::from_secs(25);
-/// Panels whose query may be empty on a healthy mesh, and why it is still a useful panel.
-const MAY_BE_EMPTY: [&str; 1] = ["Mesh errors by category"];
+/// Panels whose query may be empty on a healthy mesh, and why it is still a useful panel:
+/// - "Mesh errors by category": a series per category once something was refused;
+/// - "Phone RTP drops by reason": a series per reason once a datagram at a phone leg's port was
+///   dropped (wrong source, unknown payload type, malformed, SRTP failures).
+const MAY_BE_EMPTY: [&str; 2] = ["Mesh errors by category", "Phone RTP drops by reason"];
+/// The alert whose left side must be a number here (see the module documentation).
+const CALL_FAILURES_ALERT: &str = "ChorusCallFailuresRising";
 
 /// A workspace binary: the one in the target directory if built, else built now (with the cargo
 /// running these tests, so toolchain and target directory match).
@@ -258,7 +284,28 @@ async fn live_prometheus_answers_every_media_query() -> Result<()> {
     let (panels, variables) = media_dashboard()?;
     let alerts = media_alerts()?;
 
-    let (_, conference) = read_conference_file(&workspace_root().join(EXAMPLE_FILE))?;
+    // The call manager and the phones first: a phone must be registered before it is called.
+    let kam = Kamailio::start()?;
+    let desk_phone = Baresip::start(&kam, BaresipOptions::phone("1001").tone(440.0))?;
+    let mut dtmf_phone = Sipp::phone_with(
+        &kam,
+        "1004",
+        "phone_dtmf.xml",
+        SippOptions {
+            dtmf_digit: '5',
+            pause: Duration::from_millis(500),
+            ..SippOptions::default()
+        },
+    )?;
+
+    let (_, mut conference) = read_conference_file(&workspace_root().join(EXAMPLE_FILE))?;
+    let telephony = conference.spec.telephony.as_mut().with_context(|| {
+        format!("{EXAMPLE_FILE} has no telephony block, so the telephony row cannot be checked")
+    })?;
+    // The example's call manager is whatever listens on 127.0.0.1:5060; here it is ours. A phone
+    // that sends no audio ends its call after 2 s (the CRD's minimum) instead of 10.
+    telephony.call_manager_uri = kam.uri();
+    telephony.media_timeout_seconds = 2;
     // Dropping `local` (also on an early error return) stops every server and bot.
     let mut local = LocalConference::start(
         &conference,
@@ -266,16 +313,50 @@ async fn live_prometheus_answers_every_media_query() -> Result<()> {
             base_port: BASE_PORT,
             mesh_base_port: MESH_BASE_PORT,
             udp_base_port: Some(UDP_BASE_PORT),
+            sip_base_port: Some(SIP_BASE_PORT),
             mediaserver_bin: Some(mediaserver_bin),
+            secrets_dir: Some(workspace_root().join(EXAMPLE_SECRETS)),
             ..LocalOptions::default()
         },
     )
     .await
     .context("starting examples/conference.yaml locally")?;
     local
-        .start_bots(BOTS, "prometheus", Some(&bot_bin))
+        .start_bots(BOTS, ROOM, Some(&bot_bin))
         .await
         .context("starting bots")?;
+
+    // Calls before the scrape: a refusal, a call ending media_timeout after a key press, and an
+    // answered call to the desk phone.
+    let api = CallApi::new(&local.servers[0].base_url())?;
+    let ada = api.join(&local, "ada").await?;
+    let dora = api.join(&local, "dora").await?;
+    let (status, refused) = api
+        .post(
+            &ada,
+            &json!({"to": "not-a-number", "participantId": ada.id}),
+        )
+        .await?;
+    ensure!(
+        status == 400 && refused["reason"] == "target_not_allowed",
+        "a target outside allowedTargets: {status} {refused}"
+    );
+    let dtmf_call = api.place(&dora, "1004").await?;
+    let first_call = api.place(&ada, "1001").await?;
+    api.wait_state(&ada, first_call, "active", Duration::from_secs(15))
+        .await
+        .with_context(|| format!("desk phone log:\n{}", desk_phone.log()))?;
+    let ended = api
+        .wait_state(&dora, dtmf_call, "ended", Duration::from_secs(15))
+        .await?;
+    ensure!(
+        ended["endReason"] == "media_timeout",
+        "the DTMF phone sends no audio after its key press: {ended}"
+    );
+    ensure!(
+        dtmf_phone.wait().await?.success(),
+        "SIPp phone 1004 did not run its scenario (answer, DTMF, BYE received)"
+    );
 
     // A static scrape config standing in for the PodMonitor: same labels, one target per server.
     let targets: String = local
@@ -321,7 +402,36 @@ async fn live_prometheus_answers_every_media_query() -> Result<()> {
         url: format!("http://127.0.0.1:{port}"),
     };
 
-    let result = check_queries(&prometheus, &local, &panels, &variables, &alerts).await;
+    // While Prometheus scrapes: hang up, call again, hang up again.
+    let calls_while_scraping = async {
+        tokio::time::sleep(SCRAPE_FOR / 4).await;
+        api.hang_up(&ada, first_call).await?;
+        api.wait_state(&ada, first_call, "ended", Duration::from_secs(10))
+            .await?;
+        let second = api.place(&ada, "1001").await?;
+        api.wait_state(&ada, second, "active", Duration::from_secs(15))
+            .await?;
+        tokio::time::sleep(SCRAPE_FOR / 4).await;
+        api.hang_up(&ada, second).await?;
+        let ended = api
+            .wait_state(&ada, second, "ended", Duration::from_secs(10))
+            .await?;
+        ensure!(ended["endReason"] == "hangup", "{ended}");
+        anyhow::Ok(())
+    };
+    let (result, calls) = tokio::join!(
+        check_queries(&prometheus, &local, &panels, &variables, &alerts),
+        calls_while_scraping
+    );
+    let result = calls
+        .with_context(|| {
+            format!(
+                "calls while scraping; desk phone log:\n{}",
+                desk_phone.log()
+            )
+        })
+        .and(result);
+    drop((ada, dora));
     let _ = child.kill().await;
     local.shutdown().await;
     match result {
@@ -438,7 +548,22 @@ async fn check_queries(
             Ok(result) if result.is_empty() => {
                 failures.push(format!("alert {alert}: no data for its left side {lhs}"))
             }
-            Ok(result) => println!("alert {alert} left side: {}", sample_values(&result)),
+            Ok(result) => {
+                println!("alert {alert} left side: {}", sample_values(&result));
+                // Calls ended in the window, so the share of failures is a number.
+                let numbers = result.iter().all(|series| {
+                    series["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite)
+                });
+                if alert == CALL_FAILURES_ALERT && !numbers {
+                    failures.push(format!(
+                        "alert {alert}: its left side is not a number: {}",
+                        sample_values(&result)
+                    ));
+                }
+            }
             Err(e) => failures.push(format!("alert {alert}: {e:#}")),
         }
         // Every link of this mesh is up, so the link-down condition must hold for none of them.
@@ -461,4 +586,119 @@ async fn check_queries(
         );
     }
     Ok(())
+}
+
+/// A participant who asks for calls: a bot joined over HTTP, its token and participant id.
+struct Caller {
+    _bot: Bot,
+    token: String,
+    id: u64,
+}
+
+/// The calls API of one media server, as the web client uses it.
+struct CallApi {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl CallApi {
+    fn new(base: &str) -> Result<CallApi> {
+        Ok(CallApi {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Joins `identity` to [`ROOM`] with a 1000 Hz tone.
+    async fn join(&self, local: &LocalConference, identity: &str) -> Result<Caller> {
+        let token = local.token(ROOM, identity).await?;
+        let bot = Bot::join_http(
+            &self.base,
+            ROOM,
+            &token,
+            BotConfig::new(tone(1000.0, -20.0)),
+        )
+        .await
+        .with_context(|| format!("{identity} joins {ROOM}"))?;
+        let id = participant_id(&bot)?;
+        Ok(Caller {
+            _bot: bot,
+            token,
+            id,
+        })
+    }
+
+    /// `POST /v1/rooms/ROOM/calls`: the status and the JSON body.
+    async fn post(&self, caller: &Caller, body: &Value) -> Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/v1/rooms/{ROOM}/calls", self.base))
+            .bearer_auth(&caller.token)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Asks for a call to `to` (202, `dialing`); returns its id.
+    async fn place(&self, caller: &Caller, to: &str) -> Result<u64> {
+        let (status, call) = self
+            .post(
+                caller,
+                &json!({"to": to, "participantId": caller.id, "audio": "add"}),
+            )
+            .await?;
+        ensure!(status == 202, "calling {to}: {status} {call}");
+        call["id"].as_u64().context("a call id")
+    }
+
+    async fn call(&self, caller: &Caller, id: u64) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/v1/rooms/{ROOM}/calls/{id}", self.base))
+            .bearer_auth(&caller.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Polls call `id` until it is in `state`; an ended call that should not have ended fails.
+    async fn wait_state(
+        &self,
+        caller: &Caller,
+        id: u64,
+        state: &str,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let call = self.call(caller, id).await?;
+            if call["state"] == state {
+                return Ok(call);
+            }
+            ensure!(
+                call["state"] != "ended" && Instant::now() < deadline,
+                "call {id} is not {state} after {timeout:?}: {call}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `DELETE` of call `id` (202).
+    async fn hang_up(&self, caller: &Caller, id: u64) -> Result<()> {
+        let status = self
+            .http
+            .delete(format!("{}/v1/rooms/{ROOM}/calls/{id}", self.base))
+            .bearer_auth(&caller.token)
+            .send()
+            .await?
+            .status();
+        ensure!(status == 202, "hanging up call {id}: {status}");
+        Ok(())
+    }
 }
