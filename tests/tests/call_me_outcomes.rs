@@ -739,3 +739,70 @@ async fn leaving_and_shutdown_hang_phones_up() -> Result<()> {
     drop(stayer);
     Ok(())
 }
+
+/// The limits: `maxCallsPerIdentity` answers 429, `maxConcurrentCalls` answers 503, both before
+/// anything is dialled; ringing calls count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_server_limits() -> Result<()> {
+    let rig = CallMeRig::start(
+        &["us"],
+        |kam| {
+            let mut t = telephony_plan(kam, SipTransport::Udp);
+            t.max_concurrent_calls = 2;
+            t.max_calls_per_identity = 1;
+            t
+        },
+        CHORUS_PASSWORD,
+    )
+    .await?;
+    let _ring1 = Sipp::phone(&rig.kam, "1001", "phone_noanswer.xml")?;
+    let _ring2 = Sipp::phone(&rig.kam, "1002", "phone_noanswer.xml")?;
+    let ann = join(&rig, "ann", AudioSource::Silence).await?;
+    let ann_too = join(&rig, "ann", AudioSource::Silence).await?;
+    let bob = join(&rig, "bob", AudioSource::Silence).await?;
+    let cat = join(&rig, "cat", AudioSource::Silence).await?;
+    let first = place(
+        &rig,
+        "ann",
+        &json!({"to": "1001", "participantId": participant_id(&ann)?}),
+    )
+    .await?;
+    // The same identity from another device: over its limit.
+    let (status, answer) = rig
+        .create_call(
+            0,
+            ROOM,
+            "ann",
+            &json!({"to": "1002", "participantId": participant_id(&ann_too)?}),
+        )
+        .await?;
+    ensure!(
+        status == 429 && answer["reason"] == "identity_limit",
+        "{status} {answer}"
+    );
+    let second = place(
+        &rig,
+        "bob",
+        &json!({"to": "1002", "participantId": participant_id(&bob)?}),
+    )
+    .await?;
+    // The server holds its maximum of two calls.
+    let (status, answer) = rig
+        .create_call(
+            0,
+            ROOM,
+            "cat",
+            &json!({"to": "1001", "participantId": participant_id(&cat)?}),
+        )
+        .await?;
+    ensure!(
+        status == 503 && answer["reason"] == "server_limit",
+        "{status} {answer}"
+    );
+    for (who, id) in [("ann", first), ("bob", second)] {
+        ensure!(rig.hang_up(0, ROOM, who, id).await? == 202);
+        let call = ended(&rig, who, id, Duration::from_secs(6)).await?;
+        ensure!(call["endReason"] == "cancelled", "{call}");
+    }
+    Ok(())
+}
