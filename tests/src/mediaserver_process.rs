@@ -10,10 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use chorus_crds::MeshTelephony;
 use chorus_mediaserver::token::TokenKey;
 
 use crate::bot::{Bot, BotConfig};
 use crate::media_server::{hour_token, random_key};
+use crate::mesh_cluster::MeshFiles;
 
 /// How a benchmarked server process is started.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +24,21 @@ pub struct ProcessOptions {
     pub cpu: Option<usize>,
     /// Participants the server and one room accept (the defaults are lower than a capacity run).
     pub max_participants: Option<usize>,
+    /// Place phone calls: the server runs as the one node of a mesh plan (file, CA and
+    /// certificate made as the operator makes them) holding this `telephony` block, with a SIP
+    /// socket on a free loopback port.
+    pub telephony: Option<ProcessTelephony>,
+}
+
+/// The telephony of a [`ServerProcess`]: what the operator would put in the plan and mount.
+#[derive(Debug, Clone)]
+pub struct ProcessTelephony {
+    /// The plan's `telephony` block.
+    pub block: MeshTelephony,
+    /// The directory holding the line's `username` and `password` files.
+    pub credentials_dir: PathBuf,
+    /// The CA of the call manager's TLS certificate, for SIP over TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A running `chorus-mediaserver serve`.
@@ -33,6 +50,8 @@ pub struct ServerProcess {
     key: TokenKey,
     conference: String,
     workdir: PathBuf,
+    /// The mesh plan, CA and certificate of a server with telephony (removed on drop).
+    _mesh: Option<MeshFiles>,
 }
 
 impl ServerProcess {
@@ -49,7 +68,19 @@ impl ServerProcess {
         let key_file = workdir.join("join-key");
         std::fs::write(&key_file, &key)?;
         let (http, udp) = (crate::free_tcp_addr()?, crate::free_udp_addr()?);
-        let conference = "bench".to_owned();
+        // A server with telephony runs as the one node of a mesh plan (where the block lives).
+        let mesh = match &options.telephony {
+            Some(t) => {
+                let mut files = MeshFiles::create(&["bench"], 3, |_, bind| bind)?;
+                files.plan.telephony = Some(t.block.clone());
+                std::fs::write(files.dir.join("mesh.json"), files.plan.to_json())?;
+                Some(files)
+            }
+            None => None,
+        };
+        let conference = mesh
+            .as_ref()
+            .map_or_else(|| "bench".to_owned(), |m| m.plan.conference.clone());
         let max = options.max_participants.unwrap_or(500).to_string();
         let mut command = match options.cpu {
             Some(cpu) => {
@@ -69,7 +100,25 @@ impl ServerProcess {
             .arg("--join-key-file")
             .arg(&key_file)
             .args(["--max-participants", &max])
-            .args(["--max-room-participants", &max])
+            .args(["--max-room-participants", &max]);
+        if let (Some(files), Some(t)) = (&mesh, &options.telephony) {
+            let slot = &files.slots[0];
+            command
+                .args(["--server-id", &slot.id])
+                .args(["--region", &slot.region])
+                .arg("--mesh-plan-file")
+                .arg(files.dir.join("mesh.json"))
+                .args(["--mesh-addr", &slot.mesh_bind.to_string()])
+                .arg("--mesh-tls-dir")
+                .arg(&files.dir)
+                .args(["--sip-addr", "127.0.0.1:0"])
+                .arg("--sip-credentials-dir")
+                .arg(&t.credentials_dir);
+            if let Some(ca) = &t.ca_file {
+                command.arg("--sip-ca-file").arg(ca);
+            }
+        }
+        command
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -83,6 +132,7 @@ impl ServerProcess {
             key: TokenKey::new(&key).map_err(|e| anyhow::anyhow!("{e}"))?,
             conference,
             workdir,
+            _mesh: mesh,
         };
         server.wait_healthy().await?;
         Ok(server)
@@ -117,6 +167,11 @@ impl ServerProcess {
         Bot::join_http(&self.base_url, room, &token, config)
             .await
             .with_context(|| format!("{who} joining room {room}"))
+    }
+
+    /// A join token for `room` valid for an hour (for the HTTP API beside the bots').
+    pub fn token(&self, room: &str, identity: &str) -> String {
+        hour_token(&self.key, &self.conference, room, identity)
     }
 
     /// The server's `/metrics` text.

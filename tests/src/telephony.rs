@@ -1490,8 +1490,10 @@ impl Drop for Sipp {
     }
 }
 
-/// Runs `register.xml` to completion: `user` bound to `127.0.0.1:contact_port`.
-fn run_register(
+/// Runs `register.xml` to completion: `user` bound to `127.0.0.1:contact_port` at `kamailio`,
+/// its files under `dir/register`. Blocks (up to a few seconds): from async code, call it on a
+/// blocking thread.
+pub fn run_register(
     kamailio: &Kamailio,
     user: &str,
     password: &str,

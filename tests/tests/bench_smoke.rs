@@ -48,6 +48,14 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
         run.convergence
     );
 
+    // Phone calls: each placed call heard both ways, and the calls cost the server some CPU.
+    let phone = run.telephony.as_ref().expect("the phone-call scenario ran");
+    assert!(
+        phone.both_ways.n >= 1 && phone.both_ways.p50.is_finite() && phone.both_ways.p50 > 0.0,
+        "{phone:?}"
+    );
+    assert!(phone.cpu.loaded_percent > 0.0, "{:?}", phone.cpu);
+
     // The files `make bench` writes: the required JSON keys and a report with its tables.
     let runs = [run];
     let json = harness::results_json(&plan, &runs);
@@ -59,6 +67,7 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
         "cross_server_extra_ms",
         "encodes_per_tick",
         "convergence_ms",
+        "phone_calls",
     ] {
         assert!(json.get(key).is_some(), "results lack {key}: {json}");
     }
@@ -74,6 +83,7 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
         "## Against the targets",
         "## Server-added delay",
         "## Capacity",
+        "## Phone calls",
         "## Method",
     ] {
         assert!(md.contains(heading), "report lacks {heading}:\n{md}");

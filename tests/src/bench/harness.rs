@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::capacity::{self, Capacity};
 use super::delay::{self, ChorusRoom, DelayResult, JanusRoom};
 use super::mesh::{self, Convergence, MeshBytes};
+use super::telephony::{self, PhoneCalls, PhonePlan};
 use super::{CrossServer, codec_work, cross_server};
 use crate::janus::{JanusJitter, JanusOptions, JanusServer};
 use crate::mediaserver_process::{ProcessOptions, ServerProcess};
@@ -44,6 +45,8 @@ pub struct Plan {
     pub mesh_sizes: Vec<usize>,
     /// Onsets in the convergence scenario.
     pub convergence_rounds: usize,
+    /// Phone calls: set-up times and CPU per call.
+    pub phone: PhonePlan,
 }
 
 impl Plan {
@@ -60,6 +63,11 @@ impl Plan {
             codec_sizes: vec![10, 100, 1000],
             mesh_sizes: vec![10, 300],
             convergence_rounds: 9,
+            phone: PhonePlan {
+                setup_calls: 10,
+                cpu_calls: 10,
+                cpu_window: std::time::Duration::from_secs(10),
+            },
         }
     }
 
@@ -76,6 +84,11 @@ impl Plan {
             codec_sizes: vec![10, 30],
             mesh_sizes: vec![4, 8],
             convergence_rounds: 1,
+            phone: PhonePlan {
+                setup_calls: 2,
+                cpu_calls: 2,
+                cpu_window: std::time::Duration::from_secs(1),
+            },
         }
     }
 }
@@ -97,6 +110,9 @@ pub struct RunResult {
     pub mesh_bytes: MeshBytes,
     /// Convergence.
     pub convergence: Convergence,
+    /// Phone calls (absent from runs recorded before the scenario existed).
+    #[serde(default)]
+    pub telephony: Option<PhoneCalls>,
 }
 
 /// Pins every thread of this process to `cpus` (a `taskset` list such as "1" or "0-1").
@@ -131,6 +147,7 @@ async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<St
         let server = ServerProcess::start(ProcessOptions {
             cpu: Some(plan.capacity_cpu),
             max_participants: Some(plan.capacity_max_listeners + 50),
+            ..ProcessOptions::default()
         })
         .await?;
         let room = ChorusRoom {
@@ -235,6 +252,8 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     let mesh_bytes = mesh::mesh_bytes(&plan.mesh_sizes).await?;
     let convergence = mesh::convergence(plan.convergence_rounds).await?;
     eprintln!("convergence: {:?}", convergence.heard_everywhere);
+    let phone = telephony::measure(plan.phone).await?;
+    eprintln!("phone calls, both ways: {:?}", phone.both_ways);
     Ok(RunResult {
         delay: delays,
         lookahead_ms,
@@ -243,6 +262,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         codec_work,
         mesh_bytes,
         convergence,
+        telephony: Some(phone),
     })
 }
 
@@ -327,7 +347,63 @@ pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
     put("mesh_bytes_ratio", &|r| r.mesh_bytes.ratio);
     put("convergence.p50", &|r| r.convergence.heard_everywhere.p50);
     put("convergence.p99", &|r| r.convergence.heard_everywhere.p99);
+    let phones: Vec<Option<&PhoneCalls>> = runs.iter().map(|r| r.telephony.as_ref()).collect();
+    f.extend(phone_figures(&phones));
     f
+}
+
+/// The phone-call figures over the runs (`None`: a run without them).
+pub fn phone_figures(runs: &[Option<&PhoneCalls>]) -> BTreeMap<&'static str, Spread> {
+    let mut f = BTreeMap::new();
+    let mut put = |name: &'static str, get: &dyn Fn(&PhoneCalls) -> f64| {
+        f.insert(name, spread(runs.iter().map(|r| r.map_or(f64::NAN, get))));
+    };
+    put("phone.phone_to_room.p50", &|p| p.phone_to_room.p50);
+    put("phone.phone_to_room.p95", &|p| p.phone_to_room.p95);
+    put("phone.phone_to_room.max", &|p| p.phone_to_room.max);
+    put("phone.room_to_phone.p50", &|p| p.room_to_phone.p50);
+    put("phone.room_to_phone.p95", &|p| p.room_to_phone.p95);
+    put("phone.room_to_phone.max", &|p| p.room_to_phone.max);
+    put("phone.first_packet.p50", &|p| p.first_packet.p50);
+    put("phone.first_packet.p95", &|p| p.first_packet.p95);
+    put("phone.first_packet.max", &|p| p.first_packet.max);
+    put("phone.both_ways.p50", &|p| p.both_ways.p50);
+    put("phone.both_ways.p95", &|p| p.both_ways.p95);
+    put("phone.both_ways.max", &|p| p.both_ways.max);
+    put("phone.cpu_per_call_percent", &|p| p.cpu.per_call_percent);
+    put("phone.cpu_idle_percent", &|p| p.cpu.idle_percent);
+    put("phone.cpu_loaded_percent", &|p| p.cpu.loaded_percent);
+    f
+}
+
+/// The `phone_calls` object of the results: medians over the runs.
+pub fn phone_json(plan: &Plan, runs: &[Option<&PhoneCalls>]) -> Value {
+    let f = phone_figures(runs);
+    let m = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
+    let trio = |d: &str| {
+        json!({
+            "p50": m(&format!("phone.{d}.p50")),
+            "p95": m(&format!("phone.{d}.p95")),
+            "max": m(&format!("phone.{d}.max")),
+        })
+    };
+    json!({
+        "setup_ms_after_200_ok": {
+            "phone_to_room": trio("phone_to_room"),
+            "room_to_phone": trio("room_to_phone"),
+            "room_to_phone_first_packet": trio("first_packet"),
+            "both_ways": trio("both_ways"),
+            "target": telephony::TARGET_MS,
+            "calls_per_run": plan.phone.setup_calls,
+            "calls_not_measured": runs.iter().flatten().map(|p| p.failed).sum::<usize>(),
+            "room_to_phone_observed_at": "the phone's own RTP socket (first packet carrying the room's tone)",
+        },
+        "cpu_per_call_percent_of_core": m("phone.cpu_per_call_percent"),
+        "cpu_idle_percent": m("phone.cpu_idle_percent"),
+        "cpu_loaded_percent": m("phone.cpu_loaded_percent"),
+        "cpu_concurrent_calls": plan.phone.cpu_calls,
+        "cpu_codec": "PCMU",
+    })
 }
 
 /// The machine, as a reader needs it to compare.
@@ -402,6 +478,7 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         "encodes_per_tick": encodes,
         format!("mesh_bytes_ratio_{last}_vs_{first}"): m("mesh_bytes_ratio"),
         "convergence_ms": {"p50": m("convergence.p50"), "p99": m("convergence.p99")},
+        "phone_calls": phone_json(plan, &runs.iter().map(|r| r.telephony.as_ref()).collect::<Vec<_>>()),
         "spread": f,
         "per_run": runs,
     })

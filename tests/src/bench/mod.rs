@@ -1,7 +1,8 @@
 //! The benchmark harness (run by `make bench` through `chorus-bench`; a one-iteration smoke run is
 //! part of `make test` so it cannot rot). Timing is measured here and reported, never asserted.
 //!
-//! The scenarios live in submodules ([`delay`], [`capacity`], [`codec_work`], [`mesh`]) and the
+//! The scenarios live in submodules ([`delay`], [`capacity`], [`codec_work`], [`mesh`],
+//! [`telephony`]) and the
 //! cross-server one here; [`harness`] runs them all and [`report`] writes `BENCHMARKS.md`.
 //!
 //! Mouth-to-ear delay is measured between bots in one process, so one clock serves both ends: the
@@ -15,6 +16,7 @@ pub mod delay;
 pub mod harness;
 pub mod mesh;
 pub mod report;
+pub mod telephony;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

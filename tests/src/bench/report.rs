@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 
-use super::harness::{Plan, RunResult, Spread, figures, machine};
+use super::harness::{Plan, RunResult, Spread, figures, machine, phone_figures};
+use super::telephony::{PhoneCalls, TARGET_MS};
 
 fn cell(s: Option<&Spread>, unit: &str) -> String {
     match s {
@@ -136,6 +137,16 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
         cell(g("convergence.p99"), " ms"),
         verdict(med("convergence.p99") <= 150.0)
     );
+    let _ = writeln!(
+        md,
+        "| call set-up: audio both ways after the phone's 200 OK (p95) | {} | ≤ {TARGET_MS:.0} ms | {} |",
+        cell(g("phone.both_ways.p95"), " ms"),
+        if med("phone.both_ways.p95").is_nan() {
+            "—"
+        } else {
+            verdict(med("phone.both_ways.p95") <= TARGET_MS)
+        }
+    );
 
     let _ = writeln!(md, "\n## Server-added delay, side by side\n");
     let _ = writeln!(
@@ -236,9 +247,85 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
         }
     }
 
+    let phones: Vec<Option<&PhoneCalls>> = runs.iter().map(|r| r.telephony.as_ref()).collect();
+    md.push_str(&phone_calls_section(plan, &phones));
+
     let _ = writeln!(md, "\n## Method\n");
     let _ = writeln!(md, "{}", METHOD.trim());
     let _ = writeln!(md, "\n{}", analysis.trim());
+    md
+}
+
+/// The "Phone calls" section: set-up times beside the target, and CPU per active call.
+pub fn phone_calls_section(plan: &Plan, runs: &[Option<&PhoneCalls>]) -> String {
+    let f = phone_figures(runs);
+    let g = |k: &str| f.get(k);
+    let med = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
+    let mut md = String::new();
+    let _ = writeln!(md, "\n## Phone calls\n");
+    let not_measured: usize = runs.iter().flatten().map(|p| p.failed).sum();
+    let _ = writeln!(
+        md,
+        "A G.711 (PCMU) call through Kamailio to a phone that answers at once; {} calls one after \
+         the other per run, each timed from the phone's 200 OK as the server saw it{}.\n",
+        plan.phone.setup_calls,
+        if not_measured > 0 {
+            format!(" ({not_measured} calls over all runs not measured)")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(md, "| after the 200 OK | p50 | p95 | max | target |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for (key, label, target) in [
+        (
+            "phone_to_room",
+            "phone → room (a web listener hears the phone)",
+            "",
+        ),
+        (
+            "room_to_phone",
+            "room → phone (the room's audio reaches the phone)",
+            "",
+        ),
+        (
+            "first_packet",
+            "room → phone, first RTP packet of any kind",
+            "",
+        ),
+        (
+            "both_ways",
+            "**audio both ways** (the later of the two)",
+            "≤ 100 ms",
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {target} |",
+            cell(g(&format!("phone.{key}.p50")), " ms"),
+            cell(g(&format!("phone.{key}.p95")), " ms"),
+            cell(g(&format!("phone.{key}.max")), " ms"),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nCPU per active call: **{}** of one core (server process, {} concurrent PCMU calls, every \
+         phone talking: {} with the calls vs {} with the same web participants and no call, {:.0} s \
+         windows).",
+        cell(g("phone.cpu_per_call_percent"), " %"),
+        plan.phone.cpu_calls,
+        cell(g("phone.cpu_loaded_percent"), " %"),
+        cell(g("phone.cpu_idle_percent"), " %"),
+        plan.phone.cpu_window.as_secs_f64()
+    );
+    let per_call = med("phone.cpu_per_call_percent");
+    if per_call.is_finite() && per_call > 0.0 {
+        let _ = writeln!(
+            md,
+            "At that cost one core carries about {:.0} calls.",
+            100.0 / per_call
+        );
+    }
     md
 }
 
@@ -278,4 +365,12 @@ const METHOD: &str = r#"
   servers; bytes the servers send on the mesh per second.
 - **Convergence.** Three servers, the top 3 full, a new louder speaker starts after silence; time
   from its first frame until a listener on every server receives it.
+- **Phone calls.** A `chorus-mediaserver` process with a one-node mesh plan holding a `telephony`
+  block, a real Kamailio, and phones whose SIP side is SIPp (answering at once) and whose audio is
+  a socket of the bench: it streams a 500 Hz µ-law tone from the offer on and timestamps the
+  server's packets. A web bot talks (3000 Hz, −35 dBFS) and places each call, another listens. Phone → room:
+  the listener hears the 500 Hz onset; room → phone: the first packet carrying 3000 Hz reaches the
+  phone's socket; both are taken against the call's `active` transition (`atMs`, the server's
+  clock at the 200 OK; whole ms). CPU per call: the server's `/proc` CPU time over a window with N
+  calls minus one with the same N web participants and no call, over N.
 "#;

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use chorus_tests::bench::{capacity, harness, report};
+use chorus_tests::bench::{capacity, harness, report, telephony};
 use clap::Parser;
 
 /// Run the Chorus benchmarks against Janus AudioBridge.
@@ -35,6 +35,10 @@ struct Args {
     /// `per_run`), e.g. after editing the analysis. The runs must come from the full plan.
     #[arg(long)]
     report_from: Option<PathBuf>,
+    /// Run one scenario only and write its figures alone (to `--out` and `--markdown`; point
+    /// them away from the real report). Only `telephony` so far.
+    #[arg(long, value_parser = ["telephony"])]
+    only: Option<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -45,6 +49,9 @@ async fn main() -> Result<()> {
     } else {
         harness::Plan::full(args.runs.max(1))
     };
+    if args.only.is_some() {
+        return only_telephony(&args, &plan).await;
+    }
     let mut runs: Vec<harness::RunResult> = Vec::new();
     if let Some(path) = &args.report_from {
         let text =
@@ -91,6 +98,32 @@ async fn main() -> Result<()> {
         report::markdown(&plan, &runs, &analysis, &date),
     )
     .with_context(|| format!("writing {}", args.markdown.display()))?;
+    println!(
+        "wrote {} and {}",
+        args.out.display(),
+        args.markdown.display()
+    );
+    Ok(())
+}
+
+/// `--only telephony`: the phone-call scenario alone, `--runs` times.
+async fn only_telephony(args: &Args, plan: &harness::Plan) -> Result<()> {
+    let mut runs = Vec::new();
+    for run in 0..plan.runs {
+        eprintln!("chorus-bench: telephony, run {} of {}", run + 1, plan.runs);
+        runs.push(telephony::measure(plan.phone).await?);
+    }
+    let refs: Vec<Option<&telephony::PhoneCalls>> = runs.iter().map(Some).collect();
+    let value = serde_json::json!({
+        "machine": harness::machine(),
+        "runs": runs.len(),
+        "phone_calls": harness::phone_json(plan, &refs),
+        "spread": harness::phone_figures(&refs),
+        "per_run": runs,
+    });
+    harness::write_json(&args.out, &value)?;
+    std::fs::write(&args.markdown, report::phone_calls_section(plan, &refs))
+        .with_context(|| format!("writing {}", args.markdown.display()))?;
     println!(
         "wrote {} and {}",
         args.out.display(),
