@@ -179,8 +179,10 @@ function showPhoneState(t) {
   window.chorusPhoneState = t.state;
   if (t.state === "ended") {
     const why = END_REASONS[t.endReason] || t.endReason || "ended";
-    el.textContent = "Phone call ended: " + why + (t.sipStatus ? " (SIP " + t.sipStatus + ")" : "") + ".";
-    el.className = t.endReason === "completed" || t.endReason === "hangup" || t.endReason === "cancelled" ? "" : "error";
+    const normal = t.endReason === "completed" || t.endReason === "hangup" || t.endReason === "cancelled";
+    // The SIP status helps whoever has to find out why a call failed; a normal end needs none.
+    el.textContent = "Phone call ended: " + why + (!normal && t.sipStatus ? " (SIP " + t.sipStatus + ")" : "") + ".";
+    el.className = normal ? "" : "error";
     $("callPhone").disabled = !pc;
     $("hangUpPhone").disabled = true;
     phoneCallUrl = null;

@@ -1,6 +1,8 @@
 //! Headless Chromium (Debian's `chromium`) against the web client: two browsers, each with a fake
 //! microphone playing its own tone, join one room. Each must hear the other's tone and not its own,
-//! as measured inside the page (WebAudio analyser on the received stream).
+//! as measured inside the page (WebAudio analyser on the received stream). And a browser uses
+//! "Call my phone": a baresip desk phone behind a real Kamailio rings, answers, is heard in the
+//! page, and is hung up from the page.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -26,6 +28,15 @@ fn write_tone(path: &Path, hz: f64) -> Result<()> {
 }
 
 async fn browser(url: String, wav: &Path, freqs: &str) -> Result<serde_json::Value> {
+    node(
+        "join_and_measure.mjs",
+        &[url.as_str(), &wav.to_string_lossy(), "6", freqs],
+    )
+    .await
+}
+
+/// Runs a Playwright script of tests/browser with `args`; its stdout is JSON.
+async fn node(script: &str, args: &[&str]) -> Result<serde_json::Value> {
     let dir = workspace_root().join("tests/browser");
     if !dir.join("node_modules/playwright-core").exists() {
         bail!("tests/browser/node_modules is missing: run scripts/bootstrap");
@@ -35,9 +46,8 @@ async fn browser(url: String, wav: &Path, freqs: &str) -> Result<serde_json::Val
     }
     let out = tokio::process::Command::new("node")
         .current_dir(&dir)
-        .args(["join_and_measure.mjs", &url])
-        .arg(wav)
-        .args(["6", freqs])
+        .arg(script)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .await
@@ -99,5 +109,59 @@ async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
         level(&b, "1040") < level(&b, "620") - 40.0,
         "bob hears himself: {b}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_my_phone_from_the_browser() -> Result<()> {
+    use chorus_crds::SipTransport;
+    use chorus_tests::call_me::{CallMeRig, telephony_plan};
+    use chorus_tests::telephony::{Baresip, BaresipOptions};
+    let rig = CallMeRig::start(
+        &["us"],
+        |kam| telephony_plan(kam, SipTransport::Udp),
+        CallMeRig::password(),
+    )
+    .await?;
+    let phone = Baresip::start(&rig.kam, BaresipOptions::phone("1001").tone(440.0))?;
+    let dir = std::env::temp_dir().join(format!("chorus-browser-phone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let wav = dir.join("mic.wav");
+    write_tone(&wav, 1000.0)?;
+    let server = rig.server(0);
+    let url = format!(
+        "{}/?room=phones&token={}&autojoin=1&raw=1",
+        server.base_url,
+        server.token("phones", "pia")
+    );
+    let seen = node(
+        "call_my_phone.mjs",
+        &[
+            url.as_str(),
+            &wav.to_string_lossy(),
+            "1001",
+            "3",
+            "440,1000",
+        ],
+    )
+    .await?;
+    eprintln!("the page saw {seen}");
+    let states: Vec<&str> = seen["states"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(states.first(), Some(&"dialing"), "{seen}");
+    assert!(
+        states.windows(2).any(|w| w == ["active", "ended"]) && states.last() == Some(&"ended"),
+        "the page shows the call active, then ended: {seen}"
+    );
+    assert_eq!(seen["activeText"], "Your phone is in the call.", "{seen}");
+    assert_eq!(seen["endedText"], "Phone call ended: hung up.", "{seen}");
+    let level = |f: &str| seen["levels"][f].as_f64().unwrap_or(-300.0);
+    assert!(level("440") > -50.0, "the page hears the phone: {seen}");
+    phone
+        .wait_event("CALL_CLOSED", std::time::Duration::from_secs(5))
+        .await?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -335,12 +335,16 @@ async fn a_phone_called_in_one_region_is_heard_in_another() -> Result<()> {
 /// Test 8: as a user would. `chorus-operator local -f conf.yaml` with a `telephony` block pointing
 /// at a Kamailio on loopback and `pbx.yaml` (a Secret manifest) beside it; a participant joins with
 /// the printed join URL's token, `POST`s a call to 1001 and polls until it is active; the phone
-/// hears the participant and the participant's room hears the phone.
+/// hears the participant and the participant's room hears the phone; the servers' logs name
+/// neither the number nor the line's password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
     use tokio::io::{AsyncBufReadExt as _, BufReader};
     let kam = chorus_tests::telephony::Kamailio::start()?;
-    let phone = Baresip::start(&kam, BaresipOptions::phone("1001").tone(440.0))?;
+    // A distinctive extension, so the logs can be searched for it.
+    const NUMBER: &str = "735193";
+    kam.add_user(NUMBER, &chorus_tests::telephony::phone_password(NUMBER))?;
+    let phone = Baresip::start(&kam, BaresipOptions::phone(NUMBER).tone(440.0))?;
     let dir = std::env::temp_dir().join(format!(
         "chorus-local-phone-{}-{}",
         std::process::id(),
@@ -413,7 +417,7 @@ async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
     let res = http
         .post(format!("{base}/v1/rooms/phoneroom/calls"))
         .bearer_auth(&token)
-        .json(&json!({"to": "1001", "participantId": participant_id(&caller)?, "audio": "add"}))
+        .json(&json!({"to": NUMBER, "participantId": participant_id(&caller)?, "audio": "add"}))
         .send()
         .await?;
     ensure!(res.status() == 202, "create: {}", res.status());
@@ -462,6 +466,30 @@ async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
         "the phone hears the caller: {levels:?}"
     );
     drop(child);
+    // Numbers are personal data and the line's password a secret: neither is in any log of the
+    // servers (the call was logged, by a hash of the number).
+    let logs = dir.join("work/logs");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&logs)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        read += text.len();
+        let leaks: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(NUMBER) || l.contains("chorus-secret"))
+            .collect();
+        ensure!(
+            leaks.is_empty(),
+            "{} names the number or the password:\n{}",
+            path.display(),
+            leaks.join("\n")
+        );
+    }
+    ensure!(
+        read > 0,
+        "the servers logged something under {}",
+        logs.display()
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -495,5 +523,73 @@ async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> 
         "the listener hears the phone: {heard:?}"
     );
     hang_up_and_check_phone_heard_caller(&rig, "tom", id, &phone).await?;
+    Ok(())
+}
+
+/// With the default `audio: replace`, the requester's web microphone is muted while its phone is
+/// active, and heard again once the phone hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phone_replaces_the_web_microphone_while_active() -> Result<()> {
+    let rig = CallMeRig::start(
+        &["us"],
+        |kam| telephony_plan(kam, SipTransport::Udp),
+        CallMeRig::password(),
+    )
+    .await?;
+    let phone = Baresip::start(&rig.kam, BaresipOptions::phone("1003").tone(440.0))?;
+    let caller = join(&rig, 0, "rita", tone(700.0, -20.0)).await?;
+    let listener = join(&rig, 0, "lars", AudioSource::Silence).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = listener.heard(&[440.0, 700.0]);
+    ensure!(
+        before.contains(&700),
+        "the web microphone before: {before:?}"
+    );
+    let (status, call) = rig
+        .create_call(
+            0,
+            ROOM,
+            "rita",
+            &json!({"to": "1003", "participantId": participant_id(&caller)?}),
+        )
+        .await?;
+    ensure!(status == 202, "create: {status} {call}");
+    let id = call["id"].as_u64().context("call id")?;
+    rig.wait_state(0, ROOM, "rita", id, "active", Duration::from_secs(15))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = listener.heard(&[440.0, 700.0]);
+    ensure!(
+        during.contains(&440) && !during.contains(&700),
+        "while the phone is active, the phone replaces the web microphone: {during:?}"
+    );
+    // Nobody else talks, so the phone's mix is silence, and its frames keep flowing anyway (a
+    // phone with an RTP timeout would hang up otherwise): about 50 a second.
+    let active_for = Instant::now();
+    let out = |m: &str| {
+        chorus_tests::media_server::metric_sum(
+            m,
+            "chorus_phone_rtp_packets_total",
+            &["direction=\"out\""],
+        )
+    };
+    let first = out(&rig.metrics(0).await?);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = out(&rig.metrics(0).await?) - first;
+    let per_second = sent / active_for.elapsed().as_secs_f64();
+    ensure!(
+        per_second > 40.0,
+        "{per_second:.1} packets a second to a phone that hears silence"
+    );
+    ensure!(rig.hang_up(0, ROOM, "rita", id).await? == 202);
+    phone
+        .wait_event("CALL_CLOSED", Duration::from_secs(5))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = listener.heard(&[440.0, 700.0]);
+    ensure!(
+        after.contains(&700) && !after.contains(&440),
+        "after the call, the web microphone again: {after:?}"
+    );
     Ok(())
 }
