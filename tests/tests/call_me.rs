@@ -496,7 +496,7 @@ async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
 
 /// SIP over TCP to a call manager that hides where phones are (the line's binding query gets 403):
 /// the INVITE goes to the address of record through the proxy, whose location lookup routes it;
-/// tones both ways.
+/// an A-law phone, tones both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> {
     let rig = CallMeRig::start(
@@ -507,7 +507,13 @@ async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> 
     .await?;
     rig.kam
         .refuse_binding_query(chorus_tests::telephony::CHORUS_USER)?;
-    let phone = Baresip::start(&rig.kam, BaresipOptions::phone("1002").tone(440.0))?;
+    // An A-law phone (PCMA only): the other G.711 law end to end.
+    let phone = Baresip::start(
+        &rig.kam,
+        BaresipOptions::phone("1002")
+            .tone(440.0)
+            .codecs(vec![chorus_tests::telephony::Codec::pcma()]),
+    )?;
     let caller = join(&rig, 0, "tom", tone(1000.0, -20.0)).await?;
     let listener = join(&rig, 0, "lars", AudioSource::Silence).await?;
     let id = call_active(&rig, 0, "tom", &caller, "1002").await?;
@@ -516,6 +522,7 @@ async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> 
         call["routing"]["method"] == "proxy" && call["routing"]["queryStatus"] == 403,
         "the refused query sends the call through the proxy: {call}"
     );
+    ensure!(call["codec"] == "PCMA", "{call}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let heard = listener.heard(&[440.0, 1000.0]);
     ensure!(
