@@ -102,6 +102,17 @@ impl CallMeRig {
         })
     }
 
+    /// One server (region `us`) calling through a fresh Kamailio over `transport`, with the
+    /// plan's defaults of [`telephony_plan`] and the right password.
+    pub async fn one_server(transport: SipTransport) -> Result<Self> {
+        Self::start(
+            &["us"],
+            |kam| telephony_plan(kam, transport),
+            CHORUS_PASSWORD,
+        )
+        .await
+    }
+
     /// The line's right password.
     pub fn password() -> &'static str {
         CHORUS_PASSWORD

@@ -32,12 +32,7 @@ fn states(events: &[Value]) -> Vec<String> {
 /// `dialing → ringing → active`; the phone is in the roster only once active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g711_call_both_ways_through_kamailio() -> Result<()> {
-    let rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Udp),
-        CallMeRig::password(),
-    )
-    .await?;
+    let rig = CallMeRig::one_server(SipTransport::Udp).await?;
     let phone = Baresip::start(
         &rig.kam,
         BaresipOptions::phone("1001")
@@ -262,12 +257,7 @@ async fn tls_signalling_with_required_srtp() -> Result<()> {
 /// Test 5: DTMF from the phone is counted and never heard: no energy at its two frequencies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtmf_is_counted_and_never_heard() -> Result<()> {
-    let rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Udp),
-        CallMeRig::password(),
-    )
-    .await?;
+    let rig = CallMeRig::one_server(SipTransport::Udp).await?;
     let mut sipp = Sipp::phone_with(
         &rig.kam,
         "1004",
@@ -499,12 +489,7 @@ async fn local_mode_reads_the_pbx_secret_and_calls_a_phone() -> Result<()> {
 /// an A-law phone, tones both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> {
-    let rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Tcp),
-        CallMeRig::password(),
-    )
-    .await?;
+    let rig = CallMeRig::one_server(SipTransport::Tcp).await?;
     rig.kam
         .refuse_binding_query(chorus_tests::telephony::CHORUS_USER)?;
     // An A-law phone (PCMA only): the other G.711 law end to end.
@@ -537,12 +522,7 @@ async fn over_tcp_through_the_proxy_when_the_line_may_not_query() -> Result<()> 
 /// active, and heard again once the phone hangs up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_phone_replaces_the_web_microphone_while_active() -> Result<()> {
-    let rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Udp),
-        CallMeRig::password(),
-    )
-    .await?;
+    let rig = CallMeRig::one_server(SipTransport::Udp).await?;
     let phone = Baresip::start(&rig.kam, BaresipOptions::phone("1003").tone(440.0))?;
     let caller = join(&rig, 0, "rita", tone(700.0, -20.0)).await?;
     let listener = join(&rig, 0, "lars", AudioSource::Silence).await?;

@@ -131,12 +131,7 @@ fn calls_lines(metrics: &str) -> String {
 /// while it rings (`cancelled`, CANCEL) and once answered (`hangup`, BYE).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_way_a_call_ends() -> Result<()> {
-    let rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Udp),
-        CallMeRig::password(),
-    )
-    .await?;
+    let rig = CallMeRig::one_server(SipTransport::Udp).await?;
     let caller = join(&rig, "wendy", tone(1000.0, -20.0)).await?;
     let id = participant_id(&caller)?;
     let call_to = |to: &str| json!({"to": to, "participantId": id, "audio": "add"});
@@ -413,12 +408,7 @@ fn label_values(metrics: &str) -> Vec<String> {
 /// or dialled number in metrics, call resources or events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_garbage_and_no_leaks() -> Result<()> {
-    let rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Udp),
-        CallMeRig::password(),
-    )
-    .await?;
+    let rig = CallMeRig::one_server(SipTransport::Udp).await?;
     let server = rig.server(0);
     let phone = Baresip::start(
         &rig.kam,
@@ -693,12 +683,7 @@ async fn no_telephony_no_calls() -> Result<()> {
 /// up when the server is stopped, is hung up by the shutdown before the SIP transport stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_and_shutdown_hang_phones_up() -> Result<()> {
-    let mut rig = CallMeRig::start(
-        &["us"],
-        |kam| telephony_plan(kam, SipTransport::Udp),
-        CHORUS_PASSWORD,
-    )
-    .await?;
+    let mut rig = CallMeRig::one_server(SipTransport::Udp).await?;
     let first = Baresip::start(&rig.kam, BaresipOptions::phone("1001").tone(440.0))?;
     let second = Baresip::start(&rig.kam, BaresipOptions::phone("1002").tone(440.0))?;
     let leaver = join(&rig, "leo", tone(1000.0, -20.0)).await?;

@@ -48,20 +48,26 @@ pub struct Percentiles {
     pub n: usize,
 }
 
-/// Percentiles of `values` (nearest rank).
-pub fn percentiles(values: &[f64]) -> Percentiles {
+/// The finite `values`, sorted, and their nearest-rank quantile function (NaN when empty).
+pub fn nearest_rank(values: &[f64]) -> (Vec<f64>, impl Fn(&[f64], f64) -> f64) {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| {
+    let at = |v: &[f64], q: f64| {
         if v.is_empty() {
             f64::NAN
         } else {
             v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
         }
     };
+    (v, at)
+}
+
+/// Percentiles of `values` (nearest rank).
+pub fn percentiles(values: &[f64]) -> Percentiles {
+    let (v, at) = nearest_rank(values);
     Percentiles {
-        p50: at(0.5),
-        p99: at(0.99),
+        p50: at(&v, 0.5),
+        p99: at(&v, 0.99),
         n: v.len(),
     }
 }

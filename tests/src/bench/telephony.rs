@@ -77,18 +77,10 @@ pub struct Tail {
 
 /// [`Tail`] of `values` (non-finite ones left out).
 pub fn tail(values: &[f64]) -> Tail {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
-        }
-    };
+    let (v, at) = super::nearest_rank(values);
     Tail {
-        p50: at(0.5),
-        p95: at(0.95),
+        p50: at(&v, 0.5),
+        p95: at(&v, 0.95),
         max: v.last().copied().unwrap_or(f64::NAN),
         n: v.len(),
     }
