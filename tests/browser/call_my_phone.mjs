@@ -4,7 +4,7 @@
 //   {"states": ["dialing", "ringing", "active", "ended"], "levels": {"440": -30.2},
 //    "activeText": "Your phone is in the call.", "endedText": "Phone call ended: hung up."}
 // Usage: node call_my_phone.mjs URL WAV NUMBER LISTEN_SECONDS FREQ[,FREQ...]
-import { chromium } from "playwright-core";
+import { launchWithFakeMic } from "./launch.mjs";
 
 const [url, wav, number, seconds, freqList] = process.argv.slice(2);
 if (!url || !wav || !number || !seconds || !freqList) {
@@ -13,22 +13,7 @@ if (!url || !wav || !number || !seconds || !freqList) {
 }
 const freqs = freqList.split(",").map(Number);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${wav}`,
-    "--autoplay-policy=no-user-gesture-required",
-  ],
-});
+const browser = await launchWithFakeMic(wav);
 try {
   const page = await browser.newPage();
   page.on("console", (m) => console.error("page:", m.text()));

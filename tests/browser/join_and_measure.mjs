@@ -2,7 +2,7 @@
 // file, joins a room, listens, and prints what the page heard as JSON:
 //   {"state": "connected", "levels": {"440": -23.1, "880": -95.0}}
 // Usage: node join_and_measure.mjs URL WAV LISTEN_SECONDS FREQ[,FREQ...]
-import { chromium } from "playwright-core";
+import { launchWithFakeMic } from "./launch.mjs";
 
 const [url, wav, seconds, freqList] = process.argv.slice(2);
 if (!url || !wav || !seconds || !freqList) {
@@ -11,22 +11,7 @@ if (!url || !wav || !seconds || !freqList) {
 }
 const freqs = freqList.split(",").map(Number);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    `--use-file-for-fake-audio-capture=${wav}`,
-    "--autoplay-policy=no-user-gesture-required",
-  ],
-});
+const browser = await launchWithFakeMic(wav);
 try {
   const page = await browser.newPage();
   page.on("console", (m) => console.error("page:", m.text()));

@@ -11,6 +11,10 @@ use anyhow::{Context, Result, bail};
 use chorus_tests::media_server::MediaServer;
 use chorus_tests::workspace_root;
 
+/// Held by each test while its browsers run: Chromium instances are heavy on two cores, and the two
+/// tests' three at once starve WebRTC's audio.
+static BROWSERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn write_tone(path: &Path, hz: f64) -> Result<()> {
     let spec = hound::WavSpec {
         channels: 1,
@@ -69,6 +73,7 @@ async fn node(script: &str, args: &[&str]) -> Result<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
+    let _turn = BROWSERS.lock().await;
     let server = MediaServer::start(|_| {}).await?;
     let dir = std::env::temp_dir().join(format!("chorus-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -114,6 +119,7 @@ async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_my_phone_from_the_browser() -> Result<()> {
+    let _turn = BROWSERS.lock().await;
     use chorus_crds::SipTransport;
     use chorus_tests::call_me::CallMeRig;
     use chorus_tests::telephony::{Baresip, BaresipOptions};
