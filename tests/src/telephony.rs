@@ -145,17 +145,7 @@ impl Kamailio {
     /// Starts Kamailio with `tests/telephony/kamailio.cfg` on free ports of 127.0.0.1 and
     /// returns once `kamcmd core.uptime` answers.
     pub fn start() -> Result<Kamailio> {
-        for tool in [KAMAILIO_BIN, KAMCMD_BIN, KAMAILIO_TLS_MODULE] {
-            require_installed(tool, "kamailio and kamailio-tls-modules")?;
-        }
-        let dir = unique_temp_dir("kamailio")?;
-        write_certificate(&dir)?;
-        let mut kamailio = Kamailio {
-            child: None,
-            dir,
-            sip_port: 0,
-            tls_port: 0,
-        };
+        let mut kamailio = Self::prepared()?;
         let mut attempt = 1;
         loop {
             kamailio.sip_port = free_port_both()?;
@@ -174,6 +164,31 @@ impl Kamailio {
                 }
             }
         }
+    }
+
+    /// Starts Kamailio on fixed ports of 127.0.0.1 (`make demo`'s call manager on 5060), once:
+    /// a port in use is an error.
+    pub fn start_on(sip_port: u16, tls_port: u16) -> Result<Kamailio> {
+        let mut kamailio = Self::prepared()?;
+        kamailio.sip_port = sip_port;
+        kamailio.tls_port = tls_port;
+        kamailio.spawn_and_wait()?;
+        Ok(kamailio)
+    }
+
+    /// A run directory with its certificate, nothing started yet.
+    fn prepared() -> Result<Kamailio> {
+        for tool in [KAMAILIO_BIN, KAMCMD_BIN, KAMAILIO_TLS_MODULE] {
+            require_installed(tool, "kamailio and kamailio-tls-modules")?;
+        }
+        let dir = unique_temp_dir("kamailio")?;
+        write_certificate(&dir)?;
+        Ok(Kamailio {
+            child: None,
+            dir,
+            sip_port: 0,
+            tls_port: 0,
+        })
     }
 
     /// Starts the process on the current ports and waits until it answers.
