@@ -793,7 +793,28 @@ impl Baresip {
                 ));
             }
             match Ctrl::connect(ctrl_port, options.answer) {
-                Ok(ctrl) => break ctrl,
+                // The port was free when picked, but another test's baresip may have taken it
+                // since: only a connection to this phone's own baresip will do (events of a
+                // wrong one never arrive here).
+                Ok(ctrl) => match ctrl.command("reginfo", "") {
+                    Ok(info) if info.contains(&format!("{}@", options.user)) => break ctrl,
+                    Ok(info) => {
+                        return Err(failed(
+                            &mut child,
+                            format!(
+                                "ctrl_tcp on port {ctrl_port} is another baresip's \
+                                 (ctrl_tcp: failed to listen): {info}"
+                            ),
+                        ));
+                    }
+                    Err(_) if Instant::now() <= deadline => std::thread::sleep(POLL),
+                    Err(err) => {
+                        return Err(failed(
+                            &mut child,
+                            format!("ctrl_tcp on port {ctrl_port} does not answer ({err:#})"),
+                        ));
+                    }
+                },
                 Err(err) if Instant::now() > deadline => {
                     return Err(failed(
                         &mut child,
