@@ -8,6 +8,7 @@
 //! - `GET /v1/rooms/{room}`: the same token; participants and active speakers as JSON.
 //! - `/v1/rooms/{room}/calls...`: "call me", a participant's desk phone brought into the room
 //!   (see `api/calls.rs`).
+//! - `/v1/telephony/edge/...`: the edge bridge's job stream and reports (see `api/edge.rs`).
 //! - `GET /`: the web client. `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Every refusal is JSON `{"error": <message>, "reason": <static code>}` with a 4xx/5xx status, and is
@@ -26,6 +27,7 @@ use axum::routing::{delete, get, post};
 use serde_json::json;
 
 mod calls;
+mod edge;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub mesh: Option<crate::mesh_node::MeshNode>,
     /// The phone calls ("call me").
     pub calls: crate::telephony::calls::Calls,
+    /// Cancelled when the server shuts down (long-lived streams end then).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The router.
@@ -68,6 +72,9 @@ pub fn router(state: AppState) -> Router {
             get(calls::read).delete(calls::hang_up),
         )
         .route("/v1/rooms/{room}/calls/{id}/events", get(calls::events))
+        .route("/v1/telephony/edge/jobs", get(edge::jobs))
+        .route("/v1/telephony/edge/calls/{id}", post(edge::report))
+        .route("/v1/telephony/edge/status", post(edge::status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

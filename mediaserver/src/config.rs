@@ -97,6 +97,9 @@ pub struct Config {
     pub sip_credentials_dir: Option<PathBuf>,
     /// A PEM file of the CA that signed the call manager's TLS certificate.
     pub sip_ca_file: Option<PathBuf>,
+    /// Edge mode: the file holding the one edge token bridges may present (the conference's
+    /// edge token Secret, mounted). `None`: any valid edge token of this conference is taken.
+    pub edge_token_file: Option<PathBuf>,
 }
 
 /// Where a server reads its mesh plan.
@@ -138,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("sip_addr", &self.sip_addr)
             .field("sip_credentials_dir", &self.sip_credentials_dir)
             .field("sip_ca_file", &self.sip_ca_file)
+            .field("edge_token_file", &self.edge_token_file)
             .finish()
     }
 }
@@ -169,6 +173,7 @@ impl Default for Config {
             sip_addr: None,
             sip_credentials_dir: None,
             sip_ca_file: None,
+            edge_token_file: None,
         }
     }
 }
@@ -221,6 +226,8 @@ pub struct Layer {
     pub sip_credentials_dir: Option<PathBuf>,
     /// See [`Config::sip_ca_file`].
     pub sip_ca_file: Option<PathBuf>,
+    /// See [`Config::edge_token_file`].
+    pub edge_token_file: Option<PathBuf>,
 }
 
 impl Layer {
@@ -274,6 +281,7 @@ impl Layer {
             sip_addr: sip_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
             sip_credentials_dir: get(env::SIP_CREDENTIALS_DIR).map(PathBuf::from),
             sip_ca_file: get(env::SIP_CA_FILE).map(PathBuf::from),
+            edge_token_file: get(env::EDGE_TOKEN_FILE).map(PathBuf::from),
             ..Layer::default()
         };
         // The key comes straight from the Secret; it is never written to a file by us.
@@ -315,6 +323,9 @@ impl Config {
         }
         if layer.sip_ca_file.is_some() {
             self.sip_ca_file = layer.sip_ca_file.clone();
+        }
+        if layer.edge_token_file.is_some() {
+            self.edge_token_file = layer.edge_token_file.clone();
         }
         if let Some(path) = &layer.mesh_plan_file {
             self.mesh = Some(MeshSource::File(path.clone()));

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use chorus_crds::TelephonyMode;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
@@ -17,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::plan_source;
 use crate::room::Rooms;
 use crate::telephony::calls::Calls;
+use crate::telephony::edge::hub::EdgeHub;
 use crate::telephony::metrics::TelephonyMetrics;
 use crate::telephony::sip::SipAgent;
 use crate::telephony::{self, TelephonySettings};
@@ -138,7 +140,15 @@ pub async fn start(
         metrics.clone(),
         mesh.clone(),
     ));
-    let calls = start_telephony(&config, sip, &metrics, mesh.as_ref(), rooms.clone()).await?;
+    let calls = start_telephony(
+        &config,
+        sip,
+        &metrics,
+        mesh.as_ref(),
+        rooms.clone(),
+        key.clone(),
+    )
+    .await?;
     let ready = Arc::new(AtomicBool::new(true));
     let state = AppState {
         config: config.clone(),
@@ -148,6 +158,7 @@ pub async fn start(
         ready: ready.clone(),
         mesh: mesh.clone(),
         calls: calls.clone(),
+        shutdown: shutdown.clone(),
     };
     tracing::info!(config = ?config, "media server starting");
     let hang_up = calls.clone();
@@ -179,14 +190,16 @@ pub async fn start(
     ))
 }
 
-/// The server's calls: a SIP agent on `sip` with the line's credentials, placing calls once the
-/// plan's `telephony` block says how (and following its changes).
+/// The server's calls, following the plan's `telephony` block: in server mode a SIP agent on
+/// `sip` with the line's credentials places them; in edge mode they are handed to the edge
+/// bridges that connect (their tokens checked with `key`).
 async fn start_telephony(
     config: &Config,
     sip: Option<tokio::net::UdpSocket>,
     metrics: &Metrics,
     mesh: Option<&MeshNode>,
     rooms: Arc<Rooms>,
+    key: TokenKey,
 ) -> Result<Calls, ServeError> {
     let telephony_metrics = TelephonyMetrics::new();
     for c in telephony_metrics.collectors() {
@@ -195,8 +208,22 @@ async fn start_telephony(
     // The agent's transport outlives the server's shutdown signal: calls must still send their
     // BYEs. `Calls::shutdown` stops it once they have.
     let sip_stop = CancellationToken::new();
-    let (Some(sip), Some(node)) = (sip, mesh) else {
-        return Ok(Calls::new(None, None, rooms, telephony_metrics, sip_stop));
+    let edge = EdgeHub::new(
+        key,
+        &config.conference,
+        &config.server_id,
+        config.edge_token_file.clone(),
+        telephony_metrics.clone(),
+    );
+    let Some(node) = mesh else {
+        return Ok(Calls::new(
+            None,
+            None,
+            rooms,
+            telephony_metrics,
+            sip_stop,
+            edge,
+        ));
     };
     let line = match &config.sip_credentials_dir {
         Some(dir) => Some(telephony::read_credentials(dir)?),
@@ -208,13 +235,35 @@ async fn start_telephony(
         })?),
         None => None,
     };
-    let agent = SipAgent::start(sip, config.public_address, ca, sip_stop.clone()).await?;
-    tracing::info!(sip = %agent.local_addr(), "SIP agent listening");
+    let agent = match sip {
+        Some(sip) => {
+            let agent = SipAgent::start(sip, config.public_address, ca, sip_stop.clone()).await?;
+            tracing::info!(sip = %agent.local_addr(), "SIP agent listening");
+            Some(agent)
+        }
+        None => None,
+    };
+    let has_agent = agent.is_some();
     let settings = move |plan: &Option<chorus_crds::MeshTelephony>| -> Option<TelephonySettings> {
         let plan = plan.as_ref()?;
-        let Some(line) = line.clone() else {
-            tracing::error!("the plan has telephony but no SIP credentials are mounted; no calls");
-            return None;
+        let line = match plan.mode {
+            // An edge bridge dials with its own line; this server holds none.
+            TelephonyMode::Edge => None,
+            TelephonyMode::Server => {
+                if !has_agent {
+                    tracing::error!(
+                        "the plan has telephony but this server has no SIP socket; no calls"
+                    );
+                    return None;
+                }
+                let Some(line) = line.clone() else {
+                    tracing::error!(
+                        "the plan has telephony but no SIP credentials are mounted; no calls"
+                    );
+                    return None;
+                };
+                Some(line)
+            }
         };
         match TelephonySettings::from_plan(plan, line) {
             Ok(s) => Some(s),
@@ -227,10 +276,11 @@ async fn start_telephony(
     let mut plan = node.telephony();
     let calls = Calls::new(
         settings(&plan.borrow_and_update()),
-        Some(agent),
+        agent,
         rooms,
         telephony_metrics,
         sip_stop.clone(),
+        edge,
     );
     let follower = calls.clone();
     tokio::spawn(async move {

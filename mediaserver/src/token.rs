@@ -1,8 +1,12 @@
-//! Join tokens: HMAC-SHA256 JWTs minted with the conference's key.
+//! Join tokens and edge tokens: HMAC-SHA256 JWTs minted with the conference's key.
 //!
-//! A token names the conference, the room, the participant's identity and an expiry. The server
-//! checks all four; every failure is a [`TokenError`] whose message says which check failed, and
-//! none of them ever echoes the key or the token back.
+//! A join token names the conference, the room, the participant's identity and an expiry. The
+//! server checks all four; every failure is a [`TokenError`] whose message says which check
+//! failed, and none of them ever echoes the key or the token back.
+//!
+//! An edge token ([`EdgeClaims`]) lets one edge bridge take the call jobs of one conference: it
+//! names the conference, the bridge and an expiry, and carries `scope: "edge"`. Neither kind
+//! passes for the other: a join token has no scope, an edge token has no room.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,6 +27,24 @@ pub struct Claims {
     /// Issued at, seconds since the Unix epoch.
     pub iat: u64,
 }
+
+/// What an edge token grants: taking call jobs of one conference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeClaims {
+    /// The conference.
+    pub conf: String,
+    /// Always [`EDGE_SCOPE`].
+    pub scope: String,
+    /// The bridge's name (shown in logs and metrics).
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: u64,
+}
+
+/// The scope claim of an edge token.
+pub const EDGE_SCOPE: &str = "edge";
 
 /// Why a token was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -119,26 +141,7 @@ impl TokenKey {
         room: &str,
         now: SystemTime,
     ) -> Result<Claims, TokenError> {
-        let mut validation = Validation::new(Algorithm::HS256);
-        // Expiry is checked below against `now`, so tests and the server agree on the clock.
-        validation.validate_exp = false;
-        validation.required_spec_claims = ["exp".to_owned()].into();
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                TokenError::Invalid(match e.kind() {
-                    ErrorKind::InvalidSignature => "bad signature",
-                    ErrorKind::InvalidAlgorithm => "wrong algorithm (HS256 expected)",
-                    ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
-                        "not a JWT"
-                    }
-                    ErrorKind::Json(_) | ErrorKind::MissingRequiredClaim(_) => {
-                        "claims missing or malformed"
-                    }
-                    _ => "rejected",
-                })
-            })?;
-        let claims = data.claims;
+        let claims: Claims = self.decode(token)?;
         if claims.exp <= unix(now) {
             return Err(TokenError::Expired);
         }
@@ -157,6 +160,76 @@ impl TokenKey {
             });
         }
         Ok(claims)
+    }
+}
+
+impl TokenKey {
+    /// Mint an edge token for bridge `bridge` of `conference`, valid for `ttl` from `now`.
+    pub fn mint_edge(
+        &self,
+        conference: &str,
+        bridge: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> String {
+        let iat = unix(now);
+        let claims = EdgeClaims {
+            conf: conference.to_owned(),
+            scope: EDGE_SCOPE.to_owned(),
+            sub: bridge.to_owned(),
+            exp: iat + ttl.as_secs(),
+            iat,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 encoding of plain claims cannot fail")
+    }
+
+    /// Check an edge token for `conference` at time `now`.
+    pub fn verify_edge(
+        &self,
+        token: &str,
+        conference: &str,
+        now: SystemTime,
+    ) -> Result<EdgeClaims, TokenError> {
+        let claims: EdgeClaims = self.decode(token)?;
+        if claims.scope != EDGE_SCOPE {
+            return Err(TokenError::Invalid("not an edge token"));
+        }
+        if claims.exp <= unix(now) {
+            return Err(TokenError::Expired);
+        }
+        if claims.conf != conference {
+            return Err(TokenError::WrongScope {
+                what: "conference",
+                found: claims.conf,
+                expected: conference.to_owned(),
+            });
+        }
+        Ok(claims)
+    }
+
+    fn decode<C: serde::de::DeserializeOwned>(&self, token: &str) -> Result<C, TokenError> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Expiry is checked by the callers against their `now`, so tests and the server agree on
+        // the clock.
+        validation.validate_exp = false;
+        validation.required_spec_claims = ["exp".to_owned()].into();
+        jsonwebtoken::decode::<C>(token, &self.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                TokenError::Invalid(match e.kind() {
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::InvalidAlgorithm => "wrong algorithm (HS256 expected)",
+                    ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                        "not a JWT"
+                    }
+                    ErrorKind::Json(_) | ErrorKind::MissingRequiredClaim(_) => {
+                        "claims missing or malformed"
+                    }
+                    _ => "rejected",
+                })
+            })
     }
 }
 
@@ -217,5 +290,40 @@ mod tests {
             .to_string();
         assert!(!msg.contains("0123456789abcdef"));
         assert_eq!(format!("{key:?}"), "TokenKey(<redacted>)");
+    }
+
+    #[test]
+    fn edge_tokens_are_scoped_to_one_conference_and_never_pass_for_join_tokens() {
+        let key = TokenKey::new(KEY).unwrap();
+        let edge = key.mint_edge("town", "bridge-1", Duration::from_secs(60), at(1000));
+        let c = key.verify_edge(&edge, "town", at(1030)).unwrap();
+        assert_eq!((c.sub.as_str(), c.scope.as_str()), ("bridge-1", EDGE_SCOPE));
+        assert_eq!(
+            key.verify_edge(&edge, "town", at(1060)),
+            Err(TokenError::Expired)
+        );
+        assert!(matches!(
+            key.verify_edge(&edge, "elsewhere", at(1030)),
+            Err(TokenError::WrongScope {
+                what: "conference",
+                ..
+            })
+        ));
+        // An edge token has no room: it joins nothing.
+        assert!(matches!(
+            key.verify(&edge, "town", "lobby", at(1030)),
+            Err(TokenError::Invalid(_))
+        ));
+        // A join token has no scope: it takes no call jobs.
+        let join = key.mint("town", "lobby", "ada", Duration::from_secs(60), at(1000));
+        assert!(matches!(
+            key.verify_edge(&join, "town", at(1030)),
+            Err(TokenError::Invalid(_))
+        ));
+        let forged = TokenKey::new(b"another key that is long enough!!").unwrap();
+        assert_eq!(
+            forged.verify_edge(&edge, "town", at(1030)),
+            Err(TokenError::Invalid("bad signature"))
+        );
     }
 }

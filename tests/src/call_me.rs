@@ -4,13 +4,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chorus_crds::{MediaEncryption, MeshTelephony, PhoneCodec, SipTransport, TelephonyMode};
 use serde_json::Value;
 
 use crate::bot::Bot;
+use crate::calls_api::CallsApi;
 use crate::media_server::MediaServer;
 use crate::mesh_cluster::MeshCluster;
 use crate::telephony::{CHORUS_PASSWORD, CHORUS_USER, Kamailio};
@@ -123,6 +124,11 @@ impl CallMeRig {
         self.cluster.server(i)
     }
 
+    /// Server `i`'s calls API.
+    fn api(&self, i: usize) -> CallsApi {
+        CallsApi::new(self.http.clone(), &self.server(i).base_url)
+    }
+
     /// `POST /v1/rooms/{room}/calls` on server `i` as `identity`: the status and the body.
     pub async fn create_call(
         &self,
@@ -131,43 +137,20 @@ impl CallMeRig {
         identity: &str,
         body: &Value,
     ) -> Result<(u16, Value)> {
-        let server = self.server(i);
-        let res = self
-            .http
-            .post(format!("{}/v1/rooms/{room}/calls", server.base_url))
-            .bearer_auth(server.token(room, identity))
-            .json(body)
-            .send()
-            .await?;
-        let status = res.status().as_u16();
-        Ok((status, res.json().await.unwrap_or(Value::Null)))
+        let token = self.server(i).token(room, identity);
+        self.api(i).create_call(&token, room, body).await
     }
 
     /// `GET` call `id`.
     pub async fn call(&self, i: usize, room: &str, identity: &str, id: u64) -> Result<Value> {
-        let server = self.server(i);
-        let res = self
-            .http
-            .get(format!("{}/v1/rooms/{room}/calls/{id}", server.base_url))
-            .bearer_auth(server.token(room, identity))
-            .send()
-            .await?;
-        if !res.status().is_success() {
-            bail!("GET call {id}: {}", res.status());
-        }
-        Ok(res.json().await?)
+        let token = self.server(i).token(room, identity);
+        self.api(i).call(&token, room, id).await
     }
 
     /// `DELETE` call `id` (hang up).
     pub async fn hang_up(&self, i: usize, room: &str, identity: &str, id: u64) -> Result<u16> {
-        let server = self.server(i);
-        let res = self
-            .http
-            .delete(format!("{}/v1/rooms/{room}/calls/{id}", server.base_url))
-            .bearer_auth(server.token(room, identity))
-            .send()
-            .await?;
-        Ok(res.status().as_u16())
+        let token = self.server(i).token(room, identity);
+        self.api(i).hang_up(&token, room, id).await
     }
 
     /// Poll call `id` until its state is `state` (or it ended otherwise): the call as then.
@@ -180,20 +163,10 @@ impl CallMeRig {
         state: &str,
         timeout: Duration,
     ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let call = self.call(i, room, identity, id).await?;
-            if call["state"] == state {
-                return Ok(call);
-            }
-            if call["state"] == "ended" {
-                bail!("call {id} ended before {state}: {call}");
-            }
-            if Instant::now() > deadline {
-                bail!("call {id} not {state} after {timeout:?}: {call}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let token = self.server(i).token(room, identity);
+        self.api(i)
+            .wait_state(&token, room, id, state, timeout)
+            .await
     }
 
     /// Read the call's server-sent events until `ended` (or `timeout`): each event's data.
@@ -205,69 +178,19 @@ impl CallMeRig {
         id: u64,
         timeout: Duration,
     ) -> Result<Vec<Value>> {
-        let server = self.server(i);
-        let mut res = self
-            .http
-            .get(format!(
-                "{}/v1/rooms/{room}/calls/{id}/events",
-                server.base_url
-            ))
-            .bearer_auth(server.token(room, identity))
-            .send()
-            .await?;
-        if !res.status().is_success() {
-            bail!("events of call {id}: {}", res.status());
-        }
-        let mut text = String::new();
-        let deadline = tokio::time::Instant::now() + timeout;
-        while let Ok(chunk) = tokio::time::timeout_at(deadline, res.chunk()).await {
-            match chunk? {
-                Some(bytes) => text.push_str(&String::from_utf8_lossy(&bytes)),
-                None => break,
-            }
-        }
-        Ok(text
-            .split("\n\n")
-            .filter_map(|block| {
-                let data: String = block
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(str::trim)
-                    .collect();
-                serde_json::from_str(&data).ok()
-            })
-            .collect())
+        let token = self.server(i).token(room, identity);
+        self.api(i).events(&token, room, id, timeout).await
     }
 
     /// The roster of `room` on server `i`, as `identity` sees it.
     pub async fn roster(&self, i: usize, room: &str, identity: &str) -> Result<Vec<String>> {
-        let server = self.server(i);
-        let res = self
-            .http
-            .get(format!("{}/v1/rooms/{room}", server.base_url))
-            .bearer_auth(server.token(room, identity))
-            .send()
-            .await?;
-        let info: Value = res.json().await?;
-        Ok(info["participants"]
-            .as_array()
-            .map(|ps| {
-                ps.iter()
-                    .filter_map(|p| p["identity"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let token = self.server(i).token(room, identity);
+        self.api(i).roster(&token, room).await
     }
 
     /// The server's metrics text.
     pub async fn metrics(&self, i: usize) -> Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}/metrics", self.server(i).base_url))
-            .send()
-            .await?
-            .text()
-            .await?)
+        self.api(i).metrics().await
     }
 }
 

@@ -9,6 +9,8 @@
 pub mod bench;
 pub mod bot;
 pub mod call_me;
+pub mod calls_api;
+pub mod edge;
 pub mod janus;
 pub mod link;
 pub mod media_server;

@@ -26,8 +26,10 @@ pub struct ProcessOptions {
     pub max_participants: Option<usize>,
     /// Place phone calls: the server runs as the one node of a mesh plan (file, CA and
     /// certificate made as the operator makes them) holding this `telephony` block, with a SIP
-    /// socket on a free loopback port.
+    /// socket on a free loopback port (server mode).
     pub telephony: Option<ProcessTelephony>,
+    /// `RUST_LOG` for the server (default `warn`).
+    pub log_filter: Option<String>,
 }
 
 /// The telephony of a [`ServerProcess`]: what the operator would put in the plan and mount.
@@ -35,10 +37,12 @@ pub struct ProcessOptions {
 pub struct ProcessTelephony {
     /// The plan's `telephony` block.
     pub block: MeshTelephony,
-    /// The directory holding the line's `username` and `password` files.
-    pub credentials_dir: PathBuf,
+    /// The directory holding the line's `username` and `password` files (server mode).
+    pub credentials_dir: Option<PathBuf>,
     /// The CA of the call manager's TLS certificate, for SIP over TLS.
     pub ca_file: Option<PathBuf>,
+    /// Edge mode: the edge token Secret, mounted (bridges must present this token).
+    pub edge_token_file: Option<PathBuf>,
 }
 
 /// A running `chorus-mediaserver serve`.
@@ -47,6 +51,10 @@ pub struct ServerProcess {
     /// `http://127.0.0.1:PORT`.
     pub base_url: String,
     child: Child,
+    /// The command line, for restarts on the same ports.
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    log_filter: String,
     key: TokenKey,
     conference: String,
     workdir: PathBuf,
@@ -90,7 +98,6 @@ impl ServerProcess {
             }
             None => Command::new(&binary),
         };
-        let log = std::fs::File::create(workdir.join("server.log"))?;
         command
             .arg("serve")
             .args(["--http-addr", &http.to_string()])
@@ -110,25 +117,30 @@ impl ServerProcess {
                 .arg(files.dir.join("mesh.json"))
                 .args(["--mesh-addr", &slot.mesh_bind.to_string()])
                 .arg("--mesh-tls-dir")
-                .arg(&files.dir)
-                .args(["--sip-addr", "127.0.0.1:0"])
-                .arg("--sip-credentials-dir")
-                .arg(&t.credentials_dir);
+                .arg(&files.dir);
+            if let Some(dir) = &t.credentials_dir {
+                command
+                    .args(["--sip-addr", "127.0.0.1:0"])
+                    .arg("--sip-credentials-dir")
+                    .arg(dir);
+            }
             if let Some(ca) = &t.ca_file {
                 command.arg("--sip-ca-file").arg(ca);
             }
+            if let Some(token) = &t.edge_token_file {
+                command.arg("--edge-token-file").arg(token);
+            }
         }
-        command
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let program = PathBuf::from(command.get_program());
+        let args: Vec<std::ffi::OsString> = command.get_args().map(ToOwned::to_owned).collect();
+        let log_filter = options.log_filter.unwrap_or_else(|| "warn".to_owned());
+        let child = spawn_logged(&program, &args, &log_filter, &workdir)?;
         let server = ServerProcess {
             base_url: format!("http://{http}"),
             child,
+            program,
+            args,
+            log_filter,
             key: TokenKey::new(&key).map_err(|e| anyhow::anyhow!("{e}"))?,
             conference,
             workdir,
@@ -156,6 +168,42 @@ impl ServerProcess {
         bail!("chorus-mediaserver did not become healthy in 20 s; its log:\n{log}")
     }
 
+    /// Kill the server (SIGKILL: no goodbye to anyone), start it again on the same ports and
+    /// files, and wait until it is healthy.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.child = spawn_logged(&self.program, &self.args, &self.log_filter, &self.workdir)?;
+        self.wait_healthy().await
+    }
+
+    /// Kill the server (SIGKILL) and wait for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The server's log so far (every start of it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.workdir.join("server.log")).unwrap_or_default()
+    }
+
+    /// The file holding the server's join key.
+    pub fn key_file(&self) -> Option<PathBuf> {
+        let path = self.workdir.join("join-key");
+        path.exists().then_some(path)
+    }
+
+    /// The conference's name.
+    pub fn conference(&self) -> &str {
+        &self.conference
+    }
+
+    /// An edge token for bridge `bridge` of this conference, valid for `ttl`.
+    pub fn edge_token(&self, bridge: &str, ttl: Duration) -> String {
+        self.key
+            .mint_edge(&self.conference, bridge, ttl, std::time::SystemTime::now())
+    }
+
     /// The server's process id (for CPU time and profilers).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -181,6 +229,27 @@ impl ServerProcess {
             .text()
             .await?)
     }
+}
+
+/// Start `program args` with `RUST_LOG=filter`, its output appended to `dir/server.log`.
+fn spawn_logged(
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+    filter: &str,
+    dir: &std::path::Path,
+) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    Command::new(program)
+        .args(args)
+        .env("RUST_LOG", filter)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
 }
 
 impl Drop for ServerProcess {

@@ -39,6 +39,11 @@ impl From<TelephonyError> for ApiError {
             TelephonyError::IdentityLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             TelephonyError::ServerLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
             TelephonyError::NoSuchCall => StatusCode::NOT_FOUND,
+            TelephonyError::NoEdgeBridge => StatusCode::SERVICE_UNAVAILABLE,
+            TelephonyError::EdgeToken(_) => StatusCode::UNAUTHORIZED,
+            TelephonyError::NotEdgeMode => StatusCode::CONFLICT,
+            TelephonyError::Edge(_) => StatusCode::BAD_GATEWAY,
+            TelephonyError::NoSuchBridge(_) => StatusCode::NOT_FOUND,
             TelephonyError::Config(_)
             | TelephonyError::Credentials(_)
             | TelephonyError::Socket(_)

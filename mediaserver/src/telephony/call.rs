@@ -15,13 +15,13 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How long to wait for the final response after sending CANCEL before ending the call anyway.
 pub const CANCEL_GUARD: Duration = Duration::from_secs(5);
 
 /// Where a call is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CallState {
     /// INVITE sent, nothing from the phone yet.
@@ -37,7 +37,7 @@ pub enum CallState {
 /// Why a call ended. `completed` is the phone hanging up an answered call; `hangup` is this side
 /// ending it (the web user, the participant leaving, the room closing, server shutdown, or the
 /// maximum call length).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     /// The phone hung up.
@@ -66,6 +66,11 @@ pub enum EndReason {
     Rejected,
     /// Something on this side failed (no socket, no room).
     Failed,
+    /// Edge placement: the bridge lost its connection to the conference (the server went away
+    /// or the network broke), so it hung the phone up.
+    ConferenceLost,
+    /// Edge placement, as the server sees it: the bridge carrying the call disconnected.
+    EdgeLost,
 }
 
 impl EndReason {
@@ -85,6 +90,8 @@ impl EndReason {
             EndReason::MediaTimeout => "media_timeout",
             EndReason::Rejected => "rejected",
             EndReason::Failed => "failed",
+            EndReason::ConferenceLost => "conference_lost",
+            EndReason::EdgeLost => "edge_lost",
         }
     }
 
@@ -136,6 +143,9 @@ pub enum CallInput {
     SignallingFailed,
     /// A local failure (the room refused the phone, no RTP socket).
     LocalFailure,
+    /// The conference the phone was bridged to is gone (edge placement): hang up or cancel, and
+    /// end as [`EndReason::ConferenceLost`].
+    ConferenceLost,
     /// Time passed.
     Tick,
 }
@@ -283,6 +293,18 @@ impl CallMachine {
                 CallState::Dialing | CallState::Ringing => {
                     self.cancel(now, EndReason::Cancelled, &mut actions);
                 }
+                CallState::Ended => {}
+            },
+            CallInput::ConferenceLost => match self.state {
+                CallState::Active => {
+                    actions.push(CallAction::SendBye);
+                    self.end(EndReason::ConferenceLost, &mut actions);
+                }
+                CallState::Dialing | CallState::Ringing => match self.cancelling {
+                    // Already cancelling: the phone's 487 (or the guard) ends it, now as lost.
+                    Some((at, _)) => self.cancelling = Some((at, EndReason::ConferenceLost)),
+                    None => self.cancel(now, EndReason::ConferenceLost, &mut actions),
+                },
                 CallState::Ended => {}
             },
             CallInput::Media => {
@@ -560,5 +582,47 @@ mod tests {
             vec![CallAction::Publish(CallState::Ended)]
         );
         assert_eq!(m.end_reason(), Some(EndReason::Unreachable));
+    }
+
+    #[test]
+    fn a_lost_conference_cancels_a_ringing_phone_and_hangs_up_an_answered_one() {
+        // Ringing: CANCEL, and the phone's 487 ends the call as lost, not as cancelled.
+        let mut m = CallMachine::new(ms(0), T);
+        m.step(ms(50), CallInput::Provisional(180));
+        assert_eq!(
+            m.step(ms(500), CallInput::ConferenceLost),
+            vec![CallAction::SendCancel]
+        );
+        assert_eq!(
+            m.step(ms(600), CallInput::Final(487)),
+            vec![CallAction::Publish(CallState::Ended)]
+        );
+        assert_eq!(m.end_reason(), Some(EndReason::ConferenceLost));
+
+        // A hang-up already cancelling keeps its CANCEL; the reason becomes the loss.
+        let mut m = CallMachine::new(ms(0), T);
+        assert_eq!(
+            m.step(ms(10), CallInput::Hangup),
+            vec![CallAction::SendCancel]
+        );
+        assert_eq!(m.step(ms(20), CallInput::ConferenceLost), vec![]);
+        m.step(ms(30), CallInput::Final(487));
+        assert_eq!(m.end_reason(), Some(EndReason::ConferenceLost));
+
+        // Answered: BYE, out of the room, ended.
+        let mut m = CallMachine::new(ms(0), T);
+        m.step(ms(100), CallInput::Answered(200));
+        assert_eq!(
+            m.step(ms(900), CallInput::ConferenceLost),
+            vec![
+                CallAction::SendBye,
+                CallAction::LeaveRoom,
+                CallAction::Publish(CallState::Ended)
+            ]
+        );
+        assert_eq!(m.end_reason(), Some(EndReason::ConferenceLost));
+        assert_eq!(EndReason::ConferenceLost.label(), "conference_lost");
+        // Nothing more happens to an ended call.
+        assert_eq!(m.step(ms(950), CallInput::ConferenceLost), vec![]);
     }
 }

@@ -1,9 +1,12 @@
-//! The phone leg's media: RTP through the server's one media port, transcoding at the edge of the
-//! room, and the room [`Transport`] a phone member uses.
+//! The phone leg's media: RTP through the server's one media port (or, on an edge bridge, a
+//! socket of its own), transcoding at the edge of the room, and the room [`Transport`] a phone
+//! member uses.
 //!
-//! A phone's RTP shares the media port with every WebRTC participant (Kubernetes exposes one UDP
-//! port per pod): our SDP offers the port's address, and once the phone answers, the port routes
-//! datagrams from the address it answered with to this leg ([`MediaPort::route_plain`]).
+//! On a media server a phone's RTP shares the media port with every WebRTC participant
+//! (Kubernetes exposes one UDP port per pod): our SDP offers the port's address, and once the
+//! phone answers, the port routes datagrams from the address it answered with to this leg
+//! ([`MediaPort::route_plain`]). An edge bridge has no media port: each call gets its own UDP
+//! socket ([`PhoneLeg::on_socket`]) and the same filter on the answered address.
 //!
 //! Into the room, each phone packet becomes what a WebRTC participant's packet is: an Opus frame
 //! with a level, delivered straight into the room's queue with the phone's stream id. G.711 is
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use opus::{Application, Channels};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -83,29 +87,133 @@ impl LegParams {
     }
 }
 
+/// Where a leg's RTP travels.
+#[derive(Debug, Clone)]
+enum LegSocket {
+    /// The server's shared media port.
+    Port(Arc<MediaPort>),
+    /// A socket of the leg's own (an edge bridge), and the address our offer names.
+    Own {
+        socket: Arc<UdpSocket>,
+        advertised: SocketAddr,
+    },
+}
+
 /// A call's media before the phone answers: where our offer says to send RTP.
 #[derive(Debug)]
 pub struct PhoneLeg {
-    port: Arc<MediaPort>,
+    socket: LegSocket,
 }
+
+/// Datagrams routed from the answered phone, and a way back to it. Dropping it stops the
+/// routing (the port forgets the address; an own socket's reader stops).
+#[derive(Debug)]
+pub struct LegRoute {
+    inbound: mpsc::Receiver<(Bytes, Instant)>,
+    sender: LegSender,
+    _guard: RouteGuard,
+}
+
+#[derive(Debug)]
+enum RouteGuard {
+    /// The port's route: dropping it unroutes the address.
+    Port(#[allow(dead_code)] PlainRoute),
+    /// The reader of an own socket.
+    Own(tokio::task::JoinHandle<()>),
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        if let RouteGuard::Own(reader) = self {
+            reader.abort();
+        }
+    }
+}
+
+/// Sends datagrams to the answered phone. Never waits: a full queue or socket drops the datagram.
+#[derive(Debug, Clone)]
+enum LegSender {
+    Port(PlainSender),
+    Own(Arc<UdpSocket>, SocketAddr),
+}
+
+impl LegSender {
+    fn send(&self, datagram: Bytes) -> Result<(), ()> {
+        match self {
+            LegSender::Port(sender) => sender.send(datagram).map_err(|_| ()),
+            LegSender::Own(socket, to) => socket
+                .try_send_to(&datagram, *to)
+                .map(|_| ())
+                .map_err(|_| ()),
+        }
+    }
+}
+
+/// Datagrams a leg's own socket may queue before new ones are dropped.
+const OWN_QUEUE: usize = 64;
 
 impl PhoneLeg {
     /// A leg on the server's media port.
     pub fn on_port(port: Arc<MediaPort>) -> Self {
-        Self { port }
+        Self {
+            socket: LegSocket::Port(port),
+        }
     }
 
-    /// The address our offer gives the phone (the media port's public address).
+    /// A leg on a socket of its own (an edge bridge's RTP socket); our offer names `advertised`
+    /// with the socket's port.
+    pub fn on_socket(
+        socket: UdpSocket,
+        advertised: std::net::IpAddr,
+    ) -> Result<Self, TelephonyError> {
+        let port = socket
+            .local_addr()
+            .map_err(|e| TelephonyError::Socket(format!("RTP socket address: {e}")))?
+            .port();
+        Ok(Self {
+            socket: LegSocket::Own {
+                socket: Arc::new(socket),
+                advertised: SocketAddr::new(advertised, port),
+            },
+        })
+    }
+
+    /// The address our offer gives the phone (the media port's public address, or the own
+    /// socket's advertised one).
     pub fn local_addr(&self) -> SocketAddr {
-        self.port.candidate_addr()
+        match &self.socket {
+            LegSocket::Port(port) => port.candidate_addr(),
+            LegSocket::Own { advertised, .. } => *advertised,
+        }
     }
 
     /// Route the answered phone's datagrams to this leg; call before [`PhoneLeg::connect`].
-    pub async fn route(&self, remote: SocketAddr) -> Result<PlainRoute, TelephonyError> {
-        self.port
-            .route_plain(remote)
-            .await
-            .map_err(|e| TelephonyError::Socket(format!("routing the phone's RTP: {e}")))
+    /// Datagrams from any other address are dropped.
+    pub async fn route(&self, remote: SocketAddr) -> Result<LegRoute, TelephonyError> {
+        match &self.socket {
+            LegSocket::Port(port) => {
+                let mut route = port
+                    .route_plain(remote)
+                    .await
+                    .map_err(|e| TelephonyError::Socket(format!("routing the phone's RTP: {e}")))?;
+                let (_, closed) = mpsc::channel(1);
+                let inbound = std::mem::replace(&mut route.inbound, closed);
+                Ok(LegRoute {
+                    inbound,
+                    sender: LegSender::Port(route.sender()),
+                    _guard: RouteGuard::Port(route),
+                })
+            }
+            LegSocket::Own { socket, .. } => {
+                let (tx, inbound) = mpsc::channel(OWN_QUEUE);
+                let reader = tokio::spawn(read_own_socket(socket.clone(), remote, tx));
+                Ok(LegRoute {
+                    inbound,
+                    sender: LegSender::Own(socket.clone(), remote),
+                    _guard: RouteGuard::Own(reader),
+                })
+            }
+        }
     }
 
     /// Start the media of an answered call: packets from the phone (through `route`) go into
@@ -113,7 +221,7 @@ impl PhoneLeg {
     pub fn connect(
         self,
         params: LegParams,
-        route: PlainRoute,
+        route: LegRoute,
         sink: AudioSink,
         events: mpsc::UnboundedSender<LegEvent>,
         metrics: TelephonyMetrics,
@@ -129,12 +237,33 @@ impl PhoneLeg {
         let gone = Arc::new(AtomicBool::new(false));
         let (frames, frames_rx) = mpsc::channel(OUT_QUEUE);
         let srtp = srtp.map(|s| Arc::new(std::sync::Mutex::new(s)));
-        let sender = route.sender();
+        let sender = route.sender.clone();
         let inbound = Inbound::new(&answer, srtp.clone(), sink, events, metrics.clone())?;
         let outbound = Outbound::new(&answer, srtp, metrics)?;
         tokio::spawn(inbound.run(route, stop.clone(), gone.clone()));
         tokio::spawn(outbound.run(sender, frames_rx, stop.clone(), gone.clone()));
         Ok(PhoneTransport { frames, stop, gone })
+    }
+}
+
+/// An own socket's reader: datagrams from `remote` only, with their arrival.
+async fn read_own_socket(
+    socket: Arc<UdpSocket>,
+    remote: SocketAddr,
+    inbound: mpsc::Sender<(Bytes, Instant)>,
+) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        if from != remote {
+            continue;
+        }
+        match inbound.try_send((Bytes::copy_from_slice(&buf[..n]), Instant::now())) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
     }
 }
 
@@ -227,7 +356,7 @@ impl Inbound {
         })
     }
 
-    async fn run(mut self, mut route: PlainRoute, stop: CancellationToken, gone: Arc<AtomicBool>) {
+    async fn run(mut self, mut route: LegRoute, stop: CancellationToken, gone: Arc<AtomicBool>) {
         loop {
             let (datagram, arrival) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -400,7 +529,7 @@ impl Outbound {
 
     async fn run(
         mut self,
-        sender: PlainSender,
+        sender: LegSender,
         mut frames: mpsc::Receiver<(Bytes, u32)>,
         stop: CancellationToken,
         gone: Arc<AtomicBool>,

@@ -3,7 +3,9 @@
 //! Labels are static and bounded: outcomes, response classes, directions and drop reasons. No
 //! number, participant, room or call id is ever a label.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 
 /// Every telephony metric of one media server.
 #[derive(Debug, Clone)]
@@ -28,6 +30,10 @@ pub struct TelephonyMetrics {
     pub transcodes: IntCounterVec,
     /// RFC 4733 DTMF key presses received from phones.
     pub dtmf_events: IntCounter,
+    /// Edge bridges connected to this server, by whether their line is registered.
+    pub edge_bridges: IntGaugeVec,
+    /// Edge bridge connections refused, by reason.
+    pub edge_refused: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
@@ -94,6 +100,20 @@ impl TelephonyMetrics {
                 "RFC 4733 key presses received from phones (never mixed as audio).",
             )
             .expect("static metric definition is valid"),
+            edge_bridges: IntGaugeVec::new(
+                Opts::new(
+                    "chorus_edge_bridges",
+                    "Edge bridges connected to this server, by whether their line is registered \
+                     with the call manager.",
+                ),
+                &["registered"],
+            )
+            .expect("static metric definition is valid"),
+            edge_refused: counter_vec(
+                "chorus_edge_connections_refused_total",
+                "Edge bridge connections refused, by reason.",
+                "reason",
+            ),
         }
     }
 
@@ -110,6 +130,8 @@ impl TelephonyMetrics {
             Box::new(self.rtp_dropped.clone()),
             Box::new(self.transcodes.clone()),
             Box::new(self.dtmf_events.clone()),
+            Box::new(self.edge_bridges.clone()),
+            Box::new(self.edge_refused.clone()),
         ]
     }
 

@@ -12,9 +12,13 @@
 //!   `rtc`'s SRTP);
 //! - [`leg`]: the phone leg's RTP socket and transcoding, and the room [`crate::room::transport::Transport`]
 //!   it implements;
-//! - [`calls`]: the server's calls: limits, target checks, one task per call running the state
-//!   machine against the agent, the leg and the room; the HTTP handlers live in
-//!   [`crate::api`].
+//! - [`call_task`]: one call's task, running the state machine against the agent, the leg and
+//!   a room side (a local room, or a remote one reached over WebRTC from an edge bridge);
+//! - [`calls`]: the server's calls: limits, target checks, and who places each call (this
+//!   server, or an edge bridge); the HTTP handlers live in [`crate::api`];
+//! - [`edge`]: the edge placement: the bridge (`chorus-mediaserver edge`), which registers with
+//!   the call manager as a line inside the enterprise network, takes call jobs over an outbound
+//!   connection and joins the room as a WebRTC participant, and the server's side of it.
 //!
 //! Invariants:
 //! - only targets matching `allowedTargets`, in the call manager's own domain, are dialled;
@@ -23,7 +27,9 @@
 //! - the phone joins the room only on 200 OK with usable media, so early media is never mixed.
 
 pub mod call;
+pub mod call_task;
 pub mod calls;
+pub mod edge;
 pub mod leg;
 pub mod media;
 pub mod metrics;
@@ -81,6 +87,23 @@ pub enum TelephonyError {
     /// The phone's media was malformed.
     #[error(transparent)]
     Media(#[from] media::PhoneMediaError),
+    /// Edge mode, and no edge bridge is connected to this server.
+    #[error(
+        "no edge bridge is connected to this server: calls are placed from the enterprise network by `chorus-mediaserver edge`, and none is running or reachable"
+    )]
+    NoEdgeBridge,
+    /// An edge bridge's token was refused (the message says why).
+    #[error("{0}")]
+    EdgeToken(String),
+    /// Telephony is not in edge mode, so no edge bridge is taken.
+    #[error("this conference's telephony is not in edge mode")]
+    NotEdgeMode,
+    /// The edge connection to the conference failed.
+    #[error("edge connection: {0}")]
+    Edge(String),
+    /// A report named a bridge connection this server does not have.
+    #[error("edge bridge {0} is not connected to this server")]
+    NoSuchBridge(u64),
 }
 
 impl TelephonyError {
@@ -100,6 +123,11 @@ impl TelephonyError {
             TelephonyError::NoSuchCall => "no_such_call",
             TelephonyError::NoSuchParticipant(_) => "no_such_participant",
             TelephonyError::Media(e) => e.category(),
+            TelephonyError::NoEdgeBridge => "no_edge_bridge",
+            TelephonyError::EdgeToken(_) => "edge_token",
+            TelephonyError::NotEdgeMode => "not_edge_mode",
+            TelephonyError::Edge(_) => "edge",
+            TelephonyError::NoSuchBridge(_) => "no_such_bridge",
         }
     }
 }
@@ -121,8 +149,11 @@ pub enum MediaEncryption {
 pub struct TelephonySettings {
     /// The call manager.
     pub manager: CallManager,
-    /// The line's credentials.
-    pub line: LineCredentials,
+    /// Who places the calls: the media servers (`Server`) or an edge bridge (`Edge`).
+    pub mode: chorus_crds::TelephonyMode,
+    /// The line's credentials: those of the side that dials (`None` on a media server in edge
+    /// mode, which holds no SIP account).
+    pub line: Option<LineCredentials>,
     /// The display name shown on the phone (from the plan's `callerId`, see
     /// [`caller_display_name`]).
     pub caller_id: Option<String>,
@@ -141,6 +172,13 @@ pub struct TelephonySettings {
 }
 
 impl TelephonySettings {
+    /// The line calls are placed from, or why there is none here.
+    pub fn line(&self) -> Result<&LineCredentials, TelephonyError> {
+        self.line.as_ref().ok_or_else(|| {
+            TelephonyError::Credentials("no SIP line is configured on this side".to_owned())
+        })
+    }
+
     /// Whether SRTP is offered on this call manager's transport.
     pub fn offers_srtp(&self) -> bool {
         self.encryption != MediaEncryption::Disabled
@@ -190,10 +228,11 @@ impl TelephonySettings {
 }
 
 impl TelephonySettings {
-    /// The settings of a plan's `telephony` block, with the line's credentials.
+    /// The settings of a plan's `telephony` block, with the line's credentials (`None` where
+    /// this side does not dial: a media server in edge mode).
     pub fn from_plan(
         plan: &chorus_crds::MeshTelephony,
-        line: LineCredentials,
+        line: Option<LineCredentials>,
     ) -> Result<Self, TelephonyError> {
         use chorus_crds::{MediaEncryption as Enc, PhoneCodec as Codec, SipTransport};
         let transport = match plan.transport {
@@ -214,6 +253,7 @@ impl TelephonySettings {
             return Err(TelephonyError::Config("no codecs".to_owned()));
         }
         Ok(Self {
+            mode: plan.mode,
             manager: CallManager::parse(&plan.call_manager_uri, transport)?,
             caller_id: plan.caller_id.as_deref().and_then(caller_display_name),
             codecs,
@@ -322,7 +362,7 @@ mod tests {
             username: "chorus".into(),
             password: "pw".into(),
         };
-        let s = TelephonySettings::from_plan(&plan(patterns), line).unwrap();
+        let s = TelephonySettings::from_plan(&plan(patterns), Some(line)).unwrap();
         assert_eq!(s.codecs, vec![PhoneCodec::Pcmu]);
         assert_eq!(s.timeouts.ring, secs(30));
         s
@@ -363,7 +403,7 @@ mod tests {
             username: "chorus".into(),
             password: "pw".into(),
         };
-        let err = TelephonySettings::from_plan(&plan(&["("]), line).unwrap_err();
+        let err = TelephonySettings::from_plan(&plan(&["("]), Some(line)).unwrap_err();
         assert!(err.to_string().contains("allowedTargets"), "{err}");
     }
 

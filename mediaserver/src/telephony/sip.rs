@@ -11,7 +11,10 @@
 //! - [`SipAgent::invite`]: one outgoing call, whose dialog states and final response arrive as
 //!   [`SipEvent`]s on a channel, so the call's task can `select!` over them;
 //! - the incoming-request loop: in-dialog requests (a phone's BYE) go to their dialog; we never
-//!   accept calls, so a new INVITE is refused with 403, and OPTIONS gets 200.
+//!   accept calls, so a new INVITE is refused with 403, and OPTIONS gets 200;
+//! - [`SipAgent::keep_registered`]: an edge bridge's line registration, on `rsipstack`'s own
+//!   `Registration::keep_alive` (refresh at 75 % of the granted expiry, backoff on failure), so a
+//!   call manager that restarted and forgot its bindings has the line back within one refresh.
 //!
 //! Invariants: no credential appears in a log line or an error message; a URI we dial is built
 //! from the call manager's host only (never from user input beyond the checked user part).
@@ -458,6 +461,73 @@ impl SipAgent {
             .map_err(|e| TelephonyError::Sip(format!("BYE: {e}")));
         self.dialogs.remove_dialog(&dialog.id());
         result
+    }
+}
+
+impl SipAgent {
+    /// Keep `line` registered with `manager` (our Contact: this agent's address), asking for
+    /// `expires` seconds, until `stop`; then unregister. Every attempt's outcome goes to
+    /// `registered`.
+    pub async fn keep_registered(
+        &self,
+        manager: &CallManager,
+        line: &LineCredentials,
+        expires: u32,
+        stop: CancellationToken,
+        registered: tokio::sync::watch::Sender<bool>,
+    ) -> Result<(), TelephonyError> {
+        use rsipstack::dialog::registration::{RefreshOutcome, Registration};
+        let server = manager.registrar()?;
+        let mut registration =
+            Registration::new(self.endpoint.inner.clone(), Some(line.credential()));
+        if manager.transport == SipTransportKind::Udp {
+            let contact = Uri::try_from(
+                format!(
+                    "sip:{}@{}:{}",
+                    line.username,
+                    self.public,
+                    self.local.port()
+                )
+                .as_str(),
+            )
+            .map_err(|e| TelephonyError::Config(format!("Contact: {e}")))?;
+            registration.contact = Some(rsipstack::sip::typed::Contact {
+                display_name: None,
+                uri: contact,
+                params: vec![],
+            });
+        }
+        registration
+            .keep_alive(server.clone(), expires, stop, |outcome| {
+                let now = match outcome {
+                    RefreshOutcome::Registered(_) => true,
+                    RefreshOutcome::Rejected(response) => {
+                        tracing::warn!(
+                            status = response.status_code.code(),
+                            "the call manager refused the line's registration"
+                        );
+                        false
+                    }
+                    RefreshOutcome::Failed(e) => {
+                        tracing::warn!(error = %e, "registering the line failed");
+                        false
+                    }
+                };
+                if *registered.borrow() != now {
+                    tracing::info!(registered = now, "line registration");
+                }
+                registered.send_replace(now);
+            })
+            .await;
+        // Leaving: take the binding away, so the call manager routes nothing to a bridge that
+        // is gone (bounded: a call manager that is down does not hold the shutdown up).
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            registration.register(server, Some(0)),
+        )
+        .await;
+        registered.send_replace(false);
+        Ok(())
     }
 }
 

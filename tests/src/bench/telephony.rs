@@ -672,8 +672,9 @@ pub async fn measure(plan: PhonePlan) -> Result<PhoneCalls> {
         let server = ServerProcess::start(ProcessOptions {
             telephony: Some(ProcessTelephony {
                 block,
-                credentials_dir: creds.clone(),
+                credentials_dir: Some(creds.clone()),
                 ca_file: Some(kam.cert_path()),
+                edge_token_file: None,
             }),
             ..ProcessOptions::default()
         })
