@@ -415,3 +415,51 @@ fn phone_example_matches_the_crd_and_plans_valid_objects() -> Result<()> {
     );
     Ok(())
 }
+
+const EDGE_EXAMPLE_FILE: &str = "examples/conference-edge.yaml";
+
+#[test]
+fn edge_example_matches_the_crd_and_mounts_only_the_edge_token() -> Result<()> {
+    let example = workspace_root().join(EDGE_EXAMPLE_FILE);
+    let output = validate_against_crd(&[&example])?;
+    ensure!(
+        output.status.success(),
+        "{EDGE_EXAMPLE_FILE} does not match the CRD schema in {CRD_FILE}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    kubernetes_validate_strict(&workspace_root().join("examples/edge-token.yaml"))?;
+
+    let output = run_ok(&operator_bin()?, ["plan", "-f", EDGE_EXAMPLE_FILE])?;
+    let plan =
+        String::from_utf8(output.stdout).context("`chorus-operator plan` printed non-UTF-8")?;
+    kubernetes_validate_strict(&scratch_file("plan-edge.yaml", &plan)?)?;
+    let objects = parse_stream(&plan)?;
+    let config_map: ConfigMap = serde_yaml::from_value(
+        find(&objects, "ConfigMap", &names::mesh_object("branch"))?
+            .value
+            .clone(),
+    )?;
+    let mesh_json = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(names::MESH_PLAN_KEY))
+        .context("the mesh ConfigMap has no mesh.json")?;
+    let telephony = MeshPlan::from_json(mesh_json)?
+        .telephony
+        .context("the edge example's plan has no telephony")?;
+    ensure!(telephony.mode == chorus_crds::TelephonyMode::Edge);
+    ensure!(
+        telephony.credentials_secret.is_none(),
+        "in edge mode the servers hold no SIP account"
+    );
+    // The servers get the edge token (to accept only it) and nothing of a SIP line.
+    ensure!(
+        plan.contains(names::env::EDGE_TOKEN_FILE) && plan.contains("branch-edge-token"),
+        "the servers mount the edge token Secret"
+    );
+    ensure!(
+        !plan.contains(names::env::SIP_CREDENTIALS_DIR),
+        "the servers of an edge conference mount no SIP credentials"
+    );
+    Ok(())
+}
