@@ -534,3 +534,93 @@ impl EdgeRelay {
         self.calls.ended(self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn hub(pin: Option<PathBuf>) -> EdgeHub {
+        let key = TokenKey::new(KEY).expect("a long enough key");
+        EdgeHub::new(key, "town", "s1", pin, TelephonyMetrics::new())
+    }
+
+    fn token(conference: &str, bridge: &str, ttl: u64) -> String {
+        TokenKey::new(KEY).expect("a long enough key").mint_edge(
+            conference,
+            bridge,
+            Duration::from_secs(ttl),
+            SystemTime::now(),
+        )
+    }
+
+    fn refused(hub: &EdgeHub, reason: &str) -> u64 {
+        hub.inner
+            .metrics
+            .edge_refused
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    #[test]
+    fn tokens_are_checked_and_pinned_to_the_mounted_secret() {
+        let dir = std::env::temp_dir().join(format!("chorus-edge-pin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin = dir.join("token");
+        let good = token("town", "hq", 60);
+        std::fs::write(&pin, format!("{good}\n")).unwrap();
+        let hub = hub(Some(pin.clone()));
+        assert_eq!(hub.authenticate(Some(&good)).unwrap().sub, "hq");
+        // Valid and of this conference, but not the Secret's: revoked.
+        let other = token("town", "hq", 120);
+        let err = hub.authenticate(Some(&other)).unwrap_err();
+        assert!(err.to_string().contains("current edge token"), "{err}");
+        assert_eq!(refused(&hub, "token_revoked"), 1);
+        for (bad, reason) in [
+            (token("elsewhere", "hq", 60), "token_scope"),
+            (token("town", "hq", 0), "token_expired"),
+            ("not-a-jwt".to_owned(), "token_invalid"),
+        ] {
+            let err = hub.authenticate(Some(&bad)).unwrap_err();
+            assert!(!err.to_string().contains(&bad), "the token is never echoed");
+            assert_eq!(refused(&hub, reason), 1, "{reason}");
+        }
+        assert!(hub.authenticate(None).is_err());
+        assert_eq!(refused(&hub, "token_missing"), 1);
+        std::fs::remove_file(&pin).unwrap();
+        assert!(hub.authenticate(Some(&good)).is_err(), "no file, no bridge");
+        assert_eq!(refused(&hub, "token_file"), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn calls_go_to_registered_bridges_first_and_a_dropped_session_detaches() {
+        let hub = hub(None);
+        assert!(hub.pick().is_none(), "no bridge, no call");
+        let a = hub.attach("a");
+        let b = hub.attach("b");
+        hub.set_registered(b.id, true).unwrap();
+        let first = hub.pick().unwrap();
+        assert_eq!(first.id, b.id, "the registered bridge first");
+        hub.set_registered(a.id, true).unwrap();
+        let second = hub.pick().unwrap();
+        assert_eq!(second.id, a.id, "then the one with fewer calls");
+        let gauge = |r: &str| hub.inner.metrics.edge_bridges.with_label_values(&[r]).get();
+        assert_eq!((gauge("true"), gauge("false")), (2, 0));
+        let gone = first.gone.clone();
+        drop(b);
+        assert!(
+            gone.is_cancelled(),
+            "the calls of a bridge that left learn it"
+        );
+        assert_eq!(hub.connected(), 1);
+        assert!(matches!(
+            hub.set_registered(99, true),
+            Err(TelephonyError::NoSuchBridge(99))
+        ));
+        drop((a, first, second));
+        assert_eq!(hub.connected(), 0);
+        assert_eq!(gauge("true"), 0);
+    }
+}
