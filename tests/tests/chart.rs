@@ -35,6 +35,21 @@ const NON_DEFAULT: [&str; 7] = [
     "image.tag=1.2.3-test",
 ];
 
+/// The edge bridge switched on with everything it requires (and the optional CA).
+const EDGE_BRIDGE: [&str; 6] = [
+    "edgeBridge.enabled=true",
+    "edgeBridge.servers={https://media-0.conf.example,https://media-1.conf.example:8443}",
+    "edgeBridge.callManager=sip:pbx.corp.example:5060",
+    "edgeBridge.tokenSecret=branch-edge-token",
+    "edgeBridge.credentialsSecret=pbx",
+    "edgeBridge.caSecret=corp-ca",
+];
+/// Where the edge bridge's Secrets are mounted (the same paths the operator gives media servers,
+/// crds/src/names.rs).
+const EDGE_TOKEN_MOUNT: &str = "/etc/chorus/edge-token";
+const SIP_CREDENTIALS_MOUNT: &str = "/etc/chorus/sip-credentials";
+const SIP_CA_MOUNT: &str = "/etc/chorus/sip-ca";
+
 /// A scratch file for one test, in the directory Cargo gives integration tests; names carry
 /// the test's name because tests run in parallel.
 fn scratch_file(name: &str, contents: &str) -> Result<PathBuf> {
@@ -123,12 +138,97 @@ fn operator_args(objects: &[serde_yaml::Value]) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The rendered Deployments of one component (`app.kubernetes.io/component`).
+fn deployments<'a>(
+    objects: &'a [serde_yaml::Value],
+    component: &str,
+) -> Vec<&'a serde_yaml::Value> {
+    objects
+        .iter()
+        .filter(|o| {
+            kind(o) == "Deployment"
+                && o["metadata"]["labels"]["app.kubernetes.io/component"].as_str()
+                    == Some(component)
+        })
+        .collect()
+}
+
+/// The values a container's `args` give `flag`, as `--flag=value` or as `--flag value`.
+fn flag_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    let mut values = Vec::new();
+    for (index, arg) in args.iter().enumerate() {
+        if let Some(value) = arg
+            .strip_prefix(flag)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            values.push(value);
+        } else if arg == flag
+            && let Some(value) = args.get(index + 1)
+        {
+            values.push(value.as_str());
+        }
+    }
+    values
+}
+
+/// The edge bridge's container and pod spec in a render that enabled it.
+fn edge_bridge_pod(objects: &[serde_yaml::Value]) -> Result<(&serde_yaml::Value, Vec<String>)> {
+    let bridges = deployments(objects, "edge-bridge");
+    ensure!(
+        bridges.len() == 1,
+        "expected one edge-bridge Deployment, the chart rendered {}",
+        bridges.len()
+    );
+    let pod = &bridges[0]["spec"]["template"]["spec"];
+    let args = pod["containers"][0]["args"]
+        .as_sequence()
+        .context("the edge bridge container has no args")?
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    Ok((pod, args))
+}
+
+/// Whether `pod` mounts Secret `secret` read-only at `path`, projecting exactly `keys`.
+fn mounts_secret(pod: &serde_yaml::Value, secret: &str, path: &str, keys: &[&str]) -> bool {
+    let Some(mount) = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"].as_str() == Some(path))
+    else {
+        return false;
+    };
+    let Some(volume) = pod["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+    else {
+        return false;
+    };
+    let projected: Vec<&str> = volume["secret"]["items"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item["key"].as_str())
+        .collect();
+    mount["readOnly"].as_bool() == Some(true)
+        && volume["secret"]["secretName"].as_str() == Some(secret)
+        && projected == keys
+}
+
 #[test]
 fn helm_lint_passes() -> Result<()> {
     let helm = tool("helm")?;
     run_ok(&helm, ["lint", "--strict", CHART])?;
     let mut args = vec!["lint", "--strict", CHART];
     for set in NON_DEFAULT {
+        args.extend(["--set", set]);
+    }
+    run_ok(&helm, &args)?;
+    let mut args = vec!["lint", "--strict", CHART];
+    for set in EDGE_BRIDGE {
         args.extend(["--set", set]);
     }
     run_ok(&helm, &args)?;
@@ -158,6 +258,12 @@ fn default_values_render_valid_objects() -> Result<()> {
             "{off} is rendered although monitoring is off by default"
         );
     }
+    // The edge bridge is off by default: the operator is the only Deployment.
+    ensure!(
+        deployments(&objects, "edge-bridge").is_empty()
+            && objects.iter().filter(|o| kind(o) == "Deployment").count() == 1,
+        "the default values render an edge bridge Deployment"
+    );
     // One replica: no leader election (it would only add Lease traffic).
     let args = operator_args(&objects)?;
     ensure!(
@@ -274,6 +380,7 @@ fn values_schema_rejects_unknown_keys() -> Result<()> {
         "replica=2",
         "monitoring.podMonitor.enable=true",
         "crds.instal=false",
+        "edgeBridge.enable=true",
     ] {
         let output = run(&tool("helm")?, ["template", "chorus", CHART, "--set", bad])?;
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -283,6 +390,177 @@ fn values_schema_rejects_unknown_keys() -> Result<()> {
             output.status
         );
     }
+    Ok(())
+}
+
+#[test]
+fn edge_bridge_renders_valid_objects() -> Result<()> {
+    let rendered = helm_template(&EDGE_BRIDGE)?;
+    let objects = parse_stream(&rendered)?;
+    validate_strict("edge-bridge.yaml", &rendered, &objects)?;
+    ensure!(
+        deployments(&objects, "operator").len() == 1,
+        "enabling the edge bridge lost the operator Deployment"
+    );
+
+    let (pod, args) = edge_bridge_pod(&objects)?;
+    ensure!(
+        args.first().map(String::as_str) == Some("edge"),
+        "the bridge must run `chorus-mediaserver edge`, its args are {args:?}"
+    );
+    for (flag, expected) in [
+        (
+            "--server",
+            &[
+                "https://media-0.conf.example",
+                "https://media-1.conf.example:8443",
+            ][..],
+        ),
+        ("--call-manager", &["sip:pbx.corp.example:5060"]),
+        ("--sip-transport", &["udp"]),
+        ("--token-file", &["/etc/chorus/edge-token/token"]),
+        ("--credentials-dir", &[SIP_CREDENTIALS_MOUNT]),
+        ("--ca-file", &["/etc/chorus/sip-ca/ca.crt"]),
+        ("--sip-addr", &["0.0.0.0:5060"]),
+        ("--rtp-ports", &["20000-20999"]),
+        ("--register-expires", &["300"]),
+    ] {
+        ensure!(
+            flag_values(&args, flag) == expected,
+            "{flag} should be {expected:?} in the bridge's args {args:?}"
+        );
+    }
+    // Each file a flag names lives in the Secret mounted there.
+    for (secret, path, keys) in [
+        ("branch-edge-token", EDGE_TOKEN_MOUNT, &["token"][..]),
+        ("pbx", SIP_CREDENTIALS_MOUNT, &["username", "password"]),
+        ("corp-ca", SIP_CA_MOUNT, &["ca.crt"]),
+    ] {
+        ensure!(
+            mounts_secret(pod, secret, path, keys),
+            "Secret {secret} ({keys:?}) must be mounted read-only at {path}:\n{}",
+            serde_yaml::to_string(pod)?
+        );
+    }
+
+    // Phones reach the node directly, and are told the node's address.
+    ensure!(
+        pod["hostNetwork"].as_bool() == Some(true)
+            && pod["dnsPolicy"].as_str() == Some("ClusterFirstWithHostNet"),
+        "the bridge must run on the host network with ClusterFirstWithHostNet DNS"
+    );
+    let container = &pod["containers"][0];
+    let public = container["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"].as_str() == Some("CHORUS_PUBLIC_ADDRESS"))
+        .context("the bridge has no CHORUS_PUBLIC_ADDRESS")?;
+    ensure!(
+        public["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("status.hostIP"),
+        "with no publicAddress, CHORUS_PUBLIC_ADDRESS must be the node's IP: {public:?}"
+    );
+
+    // The media-server image at the chart's appVersion, the one Conferences default to.
+    let image = container["image"].as_str().unwrap_or("");
+    ensure!(
+        image == "ghcr.io/chorus-dev/chorus-mediaserver:0.1.0",
+        "the bridge image should be the media server at the appVersion, is {image:?}"
+    );
+    ensure!(
+        read_workspace_file(CRD_FILE)?.contains(&format!("image: {image}")),
+        "the bridge image {image} is not the Conference's default spec.media.image ({CRD_FILE})"
+    );
+    let security = &container["securityContext"];
+    ensure!(
+        security["readOnlyRootFilesystem"].as_bool() == Some(true)
+            && security["runAsNonRoot"].as_bool() == Some(true)
+            && security["allowPrivilegeEscalation"].as_bool() == Some(false)
+            && security["capabilities"]["drop"][0].as_str() == Some("ALL"),
+        "the edge bridge container is not locked down: {}",
+        serde_yaml::to_string(security)?
+    );
+    // No HTTP listener, so no probe to invent.
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        ensure!(
+            container[probe].is_null(),
+            "the bridge has no listener to probe, yet it has a {probe}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn edge_bridge_address_follows_the_network() -> Result<()> {
+    // A fixed address is passed as is; without the CA Secret there is no CA file.
+    let sets: Vec<&str> = EDGE_BRIDGE
+        .iter()
+        .copied()
+        .filter(|s| !s.starts_with("edgeBridge.caSecret="))
+        .chain(["edgeBridge.publicAddress=10.1.2.3"])
+        .collect();
+    let rendered = helm_template(&sets)?;
+    let objects = parse_stream(&rendered)?;
+    validate_strict("edge-bridge-address.yaml", &rendered, &objects)?;
+    let (pod, args) = edge_bridge_pod(&objects)?;
+    ensure!(
+        flag_values(&args, "--ca-file").is_empty()
+            && !mounts_secret(pod, "corp-ca", SIP_CA_MOUNT, &["ca.crt"]),
+        "no caSecret, yet the bridge gets a CA: {args:?}"
+    );
+    let env = serde_yaml::to_string(&pod["containers"][0]["env"])?;
+    ensure!(
+        env.contains("CHORUS_PUBLIC_ADDRESS") && env.contains("value: 10.1.2.3"),
+        "publicAddress=10.1.2.3 must reach CHORUS_PUBLIC_ADDRESS:\n{env}"
+    );
+
+    // Off the host network, the node's IP would be wrong: the pod's own is advertised.
+    let sets: Vec<&str> = EDGE_BRIDGE
+        .iter()
+        .copied()
+        .chain(["edgeBridge.hostNetwork=false"])
+        .collect();
+    let objects = parse_stream(&helm_template(&sets)?)?;
+    let (pod, _) = edge_bridge_pod(&objects)?;
+    let env = serde_yaml::to_string(&pod["containers"][0]["env"])?;
+    ensure!(
+        pod["hostNetwork"].is_null() && env.contains("status.podIP"),
+        "hostNetwork=false must advertise the pod IP:\n{env}"
+    );
+    Ok(())
+}
+
+#[test]
+fn edge_bridge_without_required_values_fails() -> Result<()> {
+    let helm = tool("helm")?;
+    for missing in ["servers", "callManager", "tokenSecret", "credentialsSecret"] {
+        let mut args = vec!["template", "chorus", CHART];
+        for set in EDGE_BRIDGE {
+            if !set.starts_with(&format!("edgeBridge.{missing}=")) {
+                args.extend(["--set", set]);
+            }
+        }
+        let output = run(&helm, &args)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let message = format!("edgeBridge.{missing} is required when edgeBridge.enabled is true");
+        ensure!(
+            !output.status.success() && stderr.contains(&message),
+            "an edge bridge without {missing} must fail with {message:?} ({}):\n{stderr}",
+            output.status
+        );
+    }
+    // An RTP range the non-root bridge cannot bind is refused too.
+    let mut args = vec!["template", "chorus", CHART];
+    for set in EDGE_BRIDGE.iter().chain(&["edgeBridge.rtpPorts=500-600"]) {
+        args.extend(["--set", set]);
+    }
+    let output = run(&helm, &args)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        !output.status.success() && stderr.contains("edgeBridge.rtpPorts"),
+        "rtpPorts 500-600 was accepted ({}):\n{stderr}",
+        output.status
+    );
     Ok(())
 }
 
@@ -440,14 +718,16 @@ fn alert_rules_pass_promtool() -> Result<()> {
     )?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     ensure!(
-        stdout.contains("SUCCESS: 5 rules found"),
-        "promtool check rules did not find the 5 alerts:\n{stdout}"
+        stdout.contains("SUCCESS: 7 rules found"),
+        "promtool check rules did not find the 7 alerts:\n{stdout}"
     );
     for alert in [
         "ChorusServerDelayHigh",
         "ChorusMeshLinkDown",
         "ChorusMeshConsistencyLow",
         "ChorusCallFailuresRising",
+        "ChorusEdgeBridgeMissing",
+        "ChorusEdgeLineUnregistered",
         "ChorusReconcileErrors",
     ] {
         ensure!(

@@ -66,7 +66,12 @@ const SCRAPE_FOR: Duration = Duration::from_secs(25);
 /// - "Mesh errors by category": a series per category once something was refused;
 /// - "Phone RTP drops by reason": a series per reason once a datagram at a phone leg's port was
 ///   dropped (wrong source, unknown payload type, malformed, SRTP failures).
-const MAY_BE_EMPTY: [&str; 2] = ["Mesh errors by category", "Phone RTP drops by reason"];
+const MAY_BE_EMPTY: [&str; 3] = [
+    "Mesh errors by category",
+    "Phone RTP drops by reason",
+    // No edge bridge connects to the servers-mode demo conference, so none is refused.
+    "Edge bridge connections refused by reason",
+];
 /// The alert whose left side must be a number here (see the module documentation).
 const CALL_FAILURES_ALERT: &str = "ChorusCallFailuresRising";
 
