@@ -7,7 +7,7 @@
 //! [`BridgeSession`], held by its job stream: dropping it (the stream ended, the bridge went
 //! away) detaches the bridge, and every call it carried ends as `edge_lost`.
 //!
-//! A call in edge mode is an [`EdgeRelay`]: it mints a short-lived join token for the phone's
+//! A call in edge mode is an `EdgeRelay`: it mints a short-lived join token for the phone's
 //! participant, sends the job, and turns the bridge's reports into the call resource's
 //! transitions, so the calls API, its events and the web client are the same as in server mode.
 //! It keeps the server-side rules too: the owner leaving hangs the phone up, the owner's web
