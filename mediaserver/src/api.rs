@@ -9,6 +9,8 @@
 //! - `/v1/rooms/{room}/calls...`: "call me", a participant's desk phone brought into the room
 //!   (see `api/calls.rs`).
 //! - `/v1/telephony/edge/...`: the edge bridge's job stream and reports (see `api/edge.rs`).
+//! - `/v1/rooms/{room}/participants/{id}/transfers`, `/v1/transfer`, `.../events` and the `/t`
+//!   page: session transfer by QR code (see `api/transfer.rs`).
 //! - `GET /`: the web client. `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Every refusal is JSON `{"error": <message>, "reason": <static code>}` with a 4xx/5xx status, and is
@@ -28,6 +30,7 @@ use serde_json::json;
 
 mod calls;
 mod edge;
+mod transfer;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -56,6 +59,8 @@ pub struct AppState {
     pub calls: crate::telephony::calls::Calls,
     /// Cancelled when the server shuts down (long-lived streams end then).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Session transfer codes.
+    pub transfers: Arc<crate::transfer::Transfers>,
 }
 
 /// The router.
@@ -72,6 +77,16 @@ pub fn router(state: AppState) -> Router {
             get(calls::read).delete(calls::hang_up),
         )
         .route("/v1/rooms/{room}/calls/{id}/events", get(calls::events))
+        .route(
+            "/v1/rooms/{room}/participants/{id}/transfers",
+            post(transfer::issue),
+        )
+        .route(
+            "/v1/rooms/{room}/participants/{id}/events",
+            get(transfer::events),
+        )
+        .route("/v1/transfer", post(transfer::redeem))
+        .route("/t", get(index))
         .route("/v1/telephony/edge/jobs", get(edge::jobs))
         .route("/v1/telephony/edge/calls/{id}", post(edge::report))
         .route("/v1/telephony/edge/status", post(edge::status))
@@ -142,6 +157,7 @@ impl From<JoinError> for ApiError {
             | JoinError::TooManyRooms { .. }
             | JoinError::RoomClosed => StatusCode::SERVICE_UNAVAILABLE,
             JoinError::NotFound => StatusCode::NOT_FOUND,
+            JoinError::Moved => StatusCode::CONFLICT,
         };
         ApiError::new(status, e.category(), e.to_string())
     }
@@ -253,8 +269,11 @@ async fn leave(
     Path((room, id)): Path<(String, u64)>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    authorize(&state, &headers, &room)?;
-    state.rooms.leave(&room, id).await?;
+    let claims = authorize(&state, &headers, &room)?;
+    // The device's token names its transport generation: one a participant moved away from
+    // cannot remove it (409 moved).
+    state.rooms.leave_from(&room, id, claims.generation).await?;
+    state.transfers.revoke(&room, id);
     Ok(StatusCode::NO_CONTENT)
 }
 

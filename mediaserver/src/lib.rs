@@ -16,6 +16,7 @@
 //! - [`telephony`]: "call me": the SIP agent, the pure call state machine, the phone leg's media
 //!   (SDP, RTP, G.711, DTMF, SDES-SRTP) and the calls of a server; a phone is one more room
 //!   member behind the same transport interface.
+//! - [`transfer`]: session transfer by QR code: the code store; the swap itself is a room's.
 //! - [`api`]: the HTTP API (WHIP-like join), web client, metrics and probes.
 //! - [`config`], [`token`], [`metrics`], [`server`]: configuration layers, join tokens, Prometheus
 //!   metrics and the wiring that `main` calls with bound sockets.
@@ -35,3 +36,4 @@ pub mod server;
 pub mod stdin_watch;
 pub mod telephony;
 pub mod token;
+pub mod transfer;

@@ -165,6 +165,7 @@ pub struct MeshNode {
     generation: Arc<AtomicI64>,
     mixing: watch::Receiver<MixerConfig>,
     telephony: watch::Receiver<Option<MeshTelephony>>,
+    transfer: watch::Receiver<chorus_crds::MeshTransfer>,
 }
 
 impl MeshNode {
@@ -193,6 +194,7 @@ impl MeshNode {
         let generation = Arc::new(AtomicI64::new(plan.generation));
         let (mixing_tx, mixing) = watch::channel(MixerConfig::from_plan(&plan.mixing));
         let (telephony_tx, telephony) = watch::channel(plan.telephony.clone());
+        let (transfer_tx, transfer) = watch::channel(plan.transfer);
         metrics.observe(&state);
         let (events, events_rx) = mpsc::unbounded_channel();
         let wake = Arc::new(Notify::new());
@@ -204,6 +206,7 @@ impl MeshNode {
             generation: generation.clone(),
             mixing: mixing_tx,
             telephony: telephony_tx,
+            transfer: transfer_tx,
             epoch: Instant::now(),
         };
         tokio::spawn(driver.run(events_rx, wake.clone(), inbound, shutdown));
@@ -217,6 +220,7 @@ impl MeshNode {
             generation,
             mixing,
             telephony,
+            transfer,
         })
     }
 
@@ -239,6 +243,11 @@ impl MeshNode {
     /// changes when a new generation changes them.
     pub fn telephony(&self) -> watch::Receiver<Option<MeshTelephony>> {
         self.telephony.clone()
+    }
+
+    /// The session-transfer settings of the running plan; changes with a new generation.
+    pub fn transfer(&self) -> watch::Receiver<chorus_crds::MeshTransfer> {
+        self.transfer.clone()
     }
 
     /// Apply a new plan (a new generation from the ConfigMap or the file).
@@ -308,6 +317,7 @@ struct Driver {
     generation: Arc<AtomicI64>,
     mixing: watch::Sender<MixerConfig>,
     telephony: watch::Sender<Option<MeshTelephony>>,
+    transfer: watch::Sender<chorus_crds::MeshTransfer>,
     epoch: Instant,
 }
 
@@ -397,6 +407,11 @@ impl Driver {
                     self.telephony.send_if_modified(|current| {
                         let changed = *current != plan.telephony;
                         current.clone_from(&plan.telephony);
+                        changed
+                    });
+                    self.transfer.send_if_modified(|current| {
+                        let changed = *current != plan.transfer;
+                        *current = plan.transfer;
                         changed
                     });
                     let mixing = MixerConfig::from_plan(&plan.mixing);

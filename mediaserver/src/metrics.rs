@@ -41,6 +41,14 @@ pub struct Metrics {
     pub joins_rejected: IntCounterVec,
     /// Frames concealed (PLC) or recovered (FEC), by kind.
     pub concealed: IntCounterVec,
+    /// Transfer codes issued.
+    pub transfer_codes: IntCounter,
+    /// Transfer redemptions, by outcome.
+    pub transfer_redemptions: IntCounterVec,
+    /// A redemption's swap to the first audio from the new device.
+    pub transfer_switch: Histogram,
+    /// The last packet from the old device to the first from the new one.
+    pub transfer_gap: Histogram,
 }
 
 impl Default for Metrics {
@@ -130,6 +138,29 @@ impl Metrics {
                 &["kind"],
             )
             .expect("static metric definition is valid"),
+            transfer_codes: IntCounter::new(
+                "chorus_transfer_codes_issued_total",
+                "Session transfer codes issued (QR codes shown).",
+            )
+            .expect("static metric definition is valid"),
+            transfer_redemptions: IntCounterVec::new(
+                Opts::new(
+                    "chorus_transfer_redemptions_total",
+                    "Transfer code redemptions, by outcome (ok, unknown, expired, used, gone, bad_offer, limited, ...).",
+                ),
+                &["outcome"],
+            )
+            .expect("static metric definition is valid"),
+            transfer_switch: histogram(
+                "chorus_transfer_switch_seconds",
+                "Session transfer: the swap to the first audio packet from the new device.",
+                ms(&[20.0, 50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0]),
+            ),
+            transfer_gap: histogram(
+                "chorus_transfer_audio_gap_seconds",
+                "Session transfer: the last audio packet from the old device to the first from the new one.",
+                ms(&[20.0, 50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0]),
+            ),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.server_delay.clone()),
@@ -146,6 +177,10 @@ impl Metrics {
             Box::new(m.packets_dropped.clone()),
             Box::new(m.joins_rejected.clone()),
             Box::new(m.concealed.clone()),
+            Box::new(m.transfer_codes.clone()),
+            Box::new(m.transfer_redemptions.clone()),
+            Box::new(m.transfer_switch.clone()),
+            Box::new(m.transfer_gap.clone()),
         ];
         for c in collectors {
             m.registry

@@ -23,6 +23,7 @@ use crate::telephony::metrics::TelephonyMetrics;
 use crate::telephony::sip::SipAgent;
 use crate::telephony::{self, TelephonySettings};
 use crate::token::TokenKey;
+use crate::transfer::{TransferSettings, Transfers};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +96,8 @@ pub struct Running {
     pub mesh: Option<MeshNode>,
     /// The phone calls.
     pub calls: Calls,
+    /// Session transfer codes.
+    pub transfers: Arc<Transfers>,
 }
 
 /// Serve until `shutdown` is cancelled. `sip`, when given, is the socket phone calls are placed
@@ -150,6 +153,7 @@ pub async fn start(
     )
     .await?;
     let ready = Arc::new(AtomicBool::new(true));
+    let transfers = start_transfers(&config, mesh.as_ref());
     let state = AppState {
         config: config.clone(),
         key,
@@ -159,6 +163,7 @@ pub async fn start(
         mesh: mesh.clone(),
         calls: calls.clone(),
         shutdown: shutdown.clone(),
+        transfers: transfers.clone(),
     };
     tracing::info!(config = ?config, "media server starting");
     let hang_up = calls.clone();
@@ -185,9 +190,36 @@ pub async fn start(
             rooms,
             mesh,
             calls,
+            transfers,
         },
         fut,
     ))
+}
+
+/// The server's transfer codes, following the plan's `transfer` block (the CRD's defaults for a
+/// server alone).
+fn start_transfers(config: &Config, mesh: Option<&MeshNode>) -> Arc<Transfers> {
+    let Some(node) = mesh else {
+        return Arc::new(Transfers::new(
+            &config.server_id,
+            TransferSettings::default(),
+        ));
+    };
+    let mut plan = node.transfer();
+    let transfers = Arc::new(Transfers::new(
+        &config.server_id,
+        TransferSettings::from(&*plan.borrow_and_update()),
+    ));
+    let follower = Arc::downgrade(&transfers);
+    tokio::spawn(async move {
+        while plan.changed().await.is_ok() {
+            let Some(transfers) = follower.upgrade() else {
+                break;
+            };
+            transfers.set_settings(TransferSettings::from(&*plan.borrow_and_update()));
+        }
+    });
+    transfers
 }
 
 /// The server's calls, following the plan's `telephony` block: in server mode a SIP agent on

@@ -26,6 +26,15 @@ pub struct Claims {
     pub exp: u64,
     /// Issued at, seconds since the Unix epoch.
     pub iat: u64,
+    /// The transport generation of the device the token was minted for: 0 for a device that
+    /// joined, one more per transfer (the token a redeemed code returns). A device's token
+    /// cannot act for a participant that moved on.
+    #[serde(default, rename = "gen", skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What an edge token grants: taking call jobs of one conference.
@@ -121,6 +130,19 @@ impl TokenKey {
         ttl: Duration,
         now: SystemTime,
     ) -> String {
+        self.mint_for_generation(conference, room, identity, 0, ttl, now)
+    }
+
+    /// Mint a token for the device of transport `generation` (see [`Claims::generation`]).
+    pub fn mint_for_generation(
+        &self,
+        conference: &str,
+        room: &str,
+        identity: &str,
+        generation: u64,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> String {
         let iat = unix(now);
         let claims = Claims {
             conf: conference.to_owned(),
@@ -128,6 +150,7 @@ impl TokenKey {
             sub: identity.to_owned(),
             exp: iat + ttl.as_secs(),
             iat,
+            generation,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding of plain claims cannot fail")

@@ -17,6 +17,7 @@ pub mod media_server;
 pub mod mediaserver_process;
 pub mod mesh_cluster;
 pub mod telephony;
+pub mod transfer;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

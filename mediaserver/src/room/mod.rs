@@ -77,6 +77,10 @@ pub enum JoinError {
     /// The room's task ended while the join was in flight (the server is shutting down).
     #[error("the room closed while joining")]
     RoomClosed,
+    /// The participant moved its session to another device: this device's token no longer
+    /// speaks for it.
+    #[error("the participant moved to another device; this device's session is over")]
+    Moved,
 }
 
 impl JoinError {
@@ -90,6 +94,7 @@ impl JoinError {
             JoinError::TooManyRooms { .. } => "too_many_rooms",
             JoinError::NotFound => "not_found",
             JoinError::RoomClosed => "room_closed",
+            JoinError::Moved => "moved",
         }
     }
 }
@@ -148,9 +153,28 @@ struct RoomHandle {
     seats: Arc<AtomicUsize>,
 }
 
+/// A new device's transport, negotiated and not yet swapped in (see
+/// [`Rooms::prepare_transfer`]). Dropped unused, it is closed.
+#[derive(Debug)]
+pub struct PreparedTransport {
+    tag: u64,
+    transport: Option<Box<dyn Transport>>,
+}
+
+impl Drop for PreparedTransport {
+    fn drop(&mut self) {
+        if let Some(t) = self.transport.take() {
+            t.close();
+        }
+    }
+}
+
 /// The rooms of a server and its seat counts, shared with every room task.
 pub(crate) struct Registry {
     rooms: Mutex<HashMap<String, RoomHandle>>,
+    /// Per participant that moved (or is watched for moving): its transport generation, 0 for
+    /// the device it joined with, one more per transfer. Dropped when it leaves.
+    generations: Mutex<HashMap<(String, ParticipantId), watch::Sender<u64>>>,
     /// Participants on this server plus joins in flight.
     participants: AtomicUsize,
     next_participant: AtomicU64,
@@ -162,6 +186,33 @@ impl Registry {
         self.rooms
             .lock()
             .expect("rooms lock is never poisoned: nothing panics while holding it")
+    }
+
+    fn generations(&self) -> MutexGuard<'_, HashMap<(String, ParticipantId), watch::Sender<u64>>> {
+        self.generations
+            .lock()
+            .expect("generations lock is never poisoned: nothing panics while holding it")
+    }
+
+    /// The transport generation of participant `id` of `room`, and its changes.
+    pub(crate) fn watch_generation(&self, room: &str, id: ParticipantId) -> watch::Receiver<u64> {
+        self.generations()
+            .entry((room.to_owned(), id))
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Participant `id` left `room`: a later participant with its id (none: ids are not
+    /// reused) starts from scratch, and watchers see the channel close.
+    pub(crate) fn forget_generation(&self, room: &str, id: ParticipantId) {
+        self.generations().remove(&(room.to_owned(), id));
+    }
+
+    fn set_generation(&self, room: &str, id: ParticipantId, generation: u64) {
+        self.generations()
+            .entry((room.to_owned(), id))
+            .or_insert_with(|| watch::channel(0).0)
+            .send_replace(generation);
     }
 
     /// A member of room `name` (instance `instance`) left: free its seats.
@@ -268,6 +319,7 @@ impl Rooms {
             _fixed_mixing: fixed,
             registry: Arc::new(Registry {
                 rooms: Mutex::new(HashMap::new()),
+                generations: Mutex::new(HashMap::new()),
                 participants: AtomicUsize::new(0),
                 next_participant: AtomicU64::new(1),
                 next_instance: AtomicU64::new(1),
@@ -340,6 +392,7 @@ impl Rooms {
         let transport = connect(sink).await?;
         let command = Command::Join {
             id,
+            tag: id,
             identity: identity.to_owned(),
             transport,
         };
@@ -420,8 +473,147 @@ impl Rooms {
 
     /// Remove participant `id` from `room`.
     pub async fn leave(&self, room: &str, id: ParticipantId) -> Result<(), JoinError> {
-        self.ask_member(room, |done| Command::Leave { id, done })
-            .await
+        self.ask_member(room, |done| Command::Leave {
+            id,
+            generation: None,
+            done,
+        })
+        .await
+    }
+
+    /// Remove participant `id` from `room` at the request of the device of transport
+    /// `generation` (its join token's): a device the participant moved away from cannot remove
+    /// the one it moved to ([`JoinError::Moved`]).
+    pub async fn leave_from(
+        &self,
+        room: &str,
+        id: ParticipantId,
+        generation: u64,
+    ) -> Result<(), JoinError> {
+        let current = self
+            .registry
+            .generations()
+            .get(&(room.to_owned(), id))
+            .map_or(0, |g| *g.borrow());
+        if current != generation {
+            return Err(JoinError::Moved);
+        }
+        self.ask_member(room, |done| Command::Leave {
+            id,
+            generation: Some(generation),
+            done,
+        })
+        .await
+    }
+
+    /// The transport generation of participant `id` (0 until it first moves), and its changes.
+    pub fn watch_generation(&self, room: &str, id: ParticipantId) -> watch::Receiver<u64> {
+        self.registry.watch_generation(room, id)
+    }
+
+    /// The identity of participant `id` of `room`, if it is there.
+    pub fn identity_of(&self, room: &str, id: ParticipantId) -> Option<String> {
+        self.info(room)?
+            .participants
+            .into_iter()
+            .find(|p| p.id == id)
+            .map(|p| p.identity)
+    }
+
+    /// Move participant `id` of `room` to a new device whose SDP offer is `offer`: the new
+    /// WebRTC peer replaces the old transport under the same participant (same id, identity,
+    /// stream, place in the mix, roster entry); only the stream's jitter buffer and decoder
+    /// restart. Takes no new seat. Returns the answer and the new transport generation.
+    ///
+    /// The offer is negotiated first: a bad offer fails here with nothing changed.
+    pub async fn transfer(
+        &self,
+        room: &str,
+        id: ParticipantId,
+        offer: &str,
+    ) -> Result<(String, u64), JoinError> {
+        let (sdp, link) = self.prepare_transfer(room, id, offer).await?;
+        self.complete_transfer(room, id, sdp, link).await
+    }
+
+    /// The first half of [`Rooms::transfer`]: negotiate the new device's offer into `room`'s
+    /// queue under a fresh delivery tag, changing nothing yet. Drop the result to abandon it.
+    pub async fn prepare_transfer(
+        &self,
+        room: &str,
+        id: ParticipantId,
+        offer: &str,
+    ) -> Result<(String, PreparedTransport), JoinError> {
+        let packets = {
+            let rooms = self.registry.lock();
+            let h = rooms.get(room).ok_or(JoinError::NotFound)?;
+            h.packets.clone()
+        };
+        if !self.is_member(room, id) {
+            return Err(JoinError::NotFound);
+        }
+        // A fresh tag: packets still queued from the old device carry the old one, which the
+        // room stops accepting at the swap, so only one source ever feeds the stream.
+        let tag = self
+            .registry
+            .next_participant
+            .fetch_add(1, Ordering::Relaxed);
+        let (sdp, link) = self
+            .port
+            .accept_into(
+                offer,
+                AudioSink {
+                    queue: packets,
+                    tag,
+                },
+            )
+            .await?;
+        Ok((
+            sdp,
+            PreparedTransport {
+                tag,
+                transport: Some(Box::new(WebRtcTransport::new(link, self.port.clone()))),
+            },
+        ))
+    }
+
+    /// The second half of [`Rooms::transfer`]: swap the prepared transport in.
+    pub async fn complete_transfer(
+        &self,
+        room: &str,
+        id: ParticipantId,
+        sdp: String,
+        mut prepared: PreparedTransport,
+    ) -> Result<(String, u64), JoinError> {
+        let transport = prepared
+            .transport
+            .take()
+            .expect("a prepared transport is completed once");
+        let commands = self.registry.lock().get(room).map(|h| h.commands.clone());
+        let Some(commands) = commands else {
+            transport.close();
+            return Err(JoinError::NotFound);
+        };
+        let (done, result) = oneshot::channel();
+        let command = Command::Replace {
+            id,
+            tag: prepared.tag,
+            transport,
+            done,
+        };
+        if let Err(mpsc::error::SendError(Command::Replace { transport, .. })) =
+            commands.send(command).await
+        {
+            transport.close();
+            return Err(JoinError::NotFound);
+        }
+        match result.await {
+            Ok(Some(generation)) => {
+                self.registry.set_generation(room, id, generation);
+                Ok((sdp, generation))
+            }
+            _ => Err(JoinError::NotFound),
+        }
     }
 
     /// Send `room` a command about one member and wait for whether the member was there.
@@ -490,6 +682,11 @@ impl Rooms {
             info: info.clone(),
             registry: self.registry.clone(),
             transports: std::collections::BTreeMap::new(),
+            tags: HashMap::new(),
+            generations: HashMap::new(),
+            retiring: Vec::new(),
+            last_packet: HashMap::new(),
+            pending_moves: HashMap::new(),
             active: 0,
         };
         self.metrics.rooms.inc();

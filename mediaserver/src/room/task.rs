@@ -12,7 +12,7 @@
 //! The room ends when it has no member and no join in flight: it removes itself from the
 //! registry under the registry's lock, so a join never lands in a room that is ending.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,16 +30,27 @@ use crate::metrics::Metrics;
 
 /// What the registry asks of a room.
 pub(super) enum Command {
-    /// A participant whose transport is up joins.
+    /// A participant whose transport is up joins; its packets come tagged `tag`.
     Join {
         id: ParticipantId,
+        tag: u64,
         identity: String,
         transport: Box<dyn Transport>,
     },
-    /// A participant leaves; `done` says whether it was here.
+    /// A participant leaves; `done` says whether it was here. With a `generation`, only if its
+    /// transport is still that one (a device it moved away from cannot remove it).
     Leave {
         id: ParticipantId,
+        generation: Option<u64>,
         done: oneshot::Sender<bool>,
+    },
+    /// A participant moves to a new transport, whose packets come tagged `tag`; `done` gets the
+    /// new transport generation, or `None` when the participant is not here.
+    Replace {
+        id: ParticipantId,
+        tag: u64,
+        transport: Box<dyn Transport>,
+        done: oneshot::Sender<Option<u64>>,
     },
     /// A participant's stream is muted or unmuted; `done` says whether it was here.
     Mute {
@@ -63,9 +74,25 @@ pub(super) struct RoomTask {
     pub(super) info: Arc<Mutex<RoomInfo>>,
     pub(super) registry: Arc<Registry>,
     pub(super) transports: BTreeMap<ParticipantId, Box<dyn Transport>>,
+    /// The delivery tag of each member's current transport, and back.
+    pub(super) tags: HashMap<u64, ParticipantId>,
+    /// Each member's transport generation (0 for the device it joined with).
+    pub(super) generations: HashMap<ParticipantId, u64>,
+    /// Transports a member moved away from, closed shortly after the move (so the old device
+    /// can be told first); they get nothing meanwhile.
+    pub(super) retiring: Vec<(Instant, Box<dyn Transport>)>,
+    /// The last packet from each member's current transport.
+    pub(super) last_packet: HashMap<ParticipantId, Instant>,
+    /// Moves waiting for the new device's first packet: tag → (swap time, the old device's last
+    /// packet), for the switch-time and audio-gap metrics.
+    pub(super) pending_moves: HashMap<u64, (Instant, Option<Instant>)>,
     /// This room's share of the server-wide active-speakers gauge.
     pub(super) active: i64,
 }
+
+/// How long an old device keeps its (silent) connection after its participant moved: time for
+/// the `transferred` event to reach it before the connection closes.
+const RETIRE_AFTER: Duration = Duration::from_millis(500);
 
 fn ticker(frame: Duration) -> Interval {
     let mut ticker = tokio::time::interval(frame);
@@ -126,6 +153,9 @@ impl RoomTask {
         for (_, transport) in std::mem::take(&mut self.transports) {
             transport.close();
         }
+        for (_, transport) in std::mem::take(&mut self.retiring) {
+            transport.close();
+        }
         // Dropping the link takes the room off the mesh.
         drop(link);
         tracing::info!(room = %self.name, "room closed");
@@ -135,17 +165,54 @@ impl RoomTask {
         match command {
             Command::Join {
                 id,
+                tag,
                 identity,
                 transport,
             } => {
                 tracing::info!(room = %self.name, participant = id, "joined");
                 self.core.add_member(id, identity);
                 self.transports.insert(id, transport);
+                self.tags.insert(tag, id);
+                self.generations.insert(id, 0);
                 self.publish_roster(None);
             }
-            Command::Leave { id, done } => {
-                let found = self.remove(id);
+            Command::Leave {
+                id,
+                generation,
+                done,
+            } => {
+                let current = self.generations.get(&id).copied();
+                let found = match generation {
+                    Some(g) if current != Some(g) => false,
+                    _ => self.remove(id),
+                };
                 let _ = done.send(found);
+            }
+            Command::Replace {
+                id,
+                tag,
+                transport,
+                done,
+            } => {
+                let Some(old) = self.transports.insert(id, transport) else {
+                    // Not a member (it left meanwhile): the new transport goes too.
+                    if let Some(t) = self.transports.remove(&id) {
+                        t.close();
+                    }
+                    let _ = done.send(None);
+                    return;
+                };
+                // From now on only the new device feeds the stream.
+                self.tags.retain(|_, p| *p != id);
+                self.tags.insert(tag, id);
+                self.core.restart_stream(id);
+                let last_old = self.last_packet.remove(&id);
+                self.pending_moves.insert(tag, (Instant::now(), last_old));
+                let generation = self.generations.get(&id).map_or(1, |g| g + 1);
+                self.generations.insert(id, generation);
+                self.retiring.push((Instant::now(), old));
+                tracing::info!(room = %self.name, participant = id, generation, "moved to another device");
+                let _ = done.send(Some(generation));
             }
             Command::Mute { id, muted, done } => {
                 let _ = done.send(self.core.set_muted(id, muted));
@@ -155,6 +222,28 @@ impl RoomTask {
 
     fn on_packet(&mut self, audio: InboundAudio, epoch: Instant) {
         self.metrics.packets_received.inc();
+        let Some(&participant) = self.tags.get(&audio.tag) else {
+            // A device its participant moved away from (or one that left): never mixed.
+            self.metrics
+                .packets_dropped
+                .with_label_values(&["stale_transport"])
+                .inc();
+            return;
+        };
+        if let Some((swapped, last_old)) = self.pending_moves.remove(&audio.tag) {
+            self.metrics.transfer_switch.observe(
+                audio
+                    .arrival
+                    .saturating_duration_since(swapped)
+                    .as_secs_f64(),
+            );
+            if let Some(last) = last_old {
+                self.metrics
+                    .transfer_gap
+                    .observe(audio.arrival.saturating_duration_since(last).as_secs_f64());
+            }
+        }
+        self.last_packet.insert(participant, audio.arrival);
         let elapsed = audio.arrival.elapsed();
         let ingress_us = unix_micros_now()
             .saturating_sub(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
@@ -165,7 +254,7 @@ impl RoomTask {
             level: audio.level,
             arrival: audio.arrival.saturating_duration_since(epoch),
         };
-        let (pushed, forward) = self.core.push_local(audio.tag, packet, ingress_us);
+        let (pushed, forward) = self.core.push_local(participant, packet, ingress_us);
         if let (Some(forward), Some(node)) = (forward, &self.node) {
             node.forward(&forward.datagram, forward.to);
         }
@@ -197,6 +286,15 @@ impl RoomTask {
         self.record(&tick, started, epoch);
         if tick.periodic {
             self.publish_roster(Some(&tick.mix.mixed));
+            // Old devices of moved participants: told by now, closed.
+            let now = Instant::now();
+            let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+                .into_iter()
+                .partition(|(at, _)| now.duration_since(*at) >= RETIRE_AFTER);
+            self.retiring = keep;
+            for (_, t) in due {
+                t.close();
+            }
             // Participants whose connection ended leave without a DELETE.
             let gone: Vec<ParticipantId> = self
                 .transports
@@ -285,6 +383,10 @@ impl RoomTask {
         if let Some(t) = self.transports.remove(&id) {
             t.close();
         }
+        self.tags.retain(|_, p| *p != id);
+        self.generations.remove(&id);
+        self.last_packet.remove(&id);
+        self.registry.forget_generation(&self.name, id);
         self.registry.left(&self.name, self.instance, &self.metrics);
         tracing::info!(room = %self.name, participant = id, identity = %member.identity, "left");
         self.publish_roster(None);
