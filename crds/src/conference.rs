@@ -392,6 +392,10 @@ pub struct TransferSpec {
     #[serde(default = "default_transfer_ttl")]
     #[schemars(range(min = 10, max = 600))]
     pub token_ttl_seconds: i32,
+    /// Whether a code may be redeemed at any server of the conference (it is forwarded to the
+    /// server that issued it) rather than only at the issuer.
+    #[serde(default = "default_true")]
+    pub allow_cross_server: bool,
 }
 
 /// Join-token signing.
@@ -604,6 +608,7 @@ impl Default for TransferSpec {
         Self {
             enabled: true,
             token_ttl_seconds: default_transfer_ttl(),
+            allow_cross_server: true,
         }
     }
 }

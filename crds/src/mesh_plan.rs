@@ -97,6 +97,13 @@ pub struct MeshTransfer {
     pub enabled: bool,
     /// Lifetime of a transfer code in seconds.
     pub token_ttl_seconds: u32,
+    /// Whether a code redeemed at another server is forwarded to its issuer.
+    #[serde(default = "allow_cross_server_default")]
+    pub allow_cross_server: bool,
+}
+
+fn allow_cross_server_default() -> bool {
+    true
 }
 
 /// Dial-out settings ("call me"), the Conference's `telephony` block as the media servers use it.
@@ -426,6 +433,7 @@ mod tests {
             transfer: MeshTransfer {
                 enabled: true,
                 token_ttl_seconds: 60,
+                allow_cross_server: true,
             },
             telephony: None,
         }

@@ -61,6 +61,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Session transfer codes.
     pub transfers: Arc<crate::transfer::Transfers>,
+    /// For requests to other servers of the conference (forwarded transfer codes).
+    pub http: reqwest::Client,
 }
 
 /// The router.

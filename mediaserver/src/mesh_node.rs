@@ -166,6 +166,15 @@ pub struct MeshNode {
     mixing: watch::Receiver<MixerConfig>,
     telephony: watch::Receiver<Option<MeshTelephony>>,
     transfer: watch::Receiver<chorus_crds::MeshTransfer>,
+    signals: watch::Receiver<HashMap<String, String>>,
+}
+
+/// Each server of the plan's HTTP base URL, by server id.
+fn signals_of(plan: &MeshPlan) -> HashMap<String, String> {
+    plan.nodes
+        .iter()
+        .map(|n| (n.id.clone(), n.signal.clone()))
+        .collect()
 }
 
 impl MeshNode {
@@ -195,6 +204,7 @@ impl MeshNode {
         let (mixing_tx, mixing) = watch::channel(MixerConfig::from_plan(&plan.mixing));
         let (telephony_tx, telephony) = watch::channel(plan.telephony.clone());
         let (transfer_tx, transfer) = watch::channel(plan.transfer);
+        let (signals_tx, signals) = watch::channel(signals_of(&plan));
         metrics.observe(&state);
         let (events, events_rx) = mpsc::unbounded_channel();
         let wake = Arc::new(Notify::new());
@@ -207,6 +217,7 @@ impl MeshNode {
             mixing: mixing_tx,
             telephony: telephony_tx,
             transfer: transfer_tx,
+            signals: signals_tx,
             epoch: Instant::now(),
         };
         tokio::spawn(driver.run(events_rx, wake.clone(), inbound, shutdown));
@@ -221,6 +232,7 @@ impl MeshNode {
             mixing,
             telephony,
             transfer,
+            signals,
         })
     }
 
@@ -243,6 +255,16 @@ impl MeshNode {
     /// changes when a new generation changes them.
     pub fn telephony(&self) -> watch::Receiver<Option<MeshTelephony>> {
         self.telephony.clone()
+    }
+
+    /// The HTTP base URL of server `id` in the running plan (empty or `None` when the plan does
+    /// not say).
+    pub fn signal_of(&self, id: &str) -> Option<String> {
+        self.signals
+            .borrow()
+            .get(id)
+            .filter(|s| !s.is_empty())
+            .cloned()
     }
 
     /// The session-transfer settings of the running plan; changes with a new generation.
@@ -318,6 +340,7 @@ struct Driver {
     mixing: watch::Sender<MixerConfig>,
     telephony: watch::Sender<Option<MeshTelephony>>,
     transfer: watch::Sender<chorus_crds::MeshTransfer>,
+    signals: watch::Sender<HashMap<String, String>>,
     epoch: Instant,
 }
 
@@ -409,6 +432,7 @@ impl Driver {
                         current.clone_from(&plan.telephony);
                         changed
                     });
+                    self.signals.send_replace(signals_of(&plan));
                     self.transfer.send_if_modified(|current| {
                         let changed = *current != plan.transfer;
                         *current = plan.transfer;

@@ -164,6 +164,10 @@ pub async fn start(
         calls: calls.clone(),
         shutdown: shutdown.clone(),
         transfers: transfers.clone(),
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .build()
+            .map_err(|e| ServeError::Http(std::io::Error::other(e)))?,
     };
     tracing::info!(config = ?config, "media server starting");
     let hang_up = calls.clone();

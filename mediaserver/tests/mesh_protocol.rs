@@ -43,6 +43,7 @@ fn plan(ids: &[String]) -> MeshPlan {
         transfer: MeshTransfer {
             enabled: false,
             token_ttl_seconds: 60,
+            allow_cross_server: true,
         },
         telephony: None,
     }

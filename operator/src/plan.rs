@@ -440,6 +440,7 @@ fn mesh_plan(ctx: &Ctx<'_>) -> MeshPlan {
         transfer: MeshTransfer {
             enabled: spec.transfer.enabled,
             token_ttl_seconds: spec.transfer.token_ttl_seconds.max(0) as u32,
+            allow_cross_server: spec.transfer.allow_cross_server,
         },
         telephony: spec.telephony.as_ref().map(MeshTelephony::from),
     };

@@ -93,6 +93,7 @@ impl MeshFiles {
             transfer: MeshTransfer {
                 enabled: true,
                 token_ttl_seconds: 60,
+                allow_cross_server: true,
             },
             telephony: None,
         };

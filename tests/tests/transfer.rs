@@ -334,8 +334,8 @@ async fn refusals_say_why_and_cost_nothing() -> Result<()> {
         .running
         .transfers
         .set_settings(chorus_mediaserver::transfer::TransferSettings {
-            enabled: true,
             ttl: Duration::from_secs(1),
+            ..chorus_mediaserver::transfer::TransferSettings::default()
         });
     let (_, _, issued) = issue_code(&http, &base, ROOM, a_id, &redeemed.token).await?;
     let expired = code_of(issued["url"].as_str().context("url")?)?;
@@ -387,6 +387,133 @@ async fn refusals_say_why_and_cost_nothing() -> Result<()> {
             "outcome {outcome} is counted"
         );
     }
+    drop((a, a2, listener));
+    Ok(())
+}
+
+/// Test 5: A (440 Hz) on server 0, L on server 1; A′ (660 Hz) redeems A's code through server 1,
+/// which forwards it to server 0. It succeeds with A's id, A′ talks to server 0's media port, L
+/// hears 660 Hz, and L's roster (its local participants) never changes while A stays listed as a
+/// speaker of the other server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_redeemed_at_another_server_is_forwarded_to_its_issuer() -> Result<()> {
+    let _heavy = chorus_tests::heavy_test_guard().await;
+    let mut cluster =
+        chorus_tests::mesh_cluster::MeshCluster::start(&["us", "eu"], 3, |_, b| b).await?;
+    // The plan names each server's HTTP address (as the operator's plan does).
+    let urls: Vec<String> = (0..2).map(|i| cluster.server(i).base_url.clone()).collect();
+    cluster.update_plan(|plan| {
+        for (node, url) in plan.nodes.iter_mut().zip(&urls) {
+            node.signal = url.clone();
+        }
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster
+        .server(1)
+        .running
+        .mesh
+        .as_ref()
+        .and_then(|n| n.signal_of("e2e-us-0"))
+        .is_none()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "server 1 never learned server 0's address"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = reqwest::Client::new();
+    let (s0, s1) = (cluster.server(0), cluster.server(1));
+    let a = s0
+        .join_bot(ROOM, "ada", BotConfig::new(tone(440.0, -20.0)))
+        .await?;
+    let listener = s1
+        .join_bot(ROOM, "lars", BotConfig::new(AudioSource::Silence))
+        .await?;
+    let a_id = participant_id(&a)?;
+    let l_token = s1.token(ROOM, "lars");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listener.heard(&[440.0]).contains(&440) {
+        ensure!(Instant::now() < deadline, "L never heard A across the mesh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (http, base, token, stop) = (
+            http.clone(),
+            s1.base_url.clone(),
+            l_token.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut locals = BTreeSet::new();
+            let (mut longest_without_a, mut since) = (Duration::ZERO, None::<Instant>);
+            while !stop.load(Ordering::Relaxed) {
+                let info: Value = http
+                    .get(format!("{base}/v1/rooms/{ROOM}"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                locals.insert(info["participants"].to_string());
+                let a_listed = info["remote_speakers"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|r| r["identity"] == "ada"));
+                match (a_listed, since) {
+                    (false, None) => since = Some(Instant::now()),
+                    (true, Some(t)) => {
+                        longest_without_a = longest_without_a.max(t.elapsed());
+                        since = None;
+                    }
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Some(t) = since {
+                longest_without_a = longest_without_a.max(t.elapsed());
+            }
+            anyhow::Ok((locals, longest_without_a))
+        })
+    };
+    let (status, _, issued) =
+        issue_code(&http, &s0.base_url, ROOM, a_id, &s0.token(ROOM, "ada")).await?;
+    ensure!(status == 201, "{status} {issued}");
+    let code = code_of(issued["url"].as_str().context("url")?)?;
+    // Redeemed through server 1.
+    let (a2, redeemed) =
+        redeem_bot(&s1.base_url, &code, BotConfig::new(tone(660.0, -20.0))).await?;
+    ensure!(redeemed.participant_id == a_id, "{redeemed:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (locals, longest_without_a) = watcher.await??;
+    ensure!(locals.len() == 1, "L's roster changed: {locals:?}");
+    ensure!(
+        longest_without_a < Duration::from_millis(500),
+        "A was missing from L's speakers for {longest_without_a:?}"
+    );
+    let heard = listener.heard(&[440.0, 660.0]);
+    ensure!(
+        heard.contains(&660) && !heard.contains(&440),
+        "L hears A′ (660 Hz) in A's place: {heard:?}"
+    );
+    // A′'s media goes to the issuer: server 0 carries the participant, server 1 has only L.
+    ensure!(
+        s0.running.rooms.is_member(ROOM, a_id),
+        "the participant stays on its server"
+    );
+    ensure!(
+        s0.running
+            .metrics
+            .encode()
+            .contains("chorus_transfer_redemptions_total{outcome=\"ok\"} 1")
+            && s1
+                .running
+                .metrics
+                .encode()
+                .contains("chorus_transfer_redemptions_total{outcome=\"forwarded\"} 1"),
+        "server 1 forwarded the code and server 0 redeemed it"
+    );
     drop((a, a2, listener));
     Ok(())
 }

@@ -11,7 +11,9 @@
 //!   the new device). The code is checked and the participant found before the offer is
 //!   negotiated, and the offer before the code is spent: a bad offer (400) leaves the code
 //!   usable. 404 `unknown_code`, 410 `code_expired` or `code_used` (with `usedAt`), 409
-//!   `participant_gone`, 429 past the limit.
+//!   `participant_gone`, 429 past the limit. A code another server of the conference issued is
+//!   forwarded to that server (the plan's `signal` address; `transfer.allowCrossServer`), whose
+//!   answer carries its own media address; `Chorus-Server` names it.
 //! - `GET /v1/rooms/{room}/participants/{id}/events`: the device's join token; server-sent
 //!   events: `transferred` once the participant moved to another device (then the old device's
 //!   connection closes), or `left`.
@@ -176,6 +178,8 @@ pub(super) async fn redeem(
     };
     let result = redeem_inner(&state, &headers, &body).await;
     match &result {
+        // Counted by the issuer, which redeemed it.
+        Ok(r) if r.headers().contains_key("chorus-server") => outcome("forwarded"),
         Ok(_) => outcome("ok"),
         Err(e) => outcome(e.reason),
     }
@@ -189,12 +193,8 @@ async fn redeem_inner(
 ) -> Result<Response, ApiError> {
     state.transfers.admit_redemption()?;
     let code = transfer_code(headers)?;
-    if issuer_of(code).is_some_and(|issuer| issuer != state.transfers.server_id()) {
-        return Err(ApiError::new(
-            StatusCode::MISDIRECTED_REQUEST,
-            "other_server",
-            "the code was issued by another server of the conference",
-        ));
+    if let Some(issuer) = issuer_of(code).filter(|i| *i != state.transfers.server_id()) {
+        return forward(state, issuer, headers, body).await;
     }
     let target = state
         .transfers
@@ -272,6 +272,115 @@ async fn redeem_inner(
         .into_response();
     no_store(&mut response);
     Ok(response)
+}
+
+/// The header a forwarded redemption carries (the forwarding server's id): a server never
+/// forwards a request that was forwarded to it, so a stale plan cannot make a loop.
+const FORWARDED_BY: &str = "chorus-forwarded-by";
+/// How long the issuer gets to answer a forwarded redemption.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Redeem a code another server of the conference issued, at that server: the request goes on
+/// as it came (code, offer), and its answer, which carries the issuer's media address, comes
+/// back as the issuer gave it, with an absolute `Location` on the issuer.
+async fn forward(
+    state: &AppState,
+    issuer: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let misdirected = |message: &str| {
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "other_server",
+            message.to_owned(),
+        )
+    };
+    if headers.contains_key(FORWARDED_BY) {
+        return Err(misdirected(
+            "a forwarded code was not issued by the server it was forwarded to",
+        ));
+    }
+    if !state.transfers.settings().allow_cross_server {
+        return Err(misdirected(
+            "the code was issued by another server of the conference, and this conference \
+             redeems codes only where they were issued",
+        ));
+    }
+    let signal = state
+        .mesh
+        .as_ref()
+        .and_then(|node| node.signal_of(issuer))
+        .ok_or_else(|| redeem_error(RedeemError::Unknown))?;
+    let url = format!("{}/v1/transfer", signal.trim_end_matches('/'));
+    let mut request = state
+        .http
+        .post(&url)
+        .header(FORWARDED_BY, state.transfers.server_id())
+        .body(body.clone());
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
+        if let Some(v) = headers.get(&name) {
+            request = request.header(name, v.clone());
+        }
+    }
+    let answer = tokio::time::timeout(FORWARD_TIMEOUT, request.send())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "issuer_unreachable",
+                "the server that issued the code did not answer in time",
+            )
+        })?
+        .map_err(|e| {
+            tracing::warn!(issuer, error = %e, "forwarding a transfer code failed");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "issuer_unreachable",
+                "the server that issued the code cannot be reached",
+            )
+        })?;
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = Response::builder().status(status);
+    for (name, value) in answer.headers() {
+        let keep = [
+            "content-type",
+            "chorus-participant-id",
+            "chorus-room",
+            "chorus-join-token",
+            "cache-control",
+        ]
+        .contains(&name.as_str());
+        if keep {
+            response = response.header(name.as_str(), value.as_bytes());
+        } else if name.as_str() == "location" {
+            let location = format!(
+                "{}{}",
+                signal.trim_end_matches('/'),
+                value.to_str().unwrap_or_default()
+            );
+            response = response.header(header::LOCATION, location);
+        }
+    }
+    response = response.header(
+        header::HeaderName::from_static("chorus-server"),
+        signal.as_str(),
+    );
+    let bytes = answer.bytes().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "issuer_unreachable",
+            "the issuing server's answer broke off",
+        )
+    })?;
+    tracing::info!(
+        issuer,
+        status = status.as_u16(),
+        "transfer code redeemed at its issuer"
+    );
+    response
+        .body(axum::body::Body::from(bytes))
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "issuer_unreachable", e.to_string()))
 }
 
 fn participant_gone() -> ApiError {

@@ -41,6 +41,8 @@ pub struct TransferSettings {
     pub enabled: bool,
     /// A code's lifetime.
     pub ttl: Duration,
+    /// Whether codes of other servers are forwarded to their issuer.
+    pub allow_cross_server: bool,
 }
 
 impl Default for TransferSettings {
@@ -50,6 +52,7 @@ impl Default for TransferSettings {
         Self {
             enabled: spec.enabled,
             ttl: Duration::from_secs(u64::try_from(spec.token_ttl_seconds).unwrap_or(60)),
+            allow_cross_server: spec.allow_cross_server,
         }
     }
 }
@@ -59,6 +62,7 @@ impl From<&chorus_crds::MeshTransfer> for TransferSettings {
         Self {
             enabled: t.enabled,
             ttl: Duration::from_secs(u64::from(t.token_ttl_seconds)),
+            allow_cross_server: t.allow_cross_server,
         }
     }
 }
@@ -234,7 +238,7 @@ mod tests {
         assert!(t.check(&first.code, now).is_err());
         t.set_settings(TransferSettings {
             enabled: false,
-            ttl: Duration::from_secs(60),
+            ..TransferSettings::default()
         });
         assert_eq!(t.admit_redemption(), Err(LimitError::Disabled));
     }

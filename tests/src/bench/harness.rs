@@ -18,6 +18,7 @@ use super::capacity::{self, Capacity};
 use super::delay::{self, ChorusRoom, DelayResult, JanusRoom};
 use super::mesh::{self, Convergence, MeshBytes};
 use super::telephony::{self, PhoneCalls, PhonePlan};
+use super::transfer::{self, TransferFigures};
 use super::{CrossServer, codec_work, cross_server};
 use crate::janus::{JanusJitter, JanusOptions, JanusServer};
 use crate::mediaserver_process::{ProcessOptions, ServerProcess};
@@ -47,6 +48,8 @@ pub struct Plan {
     pub convergence_rounds: usize,
     /// Phone calls: set-up times and CPU per call.
     pub phone: PhonePlan,
+    /// Session transfers in a row.
+    pub transfers: usize,
 }
 
 impl Plan {
@@ -68,6 +71,7 @@ impl Plan {
                 cpu_calls: 10,
                 cpu_window: std::time::Duration::from_secs(10),
             },
+            transfers: 30,
         }
     }
 
@@ -89,6 +93,7 @@ impl Plan {
                 cpu_calls: 2,
                 cpu_window: std::time::Duration::from_secs(1),
             },
+            transfers: 2,
         }
     }
 }
@@ -113,6 +118,9 @@ pub struct RunResult {
     /// Phone calls (absent from runs recorded before the scenario existed).
     #[serde(default)]
     pub telephony: Option<PhoneCalls>,
+    /// Session transfers (absent from runs recorded before the scenario existed).
+    #[serde(default)]
+    pub transfer: Option<TransferFigures>,
 }
 
 /// Pins every thread of this process to `cpus` (a `taskset` list such as "1" or "0-1").
@@ -254,6 +262,11 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
     eprintln!("convergence: {:?}", convergence.heard_everywhere);
     let phone = telephony::measure(plan.phone).await?;
     eprintln!("phone calls, both ways: {:?}", phone.both_ways);
+    let moves = transfer::measure(plan.transfers).await?;
+    eprintln!(
+        "transfers: switch {:?}, gap {:?}",
+        moves.switch_ms, moves.audio_gap_ms
+    );
     Ok(RunResult {
         delay: delays,
         lookahead_ms,
@@ -263,6 +276,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         mesh_bytes,
         convergence,
         telephony: Some(phone),
+        transfer: Some(moves),
     })
 }
 
@@ -347,6 +361,12 @@ pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
     put("mesh_bytes_ratio", &|r| r.mesh_bytes.ratio);
     put("convergence.p50", &|r| r.convergence.heard_everywhere.p50);
     put("convergence.p99", &|r| r.convergence.heard_everywhere.p99);
+    let moved =
+        |r: &RunResult, get: fn(&TransferFigures) -> f64| r.transfer.as_ref().map_or(f64::NAN, get);
+    put("transfer.switch.p50", &|r| moved(r, |t| t.switch_ms.p50));
+    put("transfer.switch.p99", &|r| moved(r, |t| t.switch_ms.p99));
+    put("transfer.gap.p50", &|r| moved(r, |t| t.audio_gap_ms.p50));
+    put("transfer.gap.p99", &|r| moved(r, |t| t.audio_gap_ms.p99));
     let phones: Vec<Option<&PhoneCalls>> = runs.iter().map(|r| r.telephony.as_ref()).collect();
     f.extend(phone_figures(&phones));
     f
@@ -479,6 +499,13 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         format!("mesh_bytes_ratio_{last}_vs_{first}"): m("mesh_bytes_ratio"),
         "convergence_ms": {"p50": m("convergence.p50"), "p99": m("convergence.p99")},
         "phone_calls": phone_json(plan, &runs.iter().map(|r| r.telephony.as_ref()).collect::<Vec<_>>()),
+        "transfer": {
+            "switch_ms": {"p50": m("transfer.switch.p50"), "p99": m("transfer.switch.p99")},
+            "audio_gap_ms": {"p50": m("transfer.gap.p50"), "p99": m("transfer.gap.p99")},
+            "moves_per_run": plan.transfers,
+            "switch_from": "the redemption request to the first packet of the new device's tone at a listener",
+            "gap_from": "the listener's decoded audio: last block of the old device's tone to the first of the new one's",
+        },
         "spread": f,
         "per_run": runs,
     })

@@ -2,7 +2,7 @@
 //! part of `make test` so it cannot rot). Timing is measured here and reported, never asserted.
 //!
 //! The scenarios live in submodules ([`delay`], [`capacity`], [`codec_work`], [`mesh`],
-//! [`telephony`]) and the
+//! [`telephony`], [`transfer`]) and the
 //! cross-server one here; [`harness`] runs them all and [`report`] writes `BENCHMARKS.md`.
 //!
 //! Mouth-to-ear delay is measured between bots in one process, so one clock serves both ends: the
@@ -17,6 +17,7 @@ pub mod harness;
 pub mod mesh;
 pub mod report;
 pub mod telephony;
+pub mod transfer;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -250,6 +250,34 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
     let phones: Vec<Option<&PhoneCalls>> = runs.iter().map(|r| r.telephony.as_ref()).collect();
     md.push_str(&phone_calls_section(plan, &phones));
 
+    let _ = writeln!(md, "\n## Session transfer\n");
+    let _ = writeln!(
+        md,
+        "A speaker moves to a new device {} times in a row per run (each a real redemption by a \
+         new WebRTC bot: ICE, DTLS, SRTP), alternating 440 and 660 Hz; a listener on the same \
+         server tells the devices apart. *Switch*: the redemption request to the first packet of \
+         the new device's tone at the listener. *Audio gap*: in the listener's decoded audio, the \
+         last 20 ms block of the old tone to the first of the new one (0: they meet).\n",
+        plan.transfers
+    );
+    let _ = writeln!(md, "| | p50 | p99 |");
+    let _ = writeln!(md, "|---|---|---|");
+    for (label, p50, p99) in [
+        (
+            "switch (redeem → heard)",
+            "transfer.switch.p50",
+            "transfer.switch.p99",
+        ),
+        ("audio gap", "transfer.gap.p50", "transfer.gap.p99"),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} |",
+            cell(f.get(p50), " ms"),
+            cell(f.get(p99), " ms")
+        );
+    }
+
     let _ = writeln!(md, "\n## Method\n");
     let _ = writeln!(md, "{}", METHOD.trim());
     let _ = writeln!(md, "\n{}", analysis.trim());
