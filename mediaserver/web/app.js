@@ -1,5 +1,7 @@
 // Chorus web client: joins a room over WebRTC the way WHIP does (one POST with the SDP offer),
 // shows who is speaking, and mutes. No framework: this file is the whole client.
+// At /t it is the other end of "Move to another device": it takes a session over with the code of
+// the link's fragment (from the QR code the old device shows) instead of joining with a token.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,12 +9,30 @@ const params = new URLSearchParams(location.search);
 if (params.get("room")) $("room").value = params.get("room");
 if (params.get("token")) $("token").value = params.get("token");
 
+// The transfer code travels in the fragment only (it never reaches a server's access log); it is a
+// credential, so it leaves the address bar, the history and any bookmark at once.
+const transferMode = location.pathname === "/t";
+let transferCode = null;
+if (transferMode) {
+  const raw = location.hash.slice(1);
+  try {
+    transferCode = decodeURIComponent(raw);
+  } catch {
+    transferCode = raw;
+  }
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 let pc = null;
 let local = null;
 let leaveUrl = null;
 let pollTimer = null;
 let audioCtx = null;
 let remoteAnalyser = null;
+// Where this page is a participant once joined: {room, id, token}. The token is the one typed in,
+// or, after taking a session over, the fresh one the server gave this device.
+let session = null;
+let sessionEvents = null;
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -20,7 +40,11 @@ function setStatus(text, isError) {
 }
 
 function authHeaders() {
-  return { Authorization: "Bearer " + $("token").value.trim() };
+  return { Authorization: "Bearer " + (session ? session.token : $("token").value.trim()) };
+}
+
+function participantPath(s) {
+  return "/v1/rooms/" + encodeURIComponent(s.room) + "/participants/" + encodeURIComponent(s.id);
 }
 
 // Gather every candidate before sending the offer: the server answers in one round trip.
@@ -40,9 +64,40 @@ function gatheringComplete(conn) {
 
 async function join() {
   const room = $("room").value.trim();
+  const token = $("token").value.trim();
+  await connect({
+    failure: "Could not join: ",
+    send: (offer) =>
+      fetch("/v1/rooms/" + encodeURIComponent(room) + "/participants", {
+        method: "POST",
+        headers: { Authorization: "Bearer " + token, "Content-Type": "application/sdp" },
+        body: offer,
+      }),
+    sessionOf: () => ({ room, token }),
+  });
+}
+
+// The /t page: the same offer as a join, sent with the transfer code; the answer carries the room,
+// the participant (the same one the old device was) and a fresh join token for this device.
+async function takeOver(code) {
+  await connect({
+    progress: "Taking over a session from another device…",
+    failure: "Could not take over the session: ",
+    send: (offer) =>
+      fetch("/v1/transfer", {
+        method: "POST",
+        headers: { Authorization: "Transfer " + code, "Content-Type": "application/sdp" },
+        body: offer,
+      }),
+    sessionOf: (res) => ({ room: res.headers.get("Chorus-Room"), token: res.headers.get("Chorus-Join-Token") }),
+  });
+}
+
+// Microphone, offer, one POST (`send`), answer: joining and taking over differ only in the POST.
+async function connect({ progress, failure, send, sessionOf }) {
   $("join").disabled = true;
   try {
-    setStatus("Asking for the microphone…");
+    setStatus(progress || "Asking for the microphone…");
     // ?raw=1 turns voice processing off (music, or test tones that noise suppression would eat).
     const raw = params.get("raw") === "1";
     local = await navigator.mediaDevices.getUserMedia({
@@ -51,48 +106,56 @@ async function join() {
     audioCtx = new AudioContext();
     meterFor(local, $("micLevel"));
 
-    pc = new RTCPeerConnection();
-    pc.addTransceiver(local.getAudioTracks()[0], { direction: "sendrecv", streams: [local] });
-    pc.ontrack = (ev) => {
+    const conn = new RTCPeerConnection();
+    pc = conn;
+    conn.addTransceiver(local.getAudioTracks()[0], { direction: "sendrecv", streams: [local] });
+    conn.ontrack = (ev) => {
       const stream = ev.streams[0] || new MediaStream([ev.track]);
       $("remote").srcObject = stream; // Chrome only feeds WebAudio from a stream that also plays
       remoteAnalyser = audioCtx.createAnalyser();
       remoteAnalyser.fftSize = 8192;
       audioCtx.createMediaStreamSource(stream).connect(remoteAnalyser);
     };
-    pc.onconnectionstatechange = () => {
-      if (pc.connectionState === "connected") setStatus("Connected to room " + room + ".");
-      if (pc.connectionState === "failed") setStatus("Connection failed.", true);
+    // Only the current connection speaks: an old one closing late must not overwrite the status.
+    conn.onconnectionstatechange = () => {
+      if (conn !== pc || !session) return;
+      if (conn.connectionState === "connected") setStatus("Connected to room " + session.room + ".");
+      if (conn.connectionState === "failed") setStatus("Connection failed.", true);
     };
-    await pc.setLocalDescription(await pc.createOffer());
-    setStatus("Connecting…");
-    await gatheringComplete(pc);
+    await conn.setLocalDescription(await conn.createOffer());
+    setStatus(progress || "Connecting…");
+    await gatheringComplete(conn);
 
-    const res = await fetch("/v1/rooms/" + encodeURIComponent(room) + "/participants", {
-      method: "POST",
-      headers: { ...authHeaders(), "Content-Type": "application/sdp" },
-      body: pc.localDescription.sdp,
-    });
+    const res = await send(conn.localDescription.sdp);
     if (res.status !== 201) {
       const body = await res.json().catch(() => ({ error: res.statusText }));
       throw new Error(body.error || ("HTTP " + res.status));
     }
+    const { room, token } = sessionOf(res);
+    const id = res.headers.get("Chorus-Participant-Id");
+    if (!room || !token || !id) throw new Error("the server's answer lacks the room, participant or token");
+    session = { room, id, token };
     leaveUrl = res.headers.get("Location");
-    window.chorusParticipantId = res.headers.get("Chorus-Participant-Id");
-    await pc.setRemoteDescription({ type: "answer", sdp: await res.text() });
+    window.chorusParticipantId = id;
+    await conn.setRemoteDescription({ type: "answer", sdp: await res.text() });
     $("leave").disabled = false;
     $("mute").disabled = false;
     $("callPhone").disabled = false;
-    pollTimer = setInterval(() => poll(room), 500);
+    $("moveDevice").disabled = false;
+    pollTimer = setInterval(poll, 500);
+    followSession(session);
   } catch (e) {
-    setStatus("Could not join: " + e.message, true);
+    setStatus(failure + e.message, true);
     cleanup();
   }
 }
 
 async function leave() {
-  if (leaveUrl) {
-    await fetch(leaveUrl, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+  const url = leaveUrl;
+  const headers = authHeaders();
+  if (sessionEvents) sessionEvents.abort(); // our own leave is no news
+  if (url) {
+    await fetch(url, { method: "DELETE", headers }).catch(() => {});
   }
   cleanup();
   setStatus("Left the room.");
@@ -102,14 +165,18 @@ function cleanup() {
   clearInterval(pollTimer);
   if (pc) pc.close();
   if (local) local.getTracks().forEach((t) => t.stop());
-  pc = null; local = null; leaveUrl = null;
+  pc = null; local = null; leaveUrl = null; session = null;
   $("join").disabled = false;
   $("leave").disabled = true;
   $("mute").disabled = true;
   $("mute").textContent = "Mute";
   $("callPhone").disabled = true;
   $("hangUpPhone").disabled = true;
+  $("moveDevice").disabled = true;
+  closeMovePanel();
   if (phoneEvents) phoneEvents.abort();
+  if (sessionEvents) sessionEvents.abort();
+  sessionEvents = null;
 }
 
 function toggleMute() {
@@ -120,9 +187,10 @@ function toggleMute() {
   $("mute").textContent = track.enabled ? "Mute" : "Unmute";
 }
 
-async function poll(room) {
-  const res = await fetch("/v1/rooms/" + encodeURIComponent(room), { headers: authHeaders() }).catch(() => null);
-  if (!res || !res.ok) return;
+async function poll() {
+  if (!session) return;
+  const res = await fetch("/v1/rooms/" + encodeURIComponent(session.room), { headers: authHeaders() }).catch(() => null);
+  if (!res || !res.ok || !session) return;
   const info = await res.json();
   const list = $("participants");
   list.replaceChildren();
@@ -194,23 +262,32 @@ function showPhoneState(t) {
 }
 
 // Server-sent events with the bearer token: EventSource cannot send headers, so read the stream.
+// Yields {event, data} per event; keep-alive comments yield nothing.
+async function* serverEvents(res) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value.replace(/\r/g, "");
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const lines = buf.slice(0, cut).split("\n");
+      buf = buf.slice(cut + 2);
+      const field = (name) => lines.filter((l) => l.startsWith(name + ":")).map((l) => l.slice(name.length + 1).replace(/^ /, ""));
+      const event = field("event").pop() || "message";
+      const data = field("data").join("\n");
+      if (data || field("event").length) yield { event, data };
+    }
+  }
+}
+
 async function followPhone(url) {
   phoneEvents = new AbortController();
   try {
     const res = await fetch(url + "/events", { headers: authHeaders(), signal: phoneEvents.signal });
-    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5)).join("");
-        if (data) showPhoneState(JSON.parse(data));
-      }
+    for await (const ev of serverEvents(res)) {
+      if (ev.data) showPhoneState(JSON.parse(ev.data));
     }
   } catch (e) {
     if (e.name !== "AbortError") setStatus("Lost the phone call's events: " + e.message, true);
@@ -220,9 +297,9 @@ async function followPhone(url) {
 async function callPhone() {
   const to = $("phoneTo").value.trim();
   if (!to) { $("phoneState").textContent = "Enter your phone's number or extension."; return; }
+  if (!session) return;
   $("callPhone").disabled = true;
-  const room = $("room").value.trim();
-  const res = await fetch("/v1/rooms/" + encodeURIComponent(room) + "/calls", {
+  const res = await fetch("/v1/rooms/" + encodeURIComponent(session.room) + "/calls", {
     method: "POST",
     headers: { ...authHeaders(), "Content-Type": "application/json" },
     body: JSON.stringify({ to, participantId: Number(window.chorusParticipantId) }),
@@ -241,6 +318,103 @@ async function callPhone() {
 
 async function hangUpPhone() {
   if (phoneCallUrl) await fetch(phoneCallUrl, { method: "DELETE", headers: authHeaders() }).catch(() => {});
+}
+
+// This participant's own events, followed from joining on: `transferred` when another device took
+// the session over (the server closes this device's connection just after), `left` when the
+// server no longer has the participant. A dropped stream is opened again while still joined.
+async function followSession(s) {
+  const ctl = new AbortController();
+  sessionEvents = ctl;
+  while (session === s && !ctl.signal.aborted) {
+    try {
+      const res = await fetch(participantPath(s) + "/events", { headers: { Authorization: "Bearer " + s.token }, signal: ctl.signal });
+      if (!res.ok) return; // not followable (refused or unknown): the roster still shows the room
+      for await (const ev of serverEvents(res)) {
+        if (session !== s) return;
+        if (ev.event === "transferred") {
+          movedAway();
+          return;
+        }
+        if (ev.event === "left") {
+          cleanup();
+          setStatus("You are no longer in the room.", true);
+          return;
+        }
+      }
+    } catch (e) {
+      if (e.name === "AbortError") return;
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+// Another device has this session now: hang up here, without a leave (the participant lives on
+// there; the server would refuse this device's leave anyway).
+function movedAway() {
+  cleanup();
+  setStatus("Moved to another device.");
+}
+
+// "Move to another device": a one-time code for this participant, shown as a QR code for the
+// other device's camera, with the seconds it has left. A new code replaces the old one.
+let moveTimer = null;
+let moveRequest = 0;
+
+function moveState(text, isError) {
+  $("moveState").textContent = text;
+  $("moveState").className = isError ? "error" : "";
+}
+
+async function requestMoveCode() {
+  const s = session;
+  if (!s) return;
+  const request = ++moveRequest;
+  clearInterval(moveTimer);
+  $("qr").replaceChildren();
+  $("movePanel").hidden = false;
+  $("newCode").disabled = true;
+  moveState("Getting a code…");
+  try {
+    const res = await fetch(participantPath(s) + "/transfers", { method: "POST", headers: { Authorization: "Bearer " + s.token } });
+    const body = await res.json().catch(() => ({}));
+    if (res.status !== 201) throw new Error(body.error || ("HTTP " + res.status));
+    if (request !== moveRequest || session !== s) return; // closed, left or asked again meanwhile
+    $("qr").innerHTML = body.qrSvg; // our server's own SVG rendering of the link
+    countDown(Number(body.expiresInSeconds) || 0);
+  } catch (e) {
+    if (request !== moveRequest || session !== s) return;
+    moveState("Could not get a code: " + e.message, true);
+  } finally {
+    if (request === moveRequest) $("newCode").disabled = !session;
+  }
+}
+
+function countDown(seconds) {
+  clearInterval(moveTimer);
+  const deadline = performance.now() + seconds * 1000; // this clock, not the server's
+  const tick = () => {
+    const left = Math.max(0, Math.ceil((deadline - performance.now()) / 1000));
+    if (left > 0) {
+      moveState("The code expires in " + left + (left === 1 ? " second." : " seconds."));
+      return;
+    }
+    clearInterval(moveTimer);
+    moveTimer = null;
+    $("qr").replaceChildren(); // nothing left to scan that cannot work
+    moveState("The code expired. Press “New code” for another.", true);
+  };
+  tick();
+  moveTimer = setInterval(tick, 250);
+}
+
+function closeMovePanel() {
+  moveRequest++;
+  clearInterval(moveTimer);
+  moveTimer = null;
+  $("qr").replaceChildren();
+  moveState("");
+  $("movePanel").hidden = true;
 }
 
 function meterFor(stream, meter) {
@@ -276,4 +450,13 @@ $("leave").onclick = leave;
 $("mute").onclick = toggleMute;
 $("callPhone").onclick = callPhone;
 $("hangUpPhone").onclick = hangUpPhone;
-if (params.get("autojoin") === "1") join();
+$("moveDevice").onclick = requestMoveCode;
+$("newCode").onclick = requestMoveCode;
+$("closeMove").onclick = closeMovePanel;
+if (transferMode) {
+  // The session comes from the code: no room or token to type, and nothing to join by hand.
+  $("credentials").hidden = true;
+  $("join").hidden = true;
+  if (transferCode) takeOver(transferCode);
+  else setStatus("This link has no transfer code. Scan the code on your other device again.", true);
+} else if (params.get("autojoin") === "1") join();

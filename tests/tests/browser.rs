@@ -2,14 +2,20 @@
 //! microphone playing its own tone, join one room. Each must hear the other's tone and not its own,
 //! as measured inside the page (WebAudio analyser on the received stream). And a browser uses
 //! "Call my phone": a baresip desk phone behind a real Kamailio rings, answers, is heard in the
-//! page, and is hung up from the page.
+//! page, and is hung up from the page. And a browser moves its session to another browser by the
+//! QR code it shows, scanned with zbarimg from a screenshot.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use chorus_tests::bot::{AudioSource, BotConfig};
 use chorus_tests::media_server::MediaServer;
 use chorus_tests::workspace_root;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// Held by each test while its browsers run: Chromium instances are heavy on two cores, and the two
 /// tests' three at once starve WebRTC's audio.
@@ -39,8 +45,8 @@ async fn browser(url: String, wav: &Path, freqs: &str) -> Result<serde_json::Val
     .await
 }
 
-/// Runs a Playwright script of tests/browser with `args`; its stdout is JSON.
-async fn node(script: &str, args: &[&str]) -> Result<serde_json::Value> {
+/// tests/browser, once its tools are there.
+fn browser_dir() -> Result<PathBuf> {
     let dir = workspace_root().join("tests/browser");
     if !dir.join("node_modules/playwright-core").exists() {
         bail!("tests/browser/node_modules is missing: run scripts/bootstrap");
@@ -48,6 +54,12 @@ async fn node(script: &str, args: &[&str]) -> Result<serde_json::Value> {
     if !Path::new("/usr/bin/chromium").exists() {
         bail!("/usr/bin/chromium is missing: run scripts/bootstrap");
     }
+    Ok(dir)
+}
+
+/// Runs a Playwright script of tests/browser with `args`; its stdout is JSON.
+async fn node(script: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let dir = browser_dir()?;
     let out = tokio::process::Command::new("node")
         .current_dir(&dir)
         .arg(script)
@@ -167,6 +179,266 @@ async fn call_my_phone_from_the_browser() -> Result<()> {
         "the server ended the call as hung up:\n{metrics}"
     );
     drop(phone);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A Playwright script of tests/browser driven step by step: it prints one JSON object per line
+/// and reads lines from stdin. Killed if dropped early.
+struct NodeSteps {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+impl NodeSteps {
+    fn start(script: &str, args: &[&str]) -> Result<Self> {
+        let mut child = tokio::process::Command::new("node")
+            .current_dir(browser_dir()?)
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("running node")?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().context("node's stdout")?).lines();
+        let mut err = child.stderr.take().context("node's stderr")?;
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text).await;
+            text
+        });
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// The next JSON line, which must be step `step`.
+    async fn step(&mut self, step: &str) -> Result<Value> {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line())
+            .await
+            .with_context(|| format!("the browser script printed no `{step}` in 60 s"))??;
+        let Some(line) = line else {
+            let _ = self.child.kill().await;
+            let status = self.child.wait().await?;
+            let stderr = (&mut self.stderr).await.unwrap_or_default();
+            bail!("the browser script ended before `{step}` ({status}): {stderr}");
+        };
+        let value: Value = serde_json::from_str(&line)
+            .with_context(|| format!("the browser script printed no JSON: {line}"))?;
+        ensure!(value["step"] == step, "expected step `{step}`, got {value}");
+        Ok(value)
+    }
+
+    async fn send_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin already closed")?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await?;
+        Ok(())
+    }
+
+    /// Close stdin (the script's last wait) and wait for it to exit cleanly.
+    async fn finish(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .context("the browser script did not exit")??;
+        let stderr = self.stderr.await.unwrap_or_default();
+        ensure!(
+            status.success(),
+            "the browser script failed ({status}): {stderr}"
+        );
+        Ok(())
+    }
+}
+
+/// The text of the QR code in `png`, scanned by zbarimg (Debian zbar-tools).
+async fn scan_qr(png: &Path) -> Result<String> {
+    let out = tokio::process::Command::new("zbarimg")
+        .args(["--raw", "-q"])
+        .arg(png)
+        .stdin(Stdio::null())
+        .output()
+        .await;
+    let out = match out {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("zbarimg is missing (Debian zbar-tools): run scripts/bootstrap")
+        }
+        other => other.context("running zbarimg")?,
+    };
+    ensure!(
+        out.status.success(),
+        "zbarimg found no QR code in {} ({}): {}",
+        png.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)
+        .context("zbarimg printed no text")?
+        .trim()
+        .to_owned())
+}
+
+/// The participant ids of `room`'s roster, as `token`'s holder sees it.
+async fn roster_ids(server: &MediaServer, room: &str, token: &str) -> Result<Vec<u64>> {
+    let info: Value = reqwest::Client::new()
+        .get(format!("{}/v1/rooms/{room}", server.base_url))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(info["participants"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["id"].as_u64()).collect())
+        .unwrap_or_default())
+}
+
+/// Waits up to `within` until `bot` heard (over its last 2 s) `want` among `freqs`.
+async fn until_heard(
+    bot: &chorus_tests::bot::Bot,
+    freqs: &[f64],
+    want: &[u32],
+    within: Duration,
+) -> std::collections::BTreeSet<u32> {
+    let deadline = Instant::now() + within;
+    loop {
+        let heard = bot.heard(freqs);
+        if heard.iter().copied().eq(want.iter().copied()) || Instant::now() > deadline {
+            return heard;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// "Move to another device" (DESIGN §12) in real browsers: page 1 joins (440 Hz), shows the QR
+/// code; zbarimg scans a screenshot of it; page 2 (880 Hz, a second Chromium with a fresh context
+/// and no join token) opens the scanned link and takes the session over. Page 2 is connected as
+/// the same participant, page 1 says it moved and hung up, the listener hears 880 Hz and no
+/// 440 Hz, and the roster still has the same two participants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_to_another_device_by_qr_code() -> Result<()> {
+    const ROOM: &str = "moving";
+    let _turn = BROWSERS.lock().await;
+    // Fail at once, not after the browsers ran: the scanner is part of the test.
+    let zbar = tokio::process::Command::new("zbarimg")
+        .arg("--version")
+        .output()
+        .await;
+    ensure!(
+        zbar.is_ok_and(|o| o.status.success()),
+        "zbarimg is missing (Debian zbar-tools): run scripts/bootstrap"
+    );
+    let server = MediaServer::start(|_| {}).await?;
+    let listener = server
+        .join_bot(ROOM, "lars", BotConfig::new(AudioSource::Silence))
+        .await?;
+    let l_token = server.token(ROOM, "lars");
+    let dir = std::env::temp_dir().join(format!("chorus-browser-move-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (wav1, wav2, png) = (dir.join("1.wav"), dir.join("2.wav"), dir.join("qr.png"));
+    write_tone(&wav1, 440.0)?;
+    write_tone(&wav2, 880.0)?;
+    let url = format!(
+        "{}/?room={ROOM}&token={}&autojoin=1&raw=1",
+        server.base_url,
+        server.token(ROOM, "ada")
+    );
+    let freqs = [440.0, 880.0];
+    let started = Instant::now();
+    let mut script = NodeSteps::start(
+        "move_device.mjs",
+        &[
+            url.as_str(),
+            &wav1.to_string_lossy(),
+            &wav2.to_string_lossy(),
+            &png.to_string_lossy(),
+        ],
+    )?;
+
+    let shown = script.step("qr").await?;
+    eprintln!(
+        "page 1 shows the code after {:?}: {shown}",
+        started.elapsed()
+    );
+    let page1_id: u64 = shown["participantId"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("page 1's participant id: {shown}"))?;
+    ensure!(
+        shown["moveState"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("The code expires in ")),
+        "page 1 counts the code's seconds down: {shown}"
+    );
+    let before = until_heard(&listener, &freqs, &[440], Duration::from_secs(5)).await;
+    ensure!(
+        before.contains(&440) && !before.contains(&880),
+        "the listener hears page 1 before the move: {before:?}"
+    );
+    let scanned = scan_qr(&png).await?;
+    eprintln!("zbarimg read {scanned}");
+    ensure!(
+        scanned.starts_with(&format!("{}/t#", server.base_url)),
+        "the QR code holds the /t link with the code in its fragment: {scanned}"
+    );
+    script.send_line(&scanned).await?;
+    let moved = script.step("moved").await?;
+    eprintln!("after the move ({:?}): {moved}", started.elapsed());
+    ensure!(
+        moved["page2State"] == "connected"
+            && moved["page2Status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Connected"))
+            && moved["page2StatusIsError"] == false,
+        "page 2 is connected: {moved}"
+    );
+    ensure!(
+        moved["page1Status"]
+            .as_str()
+            .is_some_and(|s| s.contains("Moved to another device.")),
+        "page 1 says it moved: {moved}"
+    );
+    ensure!(
+        moved["page1State"] == "none" && moved["page1QrPanelHidden"] == true,
+        "page 1 hung up and hid the code: {moved}"
+    );
+    ensure!(
+        moved["page2ParticipantId"].as_str() == Some(page1_id.to_string().as_str()),
+        "page 2 is the same participant as page 1 ({page1_id}): {moved}"
+    );
+    ensure!(
+        moved["page2Location"]
+            .as_str()
+            .is_some_and(|l| l.contains("/t") && !l.contains('#')),
+        "the code left page 2's address bar: {moved}"
+    );
+    ensure!(
+        moved["page2CredentialsHidden"] == true && moved["page2Cookies"] == 0,
+        "page 2 asks for no token and holds no cookie: {moved}"
+    );
+
+    // Page 2 talks on while the listener listens: 880 Hz now, and 440 Hz gone.
+    let after = until_heard(&listener, &freqs, &[880], Duration::from_secs(8)).await;
+    ensure!(
+        after.contains(&880) && !after.contains(&440),
+        "the listener hears page 2 (880 Hz) and no longer page 1 (440 Hz): {after:?}"
+    );
+    let ids = roster_ids(&server, ROOM, &l_token).await?;
+    ensure!(
+        ids.len() == 2 && ids.contains(&page1_id),
+        "the roster still has the listener and participant {page1_id}, and nobody else: {ids:?}"
+    );
+    script.finish().await?;
+    eprintln!("the whole move took {:?}", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
