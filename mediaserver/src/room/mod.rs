@@ -687,6 +687,8 @@ impl Rooms {
             retiring: Vec::new(),
             last_packet: HashMap::new(),
             pending_moves: HashMap::new(),
+            last_numbers: HashMap::new(),
+            renumber: HashMap::new(),
             active: 0,
         };
         self.metrics.rooms.inc();

@@ -86,6 +86,13 @@ pub(super) struct RoomTask {
     /// Moves waiting for the new device's first packet: tag → (swap time, the old device's last
     /// packet), for the switch-time and audio-gap metrics.
     pub(super) pending_moves: HashMap<u64, (Instant, Option<Instant>)>,
+    /// Per member: the last (sequence, timestamp, arrival) the room saw, after renumbering.
+    pub(super) last_numbers: HashMap<ParticipantId, (u16, u32, Instant)>,
+    /// Per moved member: what to add to its new device's sequence numbers and timestamps so
+    /// that its stream goes on where the old device's stopped (`None`: set at its first
+    /// packet). Other servers mixing the stream never see a jump, so their jitter buffers need
+    /// no reset.
+    pub(super) renumber: HashMap<ParticipantId, Option<(u16, u32)>>,
     /// This room's share of the server-wide active-speakers gauge.
     pub(super) active: i64,
 }
@@ -208,6 +215,7 @@ impl RoomTask {
                 self.core.restart_stream(id);
                 let last_old = self.last_packet.remove(&id);
                 self.pending_moves.insert(tag, (Instant::now(), last_old));
+                self.renumber.insert(id, None);
                 let generation = self.generations.get(&id).map_or(1, |g| g + 1);
                 self.generations.insert(id, generation);
                 self.retiring.push((Instant::now(), old));
@@ -244,12 +252,13 @@ impl RoomTask {
             }
         }
         self.last_packet.insert(participant, audio.arrival);
+        let (seq, rtp_timestamp) = self.renumbered(participant, &audio);
         let elapsed = audio.arrival.elapsed();
         let ingress_us = unix_micros_now()
             .saturating_sub(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
         let packet = Packet {
-            seq: audio.seq,
-            rtp_timestamp: audio.rtp_timestamp,
+            seq,
+            rtp_timestamp,
             payload: audio.payload,
             level: audio.level,
             arrival: audio.arrival.saturating_duration_since(epoch),
@@ -264,6 +273,38 @@ impl RoomTask {
                 .with_label_values(&[e.category()])
                 .inc();
         }
+    }
+
+    /// The packet's sequence number and timestamp in the participant's one numbering: a moved
+    /// participant's new device continues where the old one stopped (one frame per 20 ms of
+    /// silence in between).
+    fn renumbered(&mut self, participant: ParticipantId, audio: &InboundAudio) -> (u16, u32) {
+        const FRAME: u32 = 960;
+        let offsets = match self.renumber.get(&participant) {
+            None => (0, 0),
+            Some(Some(offsets)) => *offsets,
+            Some(None) => {
+                let offsets = match self.last_numbers.get(&participant) {
+                    Some((seq, ts, at)) => {
+                        let gap = audio.arrival.saturating_duration_since(*at);
+                        let frames = u32::try_from((gap.as_millis() / 20).max(1)).unwrap_or(1);
+                        (
+                            seq.wrapping_add(1).wrapping_sub(audio.seq),
+                            ts.wrapping_add(frames.wrapping_mul(FRAME))
+                                .wrapping_sub(audio.rtp_timestamp),
+                        )
+                    }
+                    None => (0, 0),
+                };
+                self.renumber.insert(participant, Some(offsets));
+                offsets
+            }
+        };
+        let seq = audio.seq.wrapping_add(offsets.0);
+        let ts = audio.rtp_timestamp.wrapping_add(offsets.1);
+        self.last_numbers
+            .insert(participant, (seq, ts, audio.arrival));
+        (seq, ts)
     }
 
     fn on_remote(&mut self, remote: RemotePacket, epoch: Instant) {
@@ -386,6 +427,8 @@ impl RoomTask {
         self.tags.retain(|_, p| *p != id);
         self.generations.remove(&id);
         self.last_packet.remove(&id);
+        self.last_numbers.remove(&id);
+        self.renumber.remove(&id);
         self.registry.forget_generation(&self.name, id);
         self.registry.left(&self.name, self.instance, &self.metrics);
         tracing::info!(room = %self.name, participant = id, identity = %member.identity, "left");
