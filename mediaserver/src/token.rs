@@ -152,8 +152,7 @@ impl TokenKey {
             iat,
             generation,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 encoding of plain claims cannot fail")
+        self.sign(&claims)
     }
 
     /// Check a token for `conference` / `room` at time `now`.
@@ -165,16 +164,7 @@ impl TokenKey {
         now: SystemTime,
     ) -> Result<Claims, TokenError> {
         let claims: Claims = self.decode(token)?;
-        if claims.exp <= unix(now) {
-            return Err(TokenError::Expired);
-        }
-        if claims.conf != conference {
-            return Err(TokenError::WrongScope {
-                what: "conference",
-                found: claims.conf,
-                expected: conference.to_owned(),
-            });
-        }
+        current_for(claims.exp, &claims.conf, conference, now)?;
         if claims.room != room {
             return Err(TokenError::WrongScope {
                 what: "room",
@@ -203,8 +193,7 @@ impl TokenKey {
             exp: iat + ttl.as_secs(),
             iat,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 encoding of plain claims cannot fail")
+        self.sign(&claims)
     }
 
     /// Check an edge token for `conference` at time `now`.
@@ -218,17 +207,14 @@ impl TokenKey {
         if claims.scope != EDGE_SCOPE {
             return Err(TokenError::Invalid("not an edge token"));
         }
-        if claims.exp <= unix(now) {
-            return Err(TokenError::Expired);
-        }
-        if claims.conf != conference {
-            return Err(TokenError::WrongScope {
-                what: "conference",
-                found: claims.conf,
-                expected: conference.to_owned(),
-            });
-        }
+        current_for(claims.exp, &claims.conf, conference, now)?;
         Ok(claims)
+    }
+
+    /// Sign `claims`.
+    fn sign(&self, claims: &impl Serialize) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 encoding of plain claims cannot fail")
     }
 
     fn decode<C: serde::de::DeserializeOwned>(&self, token: &str) -> Result<C, TokenError> {
@@ -254,6 +240,21 @@ impl TokenKey {
                 })
             })
     }
+}
+
+/// A token expiring at `exp` and naming conference `found` is current for `conference` at `now`.
+fn current_for(exp: u64, found: &str, conference: &str, now: SystemTime) -> Result<(), TokenError> {
+    if exp <= unix(now) {
+        return Err(TokenError::Expired);
+    }
+    if found != conference {
+        return Err(TokenError::WrongScope {
+            what: "conference",
+            found: found.to_owned(),
+            expected: conference.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 fn unix(t: SystemTime) -> u64 {
