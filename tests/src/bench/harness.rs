@@ -361,15 +361,38 @@ pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
     put("mesh_bytes_ratio", &|r| r.mesh_bytes.ratio);
     put("convergence.p50", &|r| r.convergence.heard_everywhere.p50);
     put("convergence.p99", &|r| r.convergence.heard_everywhere.p99);
-    let moved =
-        |r: &RunResult, get: fn(&TransferFigures) -> f64| r.transfer.as_ref().map_or(f64::NAN, get);
-    put("transfer.switch.p50", &|r| moved(r, |t| t.switch_ms.p50));
-    put("transfer.switch.p99", &|r| moved(r, |t| t.switch_ms.p99));
-    put("transfer.gap.p50", &|r| moved(r, |t| t.audio_gap_ms.p50));
-    put("transfer.gap.p99", &|r| moved(r, |t| t.audio_gap_ms.p99));
     let phones: Vec<Option<&PhoneCalls>> = runs.iter().map(|r| r.telephony.as_ref()).collect();
     f.extend(phone_figures(&phones));
+    let moves: Vec<Option<&TransferFigures>> = runs.iter().map(|r| r.transfer.as_ref()).collect();
+    f.extend(transfer_figures(&moves));
     f
+}
+
+/// The session-transfer figures over the runs (`None`: a run without them).
+pub fn transfer_figures(runs: &[Option<&TransferFigures>]) -> BTreeMap<&'static str, Spread> {
+    let mut f = BTreeMap::new();
+    let mut put = |name: &'static str, get: fn(&TransferFigures) -> f64| {
+        f.insert(name, spread(runs.iter().map(|r| r.map_or(f64::NAN, get))));
+    };
+    put("transfer.switch.p50", |t| t.switch_ms.p50);
+    put("transfer.switch.p99", |t| t.switch_ms.p99);
+    put("transfer.gap.p50", |t| t.audio_gap_ms.p50);
+    put("transfer.gap.p99", |t| t.audio_gap_ms.p99);
+    f
+}
+
+/// The session-transfer block of the results JSON.
+pub fn transfer_json(plan: &Plan, runs: &[Option<&TransferFigures>]) -> Value {
+    let f = transfer_figures(runs);
+    let m = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
+    json!({
+        "switch_ms": {"p50": m("transfer.switch.p50"), "p99": m("transfer.switch.p99")},
+        "audio_gap_ms": {"p50": m("transfer.gap.p50"), "p99": m("transfer.gap.p99")},
+        "moves_per_run": plan.transfers,
+        "moves_not_heard": runs.iter().flatten().map(|t| t.failed).sum::<usize>(),
+        "switch_from": "the redemption request to the first packet of the new device's tone at a listener",
+        "gap_from": "the listener's decoded audio: last block of the old device's tone to the first of the new one's",
+    })
 }
 
 /// The phone-call figures over the runs (`None`: a run without them).
@@ -499,13 +522,7 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         format!("mesh_bytes_ratio_{last}_vs_{first}"): m("mesh_bytes_ratio"),
         "convergence_ms": {"p50": m("convergence.p50"), "p99": m("convergence.p99")},
         "phone_calls": phone_json(plan, &runs.iter().map(|r| r.telephony.as_ref()).collect::<Vec<_>>()),
-        "transfer": {
-            "switch_ms": {"p50": m("transfer.switch.p50"), "p99": m("transfer.switch.p99")},
-            "audio_gap_ms": {"p50": m("transfer.gap.p50"), "p99": m("transfer.gap.p99")},
-            "moves_per_run": plan.transfers,
-            "switch_from": "the redemption request to the first packet of the new device's tone at a listener",
-            "gap_from": "the listener's decoded audio: last block of the old device's tone to the first of the new one's",
-        },
+        "transfer": transfer_json(plan, &runs.iter().map(|r| r.transfer.as_ref()).collect::<Vec<_>>()),
         "spread": f,
         "per_run": runs,
     })

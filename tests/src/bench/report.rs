@@ -4,8 +4,9 @@
 
 use std::fmt::Write as _;
 
-use super::harness::{Plan, RunResult, Spread, figures, machine, phone_figures};
+use super::harness::{Plan, RunResult, Spread, figures, machine, phone_figures, transfer_figures};
 use super::telephony::{PhoneCalls, TARGET_MS};
+use super::transfer::TransferFigures;
 
 fn cell(s: Option<&Spread>, unit: &str) -> String {
     match s {
@@ -250,6 +251,19 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
     let phones: Vec<Option<&PhoneCalls>> = runs.iter().map(|r| r.telephony.as_ref()).collect();
     md.push_str(&phone_calls_section(plan, &phones));
 
+    let moves: Vec<Option<&TransferFigures>> = runs.iter().map(|r| r.transfer.as_ref()).collect();
+    md.push_str(&transfer_section(plan, &moves));
+
+    let _ = writeln!(md, "\n## Method\n");
+    let _ = writeln!(md, "{}", METHOD.trim());
+    let _ = writeln!(md, "\n{}", analysis.trim());
+    md
+}
+
+/// The "Session transfer" section: switch time and audio gap over repeated moves.
+pub fn transfer_section(plan: &Plan, runs: &[Option<&TransferFigures>]) -> String {
+    let f = transfer_figures(runs);
+    let mut md = String::new();
     let _ = writeln!(md, "\n## Session transfer\n");
     let _ = writeln!(
         md,
@@ -277,10 +291,6 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
             cell(f.get(p99), " ms")
         );
     }
-
-    let _ = writeln!(md, "\n## Method\n");
-    let _ = writeln!(md, "{}", METHOD.trim());
-    let _ = writeln!(md, "\n{}", analysis.trim());
     md
 }
 

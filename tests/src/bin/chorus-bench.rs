@@ -36,8 +36,8 @@ struct Args {
     #[arg(long)]
     report_from: Option<PathBuf>,
     /// Run one scenario only and write its figures alone (to `--out` and `--markdown`; point
-    /// them away from the real report). Only `telephony` so far.
-    #[arg(long, value_parser = ["telephony"])]
+    /// them away from the real report): `telephony` or `transfer`.
+    #[arg(long, value_parser = ["telephony", "transfer"])]
     only: Option<String>,
 }
 
@@ -49,8 +49,10 @@ async fn main() -> Result<()> {
     } else {
         harness::Plan::full(args.runs.max(1))
     };
-    if args.only.is_some() {
-        return only_telephony(&args, &plan).await;
+    match args.only.as_deref() {
+        Some("transfer") => return only_transfer(&args, &plan).await,
+        Some(_) => return only_telephony(&args, &plan).await,
+        None => {}
     }
     let mut runs: Vec<harness::RunResult> = Vec::new();
     if let Some(path) = &args.report_from {
@@ -123,6 +125,33 @@ async fn only_telephony(args: &Args, plan: &harness::Plan) -> Result<()> {
     });
     harness::write_json(&args.out, &value)?;
     std::fs::write(&args.markdown, report::phone_calls_section(plan, &refs))
+        .with_context(|| format!("writing {}", args.markdown.display()))?;
+    println!(
+        "wrote {} and {}",
+        args.out.display(),
+        args.markdown.display()
+    );
+    Ok(())
+}
+
+/// `--only transfer`: the session-transfer scenario alone, `--runs` times.
+async fn only_transfer(args: &Args, plan: &harness::Plan) -> Result<()> {
+    let mut runs = Vec::new();
+    for run in 0..plan.runs {
+        eprintln!("chorus-bench: transfer, run {} of {}", run + 1, plan.runs);
+        runs.push(chorus_tests::bench::transfer::measure(plan.transfers).await?);
+    }
+    let refs: Vec<Option<&chorus_tests::bench::transfer::TransferFigures>> =
+        runs.iter().map(Some).collect();
+    let value = serde_json::json!({
+        "machine": harness::machine(),
+        "runs": runs.len(),
+        "transfer": harness::transfer_json(plan, &refs),
+        "spread": harness::transfer_figures(&refs),
+        "per_run": runs,
+    });
+    harness::write_json(&args.out, &value)?;
+    std::fs::write(&args.markdown, report::transfer_section(plan, &refs))
         .with_context(|| format!("writing {}", args.markdown.display()))?;
     println!(
         "wrote {} and {}",
