@@ -517,3 +517,49 @@ async fn a_code_redeemed_at_another_server_is_forwarded_to_its_issuer() -> Resul
     drop((a, a2, listener));
     Ok(())
 }
+
+/// A redemption reuses the participant's seat: a full room (and a full server) still takes the
+/// move, while a new join is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_room_still_takes_a_move() -> Result<()> {
+    let _heavy = chorus_tests::heavy_test_guard().await;
+    let server = MediaServer::start(|c| {
+        c.max_room_participants = 2;
+        c.max_participants = 2;
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let a = server
+        .join_bot(ROOM, "ada", BotConfig::new(tone(440.0, -20.0)))
+        .await?;
+    let listener = server
+        .join_bot(ROOM, "lars", BotConfig::new(AudioSource::Silence))
+        .await?;
+    ensure!(
+        server
+            .join_bot(ROOM, "late", BotConfig::new(AudioSource::Silence))
+            .await
+            .is_err(),
+        "the room is full for a new participant"
+    );
+    let a_id = participant_id(&a)?;
+    let (_, _, issued) = issue_code(
+        &http,
+        &server.base_url,
+        ROOM,
+        a_id,
+        &server.token(ROOM, "ada"),
+    )
+    .await?;
+    let code = code_of(issued["url"].as_str().context("url")?)?;
+    let (a2, redeemed) =
+        redeem_bot(&server.base_url, &code, BotConfig::new(tone(660.0, -20.0))).await?;
+    ensure!(redeemed.participant_id == a_id);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        listener.heard(&[660.0]).contains(&660),
+        "the moved participant is heard in the full room"
+    );
+    drop((a, a2, listener));
+    Ok(())
+}
