@@ -20,8 +20,9 @@ use crate::calls_api::CallsApi;
 use crate::mediaserver_process::{ProcessOptions, ProcessTelephony, ServerProcess};
 use crate::telephony::{CHORUS_PASSWORD, CHORUS_USER, Kamailio};
 
-/// The ports the rig's bridge gives phone RTP.
-pub const RTP_PORTS: (u16, u16) = (47000, 47999);
+/// The ports the rig's bridge gives phone RTP: below Linux's ephemeral range (32768-60999), so no
+/// port 0 socket (the bridge's own SIP socket, another test's) can land in it.
+pub const RTP_PORTS: (u16, u16) = (21000, 21999);
 
 /// How a bridge process is started.
 #[derive(Debug, Clone)]

@@ -50,7 +50,7 @@ fn check_sockets(sockets: &[ProcessSocket], sip: u16, in_call: bool) -> Result<(
     );
     let rtp = udp
         .iter()
-        .filter(|s| (RTP_PORTS.0..=RTP_PORTS.1).contains(&s.local.port()))
+        .filter(|s| s.local.port() != sip && (RTP_PORTS.0..=RTP_PORTS.1).contains(&s.local.port()))
         .count();
     let expected = if in_call { 3 } else { 1 };
     ensure!(

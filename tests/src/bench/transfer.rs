@@ -21,6 +21,7 @@ use crate::call_me::participant_id;
 use crate::media_server::MediaServer;
 use crate::transfer::{code_of, issue_code, redeem_bot};
 use chorus_mediaserver::media::spectrum::tone_level_dbfs;
+use chorus_mediaserver::transfer::ISSUE_LIMIT;
 
 /// A tone block above this is heard (the tones are sent at -20 dBFS).
 const PRESENT_DBFS: f64 = -40.0;
@@ -56,44 +57,66 @@ fn gap_ms(samples: &[i16], old_hz: f64, new_hz: f64) -> Option<f64> {
     Some(((first_new - last_old - 1) * 20) as f64)
 }
 
-/// `moves` transfers in a row on one in-process server.
+/// `moves` transfers on one in-process server. A participant may have at most
+/// [`ISSUE_LIMIT`] codes a minute, so a fresh mover takes over after every that many moves.
 pub async fn measure(moves: usize) -> Result<TransferFigures> {
     let server = MediaServer::start(|_| {}).await?;
     let http = reqwest::Client::new();
     let tones = [440.0, 660.0];
-    let mut device: Bot = server
-        .join_bot(ROOM, "mover", BotConfig::new(tone(tones[0], -20.0)))
-        .await?;
     let listener = server
         .join_bot(ROOM, "listener", BotConfig::new(AudioSource::Silence))
         .await?;
-    let id = participant_id(&device)?;
-    let mut token = server.token(ROOM, "mover");
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let (mut switches, mut gaps, mut failed) = (Vec::new(), Vec::new(), 0);
-    for i in 0..moves {
-        let (old_hz, new_hz) = (tones[i % 2], tones[(i + 1) % 2]);
-        let (status, _, issued) = issue_code(&http, &server.base_url, ROOM, id, &token).await?;
-        anyhow::ensure!(status == 201, "issuing a code: {status} {issued}");
-        let code = code_of(issued["url"].as_str().context("url")?)?;
-        let mark = listener.received_samples().len();
-        let started = Instant::now();
-        let (next, redeemed) =
-            redeem_bot(&server.base_url, &code, BotConfig::new(tone(new_hz, -20.0))).await?;
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        match listener.first_arrival_of(new_hz, PRESENT_DBFS, started) {
-            Some(heard) => switches.push(heard.duration_since(started).as_secs_f64() * 1000.0),
-            None => failed += 1,
+    let mut done = 0;
+    let mut mover = 0;
+    while done < moves {
+        let identity = format!("mover{mover}");
+        mover += 1;
+        let mut device: Bot = server
+            .join_bot(ROOM, &identity, BotConfig::new(tone(tones[0], -20.0)))
+            .await?;
+        let id = participant_id(&device)?;
+        let mut token = server.token(ROOM, &identity);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for i in 0..ISSUE_LIMIT.min(moves - done) {
+            let (old_hz, new_hz) = (tones[i % 2], tones[(i + 1) % 2]);
+            let (status, _, issued) = issue_code(&http, &server.base_url, ROOM, id, &token).await?;
+            anyhow::ensure!(status == 201, "issuing a code: {status} {issued}");
+            let code = code_of(issued["url"].as_str().context("url")?)?;
+            // A little before the move, so the old device's last blocks are in the window.
+            let mark = listener
+                .received_samples()
+                .len()
+                .saturating_sub(10 * FRAME_SAMPLES);
+            let started = Instant::now();
+            let (next, redeemed) =
+                redeem_bot(&server.base_url, &code, BotConfig::new(tone(new_hz, -20.0))).await?;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            match listener.first_arrival_of(new_hz, PRESENT_DBFS, started) {
+                Some(heard) => switches.push(heard.duration_since(started).as_secs_f64() * 1000.0),
+                None => failed += 1,
+            }
+            let heard = listener.received_samples();
+            if let Some(gap) = gap_ms(&heard[mark.min(heard.len())..], old_hz, new_hz) {
+                gaps.push(gap);
+            }
+            device.close().await;
+            device = next;
+            token = redeemed.token;
+            done += 1;
         }
-        let heard = listener.received_samples();
-        if let Some(gap) = gap_ms(&heard[mark.min(heard.len())..], old_hz, new_hz) {
-            gaps.push(gap);
-        }
+        // The mover leaves before the next one speaks.
+        let _ = http
+            .delete(format!(
+                "{}/v1/rooms/{ROOM}/participants/{id}",
+                server.base_url
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await;
         device.close().await;
-        device = next;
-        token = redeemed.token;
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    device.close().await;
     listener.close().await;
     Ok(TransferFigures {
         switch_ms: percentiles(&switches),
