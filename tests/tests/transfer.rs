@@ -32,19 +32,30 @@ fn blocks(bot: &Bot, freqs: &[f64]) -> Vec<Vec<bool>> {
         .collect()
 }
 
-/// The roster's participant ids.
-async fn roster(http: &reqwest::Client, server: &MediaServer, token: &str) -> Result<Vec<u64>> {
-    let info: Value = http
-        .get(format!("{}/v1/rooms/{ROOM}", server.base_url))
+/// `GET /v1/rooms/{ROOM}` at `base` with `token`: the room as JSON.
+async fn room_info(http: &reqwest::Client, base: &str, token: &str) -> Result<Value> {
+    Ok(http
+        .get(format!("{base}/v1/rooms/{ROOM}"))
         .bearer_auth(token)
         .send()
         .await?
         .json()
-        .await?;
-    Ok(info["participants"]
+        .await?)
+}
+
+/// The participant ids of a room as `room_info` gives it.
+fn participant_ids(info: &Value) -> Vec<u64> {
+    info["participants"]
         .as_array()
         .map(|ps| ps.iter().filter_map(|p| p["id"].as_u64()).collect())
-        .unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// The roster's participant ids.
+async fn roster(http: &reqwest::Client, server: &MediaServer, token: &str) -> Result<Vec<u64>> {
+    Ok(participant_ids(
+        &room_info(http, &server.base_url, token).await?,
+    ))
 }
 
 /// Read `participant`'s event stream with `token` until it ends: the event names.
@@ -107,17 +118,7 @@ async fn a_top_speaker_moves_without_a_leave_or_a_join() -> Result<()> {
             let mut missing_a = 0;
             let mut min_active = f64::MAX;
             while !stop.load(Ordering::Relaxed) {
-                let info: Value = http
-                    .get(format!("{base}/v1/rooms/{ROOM}"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let ids: Vec<u64> = info["participants"]
-                    .as_array()
-                    .map(|ps| ps.iter().filter_map(|p| p["id"].as_u64()).collect())
-                    .unwrap_or_default();
+                let ids = participant_ids(&room_info(&http, &base, &token).await?);
                 sizes.insert(ids.len());
                 if !ids.contains(&a_id) {
                     missing_a += 1;
@@ -449,13 +450,7 @@ async fn a_code_redeemed_at_another_server_is_forwarded_to_its_issuer() -> Resul
             let mut locals = BTreeSet::new();
             let (mut longest_without_a, mut since) = (Duration::ZERO, None::<Instant>);
             while !stop.load(Ordering::Relaxed) {
-                let info: Value = http
-                    .get(format!("{base}/v1/rooms/{ROOM}"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
+                let info = room_info(&http, &base, &token).await?;
                 locals.insert(info["participants"].to_string());
                 let a_listed = info["remote_speakers"]
                     .as_array()

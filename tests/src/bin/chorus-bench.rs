@@ -123,15 +123,7 @@ async fn only_telephony(args: &Args, plan: &harness::Plan) -> Result<()> {
         "spread": harness::phone_figures(&refs),
         "per_run": runs,
     });
-    harness::write_json(&args.out, &value)?;
-    std::fs::write(&args.markdown, report::phone_calls_section(plan, &refs))
-        .with_context(|| format!("writing {}", args.markdown.display()))?;
-    println!(
-        "wrote {} and {}",
-        args.out.display(),
-        args.markdown.display()
-    );
-    Ok(())
+    write_only(args, &value, &report::phone_calls_section(plan, &refs))
 }
 
 /// `--only transfer`: the session-transfer scenario alone, `--runs` times.
@@ -150,8 +142,13 @@ async fn only_transfer(args: &Args, plan: &harness::Plan) -> Result<()> {
         "spread": harness::transfer_figures(&refs),
         "per_run": runs,
     });
-    harness::write_json(&args.out, &value)?;
-    std::fs::write(&args.markdown, report::transfer_section(plan, &refs))
+    write_only(args, &value, &report::transfer_section(plan, &refs))
+}
+
+/// Write one scenario's results alone: its JSON to `--out`, its section to `--markdown`.
+fn write_only(args: &Args, value: &serde_json::Value, markdown: &str) -> Result<()> {
+    harness::write_json(&args.out, value)?;
+    std::fs::write(&args.markdown, markdown)
         .with_context(|| format!("writing {}", args.markdown.display()))?;
     println!(
         "wrote {} and {}",
