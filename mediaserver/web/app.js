@@ -329,7 +329,10 @@ async function followSession(s) {
   while (session === s && !ctl.signal.aborted) {
     try {
       const res = await fetch(participantPath(s) + "/events", { headers: { Authorization: "Bearer " + s.token }, signal: ctl.signal });
-      if (!res.ok) return; // not followable (refused or unknown): the roster still shows the room
+      // Refused or unknown: not followable (the roster still shows the room). Anything else
+      // (a proxy's 502, a restart) is tried again below.
+      if ([401, 403, 404].includes(res.status)) return;
+      if (!res.ok) throw new Error("HTTP " + res.status);
       for await (const ev of serverEvents(res)) {
         if (session !== s) return;
         if (ev.event === "transferred") {

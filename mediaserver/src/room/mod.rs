@@ -390,11 +390,13 @@ impl Rooms {
             tag: id,
         };
         let transport = connect(sink).await?;
+        let (done, added) = oneshot::channel();
         let command = Command::Join {
             id,
             tag: id,
             identity: identity.to_owned(),
             transport,
+            done,
         };
         if let Err(mpsc::error::SendError(Command::Join { transport, .. })) =
             commands.send(command).await
@@ -402,7 +404,14 @@ impl Rooms {
             transport.close();
             return Err(JoinError::RoomClosed);
         }
+        // The room owns the seat from here: it frees it when the participant leaves.
         seat.kept = true;
+        // The answer goes out only once the room has the participant: its roster entry, its
+        // events and its leave all work from the moment the client holds the answer. (A room
+        // does not end while a join holds a seat, so the room task does answer.)
+        if added.await.is_err() {
+            return Err(JoinError::RoomClosed);
+        }
         self.metrics.participants.set(
             i64::try_from(self.registry.participants.load(Ordering::SeqCst)).unwrap_or(i64::MAX),
         );

@@ -36,6 +36,9 @@ pub(super) enum Command {
         tag: u64,
         identity: String,
         transport: Box<dyn Transport>,
+        /// Answered once the participant is in the roster, so a client that follows its own
+        /// participant right after the join finds it.
+        done: oneshot::Sender<()>,
     },
     /// A participant leaves; `done` says whether it was here. With a `generation`, only if its
     /// transport is still that one (a device it moved away from cannot remove it).
@@ -175,6 +178,7 @@ impl RoomTask {
                 tag,
                 identity,
                 transport,
+                done,
             } => {
                 tracing::info!(room = %self.name, participant = id, "joined");
                 self.core.add_member(id, identity);
@@ -182,6 +186,7 @@ impl RoomTask {
                 self.tags.insert(tag, id);
                 self.generations.insert(id, 0);
                 self.publish_roster(None);
+                let _ = done.send(());
             }
             Command::Leave {
                 id,
