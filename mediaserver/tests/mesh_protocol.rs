@@ -39,6 +39,8 @@ fn plan(ids: &[String]) -> MeshPlan {
             jitter_min_ms: 20,
             jitter_max_ms: 120,
             rank_interval_ms: 100,
+            low_delay: false,
+            align_ticks: true,
         },
         transfer: MeshTransfer {
             enabled: false,
@@ -859,4 +861,62 @@ fn mesh_new_speaker_reaches_every_server_without_waiting_for_the_rank_interval()
             "seed {seed}, phase {phase_ms} ms: took {took:?}"
         );
     }
+}
+
+/// Three talkers on three servers hold the three slots. One keeps pausing between sentences (its
+/// server still reports the stream, no longer voice-active): the list and its epoch never change,
+/// and every tick stays consistent. A new voice takes the resting slot at once, without needing
+/// the hysteresis margin; when the resting talker leaves, its slot is freed.
+#[test]
+fn mesh_a_pausing_talker_keeps_its_slot_until_a_voice_needs_it() {
+    let mut sim = Sim::new(3, 10, 5);
+    for i in 0..3 {
+        sim.set_local(i, 2, vec![cand(1 + i as u64, -20.0, true)]);
+    }
+    sim.start_all();
+    let want = sorted((0..3).map(|i| key(&sim, i, 1 + i as u64)).collect());
+    sim.run_until(Duration::from_secs(2), |s| s.agreed_on(&want))
+        .expect("servers converge");
+    sim.run(Duration::from_millis(500));
+    let epoch = sim.agreed().expect("agreed").epoch;
+    let (t0, c0) = sim.counters_sum();
+    for round in 0..10 {
+        sim.set_local(1, 2, vec![cand(2, -127.0, false)]);
+        for _ in 0..15 {
+            sim.run(Duration::from_millis(20));
+            let g = sim.agreed().expect("still agreed");
+            assert_eq!(
+                g.list, want,
+                "round {round}: the pausing talker keeps its slot"
+            );
+            assert_eq!(g.epoch, epoch, "round {round}: a pause is no change");
+        }
+        sim.set_local(1, 2, vec![cand(2, -22.0, true)]);
+        sim.run(Duration::from_millis(200));
+        assert!(sim.agreed_on(&want), "round {round}: talking again");
+    }
+    let (t1, c1) = sim.counters_sum();
+    assert_eq!(t1 - t0, 250, "5 s of 20 ms ticks");
+    assert_eq!(c1 - c0, t1 - t0, "every tick consistent");
+
+    // Server 1's talker rests; a quiet new voice on server 0 takes that slot straight away.
+    sim.set_local(1, 2, vec![cand(2, -127.0, false)]);
+    sim.run(Duration::from_millis(300));
+    sim.set_local(0, 2, vec![cand(1, -20.0, true), cand(5, -45.0, true)]);
+    let took = sim
+        .run_until(Duration::from_secs(1), |s| {
+            s.agreed_on(&sorted(vec![key(s, 0, 1), key(s, 0, 5), key(s, 2, 3)]))
+        })
+        .expect("the new voice takes the resting slot");
+    assert!(took <= Duration::from_millis(60), "took {took:?}");
+
+    // The new voice goes quiet and leaves; the old talker, resting, is not on the list any more
+    // (it lost its slot), so the freed slot stays empty until someone speaks.
+    sim.set_local(0, 2, vec![cand(1, -20.0, true)]);
+    let took = sim
+        .run_until(Duration::from_secs(1), |s| {
+            s.agreed_on(&sorted(vec![key(s, 0, 1), key(s, 2, 3)]))
+        })
+        .expect("the departed voice's slot is freed");
+    assert!(took <= Duration::from_millis(60), "took {took:?}");
 }

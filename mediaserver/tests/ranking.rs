@@ -1,6 +1,6 @@
 //! Property test of the one top-N selection shared by the local ranker and the mesh merge: over
 //! random candidates (with NaN, silence, duplicates and ties), random previous selections and
-//! shuffled input orders, the documented rules hold.
+//! shuffled input orders, the documented rules hold, the resting-insider rule included.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
 use chorus_mediaserver::media::ranking::{Selection, select_top_n};
@@ -59,6 +59,20 @@ fn eligible(candidates: &[(u8, f32)]) -> Vec<(u8, f32)> {
     best
 }
 
+/// The reference resting set: previously selected keys present among the candidates with no
+/// eligible entry (every entry silent or NaN), in key order.
+fn resting(candidates: &[(u8, f32)], previous: &[u8]) -> Vec<u8> {
+    let eligible = eligible(candidates);
+    let mut keys: Vec<u8> = candidates
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| previous.contains(k) && !eligible.iter().any(|(e, _)| e == k))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2048))]
 
@@ -70,10 +84,23 @@ proptest! {
         let want_eligible = eligible(&candidates);
         let selected: Vec<u8> = got.selected.iter().map(|(k, _)| *k).collect();
 
-        // Bounded, and every free slot is filled.
-        prop_assert_eq!(selected.len(), top_n.min(want_eligible.len()));
+        let want_resting = resting(&candidates, &previous);
+        // Bounded, and every free slot is filled: by eligible keys first, then by resting ones.
+        let voiced = top_n.min(want_eligible.len());
+        prop_assert_eq!(selected.len(), top_n.min(want_eligible.len() + want_resting.len()));
+        // The resting insiders kept are exactly the first of the resting set (key order), after
+        // every eligible selected key: a silent key never takes a slot a voice could have.
+        let kept: Vec<u8> = selected[voiced..].to_vec();
+        let first_resting: Vec<u8> =
+            want_resting.iter().take(selected.len() - voiced).copied().collect();
+        prop_assert_eq!(&kept, &first_resting);
+        prop_assert!(kept.is_empty() || got.outsiders.is_empty(), "a key rests while a voice waits");
         // Eligible keys exactly once, at their loudest: no silent or NaN key, no duplicate.
-        let mut all: Vec<(u8, f32)> = got.selected.iter().chain(&got.outsiders).copied().collect();
+        let mut all: Vec<(u8, f32)> = got.selected[..voiced]
+            .iter()
+            .chain(&got.outsiders)
+            .copied()
+            .collect();
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         prop_assert_eq!(&all, &want_eligible);
 

@@ -4,8 +4,8 @@
 //! over a room's streams on one server, and the mesh primary runs it over the voice-active
 //! candidates of every server (`mesh::protocol::merge_top_list`). So a single-server room and a
 //! mesh room pick the same speakers from the same levels. The rules, in order:
-//! - a NaN importance, or one below the silence threshold, is silence: never selected, never in
-//!   the margin;
+//! - a NaN importance, or one below the silence threshold, is silence: never eligible (selected
+//!   only as a resting insider, last rule), never in the margin;
 //! - duplicate keys collapse to their most important entry;
 //! - previously selected keys that are still eligible keep their slots (the loudest of them when
 //!   there are more than `top_n`);
@@ -13,10 +13,18 @@
 //! - then the loudest outsider replaces the WEAKEST insider only if it is louder by more than the
 //!   hysteresis, repeated until a challenge fails. So a quiet speaker who gets louder replaces the
 //!   quietest selected speaker, while two speakers at nearly the same level never swap back and
-//!   forth.
+//!   forth;
+//! - last, slots still empty go back to RESTING insiders: previously selected keys that are still
+//!   among the candidates but silent now (a talker between sentences). A resting insider keeps its
+//!   slot only while no eligible key needs it, and yields it to any eligible key without a margin.
+//!   So three talkers in three slots stay selected through their pauses (the list does not drop a
+//!   talker at each breath and take it back), while a new voice always gets a free slot at once.
+//!   A key missing from the candidates (left, muted) is gone, resting or not.
 //!
 //! Invariants:
-//! - the selection never holds more than `top_n` keys, never a silent one, never a duplicate;
+//! - the selection never holds more than `top_n` keys, never a duplicate, and a silent key only
+//!   as a resting insider (selected before, still a candidate, its slot needed by no eligible
+//!   key);
 //! - equal importance always resolves the same way (lower key ranks first), and neither the order
 //!   of the candidates nor that of the previous selection matters, so every server that sees the
 //!   same inputs selects the same keys.
@@ -30,10 +38,12 @@ use crate::media::level::DEFAULT_SILENCE_THRESHOLD_DBOV;
 /// The default margin a challenger needs over the weakest selected stream.
 pub const DEFAULT_HYSTERESIS_DB: f32 = 3.0;
 
-/// The outcome of [`select_top_n`]: every eligible key exactly once, with its importance.
+/// The outcome of [`select_top_n`]: every eligible key exactly once, with its importance, plus
+/// the resting insiders that kept their slots.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Selection<K> {
-    /// The selected keys, loudest first (ties: lower key first), at most `top_n`.
+    /// The selected keys, loudest first (ties: lower key first), at most `top_n`: the eligible
+    /// ones, then the resting insiders (silent, so ranked last; in key order).
     pub selected: Vec<(K, f32)>,
     /// The other eligible keys, loudest first (ties: lower key first): a margin is a prefix.
     pub outsiders: Vec<(K, f32)>,
@@ -47,7 +57,8 @@ fn by_rank<K: Ord>(a: &(K, f32), b: &(K, f32)) -> Ordering {
 /// Top-N with hysteresis under the rules of the module doc, for any ordered key.
 ///
 /// `previous` is the last selection (its order and duplicates do not matter); `candidates` are
-/// (key, importance in dBov). `hysteresis_db` is the margin a challenger needs over the weakest
+/// (key, importance in dBov), silent ones included: a silent candidate is never eligible, but
+/// its presence lets a previous insider rest in a slot nobody needs. `hysteresis_db` is the margin a challenger needs over the weakest
 /// insider; a negative or NaN margin counts as none, and an infinite one means a selected key is
 /// never displaced while it stays eligible.
 ///
@@ -75,6 +86,24 @@ pub fn select_top_n<K: Ord + Clone>(
         .filter(|(_, importance)| *importance >= silence_dbov)
         .cloned()
         .collect();
+    let previous: BTreeSet<&K> = previous.iter().collect();
+    // Previous insiders present but silent, one entry each (the most important; NaN reads as
+    // -inf, so selections compare equal), key order: the resting insiders that may keep a slot
+    // nobody eligible needs.
+    let mut resting: Vec<(K, f32)> = candidates
+        .iter()
+        .filter(|(key, _)| previous.contains(key) && !eligible.iter().any(|(k, _)| k == key))
+        .map(|(key, importance)| {
+            let importance = if importance.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                *importance
+            };
+            (key.clone(), importance)
+        })
+        .collect();
+    resting.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)));
+    resting.dedup_by(|later, earlier| later.0 == earlier.0);
     // One entry per key, the most important: sort by key, loudest first within a key, dedup.
     eligible.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)));
     eligible.dedup_by(|later, earlier| later.0 == earlier.0);
@@ -85,7 +114,6 @@ pub fn select_top_n<K: Ord + Clone>(
     } else {
         hysteresis_db.max(0.0)
     };
-    let previous: BTreeSet<&K> = previous.iter().collect();
     // `chosen[i]` says whether `eligible[i]` is selected. `eligible` is in rank order, so the
     // best outsider is the first unchosen index and the weakest insider the last chosen one.
     let mut chosen: Vec<bool> = eligible
@@ -126,7 +154,7 @@ pub fn select_top_n<K: Ord + Clone>(
     }
 
     let mut selection = Selection {
-        selected: Vec::with_capacity(count),
+        selected: Vec::with_capacity(top_n.min(count + resting.len())),
         outsiders: Vec::with_capacity(eligible.len() - count),
     };
     for (entry, selected) in eligible.into_iter().zip(chosen) {
@@ -136,6 +164,9 @@ pub fn select_top_n<K: Ord + Clone>(
             selection.outsiders.push(entry);
         }
     }
+    // Every eligible key had its chance at a slot above; what is left rests with its holder.
+    let free = top_n.saturating_sub(selection.selected.len());
+    selection.selected.extend(resting.into_iter().take(free));
     selection
 }
 
@@ -362,19 +393,47 @@ mod tests {
     }
 
     #[test]
-    fn silent_departed_and_nan_streams_leave() {
+    fn departed_streams_leave_and_silent_ones_never_enter() {
         let mut r = Ranker::new(RankingConfig::new(2, 3));
         r.update(&[c(1, -10.0), c(2, -20.0), c(3, -25.0)]);
-        // 1 falls silent, 2 disappears, 3 is NaN: the slots refill from what is left.
-        let out = r.update(&[c(1, -90.0), c(3, f32::NAN), c(4, -40.0)]);
-        assert_eq!(ids(&out), vec![4]);
+        // 2 disappears; 3 (an outsider) goes NaN and 5 arrives silent: neither can take the
+        // free slot, which goes to the only voice left besides 1.
+        let out = r.update(&[c(1, -10.0), c(3, f32::NAN), c(4, -40.0), c(5, -90.0)]);
+        assert_eq!(ids(&out), vec![1, 4]);
         assert!(out.extra.is_empty());
-        assert_eq!(r.selected(), &[StreamId(4)]);
+        assert_eq!(r.selected(), &[StreamId(1), StreamId(4)]);
         // Duplicates collapse to their most important entry, whatever the input order.
         let out = r.update(&[c(4, -40.0), c(4, -10.0), c(5, -30.0)]);
         assert_eq!(ids(&out), vec![4, 5]);
         assert_eq!(out.selected[0].importance, -10.0);
         assert_eq!(r.config().top_n, 2);
+    }
+
+    #[test]
+    fn a_silent_insider_rests_in_its_slot_until_a_voice_needs_it() {
+        let mut r = Ranker::new(RankingConfig::new(3, 1));
+        r.update(&[c(1, -10.0), c(2, -20.0), c(3, -25.0)]);
+        // 3 pauses (silent, then NaN): nobody needs its slot, so it keeps it, ranked last, and
+        // it never counts as margin.
+        for i in 0..20 {
+            let pause = if i % 2 == 0 { -90.0 } else { f32::NAN };
+            let out = r.update(&[c(1, -10.0), c(2, -20.0), c(3, pause)]);
+            assert_eq!(ids(&out), vec![1, 2, 3]);
+            assert!(out.extra.is_empty());
+        }
+        // A new voice, however quiet, takes the resting slot at once: no margin is needed.
+        let out = r.update(&[c(1, -10.0), c(2, -20.0), c(3, -90.0), c(4, -45.0)]);
+        assert_eq!(ids(&out), vec![1, 2, 4]);
+        assert!(out.extra.is_empty(), "a silent outsider is no margin");
+        // Talking again, 3 is a challenger like any other: louder than 4 by the margin, it is in.
+        let out = r.update(&[c(1, -10.0), c(2, -20.0), c(3, -30.0), c(4, -45.0)]);
+        assert_eq!(ids(&out), vec![1, 2, 3]);
+        assert_eq!(out.extra[0].stream, StreamId(4));
+        // 1 rests while 4 leaves; then 1 leaves too: a resting insider that is gone is gone.
+        let out = r.update(&[c(1, -90.0), c(2, -20.0), c(3, -30.0)]);
+        assert_eq!(ids(&out), vec![2, 3, 1]);
+        let out = r.update(&[c(2, -20.0), c(3, -30.0)]);
+        assert_eq!(ids(&out), vec![2, 3]);
     }
 
     #[test]

@@ -21,6 +21,10 @@ use crate::media::Candidate;
 use crate::mesh::error::MeshError;
 use crate::mesh::wire::ControlMessage;
 
+/// The level a present but not voice-active candidate enters the merge at: the wire's floor,
+/// below every silence threshold.
+const SILENT_DBOV: f32 = -127.0;
+
 /// This server's term as the primary of a room.
 #[derive(Debug)]
 pub(super) struct Lead {
@@ -153,18 +157,22 @@ impl MeshNodeState {
             lead.in_grace = false;
         }
 
-        let mut eligible: Vec<(StreamKey, f32)> = Vec::new();
+        let mut candidates: Vec<(StreamKey, f32)> = Vec::new();
         let mut identities: BTreeMap<StreamKey, String> = BTreeMap::new();
         let mut note = |key: &StreamKey, c: &Candidate| {
             if let Some(identity) = &c.identity {
                 identities.insert(key.clone(), identity.clone());
             }
         };
+        // Voice-active candidates compete at their level. The others are only present: at
+        // silence they cannot win a slot, but a listed one among them rests in its slot until a
+        // voice needs it (the list does not drop a talker at every pause).
+        let level = |c: &Candidate| if c.voice { c.importance } else { SILENT_DBOV };
         if local_participants > 0 {
-            for c in r.local_candidates.iter().filter(|c| c.voice) {
+            for c in &r.local_candidates {
                 let key = StreamKey::new(self_id.clone(), c.stream);
                 note(&key, c);
-                eligible.push((key, c.importance));
+                candidates.push((key, level(c)));
             }
         }
         for (server, l) in &r.remote {
@@ -172,10 +180,10 @@ impl MeshNodeState {
             if !live || now.saturating_sub(l.received) > ttl {
                 continue;
             }
-            for c in l.candidates.iter().filter(|c| c.voice) {
+            for c in &l.candidates {
                 let key = StreamKey::new(server.clone(), c.stream);
                 note(&key, c);
-                eligible.push((key, c.importance));
+                candidates.push((key, level(c)));
             }
         }
         // Hysteresis continues the list the members mix: the previous primary's after a
@@ -187,7 +195,7 @@ impl MeshNodeState {
             _ => &[],
         };
         let (list, margin) =
-            merge_top_list(prev, &eligible, mixing.top_n, mixing.extra, hysteresis);
+            merge_top_list(prev, &candidates, mixing.top_n, mixing.extra, hysteresis);
         // A listed stream whose speaker went quiet keeps the name it had.
         let names: Vec<String> = list
             .iter()

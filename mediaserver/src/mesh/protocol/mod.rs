@@ -20,13 +20,16 @@
 //!   first; ties by id). The primary is the first LIVE server in that order, so every server with
 //!   the same plan and liveness view names the same one, and when it dies the next takes over.
 //! - **Local top list.** Every `rankIntervalMs` (and at once when the primary changes or a new
-//!   global list was accepted) a server with participants sends the primary its voice-active local
-//!   candidates, best first, at most `topSpeakers + extraCandidates`, with the epoch it mixes.
+//!   global list was accepted) a server with participants sends the primary its local candidates
+//!   (voice-active first, then its selected streams that are resting between sentences), best
+//!   first, at most `topSpeakers + extraCandidates`, with the epoch it mixes.
 //! - **Global top list.** The primary merges the fresh lists of live servers with the local
 //!   ranker's rules ([`select_top_n`](crate::media::ranking::select_top_n), via [`merge_top_list`]): voice-active, non-silent streams
 //!   only, ranked by importance then [`StreamKey`]; a stream on the current list keeps its slot
-//!   unless a challenger is louder by more than `hysteresis_db` (so the list does not flap); the
-//!   next `extraCandidates` form the margin. It sends the result to every live server with participants
+//!   unless a challenger is louder by more than `hysteresis_db` (so the list does not flap), and
+//!   a listed stream that falls silent but is still reported keeps its slot until a voice-active
+//!   stream needs it (so a talker's pauses change nothing); the next `extraCandidates` form the
+//!   margin. It sends the result to every live server with participants
 //!   when it changes (with a new epoch) and every `global_refresh` (same epoch). A server whose
 //!   acknowledged epoch lags is sent the list again (at most once per rank interval), so a lost
 //!   list is repaired within about one rank interval instead of one refresh.

@@ -168,10 +168,21 @@ impl MeshNodeState {
             return; // the primary reads its own candidates directly
         }
         r.local_seq += 1;
+        // Voice-active streams, then (the candidates are sorted voice first) the listed ones
+        // that went quiet: reporting those keeps them present at the primary, so they rest in
+        // their slots through a pause instead of leaving the list and coming back.
+        let self_id = &self.self_id;
+        let listed = |c: &Candidate| {
+            r.current.as_ref().is_some_and(|g| {
+                g.list
+                    .iter()
+                    .any(|k| k.server == *self_id && k.stream == c.stream)
+            })
+        };
         let candidates: Vec<Candidate> = r
             .local_candidates
             .iter()
-            .filter(|c| c.voice)
+            .filter(|c| c.voice || listed(c))
             .take(limit)
             .cloned()
             .collect();

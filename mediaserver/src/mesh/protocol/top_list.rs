@@ -55,9 +55,10 @@ pub(super) fn sanitize_candidates(mut c: Vec<Candidate>, limit: usize) -> Vec<Ca
     c
 }
 
-/// The primary's merge: from the voice-active `eligible` streams (key, importance), the top
+/// The primary's merge: from the `candidates` (key, importance) of every live server, the top
 /// `top_n` with hysteresis against `prev`, and the next `extra` as margin. Both results are
-/// sorted by key.
+/// sorted by key. A candidate that is present but not voice-active comes in at silence: it is
+/// never chosen afresh, but when it is on `prev` it rests in its slot until a voice needs it.
 ///
 /// The rules are the local ranker's, [`select_top_n`], so a mesh room picks the same speakers
 /// as a single-server room would from the same levels: NaN and importances below the default
@@ -66,13 +67,13 @@ pub(super) fn sanitize_candidates(mut c: Vec<Candidate>, limit: usize) -> Vec<Ca
 /// wire's -127..=0 dBov, so an out-of-range value cannot outrank every honest one.
 pub fn merge_top_list(
     prev: &[StreamKey],
-    eligible: &[(StreamKey, f32)],
+    candidates: &[(StreamKey, f32)],
     top_n: usize,
     extra: usize,
     hysteresis_db: f32,
 ) -> (Vec<StreamKey>, Vec<StreamKey>) {
     // `f32::clamp` keeps NaN as NaN, which the selection treats as silence.
-    let levels: Vec<(StreamKey, f32)> = eligible
+    let levels: Vec<(StreamKey, f32)> = candidates
         .iter()
         .map(|(k, i)| (k.clone(), i.clamp(-127.0, 0.0)))
         .collect();
@@ -147,6 +148,27 @@ mod tests {
         let (list, margin) = merge_top_list(&[], &eligible, 1, 5, 3.0);
         assert_eq!(list, vec![key("b", 1)]);
         assert_eq!(margin, vec![key("c", 1)]);
+    }
+
+    #[test]
+    fn mesh_merge_lets_a_listed_stream_rest_until_a_voice_needs_its_slot() {
+        let prev = vec![key("a", 1), key("b", 1)];
+        // b is present but not voice-active (the primary enters it at the wire's floor).
+        let quiet = vec![(key("a", 1), -20.0), (key("b", 1), -127.0)];
+        let (list, margin) = merge_top_list(&prev, &quiet, 2, 1, 3.0);
+        assert_eq!(list, prev, "nobody needs b's slot");
+        assert!(margin.is_empty(), "a resting stream is no margin");
+        // Not listed before, a silent stream never gets a slot, even a free one.
+        let (list, _) = merge_top_list(&[key("a", 1)], &quiet, 2, 1, 3.0);
+        assert_eq!(list, vec![key("a", 1)]);
+        // A quiet voice takes the resting slot without the hysteresis margin.
+        let mut voiced = quiet.clone();
+        voiced.push((key("c", 1), -55.0));
+        let (list, _) = merge_top_list(&prev, &voiced, 2, 1, 3.0);
+        assert_eq!(list, vec![key("a", 1), key("c", 1)]);
+        // Gone from every report, a resting stream is gone from the list.
+        let (list, _) = merge_top_list(&prev, &quiet[..1], 2, 1, 3.0);
+        assert_eq!(list, vec![key("a", 1)]);
     }
 
     #[test]
