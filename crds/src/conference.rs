@@ -144,6 +144,19 @@ pub struct MixingSpec {
     #[serde(default = "default_rank_interval_ms")]
     #[schemars(range(min = 10, max = 2000))]
     pub rank_interval_ms: i32,
+
+    /// Encode the mix with Opus's restricted low-delay mode: 2.5 ms of encoder look-ahead instead
+    /// of 6.5 ms, so every listener hears about 4 ms sooner. It costs Opus's in-band FEC (a lost
+    /// packet of the mix is concealed rather than recovered from the next one), so leave it off
+    /// where listeners' networks lose packets.
+    #[serde(default)]
+    pub low_delay: bool,
+
+    /// Move each room's mixing tick, by at most 1 ms per frame, to sit just after its top
+    /// talkers' frames arrive instead of on a fixed phase where a frame waits up to a whole frame
+    /// for the next tick. On by default; off gives the fixed tick back.
+    #[serde(default = "default_true")]
+    pub align_ticks: bool,
 }
 
 /// Bounds of the adaptive jitter buffer, in milliseconds.
@@ -577,6 +590,8 @@ impl Default for MixingSpec {
             frame_ms: default_frame_ms(),
             jitter_buffer: JitterBufferSpec::default(),
             rank_interval_ms: default_rank_interval_ms(),
+            low_delay: false,
+            align_ticks: true,
         }
     }
 }

@@ -63,6 +63,18 @@ pub struct MeshMixing {
     pub jitter_max_ms: u32,
     /// Interval between local top lists in milliseconds.
     pub rank_interval_ms: u32,
+    /// Whether the mixes are encoded in Opus's restricted low-delay mode. Absent in plans
+    /// written before the field existed: off.
+    #[serde(default)]
+    pub low_delay: bool,
+    /// Whether rooms align their tick to their talkers' arrivals. Absent in plans written before
+    /// the field existed: on.
+    #[serde(default = "align_ticks_default")]
+    pub align_ticks: bool,
+}
+
+fn align_ticks_default() -> bool {
+    true
 }
 
 impl From<&crate::MixingSpec> for MeshMixing {
@@ -77,6 +89,8 @@ impl From<&crate::MixingSpec> for MeshMixing {
             jitter_min_ms: non_negative(m.jitter_buffer.min_ms),
             jitter_max_ms: non_negative(m.jitter_buffer.max_ms),
             rank_interval_ms: non_negative(m.rank_interval_ms),
+            low_delay: m.low_delay,
+            align_ticks: m.align_ticks,
         }
     }
 }
@@ -429,6 +443,8 @@ mod tests {
                 jitter_min_ms: 20,
                 jitter_max_ms: 120,
                 rank_interval_ms: 100,
+                low_delay: false,
+                align_ticks: true,
             },
             transfer: MeshTransfer {
                 enabled: true,

@@ -84,6 +84,10 @@ pub struct Config {
     pub jitter_max_ms: u32,
     /// How often local top lists are computed (and sent to the mesh primary).
     pub rank_interval_ms: u32,
+    /// Encode the mixes in Opus's restricted low-delay mode (alone; a mesh plan decides there).
+    pub low_delay: bool,
+    /// Align each room's tick to its talkers (alone; a mesh plan decides there).
+    pub align_ticks: bool,
     /// Where the mesh plan comes from; `None` runs the server alone.
     pub mesh: Option<MeshSource>,
     /// The UDP address of the QUIC mesh endpoint.
@@ -135,6 +139,8 @@ impl std::fmt::Debug for Config {
             .field("jitter_min_ms", &self.jitter_min_ms)
             .field("jitter_max_ms", &self.jitter_max_ms)
             .field("rank_interval_ms", &self.rank_interval_ms)
+            .field("low_delay", &self.low_delay)
+            .field("align_ticks", &self.align_ticks)
             .field("mesh", &self.mesh)
             .field("mesh_addr", &self.mesh_addr)
             .field("mesh_tls_dir", &self.mesh_tls_dir)
@@ -167,6 +173,8 @@ impl Default for Config {
             jitter_min_ms: mixing.jitter_min_ms,
             jitter_max_ms: mixing.jitter_max_ms,
             rank_interval_ms: mixing.rank_interval_ms,
+            low_delay: mixing.low_delay,
+            align_ticks: mixing.align_ticks,
             mesh: None,
             mesh_addr: SocketAddr::from(([0, 0, 0, 0], chorus_crds::names::MESH_PORT)),
             mesh_tls_dir: PathBuf::from(chorus_crds::names::MESH_TLS_MOUNT),
@@ -214,6 +222,10 @@ pub struct Layer {
     pub jitter_max_ms: Option<u32>,
     /// See [`Config::rank_interval_ms`].
     pub rank_interval_ms: Option<u32>,
+    /// See [`Config::low_delay`].
+    pub low_delay: Option<bool>,
+    /// See [`Config::align_ticks`].
+    pub align_ticks: Option<bool>,
     /// A mesh plan file (local mode).
     pub mesh_plan_file: Option<PathBuf>,
     /// See [`Config::mesh_addr`].
@@ -312,6 +324,8 @@ impl Config {
             jitter_min_ms,
             jitter_max_ms,
             rank_interval_ms,
+            low_delay,
+            align_ticks,
             mesh_addr,
             mesh_tls_dir
         );
@@ -417,6 +431,8 @@ impl Config {
             jitter_min_ms: self.jitter_min_ms,
             jitter_max_ms: self.jitter_max_ms,
             rank_interval_ms: self.rank_interval_ms,
+            low_delay: self.low_delay,
+            align_ticks: self.align_ticks,
         }
     }
 }

@@ -137,6 +137,14 @@ struct ServeArgs {
     /// Frame length in ms (10 or 20).
     #[arg(long)]
     frame_ms: Option<u32>,
+    /// Encode the mixes in Opus's restricted low-delay mode (2.5 ms look-ahead, no in-band FEC).
+    /// Alone only: in a mesh the plan's `mixing.lowDelay` decides.
+    #[arg(long)]
+    low_delay: bool,
+    /// Mix on a fixed tick instead of one aligned to the talkers' arrivals. Alone only: in a
+    /// mesh the plan's `mixing.alignTicks` decides.
+    #[arg(long)]
+    fixed_tick: bool,
     /// The mesh plan as a JSON file (local mode); re-read when it changes.
     #[arg(long)]
     mesh_plan_file: Option<PathBuf>,
@@ -344,6 +352,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_room_participants: args.max_room_participants,
         top_speakers: args.top_speakers,
         frame_ms: args.frame_ms,
+        low_delay: args.low_delay.then_some(true),
+        align_ticks: args.fixed_tick.then_some(false),
         mesh_plan_file: args.mesh_plan_file,
         mesh_addr: args.mesh_addr,
         mesh_tls_dir: args.mesh_tls_dir,

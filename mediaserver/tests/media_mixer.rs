@@ -225,6 +225,8 @@ fn cfg() -> MixerConfig {
         jitter_min_ms: 40,
         jitter_max_ms: 200,
         rank_interval_ms: 100,
+        low_delay: false,
+        align_ticks: true,
     }
 }
 
@@ -336,6 +338,44 @@ mod media {
             &room.report(Some(id(2))),
             &[300.0, 700.0, 1100.0],
             "speaker 2, 10 ms",
+        );
+    }
+
+    /// In low-delay mode (CELT only) the mixes carry the same tones at the same levels, and
+    /// switching the mode live keeps the room mixing.
+    #[test]
+    fn low_delay_mixes_the_same_way_and_switches_live() {
+        let mut room = Room::five(
+            MixerConfig {
+                low_delay: true,
+                ..cfg()
+            },
+            true,
+        );
+        room.run(100);
+        room.record();
+        room.run(100);
+        assert_hears(
+            &room.report(None),
+            &[300.0, 500.0, 700.0],
+            "shared, low delay",
+        );
+        assert_hears(
+            &room.report(Some(id(2))),
+            &[300.0, 700.0, 1100.0],
+            "speaker 2, low delay",
+        );
+        room.mixer.reconfigure(cfg()).expect("back to VOIP");
+        room.run(50);
+        room.record();
+        for out in room.run(100) {
+            assert_eq!(out.mixed, ids(&[1, 2, 3]));
+            assert!(out.stats.output_errors.is_empty());
+        }
+        assert_hears(
+            &room.report(None),
+            &[300.0, 500.0, 700.0],
+            "shared, back to VOIP",
         );
     }
 

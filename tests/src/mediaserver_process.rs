@@ -30,6 +30,10 @@ pub struct ProcessOptions {
     pub telephony: Option<ProcessTelephony>,
     /// `RUST_LOG` for the server (default `warn`).
     pub log_filter: Option<String>,
+    /// Encode the mixes in Opus's restricted low-delay mode (`--low-delay`).
+    pub low_delay: bool,
+    /// Mix on a fixed tick instead of one aligned to the talkers (`--fixed-tick`).
+    pub fixed_tick: bool,
 }
 
 /// The telephony of a [`ServerProcess`]: what the operator would put in the plan and mount.
@@ -108,6 +112,12 @@ impl ServerProcess {
             .arg(&key_file)
             .args(["--max-participants", &max])
             .args(["--max-room-participants", &max]);
+        if options.low_delay {
+            command.arg("--low-delay");
+        }
+        if options.fixed_tick {
+            command.arg("--fixed-tick");
+        }
         if let (Some(files), Some(t)) = (&mesh, &options.telephony) {
             let slot = &files.slots[0];
             command

@@ -61,6 +61,11 @@ pub struct MixerConfig {
     pub jitter_max_ms: u32,
     /// How often a room reports its ranked local candidates to the mesh primary (ms).
     pub rank_interval_ms: u32,
+    /// Encode the mixes in Opus's restricted low-delay mode (see [`Encoder::with_mode`]).
+    pub low_delay: bool,
+    /// Align the room's tick to its talkers' arrivals ([`super::tick_clock`]); off: a fixed
+    /// tick. The room task reads it; the mixer itself ticks whenever it is told.
+    pub align_ticks: bool,
 }
 
 impl MixerConfig {
@@ -75,6 +80,8 @@ impl MixerConfig {
             jitter_min_ms: m.jitter_min_ms,
             jitter_max_ms: m.jitter_max_ms,
             rank_interval_ms: m.rank_interval_ms,
+            low_delay: m.low_delay,
+            align_ticks: m.align_ticks,
         }
     }
 
@@ -211,8 +218,8 @@ struct Output {
 }
 
 impl Output {
-    fn new(frame_ms: u32, loss_percent: Option<u8>) -> Result<Self, MediaError> {
-        let mut encoder = Encoder::new(frame_ms)?;
+    fn new(frame_ms: u32, low_delay: bool, loss_percent: Option<u8>) -> Result<Self, MediaError> {
+        let mut encoder = Encoder::with_mode(frame_ms, low_delay)?;
         if let Some(p) = loss_percent {
             encoder.set_packet_loss_percent(p)?;
         }
@@ -347,7 +354,7 @@ impl RoomMixer {
             mix_ranker: Ranker::new(ranking),
             last_local: Ranking::default(),
             selection: None,
-            shared: Output::new(cfg.frame_ms, None)?,
+            shared: Output::new(cfg.frame_ms, cfg.low_delay, None)?,
             speakers: BTreeMap::new(),
             loss_percent: None,
             bus: vec![0; frame_samples],
@@ -368,7 +375,8 @@ impl RoomMixer {
     /// (a buffer whose bound shrinks starts afresh, a glitch of a frame or two). A new frame
     /// length needs new encoders, buffers and level trackers: the streams, their origin and
     /// mute state, the imposed selection and the loss setting carry over; audio in flight does
-    /// not.
+    /// not. Switching `low_delay` replaces the mixes' encoders (the first frame after it starts
+    /// a new Opus stream, which decoders take without a glitch worth a frame).
     pub fn reconfigure(&mut self, cfg: MixerConfig) -> Result<(), MediaError> {
         if cfg == self.cfg {
             return Ok(());
@@ -385,6 +393,11 @@ impl RoomMixer {
             next.selection = self.selection.take();
             *self = next;
             return Ok(());
+        }
+        if cfg.low_delay != self.cfg.low_delay {
+            // New encoders for every mix: the shared one now, each speaker's on its next tick.
+            self.shared = Output::new(cfg.frame_ms, cfg.low_delay, self.loss_percent)?;
+            self.speakers.clear();
         }
         let ranking = RankingConfig::new(cfg.top_speakers, cfg.extra_candidates);
         self.local_ranker.set_config(ranking);
@@ -723,7 +736,7 @@ impl RoomMixer {
             let out = match self.speakers.entry(id) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    match Output::new(self.cfg.frame_ms, self.loss_percent) {
+                    match Output::new(self.cfg.frame_ms, self.cfg.low_delay, self.loss_percent) {
                         Ok(o) => v.insert(o),
                         Err(e) => {
                             stats.output_errors.push(e);

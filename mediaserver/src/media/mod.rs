@@ -10,7 +10,9 @@
 //! 2. Every frame tick, [`mixer::RoomMixer::tick`] pulls one frame per stream, ranks streams with
 //!    [`ranking::Ranker`] (or takes the mesh primary's global list), decodes only what it must,
 //!    sums in `i32`, limits, and encodes once for all listeners plus once per local speaker.
-//! 3. [`spectrum`] holds the test-signal tools (tones, Goertzel) the bot and the tests share.
+//! 3. [`tick_clock::TickClock`] says when the next tick is due: just after the mixed talkers'
+//!    frames arrive, moving at most 1 ms per frame and never a frame off the fixed grid.
+//! 4. [`spectrum`] holds the test-signal tools (tones, Goertzel) the bot and the tests share.
 //!
 //! Invariants held across the module:
 //! - no input (bytes, sequence numbers, timestamps, times) can make it panic;
@@ -23,6 +25,7 @@ pub mod level;
 pub mod mixer;
 pub mod ranking;
 pub mod spectrum;
+pub mod tick_clock;
 
 use std::time::Duration;
 

@@ -6,8 +6,9 @@
 //!   participant's stream id);
 //! - forwarded packets and view changes from the mesh;
 //! - new mixing settings (a new plan generation), applied live;
-//! - the frame tick: the core mixes, the task hands frames to transports, reports to the mesh,
-//!   records metrics, publishes the roster and removes members whose transport ended.
+//! - the frame tick, placed by a [`TickClock`] just after the mixed talkers' frames arrive: the
+//!   core mixes, the task hands frames to transports, reports to the mesh, records metrics,
+//!   publishes the roster and removes members whose transport ended.
 //!
 //! The room ends when it has no member and no join in flight: it removes itself from the
 //! registry under the registry's lock, so a join never lands in a room that is ending.
@@ -17,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Interval, MissedTickBehavior};
 
 use super::core::{Packet, ParticipantId, RoomCore, Tick};
 use super::transport::Transport;
 use super::{ParticipantInfo, Registry, RemoteSpeakerInfo, RoomInfo};
 use crate::endpoint::{InboundAudio, MediaPort};
 use crate::media::MixerConfig;
+use crate::media::tick_clock::{DEFAULT_MAX_STEP, TickClock};
 use crate::mesh::wire::unix_micros_now;
 use crate::mesh_node::{MeshNode, RemotePacket, Reporter, RoomLink, RoomView};
 use crate::metrics::Metrics;
@@ -104,10 +105,24 @@ pub(super) struct RoomTask {
 /// the `transferred` event to reach it before the connection closes.
 const RETIRE_AFTER: Duration = Duration::from_millis(500);
 
-fn ticker(frame: Duration) -> Interval {
-    let mut ticker = tokio::time::interval(frame);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    ticker
+/// The room's tick clock for `settings`: aligned to the mixed talkers' arrivals, keeping the
+/// jitter buffers' smallest margin plus a millisecond for the timer's granularity; or, with
+/// `align_ticks` off, one that never moves (a fixed tick).
+fn tick_clock(settings: &MixerConfig) -> TickClock {
+    TickClock::new(
+        settings.frame(),
+        Duration::from_millis(u64::from(settings.jitter_min_ms) + 1),
+        tick_step(settings),
+    )
+}
+
+/// How far the tick may move per frame under `settings`.
+fn tick_step(settings: &MixerConfig) -> Duration {
+    if settings.align_ticks {
+        DEFAULT_MAX_STEP
+    } else {
+        Duration::ZERO
+    }
 }
 
 impl RoomTask {
@@ -117,7 +132,13 @@ impl RoomTask {
         mut packets: mpsc::Receiver<InboundAudio>,
     ) {
         let epoch = Instant::now();
-        let mut ticks = ticker(self.core.settings().frame());
+        // Ticks on the room's grid, moved towards the mixed talkers' arrivals (DESIGN §13). A
+        // tick that is due runs at once: a late task catches up, as a burst, on the same grid.
+        let mut clock = tick_clock(&self.core.settings());
+        // Where the clock's grid starts, since the epoch (a new frame length starts a new grid).
+        let mut epoch_shift = Duration::ZERO;
+        let due = tokio::time::sleep_until(tokio::time::Instant::from_std(epoch));
+        tokio::pin!(due);
         let mut link = self.link.take();
         let (mut inbox, mut view, reporter) = match link.as_mut() {
             Some(link) => {
@@ -138,8 +159,14 @@ impl RoomTask {
                     let settings = *self.mixing.borrow_and_update();
                     let frame = self.core.settings().frame();
                     match self.core.reconfigure(settings) {
-                        Ok(()) if settings.frame() != frame => ticks = ticker(settings.frame()),
-                        Ok(()) => {}
+                        Ok(()) if settings.frame() != frame => {
+                            // A new grid from now on: its first tick is due at once.
+                            clock = tick_clock(&settings);
+                            epoch_shift = epoch.elapsed();
+                            due.as_mut().reset(tokio::time::Instant::now());
+                        }
+                        // Aligned or fixed from the next tick on, where the tick is now.
+                        Ok(()) => clock.set_max_step(tick_step(&settings)),
                         Err(e) => tracing::error!(room = %self.name, error = %e, "mixing settings refused; keeping the running ones"),
                     }
                 }
@@ -148,9 +175,14 @@ impl RoomTask {
                     None => break,
                 },
                 Some(audio) = packets.recv() => self.on_packet(audio, epoch),
-                _ = ticks.tick() => {
+                () = &mut due => {
                     let now = epoch.elapsed();
                     let tick = self.core.tick(now);
+                    for (stream, arrival) in &tick.mix.carried {
+                        clock.observe(*stream, arrival.saturating_sub(epoch_shift));
+                    }
+                    let next = clock.advance() + epoch_shift;
+                    due.as_mut().reset(tokio::time::Instant::from_std(epoch + next));
                     self.on_tick(tick, reporter, epoch);
                     if self.core.is_empty() && self.end_if_unused() {
                         break;

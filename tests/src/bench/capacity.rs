@@ -134,7 +134,12 @@ pub async fn measure<V: Venue>(
             let started = Instant::now();
             let mut delays = Vec::new();
             while started.elapsed() < WINDOW {
-                delays.extend(delay::probe_round(&talkers, &[&*probe_ear]).await?.0);
+                delays.extend(
+                    delay::probe_round(&talkers, &[&*probe_ear])
+                        .await?
+                        .0
+                        .concat(),
+                );
             }
             let wall = started.elapsed().as_secs_f64();
             let server_cpu = (process_cpu_time(server_pid)? - server0).as_secs_f64() / wall;

@@ -19,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Percentiles, percentiles};
@@ -60,6 +60,11 @@ pub struct DelayResult {
     pub bots_ms: f64,
     /// Onsets sent whose probe no listener reported.
     pub missed: usize,
+    /// The same onsets at the room's last listener (the last to join, so the last of the shared
+    /// frame's fan-out); the figures above are the first listener's. Absent from runs recorded
+    /// before it was measured.
+    #[serde(default)]
+    pub last_listener: Option<Percentiles>,
 }
 
 fn carrier(i: usize) -> AudioSource {
@@ -102,13 +107,13 @@ pub async fn join_talkers<V: Venue>(venue: &V) -> Result<Vec<V::Member>> {
     Ok(talkers)
 }
 
-/// One probe onset per talker, measured at each of `ears`: server-added delays (ms) and how many
-/// onsets went unheard.
+/// One probe onset per talker, measured at each of `ears`: server-added delays (ms) per ear, in
+/// the order of `ears`, and how many onsets went unheard.
 pub async fn probe_round<T: std::ops::Deref<Target = Bot>>(
     talkers: &[T],
     ears: &[&Bot],
-) -> Result<(Vec<f64>, usize)> {
-    let mut samples = Vec::new();
+) -> Result<(Vec<Vec<f64>>, usize)> {
+    let mut samples = vec![Vec::new(); ears.len()];
     let mut missed = 0;
     for (i, talker) in talkers.iter().enumerate() {
         let offset = bots_offset_ms(i)?;
@@ -121,7 +126,7 @@ pub async fn probe_round<T: std::ops::Deref<Target = Bot>>(
             missed += 1;
             continue;
         };
-        for ear in ears {
+        for (ear, samples) in ears.iter().zip(samples.iter_mut()) {
             match ear.onset_heard(PROBES_HZ[i], sent) {
                 Some(heard) => samples
                     .push(heard.saturating_duration_since(sent).as_secs_f64() * 1000.0 - offset),
@@ -135,30 +140,44 @@ pub async fn probe_round<T: std::ops::Deref<Target = Bot>>(
 }
 
 /// Fills one room of `venue` (20 participants, 3 talking), lets it settle, and measures
-/// `onsets` probe onsets per talker at one decoding listener.
-pub async fn measure_room<V: Venue>(venue: &V, onsets: usize) -> Result<(Vec<f64>, usize)> {
+/// `onsets` probe onsets per talker at the first and the last listener to join (the others
+/// only count packets): (first's delays, last's delays, onsets unheard).
+pub async fn measure_room<V: Venue>(
+    venue: &V,
+    onsets: usize,
+) -> Result<(Vec<f64>, Vec<f64>, usize)> {
     let talkers = join_talkers(venue).await?;
     let ear = venue
         .join("listener-0", BotConfig::new(AudioSource::Silence))
         .await?;
     let mut crowd = Vec::new();
-    for i in 1..PARTICIPANTS - TALKERS {
-        let config = BotConfig::new(AudioSource::Silence).counting_only();
+    let listeners = PARTICIPANTS - TALKERS;
+    for i in 1..listeners {
+        let config = if i + 1 == listeners {
+            BotConfig::new(AudioSource::Silence)
+        } else {
+            BotConfig::new(AudioSource::Silence).counting_only()
+        };
         crowd.push(venue.join(&format!("listener-{i}"), config).await?);
     }
+    let last = crowd
+        .last()
+        .context("the room has more than one listener")?;
     // Let every jitter buffer settle on its phase.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut samples = Vec::new();
+    let (mut first_samples, mut last_samples) = (Vec::new(), Vec::new());
     let mut missed = 0;
     for _ in 0..onsets {
-        let (s, m) = probe_round(&talkers, &[&*ear]).await?;
-        samples.extend(s);
+        let (s, m) = probe_round(&talkers, &[&*ear, &**last]).await?;
+        let mut per_ear = s.into_iter();
+        first_samples.extend(per_ear.next().unwrap_or_default());
+        last_samples.extend(per_ear.next().unwrap_or_default());
         missed += m;
     }
     super::close_all(talkers.iter().map(|b| &**b)).await;
     super::close_all(crowd.iter().map(|b| &**b)).await;
     ear.close().await;
-    Ok((samples, missed))
+    Ok((first_samples, last_samples, missed))
 }
 
 /// Runs `rooms` fresh rooms made by `venue_for(k)` and gathers their onsets.
@@ -172,15 +191,17 @@ where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = Result<V>>,
 {
-    let mut samples = Vec::new();
+    let (mut samples, mut last) = (Vec::new(), Vec::new());
     let mut missed = 0;
     for k in 0..rooms {
         let venue = venue_for(k).await?;
-        let (s, m) = measure_room(&venue, onsets).await?;
+        let (s, l, m) = measure_room(&venue, onsets).await?;
         samples.extend(s);
+        last.extend(l);
         missed += m;
     }
     Ok(DelayResult {
+        last_listener: Some(percentiles(&last)),
         server_added: percentiles(&samples),
         bots_ms: bots_offset_ms(0)?,
         samples_ms: samples,

@@ -201,11 +201,21 @@ async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<St
     Ok(out)
 }
 
-/// One run of every scenario.
-pub async fn run_once(plan: &Plan) -> Result<RunResult> {
+/// Server-added delay of every system, in fresh rooms: Chorus by default, in low-delay mode and
+/// on a fixed tick, Janus AudioBridge with its default and its lowest jitter setting.
+pub async fn delays(plan: &Plan) -> Result<BTreeMap<String, delay::DelayResult>> {
     let mut delays = BTreeMap::new();
-    {
-        let server = ServerProcess::start(ProcessOptions::default()).await?;
+    for (name, low_delay, fixed_tick) in [
+        ("chorus", false, false),
+        ("chorus_low_delay", true, false),
+        ("chorus_fixed_tick", false, true),
+    ] {
+        let server = ServerProcess::start(ProcessOptions {
+            low_delay,
+            fixed_tick,
+            ..ProcessOptions::default()
+        })
+        .await?;
         let s = &server;
         let d = delay::measure(plan.delay_rooms, plan.delay_onsets, |k| async move {
             Ok(ChorusRoom {
@@ -214,8 +224,8 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
             })
         })
         .await?;
-        eprintln!("delay chorus: {:?}", d.server_added);
-        delays.insert("chorus".to_owned(), d);
+        eprintln!("delay {name}: {:?}", d.server_added);
+        delays.insert(name.to_owned(), d);
     }
     {
         let janus = JanusServer::start(JanusOptions {
@@ -241,6 +251,12 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
             delays.insert(name.to_owned(), d);
         }
     }
+    Ok(delays)
+}
+
+/// One run of every scenario.
+pub async fn run_once(plan: &Plan) -> Result<RunResult> {
+    let delays = delays(plan).await?;
     let lookahead_ms = delay::server_codec_lookahead_ms()?;
     // A step holds while its p99 stays within 10 ms of the same system's unloaded p99 (and, for
     // Chorus, that is compared with the target separately).
@@ -308,34 +324,90 @@ fn spread(values: impl IntoIterator<Item = f64>) -> Spread {
     }
 }
 
+/// A delay system of the report: its key in the results, its label, its figures' names.
+#[derive(Debug, Clone, Copy)]
+pub struct DelaySystem {
+    /// The key in `RunResult::delay` and in `delay_ms`.
+    pub key: &'static str,
+    /// How the report names it.
+    pub label: &'static str,
+    /// The names of its p50 and p99 figures.
+    pub figures: (&'static str, &'static str),
+}
+
+/// The delay systems, in the report's order.
+pub const DELAY_SYSTEMS: [DelaySystem; 5] = [
+    DelaySystem {
+        key: "chorus",
+        label: "Chorus",
+        figures: ("delay.chorus.p50", "delay.chorus.p99"),
+    },
+    DelaySystem {
+        key: "chorus_low_delay",
+        label: "Chorus, `mixing.lowDelay`",
+        figures: ("delay.chorus_low_delay.p50", "delay.chorus_low_delay.p99"),
+    },
+    DelaySystem {
+        key: "chorus_fixed_tick",
+        label: "Chorus, `mixing.alignTicks: false` (the fixed tick)",
+        figures: ("delay.chorus_fixed_tick.p50", "delay.chorus_fixed_tick.p99"),
+    },
+    DelaySystem {
+        key: "janus_default",
+        label: "Janus AudioBridge, default (prebuffer 6)",
+        figures: ("delay.janus_default.p50", "delay.janus_default.p99"),
+    },
+    DelaySystem {
+        key: "janus_tuned",
+        label: "Janus AudioBridge, lowest (prebuffer 1)",
+        figures: ("delay.janus_tuned.p50", "delay.janus_tuned.p99"),
+    },
+];
+
+/// The delay figures (each system's p50 and p99, and the fixed-tick floor's), each over the
+/// runs, from each run's delays and codec look-ahead.
+pub fn delay_figures(
+    runs: &[(&BTreeMap<String, DelayResult>, f64)],
+) -> BTreeMap<&'static str, Spread> {
+    let mut f = BTreeMap::new();
+    for system in &DELAY_SYSTEMS {
+        let of = |get: fn(&DelayResult) -> f64| {
+            spread(
+                runs.iter()
+                    .map(|(d, _)| d.get(system.key).map_or(f64::NAN, get)),
+            )
+        };
+        f.insert(system.figures.0, of(|d| d.server_added.p50));
+        f.insert(system.figures.1, of(|d| d.server_added.p99));
+    }
+    let last = |get: fn(&super::Percentiles) -> f64| {
+        spread(runs.iter().map(|(d, _)| {
+            d.get("chorus")
+                .and_then(|c| c.last_listener.as_ref())
+                .map_or(f64::NAN, get)
+        }))
+    };
+    f.insert("delay.chorus_last_listener.p50", last(|p| p.p50));
+    f.insert("delay.chorus_last_listener.p99", last(|p| p.p99));
+    f.insert(
+        "delay.floor.p50",
+        spread(runs.iter().map(|(_, l)| delay::floor_ms(*l).0)),
+    );
+    f.insert(
+        "delay.floor.p99",
+        spread(runs.iter().map(|(_, l)| delay::floor_ms(*l).1)),
+    );
+    f
+}
+
 /// The figures of the report, each over the runs.
 pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
-    let mut f = BTreeMap::new();
+    let delays: Vec<(&BTreeMap<String, DelayResult>, f64)> =
+        runs.iter().map(|r| (&r.delay, r.lookahead_ms)).collect();
+    let mut f = delay_figures(&delays);
     let mut put = |name: &'static str, get: &dyn Fn(&RunResult) -> f64| {
         f.insert(name, spread(runs.iter().map(get)));
     };
-    for (system, p50, p99) in [
-        ("chorus", "delay.chorus.p50", "delay.chorus.p99"),
-        (
-            "janus_default",
-            "delay.janus_default.p50",
-            "delay.janus_default.p99",
-        ),
-        (
-            "janus_tuned",
-            "delay.janus_tuned.p50",
-            "delay.janus_tuned.p99",
-        ),
-    ] {
-        put(p50, &|r| {
-            r.delay.get(system).map_or(f64::NAN, |d| d.server_added.p50)
-        });
-        put(p99, &|r| {
-            r.delay.get(system).map_or(f64::NAN, |d| d.server_added.p99)
-        });
-    }
-    put("delay.floor.p50", &|r| delay::floor_ms(r.lookahead_ms).0);
-    put("delay.floor.p99", &|r| delay::floor_ms(r.lookahead_ms).1);
     for (system, held, per_core, per_listener) in [
         (
             "chorus",
@@ -498,6 +570,9 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         "runs": runs.len(),
         "delay_ms": {
             "chorus": {"p50": m("delay.chorus.p50"), "p99": m("delay.chorus.p99")},
+            "chorus_low_delay": {"p50": m("delay.chorus_low_delay.p50"), "p99": m("delay.chorus_low_delay.p99")},
+            "chorus_fixed_tick": {"p50": m("delay.chorus_fixed_tick.p50"), "p99": m("delay.chorus_fixed_tick.p99")},
+            "chorus_last_listener": {"p50": m("delay.chorus_last_listener.p50"), "p99": m("delay.chorus_last_listener.p99")},
             "janus_default": {"p50": m("delay.janus_default.p50"), "p99": m("delay.janus_default.p99")},
             "janus_tuned": {"p50": m("delay.janus_tuned.p50"), "p99": m("delay.janus_tuned.p99")},
             "floor": m("delay.floor.p50"),

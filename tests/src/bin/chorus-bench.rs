@@ -36,8 +36,9 @@ struct Args {
     #[arg(long)]
     report_from: Option<PathBuf>,
     /// Run one scenario only and write its figures alone (to `--out` and `--markdown`; point
-    /// them away from the real report): `telephony` or `transfer`.
-    #[arg(long, value_parser = ["telephony", "transfer"])]
+    /// them away from the real report): `telephony`, `transfer` or `delay` (every delay
+    /// system, with more rooms than the full run: 8 rooms × 5 onsets × 3 talkers each).
+    #[arg(long, value_parser = ["telephony", "transfer", "delay"])]
     only: Option<String>,
 }
 
@@ -51,6 +52,7 @@ async fn main() -> Result<()> {
     };
     match args.only.as_deref() {
         Some("transfer") => return only_transfer(&args, &plan).await,
+        Some("delay") => return only_delay(&args, &plan).await,
         Some(_) => return only_telephony(&args, &plan).await,
         None => {}
     }
@@ -143,6 +145,58 @@ async fn only_transfer(args: &Args, plan: &harness::Plan) -> Result<()> {
         "per_run": runs,
     });
     write_only(args, &value, &report::transfer_section(plan, &refs))
+}
+
+/// `--only delay`: every system's server-added delay, `--runs` times, over more rooms (so more
+/// tick phases) than the full run samples.
+async fn only_delay(args: &Args, plan: &harness::Plan) -> Result<()> {
+    let plan = if args.smoke {
+        plan.clone()
+    } else {
+        harness::Plan {
+            delay_rooms: 8,
+            delay_onsets: 5,
+            ..plan.clone()
+        }
+    };
+    let mut runs = Vec::new();
+    for run in 0..plan.runs {
+        eprintln!("chorus-bench: delay, run {} of {}", run + 1, plan.runs);
+        let delays = harness::delays(&plan).await?;
+        let lookahead = chorus_tests::bench::delay::server_codec_lookahead_ms()?;
+        runs.push((delays, lookahead));
+    }
+    let refs: Vec<_> = runs.iter().map(|(d, l)| (d, *l)).collect();
+    let f = harness::delay_figures(&refs);
+    let m = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
+    let mut delay_ms = serde_json::Map::new();
+    for system in &harness::DELAY_SYSTEMS {
+        delay_ms.insert(
+            system.key.to_owned(),
+            serde_json::json!({"p50": m(system.figures.0), "p99": m(system.figures.1)}),
+        );
+    }
+    delay_ms.insert(
+        "chorus_last_listener".to_owned(),
+        serde_json::json!({
+            "p50": m("delay.chorus_last_listener.p50"),
+            "p99": m("delay.chorus_last_listener.p99"),
+        }),
+    );
+    delay_ms.insert("floor".to_owned(), m("delay.floor.p50").into());
+    delay_ms.insert("floor_p99".to_owned(), m("delay.floor.p99").into());
+    let value = serde_json::json!({
+        "machine": harness::machine(),
+        "runs": runs.len(),
+        "delay_ms": delay_ms,
+        "spread": f,
+        "per_run": runs.iter().map(|(d, l)| serde_json::json!({"delay": d, "lookahead_ms": l})).collect::<Vec<_>>(),
+    });
+    write_only(
+        args,
+        &value,
+        &report::delay_section(plan.delay_rooms, plan.delay_onsets, &f),
+    )
 }
 
 /// Write one scenario's results alone: its JSON to `--out`, its section to `--markdown`.

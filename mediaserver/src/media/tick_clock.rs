@@ -1,0 +1,419 @@
+//! Where a room's mixing tick sits within the frame (DESIGN.md §13, "Align the tick").
+//!
+//! A tick on a fixed phase makes each frame wait for the next tick after it arrives: anywhere
+//! from nothing to a whole frame, half a frame on average. But the talkers a room mixes each send
+//! on their own packetisation clock, so their frames arrive at a few stable phases of the frame.
+//! The [`TickClock`] moves the room's tick, by at most `max_step` per frame, to sit `margin` after
+//! the latest arrival phase before the largest gap between those phases: the frames of the
+//! cluster wait about as little as the margin allows, and only a talker alone on the far side of
+//! the largest gap waits longer. With one talker, its frames wait the margin.
+//!
+//! Each mixed stream's phase is its *late edge*: about the 90th percentile of the phases of its
+//! last [`WINDOW`] frames (taken around the newest one, so jitter widens it only on the late
+//! side), so a jittery talker is mostly covered by its own spread. A stream that stops carrying frames for
+//! [`WINDOW`] ticks no longer counts. With nothing mixed the tick holds still.
+//!
+//! Pure: time comes in as [`Duration`]s since the room's epoch, so the clock is tested in virtual
+//! time with jittery, drifting and disappearing talkers. Written here because it is one small
+//! policy over the room's own grid; no crate schedules a mixer.
+//!
+//! Invariants:
+//! - tick `n` happens at `n·frame + offset_n` with `-frame ≤ offset_n < frame`: the tick never
+//!   drifts a frame from the fixed grid, so after `n` frames of real time the room has ticked
+//!   `n` times, give or take one. A talker whose clock drifts is followed up to that bound; then
+//!   the tick goes back round the other way (at 100 ppm of drift, once every few minutes);
+//! - consecutive offsets differ by at most `max_step` (below half a frame), so ticks come
+//!   `frame ± max_step` apart: never two in one frame's time, and the jitter buffers see slack
+//!   change smoothly and adapt without dropping or stretching.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use super::StreamId;
+
+/// Frames of a stream's arrival phases kept for its late edge: half a second at 20 ms.
+pub const WINDOW: usize = 25;
+
+/// Which of a window's latest phases is the late edge (0 = the very latest). The third latest
+/// of 25 is about the 90th percentile: one packet a scheduler held back does not drag the room's
+/// tick (and every talker's wait) later for half a second; the rare frame later than the edge
+/// eats into the margin, and one later still is the jitter buffer's to absorb, as any late
+/// frame is.
+const EDGE_RANK: usize = 2;
+
+/// The default largest move of the tick per frame.
+pub const DEFAULT_MAX_STEP: Duration = Duration::from_millis(1);
+
+/// Moves a room's tick towards its talkers' arrivals (see the module doc).
+#[derive(Debug, Clone)]
+pub struct TickClock {
+    frame_us: i64,
+    margin_us: i64,
+    max_step_us: i64,
+    /// The index of the next tick on the grid.
+    next: u64,
+    /// The next tick's offset from the grid, in `[-frame, frame)`.
+    offset_us: i64,
+    streams: BTreeMap<StreamId, Arrivals>,
+}
+
+/// One stream's recent arrival phases, newest last, with the tick index each came in.
+#[derive(Debug, Clone, Default)]
+struct Arrivals {
+    phases: VecDeque<i64>,
+    last_tick: u64,
+}
+
+impl TickClock {
+    /// A clock for `frame` ticks that keeps `margin` between the talkers' late edge and the tick
+    /// and moves by at most `max_step` per frame (clamped to below half a frame). The first tick
+    /// is at 0.
+    pub fn new(frame: Duration, margin: Duration, max_step: Duration) -> Self {
+        let frame_us = micros(frame).max(2);
+        Self {
+            frame_us,
+            margin_us: micros(margin).clamp(0, frame_us - 1),
+            max_step_us: micros(max_step).clamp(0, frame_us / 2 - 1),
+            next: 0,
+            offset_us: 0,
+            streams: BTreeMap::new(),
+        }
+    }
+
+    /// From now on, move by at most `max_step` per frame (zero: the tick stays where it is).
+    pub fn set_max_step(&mut self, max_step: Duration) {
+        self.max_step_us = micros(max_step).clamp(0, self.frame_us / 2 - 1);
+    }
+
+    /// When the next tick is due, since the epoch.
+    pub fn next_tick(&self) -> Duration {
+        let at = i128::from(self.next) * i128::from(self.frame_us) + i128::from(self.offset_us);
+        Duration::from_micros(u64::try_from(at.max(0)).unwrap_or(u64::MAX))
+    }
+
+    /// The next tick's offset from the fixed grid, in microseconds (for metrics).
+    pub fn offset_micros(&self) -> i64 {
+        self.offset_us
+    }
+
+    /// The tick that is due now played a frame of `stream` that arrived at `arrival`.
+    pub fn observe(&mut self, stream: StreamId, arrival: Duration) {
+        let phase = micros(arrival).rem_euclid(self.frame_us);
+        let tick = self.next;
+        let a = self.streams.entry(stream).or_default();
+        a.phases.push_back(phase);
+        while a.phases.len() > WINDOW {
+            a.phases.pop_front();
+        }
+        a.last_tick = tick;
+    }
+
+    /// The due tick has run: forget streams silent for a window, move the offset one step
+    /// towards the target, and return when the next tick is due.
+    pub fn advance(&mut self) -> Duration {
+        let now = self.next;
+        self.streams
+            .retain(|_, a| now.saturating_sub(a.last_tick) < WINDOW as u64);
+        if let Some(target) = self.target_offset() {
+            // The target's nearest position to where the tick is (so a talker whose phase
+            // wobbles across the frame's edge is followed across it), unless that is a frame or
+            // more off the grid: then the one a frame the other way, and the tick goes back round.
+            let f = self.frame_us;
+            let mut goal = self.offset_us + self.wrap_half(target - self.offset_us);
+            if goal >= f {
+                goal -= f;
+            } else if goal < -f {
+                goal += f;
+            }
+            let step = (goal - self.offset_us).clamp(-self.max_step_us, self.max_step_us);
+            self.offset_us += step;
+        }
+        self.next += 1;
+        self.next_tick()
+    }
+
+    /// `x` moved by whole frames into `[-frame/2, frame/2)`.
+    fn wrap_half(&self, x: i64) -> i64 {
+        let f = self.frame_us;
+        (x + f / 2).rem_euclid(f) - f / 2
+    }
+
+    /// The late edge of each stream, as a phase in `[0, frame)`: the [`EDGE_RANK`]-th latest of
+    /// its window's phases, taken around the newest one.
+    fn late_edges(&self) -> Vec<i64> {
+        let f = self.frame_us;
+        self.streams
+            .values()
+            .filter_map(|a| {
+                let newest = *a.phases.back()?;
+                let mut around: Vec<i64> = a
+                    .phases
+                    .iter()
+                    .map(|p| self.wrap_half(p - newest))
+                    .collect();
+                around.sort_unstable_by(|x, y| y.cmp(x));
+                let edge = around
+                    .get(EDGE_RANK.min(around.len() - 1))
+                    .copied()
+                    .unwrap_or(0);
+                Some((newest + edge).rem_euclid(f))
+            })
+            .collect()
+    }
+
+    /// Where the tick should sit: `margin` after the late edge that the largest gap follows, as
+    /// an offset in `[-frame/2, frame/2)`; `None` with nothing observed.
+    fn target_offset(&self) -> Option<i64> {
+        let mut edges = self.late_edges();
+        edges.sort_unstable();
+        let f = self.frame_us;
+        let last = *edges.last()?;
+        // The gap after edge i runs to edge i+1 (the first edge, one frame on, after the last).
+        let mut best = (f + edges[0] - last, last);
+        for pair in edges.windows(2) {
+            let gap = pair[1] - pair[0];
+            if gap > best.0 {
+                best = (gap, pair[0]);
+            }
+        }
+        Some(self.wrap_half(best.1 + self.margin_us))
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const F: u64 = 20_000;
+
+    fn us(v: u64) -> Duration {
+        Duration::from_micros(v)
+    }
+
+    fn clock() -> TickClock {
+        TickClock::new(us(F), us(3_000), DEFAULT_MAX_STEP)
+    }
+
+    /// A talker whose frame `k` arrives at `k·period + phase + jitter(k)`.
+    struct Talker {
+        id: StreamId,
+        phase: u64,
+        period: u64,
+        jitter: Box<dyn Fn(u64) -> u64>,
+    }
+
+    impl Talker {
+        fn steady(id: u64, phase_ms: u64) -> Self {
+            Self {
+                id: StreamId(id),
+                phase: phase_ms * 1000,
+                period: F,
+                jitter: Box::new(|_| 0),
+            }
+        }
+
+        fn arrival(&self, k: u64) -> u64 {
+            k * self.period + self.phase + (self.jitter)(k)
+        }
+    }
+
+    /// Runs `ticks` ticks. Each tick plays, per talker, the newest frame that arrived since the
+    /// last tick (a jitter buffer with no margin of its own that drops what it cannot play), and
+    /// the clock observes it. Returns per tick its time and the slack (tick − arrival, µs) of
+    /// each frame played.
+    fn run(c: &mut TickClock, talkers: &[Talker], ticks: usize) -> Vec<(u64, Vec<u64>)> {
+        let mut played = vec![0u64; talkers.len()];
+        let mut out = Vec::new();
+        for _ in 0..ticks {
+            let at = c.next_tick().as_micros() as u64;
+            let mut slacks = Vec::new();
+            for (t, next) in talkers.iter().zip(played.iter_mut()) {
+                let mut newest = None;
+                while t.arrival(*next) <= at {
+                    newest = Some(t.arrival(*next));
+                    *next += 1;
+                }
+                if let Some(arrival) = newest {
+                    c.observe(t.id, us(arrival));
+                    slacks.push(at - arrival);
+                }
+            }
+            out.push((at, slacks));
+            c.advance();
+        }
+        out
+    }
+
+    fn check_grid(ticks: &[(u64, Vec<u64>)]) {
+        for (n, (at, _)) in ticks.iter().enumerate() {
+            let grid = n as i64 * F as i64;
+            let offset = *at as i64 - grid;
+            assert!(
+                (-(F as i64)..F as i64).contains(&offset),
+                "tick {n} at {at} µs is {offset} µs off the grid"
+            );
+        }
+        for pair in ticks.windows(2) {
+            let step = pair[1].0 as i64 - pair[0].0 as i64;
+            assert!(
+                (F as i64 - 1000..=F as i64 + 1000).contains(&step),
+                "ticks {step} µs apart"
+            );
+        }
+    }
+
+    #[test]
+    fn one_talker_waits_only_the_margin() {
+        let mut c = clock();
+        let ticks = run(&mut c, &[Talker::steady(1, 7)], 100);
+        check_grid(&ticks);
+        // The tick walks from phase 0 to 7 + 3 = 10 ms, 1 ms a frame.
+        for (_, slacks) in &ticks[20..] {
+            assert_eq!(slacks, &vec![3_000]);
+        }
+    }
+
+    #[test]
+    fn a_cluster_of_talkers_is_waited_for_past_its_latest() {
+        let mut c = clock();
+        let talkers = [
+            Talker::steady(1, 2),
+            Talker::steady(2, 5),
+            Talker::steady(3, 8),
+        ];
+        let ticks = run(&mut c, &talkers, 100);
+        check_grid(&ticks);
+        // Tick at 8 + 3 = 11 ms: slacks 9, 6 and 3 ms (a fixed tick at 0 gives 18, 15, 12).
+        for (_, slacks) in &ticks[30..] {
+            assert_eq!(slacks, &vec![9_000, 6_000, 3_000]);
+        }
+    }
+
+    #[test]
+    fn the_largest_gap_decides_even_across_the_frame_edge() {
+        let mut c = clock();
+        // Phases 17, 19 and 1 ms: one cluster across the edge; the tick goes 3 ms after 1 ms.
+        let talkers = [
+            Talker::steady(1, 17),
+            Talker::steady(2, 19),
+            Talker::steady(3, 21),
+        ];
+        let ticks = run(&mut c, &talkers, 100);
+        check_grid(&ticks);
+        for (_, slacks) in &ticks[30..] {
+            let mut s = slacks.clone();
+            s.sort_unstable();
+            assert_eq!(s, vec![3_000, 5_000, 7_000]);
+        }
+    }
+
+    #[test]
+    fn jitter_is_covered_by_the_late_edge() {
+        let mut c = clock();
+        // 0–4 ms of pseudo-random jitter on top of phase 8 ms, near the grid's half-frame edge.
+        let t = Talker {
+            id: StreamId(1),
+            phase: 8_000,
+            period: F,
+            jitter: Box::new(|k| k * 2_654_435_761 % 4_001),
+        };
+        let ticks = run(&mut c, &[t], 300);
+        check_grid(&ticks);
+        let mut total = 0;
+        for (n, (_, slacks)) in ticks.iter().enumerate().skip(60) {
+            // Every frame makes its tick: a frame later than the window's latest eats into the
+            // margin only, and the tick, following the window's edge a step at a time, lags it
+            // by at most a couple of steps.
+            assert_eq!(slacks.len(), 1, "tick {n} played no frame");
+            assert!(
+                (1_000..=9_000).contains(&slacks[0]),
+                "tick {n}: slack {}",
+                slacks[0]
+            );
+            total += slacks[0];
+        }
+        // On average the margin plus half the spread: about 5 ms (a fixed tick: 0–20 ms).
+        let mean = total / 240;
+        assert!((4_000..=6_500).contains(&mean), "mean slack {mean} µs");
+    }
+
+    #[test]
+    fn a_drifting_talker_is_followed_but_the_grid_holds() {
+        let mut c = clock();
+        // A sender clock 0.5 % slow: its phase slides 100 µs a frame, round the whole frame in
+        // 200 frames.
+        let t = Talker {
+            id: StreamId(1),
+            phase: 5_000,
+            period: F + 100,
+            jitter: Box::new(|_| 0),
+        };
+        let ticks = run(&mut c, &[t], 1_000);
+        check_grid(&ticks);
+        // Mostly just after the talker: the tick keeps up with 100 µs a frame at 1 ms a frame,
+        // except while it goes back round after reaching the grid's bound.
+        let near = ticks
+            .iter()
+            .skip(40)
+            .filter(|(_, s)| s.iter().all(|&s| s <= 4_000))
+            .count();
+        assert!(
+            near * 10 >= 960 * 7,
+            "only {near} of 960 ticks near the talker"
+        );
+    }
+
+    #[test]
+    fn a_talker_who_stops_no_longer_counts() {
+        let mut c = clock();
+        let talkers = [Talker::steady(1, 4), Talker::steady(2, 14)];
+        run(&mut c, &talkers, 60);
+        // Talker 2 stops: after a window the tick moves to 4 + 3 = 7 ms.
+        let ticks = run(&mut c, &talkers[..1], 100);
+        for (_, slacks) in &ticks[WINDOW + 20..] {
+            assert_eq!(slacks, &vec![3_000]);
+        }
+        // Everyone stops: the tick holds where it is.
+        let before = c.offset_micros();
+        run(&mut c, &[], 100);
+        assert_eq!(c.offset_micros(), before);
+    }
+
+    proptest! {
+        /// Whatever arrives (any phases, jitter, bursts, duplicates, streams that come and go,
+        /// arrivals far from the tick), the grid invariants hold.
+        #[test]
+        fn the_tick_stays_within_a_frame_of_its_grid_and_about_a_frame_apart(
+            events in prop::collection::vec(
+                (0u64..6, 0u64..100_000, 0u8..3),
+                0..400,
+            ),
+            max_step in 0u64..15_000,
+        ) {
+            let mut c = TickClock::new(us(F), us(3_000), us(max_step));
+            let mut times = Vec::new();
+            for (stream, arrival, advance) in events {
+                let at = c.next_tick().as_micros() as u64;
+                c.observe(StreamId(stream), us(at.saturating_sub(arrival % 60_000)));
+                for _ in 0..advance {
+                    times.push(c.next_tick().as_micros() as i64);
+                    c.advance();
+                }
+            }
+            let step_bound = (max_step as i64).min(F as i64 / 2 - 1);
+            for (n, at) in times.iter().enumerate() {
+                let offset = at - n as i64 * F as i64;
+                prop_assert!((-(F as i64)..F as i64).contains(&offset), "tick {n}: {offset}");
+            }
+            for pair in times.windows(2) {
+                prop_assert!(pair[1] > pair[0]);
+                prop_assert!((pair[1] - pair[0] - F as i64).abs() <= step_bound);
+            }
+        }
+    }
+}
