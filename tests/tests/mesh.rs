@@ -24,6 +24,28 @@ fn heard(bot: &Bot, freqs: &[f64]) -> BTreeSet<u32> {
     bot.heard(freqs)
 }
 
+/// New global lists emitted so far by the first `servers` servers together.
+fn list_changes(cluster: &MeshCluster, servers: usize) -> f64 {
+    (0..servers)
+        .map(|i| {
+            metric(
+                &cluster.server(i).metrics(),
+                "chorus_mesh_global_list_changes_total",
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// The ticks the room's primary counted, and of those the consistent ones.
+fn primary_ticks(cluster: &MeshCluster) -> (f64, f64) {
+    let text = cluster.server(cluster.primary_of(ROOM)).metrics();
+    (
+        metric(&text, "chorus_mesh_ticks_total").unwrap_or(0.0),
+        metric(&text, "chorus_mesh_consistent_ticks_total").unwrap_or(0.0),
+    )
+}
+
 const NINE: [f64; 9] = [
     300.0, 420.0, 540.0, 660.0, 780.0, 900.0, 1020.0, 1140.0, 1260.0,
 ];
@@ -372,25 +394,8 @@ async fn a_pausing_talker_keeps_its_slot_and_every_listener_hears_the_same() -> 
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let changes = || -> f64 {
-        (0..3)
-            .map(|i| {
-                metric(
-                    &cluster.server(i).metrics(),
-                    "chorus_mesh_global_list_changes_total",
-                )
-                .unwrap_or(0.0)
-            })
-            .sum()
-    };
-    let primary = cluster.primary_of(ROOM);
-    let ticks = || {
-        let text = cluster.server(primary).metrics();
-        (
-            metric(&text, "chorus_mesh_ticks_total").unwrap_or(0.0),
-            metric(&text, "chorus_mesh_consistent_ticks_total").unwrap_or(0.0),
-        )
-    };
+    let changes = || list_changes(&cluster, 3);
+    let ticks = || primary_ticks(&cluster);
     let (changes0, (ticks0, consistent0)) = (changes(), ticks());
     // Who each server names as speaking elsewhere: the pauser's server names the other two, the
     // others name the pauser among theirs.
@@ -564,25 +569,8 @@ async fn the_demo_shape_keeps_one_list_and_mixes_it_everywhere() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    let changes = || -> f64 {
-        (0..regions.len())
-            .map(|i| {
-                metric(
-                    &cluster.server(i).metrics(),
-                    "chorus_mesh_global_list_changes_total",
-                )
-                .unwrap_or(0.0)
-            })
-            .sum()
-    };
-    let primary = cluster.primary_of(ROOM);
-    let ticks = || {
-        let text = cluster.server(primary).metrics();
-        (
-            metric(&text, "chorus_mesh_ticks_total").unwrap_or(0.0),
-            metric(&text, "chorus_mesh_consistent_ticks_total").unwrap_or(0.0),
-        )
-    };
+    let changes = || list_changes(&cluster, regions.len());
+    let ticks = || primary_ticks(&cluster);
     let (changes0, (ticks0, consistent0)) = (changes(), ticks());
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
