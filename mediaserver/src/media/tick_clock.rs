@@ -80,8 +80,10 @@ impl TickClock {
         }
     }
 
-    /// From now on, move by at most `max_step` per frame (zero: the tick stays where it is).
-    pub fn set_max_step(&mut self, max_step: Duration) {
+    /// From now on, keep `margin` after the talkers and move by at most `max_step` per frame
+    /// (zero: the tick stays where it is), both clamped as in [`TickClock::new`].
+    pub fn retune(&mut self, margin: Duration, max_step: Duration) {
+        self.margin_us = micros(margin).clamp(0, self.frame_us - 1);
         self.max_step_us = micros(max_step).clamp(0, self.frame_us / 2 - 1);
     }
 
@@ -382,6 +384,23 @@ mod tests {
         let before = c.offset_micros();
         run(&mut c, &[], 100);
         assert_eq!(c.offset_micros(), before);
+    }
+
+    #[test]
+    fn a_fixed_clock_holds_and_retuned_it_aligns_with_the_new_margin() {
+        let mut c = TickClock::new(us(F), us(3_000), Duration::ZERO);
+        let talker = [Talker::steady(1, 7)];
+        // Fixed: ticks stay on the grid, the frame at 7 ms waits 13 ms.
+        for (n, (at, slacks)) in run(&mut c, &talker, 50).into_iter().enumerate().skip(1) {
+            assert_eq!(at, n as u64 * F);
+            assert_eq!(slacks, vec![13_000]);
+        }
+        // Aligned with a 5 ms margin from here on: the frames wait 5 ms.
+        c.retune(us(5_000), DEFAULT_MAX_STEP);
+        let ticks = run(&mut c, &talker, 60);
+        for (_, slacks) in &ticks[20..] {
+            assert_eq!(slacks, &vec![5_000]);
+        }
     }
 
     proptest! {

@@ -109,20 +109,19 @@ const RETIRE_AFTER: Duration = Duration::from_millis(500);
 /// jitter buffers' smallest margin plus a millisecond for the timer's granularity; or, with
 /// `align_ticks` off, one that never moves (a fixed tick).
 fn tick_clock(settings: &MixerConfig) -> TickClock {
-    TickClock::new(
-        settings.frame(),
-        Duration::from_millis(u64::from(settings.jitter_min_ms) + 1),
-        tick_step(settings),
-    )
+    let (margin, step) = tick_limits(settings);
+    TickClock::new(settings.frame(), margin, step)
 }
 
-/// How far the tick may move per frame under `settings`.
-fn tick_step(settings: &MixerConfig) -> Duration {
-    if settings.align_ticks {
+/// The tick's margin after the talkers and how far it may move per frame under `settings`.
+fn tick_limits(settings: &MixerConfig) -> (Duration, Duration) {
+    let margin = Duration::from_millis(u64::from(settings.jitter_min_ms) + 1);
+    let step = if settings.align_ticks {
         DEFAULT_MAX_STEP
     } else {
         Duration::ZERO
-    }
+    };
+    (margin, step)
 }
 
 impl RoomTask {
@@ -165,8 +164,11 @@ impl RoomTask {
                             epoch_shift = epoch.elapsed();
                             due.as_mut().reset(tokio::time::Instant::now());
                         }
-                        // Aligned or fixed from the next tick on, where the tick is now.
-                        Ok(()) => clock.set_max_step(tick_step(&settings)),
+                        // Aligned or fixed, with the new margin, from where the tick is now.
+                        Ok(()) => {
+                            let (margin, step) = tick_limits(&settings);
+                            clock.retune(margin, step);
+                        }
                         Err(e) => tracing::error!(room = %self.name, error = %e, "mixing settings refused; keeping the running ones"),
                     }
                 }
