@@ -887,7 +887,16 @@ impl Bot {
     /// Which of `freqs_hz` the bot heard (present, in its report's sense) over the last two
     /// seconds, in whole Hz.
     pub fn heard(&self, freqs_hz: &[f64]) -> std::collections::BTreeSet<u32> {
-        self.report_window(Some(Duration::from_secs(2)), freqs_hz)
+        self.heard_within(Duration::from_secs(2), freqs_hz)
+    }
+
+    /// Which of `freqs_hz` the bot heard over the last `window`, in whole Hz.
+    pub fn heard_within(
+        &self,
+        window: Duration,
+        freqs_hz: &[f64],
+    ) -> std::collections::BTreeSet<u32> {
+        self.report_window(Some(window), freqs_hz)
             .frequencies
             .iter()
             .filter(|f| f.present)

@@ -433,13 +433,7 @@ async fn a_pausing_talker_keeps_its_slot_and_every_listener_hears_the_same() -> 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for (i, ear) in listeners.iter().enumerate() {
-            let got = ear
-                .report_window(Some(Duration::from_millis(800)), &FREQS)
-                .frequencies
-                .iter()
-                .filter(|f| f.present)
-                .map(|f| f.freq_hz as u32)
-                .collect::<BTreeSet<u32>>();
+            let got = ear.heard_within(Duration::from_millis(800), &FREQS);
             assert_eq!(
                 got,
                 set(&[420, 900]),
@@ -449,13 +443,7 @@ async fn a_pausing_talker_keeps_its_slot_and_every_listener_hears_the_same() -> 
         pauser.set_source(&pauser_tone)?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         for (i, ear) in listeners.iter().enumerate() {
-            let got = ear
-                .report_window(Some(Duration::from_millis(800)), &FREQS)
-                .frequencies
-                .iter()
-                .filter(|f| f.present)
-                .map(|f| f.freq_hz as u32)
-                .collect::<BTreeSet<u32>>();
+            let got = ear.heard_within(Duration::from_millis(800), &FREQS);
             assert_eq!(
                 got, all,
                 "round {round}: listener {i} while the pauser talks"
