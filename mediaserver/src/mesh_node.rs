@@ -476,7 +476,10 @@ impl Driver {
                 return;
             }
         };
-        if let Some(delay) = cross_server_delay(datagram.ingress_us, unix_micros_now()) {
+        // A backlog packet was held back on purpose: its age is not the path's delay.
+        if !datagram.backlog
+            && let Some(delay) = cross_server_delay(datagram.ingress_us, unix_micros_now())
+        {
             self.metrics.observe_cross_server_delay(delay);
         }
         let Some(room) = self.state.room_for_hash(datagram.room_hash) else {

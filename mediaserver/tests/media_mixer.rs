@@ -805,6 +805,119 @@ mod media {
         assert_eq!(room.step().stats.encodes, 4);
     }
 
+    /// Stream `stream`'s packet for frame `k`: `pcm` encoded, with its RFC 6464 level.
+    fn leveled(
+        enc: &mut Encoder,
+        stream: StreamId,
+        k: u64,
+        pcm: &[i16],
+        now: Duration,
+    ) -> InboundPacket {
+        let dbov = dbov_from_pcm(pcm);
+        InboundPacket {
+            stream,
+            seq: k as u16,
+            rtp_timestamp: (k * 960) as u32,
+            payload: enc.encode(pcm).expect("encode"),
+            level: Some(AudioLevel {
+                dbov: (-dbov).round().clamp(0.0, 127.0) as u8,
+                voice: dbov > -60.0,
+            }),
+            arrival: now,
+        }
+    }
+
+    /// Ms of `hz` (above -35 dBFS, in 10 ms windows) in `pcm`.
+    fn tone_ms(pcm: &[i16], hz: f64) -> usize {
+        pcm.chunks_exact(480)
+            .filter(|w| chorus_mediaserver::media::spectrum::tone_level_dbfs(w, hz, 48_000) > -35.0)
+            .count()
+            * 10
+    }
+
+    #[test]
+    fn a_stream_entering_the_mix_plays_its_talkspurt_from_the_onset_then_catches_up() {
+        let mut room = Room::new(MixerConfig {
+            jitter_min_ms: 5,
+            ..cfg()
+        });
+        room.add_talker(id(1), 500.0, -20.0, StreamOrigin::Remote, true);
+        // Stream 2 starts talking at frame 40 and is listed at frame 44 (a list change's lag):
+        // 100 ms at 2000 Hz, then 200 ms at 3000 Hz, then silence. Stream 3 talked at frames
+        // 10..15 (1500 Hz) and is listed at frame 30, 15 silent frames later: that talkspurt
+        // is over and must not be played.
+        room.mixer.add_stream(id(2), StreamOrigin::Remote);
+        room.mixer.add_stream(id(3), StreamOrigin::Remote);
+        room.mixer.set_selection(Some(ids(&[1])));
+        let (mut enc2, mut enc3) = (Encoder::new(20).unwrap(), Encoder::new(20).unwrap());
+        let mut a = ToneGenerator::new(2000.0, -20.0, 48_000);
+        let mut b = ToneGenerator::new(3000.0, -20.0, 48_000);
+        let mut c = ToneGenerator::new(1500.0, -20.0, 48_000);
+        let silence = vec![0i16; 960];
+        room.record();
+        let (mut replayed, mut skipped, mut last_replay) = (0, 0, 0);
+        for k in 0..120u64 {
+            let now = room.now();
+            let two = match k {
+                40..45 => a.frame(960),
+                45..55 => b.frame(960),
+                _ => silence.clone(),
+            };
+            let three = if (10..15).contains(&k) {
+                c.frame(960)
+            } else {
+                silence.clone()
+            };
+            room.mixer
+                .push(leveled(&mut enc2, id(2), k, &two, now))
+                .unwrap();
+            room.mixer
+                .push(leveled(&mut enc3, id(3), k, &three, now))
+                .unwrap();
+            match k {
+                30 => room.mixer.set_selection(Some(ids(&[1, 3]))),
+                44 => room.mixer.set_selection(Some(ids(&[1, 2, 3]))),
+                _ => {}
+            }
+            let out = room.step();
+            replayed += out.stats.preroll_replayed;
+            skipped += out.stats.preroll_skipped;
+            if out.stats.preroll_replayed > 0 {
+                last_replay = k;
+            }
+        }
+        let pcm = &room.ears[&None].1;
+        let (onset, follow, stale) = (
+            tone_ms(pcm, 2000.0),
+            tone_ms(pcm, 3000.0),
+            tone_ms(pcm, 1500.0),
+        );
+        eprintln!(
+            "heard {onset} ms of the onset, {follow} ms after it, {stale} ms of the stale talkspurt; \
+             {replayed} frames replayed, {skipped} skipped, the last replay at frame {last_replay}"
+        );
+        assert!(
+            (90..=110).contains(&onset),
+            "the onset's 100 ms: heard {onset} ms"
+        );
+        assert!(
+            (190..=210).contains(&follow),
+            "the next 200 ms: heard {follow} ms"
+        );
+        assert_eq!(
+            stale, 0,
+            "a talkspurt that ended before the listing is not played"
+        );
+        // Listed 4 frames after its onset (the jitter buffer held one of them), its whole
+        // talkspurt played 3-5 frames behind; in the pause it skipped as many silent frames and
+        // has been live since.
+        assert!((3..=5).contains(&skipped), "{skipped} frames skipped");
+        assert!(replayed >= 14, "{replayed} frames replayed");
+        assert!(last_replay < 60, "still behind at frame {last_replay}");
+        // The carrier of stream 1 never stopped.
+        assert!(tone_ms(pcm, 500.0) >= 2300);
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;

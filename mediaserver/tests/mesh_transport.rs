@@ -141,6 +141,7 @@ fn media(n: u16) -> MediaDatagram {
         }),
         ingress_us: 1_700_000_000_000_000,
         payload: Bytes::from_static(b"\x78opus-frame"),
+        backlog: false,
     }
 }
 

@@ -103,16 +103,20 @@ fn datagram() -> impl Strategy<Value = MediaDatagram> {
         prop::option::of((0u8..=127, any::<bool>())),
         any::<u64>(),
         prop::collection::vec(any::<u8>(), 1..=MAX_OPUS_PAYLOAD),
+        any::<bool>(),
     )
         .prop_map(
-            |(room_hash, stream, seq, rtp_timestamp, level, ingress_us, payload)| MediaDatagram {
-                room_hash,
-                stream: StreamId(stream),
-                seq,
-                rtp_timestamp,
-                level: level.map(|(dbov, voice)| AudioLevel { dbov, voice }),
-                ingress_us,
-                payload: Bytes::from(payload),
+            |(room_hash, stream, seq, rtp_timestamp, level, ingress_us, payload, backlog)| {
+                MediaDatagram {
+                    room_hash,
+                    stream: StreamId(stream),
+                    seq,
+                    rtp_timestamp,
+                    level: level.map(|(dbov, voice)| AudioLevel { dbov, voice }),
+                    ingress_us,
+                    payload: Bytes::from(payload),
+                    backlog,
+                }
             },
         )
 }
@@ -204,6 +208,7 @@ fn mesh_limits_fail_cleanly_with_categories() {
         level: None,
         ingress_us: 5,
         payload: Bytes::from_static(b"x"),
+        backlog: false,
     }
     .encode()
     .unwrap()

@@ -1012,7 +1012,7 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> Result<()> {
 }
 
 /// The level of `freq_hz` in one frame, in dBFS.
-fn tone_level(frame: &[i16], freq_hz: f64) -> f64 {
+pub fn tone_level(frame: &[i16], freq_hz: f64) -> f64 {
     chorus_mediaserver::media::spectrum::tone_level_dbfs(frame, freq_hz, SAMPLE_RATE)
 }
 

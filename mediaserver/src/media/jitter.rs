@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{MediaError, SAMPLE_RATE};
+use super::{AudioLevel, MediaError, SAMPLE_RATE};
 
 /// Multiplier of the jitter estimate in the target delay. RFC 3550 jitter of a uniformly random
 /// delay in `[0, D]` is about `D/3`, so 3·J covers the whole spread.
@@ -160,6 +160,7 @@ pub struct JitterStats {
 struct Held {
     payload: Bytes,
     arrival: Duration,
+    level: Option<AudioLevel>,
 }
 
 /// What a tumbling window of ticks saw of the slack (tick time minus arrival) of played frames.
@@ -197,6 +198,7 @@ pub struct JitterBuffer {
     /// Sequence number of an out-of-window packet that a consecutive one may confirm.
     pending_resync: Option<u16>,
     last_arrival: Option<Duration>,
+    last_level: Option<AudioLevel>,
     stats: JitterStats,
 }
 
@@ -228,6 +230,7 @@ impl JitterBuffer {
             window: SlackWindow::default(),
             pending_resync: None,
             last_arrival: None,
+            last_level: None,
             stats: JitterStats::default(),
         }
     }
@@ -297,6 +300,13 @@ impl JitterBuffer {
     /// loss the following packet, whose FEC may stand in for it). `None` if it yielded none.
     pub fn last_arrival(&self) -> Option<Duration> {
         self.last_arrival
+    }
+
+    /// The RFC 6464 level the packet of the last tick's frame carried (`None` for a loss, an
+    /// empty tick, or a packet without one): the frame's own level, where the level of the
+    /// packets *received* since the last tick describes a later frame.
+    pub fn last_level(&self) -> Option<AudioLevel> {
+        self.last_level
     }
 
     /// The first position held packets may occupy.
@@ -382,6 +392,19 @@ impl JitterBuffer {
         payload: Bytes,
         arrival: Duration,
     ) -> PushOutcome {
+        self.push_leveled(seq, rtp_timestamp, payload, arrival, None)
+    }
+
+    /// [`Self::push`] with the packet's RFC 6464 level, handed back by [`Self::last_level`] on
+    /// the tick that plays it.
+    pub fn push_leveled(
+        &mut self,
+        seq: u16,
+        rtp_timestamp: u32,
+        payload: Bytes,
+        arrival: Duration,
+        level: Option<AudioLevel>,
+    ) -> PushOutcome {
         self.stats.received += 1;
         let mut outcome = PushOutcome::Buffered;
         let ext = match self.highest {
@@ -429,7 +452,14 @@ impl JitterBuffer {
 
         self.update_jitter(arrival, rtp_timestamp);
         self.highest = Some(self.highest.map_or(ext, |h| h.max(ext)));
-        self.held.insert(ext, Held { payload, arrival });
+        self.held.insert(
+            ext,
+            Held {
+                payload,
+                arrival,
+                level,
+            },
+        );
         self.enforce_capacity();
         if self.held.contains_key(&ext) {
             outcome
@@ -441,6 +471,7 @@ impl JitterBuffer {
     /// The playout decision for the tick at `now`. Call once per frame duration.
     pub fn tick(&mut self, now: Duration) -> Playout {
         self.last_arrival = None;
+        self.last_level = None;
         let Some((&first, _)) = self.held.first_key_value() else {
             if self.playing {
                 // Ran dry: rebuffer before playing again, which also adds delay.
@@ -508,6 +539,7 @@ impl JitterBuffer {
                 self.advance(1, true);
                 self.stats.played += 1;
                 self.last_arrival = Some(h.arrival);
+                self.last_level = h.level;
                 self.window
                     .played(now.saturating_sub(h.arrival).as_secs_f64() * 1000.0);
                 Playout::Frame(h.payload)

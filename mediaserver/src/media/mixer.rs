@@ -20,9 +20,16 @@
 //! - no sample wraps: sums are `i32` and a gain limiter ([`SoftLimiter`]) keeps every output
 //!   sample within -1 dBFS;
 //! - one stream's garbage is rejected at [`RoomMixer::push`] (or reported per stream by the
-//!   tick) and cannot change any other stream's audio.
+//!   tick) and cannot change any other stream's audio;
+//! - a stream entering the mix set starts at the first frame of its talkspurt, not at the frame
+//!   due when the list changed: while a stream is not mixed its last [`PREROLL_MS`] of frames are
+//!   kept (a mesh peer's backlog lands there too, [`RoomMixer::push_history`]), and on entry it
+//!   plays from there, one frame per tick, a little behind; it catches up by skipping frames
+//!   without voice, so the extra delay lasts until its first pause and never exceeds
+//!   [`PREROLL_MS`]. The list changes a speaker's first syllable used to lose are not lost. (A
+//!   local speaker who heard the entering stream as their backfill hears its onset twice.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,6 +46,65 @@ const MAX_UNDERRUN_CONCEAL_TICKS: u32 = 5;
 
 /// Largest supported top-N; a bound so a bad config cannot ask for thousands of encoders.
 const MAX_TOP_SPEAKERS: usize = 64;
+
+/// How much of a stream's audio is kept while it is not mixed, so that when a new list mixes
+/// it, its talkspurt starts from the beginning (ms). It bounds the extra delay of an entering
+/// speaker; a list change takes a mesh round trip and a rank report, well under it.
+pub const PREROLL_MS: u32 = 300;
+
+/// Frames without voice for this long end a talkspurt: what came before is not replayed (ms).
+const ONSET_GAP_MS: u32 = 200;
+
+/// RFC 6464 levels at or above this (in -dBov, i.e. quieter than -60 dBov) without the voice
+/// flag are not voice: the same silence threshold as the ranking's.
+const VOICELESS_DBOV: u8 = 60;
+
+/// Whether a frame of this level is part of a talkspurt.
+pub fn voiced(level: Option<AudioLevel>) -> bool {
+    level.is_some_and(|l| l.voice || l.dbov < VOICELESS_DBOV)
+}
+
+/// One tick's frame of a stream that was not mixed, kept for the onset of its next entry.
+#[derive(Debug, Clone)]
+struct PastFrame {
+    playout: Playout,
+    arrival: Option<Duration>,
+    voiced: bool,
+}
+
+/// Appends `f`, dropping the oldest beyond `keep`.
+fn push_bounded(q: &mut VecDeque<PastFrame>, f: PastFrame, keep: usize) {
+    q.push_back(f);
+    while q.len() > keep {
+        q.pop_front();
+    }
+}
+
+/// The frames of `past` from the start of its last talkspurt: the earliest voiced frame not
+/// separated from the end by `gap` voiceless frames in a row. Empty when the stream is not in a
+/// talkspurt (it was silent for the last `gap` frames, or throughout).
+fn talkspurt(mut past: VecDeque<PastFrame>, gap: usize) -> VecDeque<PastFrame> {
+    let trailing = past.iter().rev().take_while(|f| !f.voiced).count();
+    if trailing >= gap || trailing == past.len() {
+        past.clear();
+        return past;
+    }
+    let mut start = past.len() - trailing - 1;
+    let mut silent = 0;
+    for i in (0..start).rev() {
+        if past[i].voiced {
+            start = i;
+            silent = 0;
+        } else {
+            silent += 1;
+            if silent >= gap {
+                break;
+            }
+        }
+    }
+    past.drain(..start);
+    past
+}
 
 /// The mixing settings of a room: THE one value every part of a server takes them from (the
 /// mixer, the room's tick and rank-report schedule, the mesh protocol).
@@ -130,6 +196,10 @@ pub struct TickStats {
     pub jitter_depth: Vec<(StreamId, Duration)>,
     /// Local streams among the mixed ones (each got its own encode).
     pub local_speakers: usize,
+    /// Frames mixed from before their stream entered the mix (a talkspurt's onset, replayed).
+    pub preroll_replayed: u32,
+    /// Voiceless frames skipped so an entering stream catches up with real time.
+    pub preroll_skipped: u32,
 }
 
 impl TickStats {
@@ -259,6 +329,10 @@ struct Stream {
     split: Option<SplitPacket>,
     /// The RFC 6464 level of the current packet, observed again on ticks that pull none.
     last_level: Option<AudioLevel>,
+    /// While not mixed: its last [`PREROLL_MS`] of frames (and a peer's backlog).
+    history: VecDeque<PastFrame>,
+    /// While mixed and behind: the frames to play before the newest, oldest first.
+    replay: VecDeque<PastFrame>,
 }
 
 /// One decoded packet longer than the room's frame, played a frame at a time.
@@ -291,6 +365,11 @@ struct Pulled {
     warm: bool,
     /// The audio came from a received packet (the frame itself or FEC), not concealment.
     received: bool,
+    /// The frame can be held for a later entry ([`PREROLL_MS`]): one packet per frame, with
+    /// RFC 6464 levels to find a talkspurt by.
+    prerollable: bool,
+    /// The frame's packet carried a voiced level.
+    voiced: bool,
 }
 
 impl Pulled {
@@ -303,6 +382,8 @@ impl Pulled {
             rendered: false,
             warm,
             received: false,
+            prerollable: false,
+            voiced: false,
         }
     }
 }
@@ -439,6 +520,8 @@ impl RoomMixer {
                 phase: 0,
                 split: None,
                 last_level: None,
+                history: VecDeque::new(),
+                replay: VecDeque::new(),
             },
         );
     }
@@ -461,6 +544,8 @@ impl RoomMixer {
             s.frames_per_packet = 1;
             s.phase = 0;
             s.split = None;
+            s.history.clear();
+            s.replay.clear();
         }
     }
 
@@ -472,6 +557,8 @@ impl RoomMixer {
             if muted {
                 s.level.reset();
                 s.pending_level = None;
+                s.history.clear();
+                s.replay.clear();
             }
         }
     }
@@ -547,9 +634,106 @@ impl RoomMixer {
                 None => l,
             });
         }
-        s.jitter
-            .push(pkt.seq, pkt.rtp_timestamp, pkt.payload, pkt.arrival);
+        s.jitter.push_leveled(
+            pkt.seq,
+            pkt.rtp_timestamp,
+            pkt.payload,
+            pkt.arrival,
+            pkt.level,
+        );
         Ok(())
+    }
+
+    /// Files a packet a mesh peer sent late, from before it began forwarding the stream (its
+    /// backlog): it joins the frames kept for the stream's entry into the mix, not the jitter
+    /// buffer, whose playout runs on the live packets. Refused like [`Self::push`]; packets
+    /// that span several room frames, or carry no level, are dropped (they cannot be replayed).
+    pub fn push_history(&mut self, pkt: InboundPacket) -> Result<(), MediaError> {
+        let keep = self.preroll_frames();
+        let s = self
+            .streams
+            .get_mut(&pkt.stream)
+            .ok_or(MediaError::UnknownStream(pkt.stream))?;
+        let samples = codec::packet_samples(&pkt.payload)?;
+        if samples != self.frame_samples || pkt.level.is_none() || s.muted {
+            return Ok(());
+        }
+        // A stream may begin with its backlog: it has levels, so its frames can be kept.
+        s.header_levels = true;
+        push_bounded(
+            &mut s.history,
+            PastFrame {
+                playout: Playout::Frame(pkt.payload),
+                arrival: Some(pkt.arrival),
+                voiced: voiced(pkt.level),
+            },
+            keep,
+        );
+        Ok(())
+    }
+
+    /// [`PREROLL_MS`] in room frames.
+    fn preroll_frames(&self) -> usize {
+        (PREROLL_MS / self.cfg.frame_ms.max(1)).max(1) as usize
+    }
+
+    /// Step 3b of the tick: streams outside the mix set keep their frames; a stream entering it
+    /// plays from its talkspurt's first kept frame, and a stream behind catches up by skipping
+    /// voiceless frames. Each stream still plays one frame per tick.
+    fn preroll(
+        &mut self,
+        mix_set: &[StreamId],
+        pulled: &mut BTreeMap<StreamId, Pulled>,
+        stats: &mut TickStats,
+    ) {
+        let keep = self.preroll_frames();
+        let gap = (ONSET_GAP_MS / self.cfg.frame_ms.max(1)).max(1) as usize;
+        for (&id, s) in &mut self.streams {
+            let Some(p) = pulled.get_mut(&id) else {
+                continue;
+            };
+            if !p.prerollable {
+                s.history.clear();
+                s.replay.clear();
+                continue;
+            }
+            let current = PastFrame {
+                playout: p.playout.clone(),
+                arrival: p.arrival,
+                voiced: p.voiced,
+            };
+            if !mix_set.contains(&id) {
+                // The backfill's frames are kept too. Local speakers hear them now and will hear
+                // the onset again when the stream enters; everyone else would miss it otherwise.
+                s.replay.clear();
+                push_bounded(&mut s.history, current, keep);
+                continue;
+            }
+            if !s.history.is_empty() {
+                s.replay = talkspurt(std::mem::take(&mut s.history), gap);
+                // Decoded as the backfill, the decoder is ahead of the onset: start it clean.
+                p.warm = false;
+            }
+            if s.replay.is_empty() {
+                continue;
+            }
+            s.replay.push_back(current);
+            while s.replay.len() > 1 && s.replay.front().is_some_and(|f| !f.voiced) {
+                s.replay.pop_front();
+                stats.preroll_skipped += 1;
+            }
+            while s.replay.len() > keep {
+                s.replay.pop_front();
+                stats.preroll_skipped += 1;
+            }
+            if let Some(f) = s.replay.pop_front() {
+                if !s.replay.is_empty() {
+                    stats.preroll_replayed += 1;
+                }
+                p.playout = f.playout;
+                p.arrival = f.arrival;
+            }
+        }
     }
 
     /// Local streams ranked at the last tick: the top N then the margin, for the mesh primary.
@@ -618,6 +802,8 @@ impl RoomMixer {
                 continue;
             }
             let mut p = Pulled::undecoded(playout, arrival, warm);
+            p.prerollable = pull && s.header_levels;
+            p.voiced = voiced(s.jitter.last_level());
             if s.header_levels {
                 match s.pending_level.take() {
                     Some(level) => s.level.observe_rfc6464(level),
@@ -686,6 +872,9 @@ impl RoomMixer {
             .collect();
         // The backfill only serves speakers' own mixes; without local speakers it costs nothing.
         let backfill = backfill.filter(|_| !local_speakers.is_empty());
+
+        // 3b. An entering stream starts at its talkspurt's onset (see the module docs).
+        self.preroll(&mix_set, &mut pulled, &mut stats);
 
         // 4. Decode what the mixes need and was not decoded for energy already.
         for &id in mix_set.iter().chain(backfill.iter()) {

@@ -20,7 +20,8 @@
 //! ```text
 //! offset size field
 //!  0     1    magic/version: 0xC1 (high nibble 0xC = Chorus mesh media, low nibble = version 1)
-//!  1     1    flags: bit 0 = audio level present, bit 1 = voice activity; other bits must be 0
+//!  1     1    flags: bit 0 = audio level present, bit 1 = voice activity, bit 2 = backlog (sent
+//!             late, from before the stream was forwarded: for its onset); other bits must be 0
 //!  2     8    room hash: first 8 bytes of SHA-256("chorus-room\0" || room name), see room_hash
 //! 10     8    stream id, local to the sending server (the stream key is (sender, stream id);
 //!             the sender is the authenticated QUIC peer, so it is not repeated here)
@@ -72,6 +73,7 @@ pub const MAX_DATAGRAM: usize = DATAGRAM_HEADER + MAX_OPUS_PAYLOAD;
 
 const FLAG_LEVEL: u8 = 0x01;
 const FLAG_VOICE: u8 = 0x02;
+const FLAG_BACKLOG: u8 = 0x04;
 
 /// A stream anywhere in the mesh: the server it enters on, and its id there.
 ///
@@ -372,6 +374,9 @@ pub struct MediaDatagram {
     pub ingress_us: u64,
     /// The Opus payload, untouched.
     pub payload: Bytes,
+    /// Sent late, from the origin's recent packets, when the stream began to be forwarded: the
+    /// receiver keeps it for the stream's onset instead of playing it as live.
+    pub backlog: bool,
 }
 
 impl MediaDatagram {
@@ -396,6 +401,9 @@ impl MediaDatagram {
                 flags |= FLAG_VOICE;
             }
             dbov = level.dbov;
+        }
+        if self.backlog {
+            flags |= FLAG_BACKLOG;
         }
         let mut out = BytesMut::with_capacity(DATAGRAM_HEADER + self.payload.len());
         out.put_u8(DATAGRAM_MAGIC);
@@ -435,7 +443,7 @@ impl MediaDatagram {
             });
         }
         let flags = h[1];
-        if flags & !(FLAG_LEVEL | FLAG_VOICE) != 0 {
+        if flags & !(FLAG_LEVEL | FLAG_VOICE | FLAG_BACKLOG) != 0 {
             return Err(MeshError::invalid(
                 "datagram flags",
                 format!("unknown flag bits in {flags:#04x}"),
@@ -475,6 +483,7 @@ impl MediaDatagram {
             level,
             ingress_us: be64(25),
             payload: data.slice(DATAGRAM_HEADER..),
+            backlog: flags & FLAG_BACKLOG != 0,
         })
     }
 }
@@ -513,6 +522,7 @@ mod tests {
             }),
             ingress_us: 42,
             payload: Bytes::from_static(b"\xf8opus"),
+            backlog: false,
         };
         let b = d.encode().unwrap();
         assert_eq!(b[0], 0xC1);
@@ -523,6 +533,10 @@ mod tests {
         assert_eq!(b[24], 30);
         assert_eq!(&b[33..], b"\xf8opus");
         assert_eq!(MediaDatagram::decode(b).unwrap(), d);
+        let late = MediaDatagram { backlog: true, ..d };
+        let b = late.encode().unwrap();
+        assert_eq!(b[1], 0x07, "the backlog flag is bit 2");
+        assert_eq!(MediaDatagram::decode(b).unwrap(), late);
     }
 
     #[test]

@@ -7,17 +7,20 @@
 //! Invariants:
 //! - a participant's stream id is its participant id, whatever transport carries it; remote
 //!   streams get ids from [`REMOTE_ID_BASE`] up, a range participants never reach;
-//! - a local stream is forwarded only to the servers the latest mesh view names for it;
+//! - a local stream is forwarded only to the servers the latest mesh view names for it; when a
+//!   view starts forwarding it somewhere, its last [`PREROLL_MS`] of packets go there first,
+//!   marked as backlog, so the far mixer can play a new speaker's onset from the start;
 //! - the mesh hears from the room every rank interval, and at once when the set of voiced
 //!   candidates changes (a new speaker must not wait out the interval);
 //! - a remote stream unheard for [`REMOTE_IDLE`] leaves the mixer, unless the global list still
 //!   names it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::media::mixer::{PREROLL_MS, voiced};
 use crate::media::{
     AudioLevel, InboundPacket, MediaError, MixOutput, MixerConfig, RoomMixer, StreamId,
     StreamOrigin,
@@ -68,6 +71,15 @@ pub struct Member {
     pub identity: String,
 }
 
+/// A local stream's recent packets, sent to a server that starts receiving the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backlog {
+    /// The packets, oldest first, each marked as backlog.
+    pub datagrams: Vec<MediaDatagram>,
+    /// The servers that were not receiving the stream before.
+    pub to: Vec<ServerId>,
+}
+
 /// Who gets what after one tick.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Deliveries {
@@ -109,6 +121,9 @@ struct MeshSide {
     reported_voiced: Vec<StreamId>,
     /// The remote streams on the global list, with their server and speaker's identity.
     remote_listed: BTreeMap<StreamId, RemoteSpeaker>,
+    /// Each local stream's last [`PREROLL_MS`] of packets, ready to forward: the backlog a
+    /// server gets when it starts receiving the stream.
+    recent: HashMap<StreamId, VecDeque<MediaDatagram>>,
 }
 
 /// A speaker on another server whom the global list names.
@@ -145,6 +160,7 @@ impl RoomCore {
                 forward: HashMap::new(),
                 reported_voiced: Vec::new(),
                 remote_listed: BTreeMap::new(),
+                recent: HashMap::new(),
             }),
             ticks: 0,
         })
@@ -189,6 +205,7 @@ impl RoomCore {
         self.mixer.remove_stream(StreamId(id));
         if let Some(m) = &mut self.mesh {
             m.forward.remove(&StreamId(id));
+            m.recent.remove(&StreamId(id));
         }
         Some(member)
     }
@@ -208,6 +225,9 @@ impl RoomCore {
     /// stay.
     pub fn restart_stream(&mut self, id: ParticipantId) {
         self.mixer.restart_stream(StreamId(id));
+        if let Some(m) = &mut self.mesh {
+            m.recent.remove(&StreamId(id));
+        }
     }
 
     /// A participant's packet. Returns the datagram to forward and where, when the mesh wants
@@ -220,25 +240,33 @@ impl RoomCore {
         ingress_us: u64,
     ) -> (Result<(), MediaError>, Option<Forward<'_>>) {
         let stream = StreamId(id);
-        let forward = match &self.mesh {
-            Some(m) => match m.forward.get(&stream) {
-                Some(targets) if !targets.is_empty() && self.members.contains_key(&id) => {
-                    Some(Forward {
-                        datagram: MediaDatagram {
-                            room_hash: m.room_hash,
-                            stream,
-                            seq: packet.seq,
-                            rtp_timestamp: packet.rtp_timestamp,
-                            level: packet.level,
-                            ingress_us,
-                            payload: packet.payload.clone(),
-                        },
-                        to: targets.as_slice(),
-                    })
+        let keep = self.preroll_packets();
+        let forward = match &mut self.mesh {
+            Some(m) if self.members.contains_key(&id) => {
+                let datagram = MediaDatagram {
+                    room_hash: m.room_hash,
+                    stream,
+                    seq: packet.seq,
+                    rtp_timestamp: packet.rtp_timestamp,
+                    level: packet.level,
+                    ingress_us,
+                    payload: packet.payload.clone(),
+                    backlog: false,
+                };
+                let recent = m.recent.entry(stream).or_default();
+                recent.push_back(datagram.clone());
+                while recent.len() > keep {
+                    recent.pop_front();
                 }
-                _ => None,
-            },
-            None => None,
+                match m.forward.get(&stream) {
+                    Some(targets) if !targets.is_empty() => Some(Forward {
+                        datagram,
+                        to: targets.as_slice(),
+                    }),
+                    _ => None,
+                }
+            }
+            _ => None,
         };
         let pushed = self.mixer.push(InboundPacket {
             stream,
@@ -263,14 +291,24 @@ impl RoomCore {
         if let Some(m) = &mut self.mesh {
             m.remote_last_seen.insert(stream, arrival);
         }
-        self.mixer.push(InboundPacket {
+        let packet = InboundPacket {
             stream,
             seq: datagram.seq,
             rtp_timestamp: datagram.rtp_timestamp,
             payload: datagram.payload,
             level: datagram.level,
             arrival,
-        })
+        };
+        if datagram.backlog {
+            self.mixer.push_history(packet)
+        } else {
+            self.mixer.push(packet)
+        }
+    }
+
+    /// [`PREROLL_MS`] in packets of the room's frame (a longer packet only keeps more).
+    fn preroll_packets(&self) -> usize {
+        (PREROLL_MS / self.mixer.config().frame_ms.max(1)).max(1) as usize
     }
 
     /// The mixer id of a remote stream, created on first sight.
@@ -294,7 +332,9 @@ impl RoomCore {
     }
 
     /// Apply the mesh's latest view: mix exactly the global list; remember what to forward.
-    pub fn apply_view(&mut self, view: RoomView) -> Result<(), MediaError> {
+    /// Returns the backlogs to send: for each local stream now forwarded to servers that were
+    /// not receiving it, its recent packets (when any of them carries voice).
+    pub fn apply_view(&mut self, view: RoomView) -> Result<Vec<Backlog>, MediaError> {
         let mut remote_listed = BTreeMap::new();
         let selection = match view.selection {
             Some(list) => {
@@ -312,12 +352,38 @@ impl RoomCore {
             }
             None => None,
         };
+        let mut backlogs = Vec::new();
         if let Some(m) = &mut self.mesh {
             m.remote_listed = remote_listed;
-            m.forward = view.forward.into_iter().collect();
+            let forward: HashMap<StreamId, Vec<ServerId>> = view.forward.into_iter().collect();
+            for (stream, targets) in &forward {
+                let before = m.forward.get(stream);
+                let to: Vec<ServerId> = targets
+                    .iter()
+                    .filter(|t| before.is_none_or(|b| !b.contains(t)))
+                    .cloned()
+                    .collect();
+                let Some(recent) = m.recent.get(stream) else {
+                    continue;
+                };
+                if to.is_empty() || !recent.iter().any(|d| voiced(d.level)) {
+                    continue;
+                }
+                backlogs.push(Backlog {
+                    datagrams: recent
+                        .iter()
+                        .map(|d| MediaDatagram {
+                            backlog: true,
+                            ..d.clone()
+                        })
+                        .collect(),
+                    to,
+                });
+            }
+            m.forward = forward;
         }
         self.mixer.set_selection(selection);
-        Ok(())
+        Ok(backlogs)
     }
 
     /// One frame tick at `now`.
@@ -576,6 +642,72 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_starts_receiving_a_stream_gets_its_recent_packets_first() {
+        let mut core =
+            RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
+        core.add_member(1, "one".to_owned());
+        let mut one = Talker::new(300.0, -10.0);
+        // 20 packets before any view: only the last PREROLL_MS (15 at 20 ms) are kept.
+        let sent: Vec<u16> = (0..20)
+            .map(|i| {
+                let p = one.packet(ms(i * 20));
+                let seq = p.seq;
+                let (pushed, forward) = core.push_local(1, p, 0);
+                pushed.expect("valid packet");
+                assert!(forward.is_none());
+                seq
+            })
+            .collect();
+        let view = |to: &[&str]| RoomView {
+            selection: Some(vec![StreamKey::new("a", 1)]),
+            forward: vec![(StreamId(1), to.iter().map(|s| (*s).to_owned()).collect())],
+            names: vec!["one".to_owned()],
+        };
+        let backlogs = core.apply_view(view(&["b"])).expect("view applies");
+        assert_eq!(backlogs.len(), 1);
+        assert_eq!(backlogs[0].to, ["b".to_owned()]);
+        let seqs: Vec<u16> = backlogs[0].datagrams.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, sent[5..], "the last 300 ms, oldest first");
+        assert!(
+            backlogs[0]
+                .datagrams
+                .iter()
+                .all(|d| d.backlog && d.stream == StreamId(1))
+        );
+        // The same view again: "b" has it already. A new server gets the backlog, "b" does not.
+        assert!(core.apply_view(view(&["b"])).expect("applies").is_empty());
+        let backlogs = core.apply_view(view(&["b", "c"])).expect("applies");
+        assert_eq!(backlogs.len(), 1);
+        assert_eq!(backlogs[0].to, ["c".to_owned()]);
+        // Live packets are not marked as backlog.
+        let (_, forward) = core.push_local(1, one.packet(ms(400)), 0);
+        assert!(!forward.expect("forwarded").datagram.backlog);
+
+        // A stream whose recent packets are all silent has no onset to send.
+        core.add_member(2, "two".to_owned());
+        for i in 0..5 {
+            let mut p = one.packet(ms(420 + i * 20));
+            p.level = Some(AudioLevel {
+                dbov: 127,
+                voice: false,
+            });
+            let (pushed, _) = core.push_local(2, p, 0);
+            pushed.expect("valid packet");
+        }
+        let backlogs = core
+            .apply_view(RoomView {
+                selection: Some(vec![StreamKey::new("a", 1)]),
+                forward: vec![
+                    (StreamId(1), vec!["b".to_owned(), "c".to_owned()]),
+                    (StreamId(2), vec!["b".to_owned()]),
+                ],
+                names: vec!["one".to_owned()],
+            })
+            .expect("applies");
+        assert!(backlogs.is_empty(), "{backlogs:?}");
+    }
+
+    #[test]
     fn forwards_only_what_the_view_names_and_mixes_exactly_the_global_list() {
         let mut core =
             RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
@@ -627,6 +759,7 @@ mod tests {
                 level: p.level,
                 ingress_us: 0,
                 payload: p.payload,
+                backlog: false,
             };
             core.push_remote(&remote, datagram, now).expect("valid");
             mixed = core.tick(now + ms(5)).mix.mixed;
@@ -650,6 +783,7 @@ mod tests {
                 level: p.level,
                 ingress_us: 0,
                 payload: p.payload,
+                backlog: false,
             };
             core.push_remote(&key, datagram, ms(at)).expect("valid");
         }

@@ -150,8 +150,19 @@ impl RoomTask {
             tokio::select! {
                 Some(remote) = recv_remote(inbox.as_deref_mut()) => self.on_remote(remote, epoch),
                 Some(view) = view_changed(view.as_deref_mut()) => {
-                    if let Err(e) = self.core.apply_view(view) {
-                        tracing::warn!(room = %self.name, error = %e, "mesh view refused");
+                    match self.core.apply_view(view) {
+                        Ok(backlogs) => {
+                            if let Some(node) = &self.node {
+                                for b in &backlogs {
+                                    for d in &b.datagrams {
+                                        node.forward(d, &b.to);
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(room = %self.name, error = %e, "mesh view refused");
+                        }
                     }
                 }
                 Ok(()) = self.mixing.changed() => {
