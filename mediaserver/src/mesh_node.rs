@@ -51,6 +51,9 @@ pub struct RoomView {
     pub forward: Vec<(StreamId, Vec<ServerId>)>,
     /// Who speaks on each stream of `selection`, in the same order ("" when unknown).
     pub names: Vec<String>,
+    /// When `selection` takes effect: the room mixes the list it had until its first tick at
+    /// or after this (`None`: at once). Forwarding follows `forward` at once.
+    pub switch_at: Option<Instant>,
 }
 
 /// A forwarded packet for a room, from another server.
@@ -199,7 +202,10 @@ impl MeshNode {
             shutdown.clone(),
         )?;
         let incarnation = unix_micros_now();
-        let state = MeshNodeState::new(self_id, &plan, ProtocolConfig::default(), incarnation);
+        let mut state = MeshNodeState::new(self_id, &plan, ProtocolConfig::default(), incarnation);
+        let epoch = Instant::now();
+        // The protocol's time zero is `epoch`; switch ticks cross the mesh on the wall clock.
+        state.set_wall_origin_us(unix_micros_now());
         let generation = Arc::new(AtomicI64::new(plan.generation));
         let (mixing_tx, mixing) = watch::channel(MixerConfig::from_plan(&plan.mixing));
         let (telephony_tx, telephony) = watch::channel(plan.telephony.clone());
@@ -218,7 +224,7 @@ impl MeshNode {
             telephony: telephony_tx,
             transfer: transfer_tx,
             signals: signals_tx,
-            epoch: Instant::now(),
+            epoch,
         };
         tokio::spawn(driver.run(events_rx, wake.clone(), inbound, shutdown));
         Ok(Self {
@@ -370,6 +376,9 @@ impl Driver {
                     if let Err(e) = self.state.on_message(&from, message, now) {
                         self.metrics.record_error(&e);
                     }
+                    // At once, not at the next tick: a new list must reach the rooms before
+                    // its switch tick, and a primary merges a new speaker's report sooner.
+                    self.poll();
                 }
                 Some((from, bytes)) = inbound.datagrams.recv() => self.on_datagram(from, bytes),
                 _ = ticker.tick() => {
@@ -509,6 +518,7 @@ impl Driver {
                 selection: list.map(|g| g.list.clone()),
                 forward: self.state.forwarding(room),
                 names: list.map(|g| g.names.clone()).unwrap_or_default(),
+                switch_at: self.state.switch_at(room).map(|d| self.epoch + d),
             };
             view.send_if_modified(|current| {
                 if *current == next {

@@ -100,7 +100,7 @@ struct Sim {
     epochs: Vec<u64>,
     control_bytes: u64,
     /// Ground truth, per simulated ms with a listed primary: all participating servers mix the
-    /// primary's current list.
+    /// list in force on the primary (the switch ticks taken into account).
     truth_ticks: u64,
     truth_consistent: u64,
 }
@@ -260,14 +260,15 @@ impl Sim {
         let Some(pi) = self.nodes.get(self.idx(&p)).and_then(|n| n.as_ref()) else {
             return;
         };
-        let Some(truth) = pi.selection(ROOM).cloned() else {
+        // What is mixed now: a list in force (past its switch tick), not merely received.
+        let Some(truth) = pi.mixing(ROOM, self.now).cloned() else {
             return;
         };
         self.truth_ticks += 1;
         if self
             .participating()
             .iter()
-            .all(|&i| self.node(i).selection(ROOM) == Some(&truth))
+            .all(|&i| self.node(i).mixing(ROOM, self.now) == Some(&truth))
         {
             self.truth_consistent += 1;
         }
@@ -708,6 +709,7 @@ fn mesh_refuses_strangers_and_bad_messages() {
         list: vec![],
         margin: vec![],
         names: vec![],
+        at_us: 0,
     };
     let e = s.on_message(&sim.ids[1], forged, MS).unwrap_err();
     assert_eq!(e.category(), "invalid");
@@ -716,6 +718,7 @@ fn mesh_refuses_strangers_and_bad_messages() {
         seq: 1,
         epoch: 0,
         candidates: vec![],
+        late_us: 0,
     };
     assert_eq!(
         s.on_message(&sim.ids[1], bad_room, MS)
@@ -919,4 +922,118 @@ fn mesh_a_pausing_talker_keeps_its_slot_until_a_voice_needs_it() {
         })
         .expect("the departed voice's slot is freed");
     assert!(took <= Duration::from_millis(60), "took {took:?}");
+}
+
+/// Whether every participating server mixes the same list (epoch and streams) at the sim's now.
+fn mixing_agrees(sim: &Sim) -> bool {
+    let lists: Vec<Option<(u64, Vec<StreamKey>)>> = sim
+        .participating()
+        .iter()
+        .map(|&i| {
+            sim.node(i)
+                .mixing(ROOM, sim.now)
+                .map(|g| (g.epoch, g.list.clone()))
+        })
+        .collect();
+    lists.windows(2).all(|w| w[0] == w[1])
+}
+
+fn lists_late(sim: &Sim) -> u64 {
+    sim.nodes
+        .iter()
+        .flatten()
+        .map(|n| n.counters().lists_late)
+        .sum()
+}
+
+/// What one list change looked like: lists that arrived late, ms in which the servers mixed
+/// different lists, the primary's ticks and consistent ticks, every server's switch tick.
+struct Change {
+    late: u64,
+    disagreed_ms: u64,
+    ticks: u64,
+    consistent: u64,
+    switch_at: Vec<Option<Duration>>,
+}
+
+/// A loud newcomer on a member server comes (even rounds) or goes (odd rounds): a new list.
+/// Runs 400 ms after it.
+fn change(sim: &mut Sim, member: usize, base: &[Candidate], round: usize) -> Change {
+    let mut candidates = base.to_vec();
+    if round.is_multiple_of(2) {
+        candidates.insert(0, cand(99, -3.0, true));
+    }
+    let (late0, (t0, c0)) = (lists_late(sim), sim.counters_sum());
+    sim.set_local(member, 5, candidates);
+    let mut disagreed_ms = 0;
+    for _ in 0..400 {
+        sim.step();
+        if !mixing_agrees(sim) {
+            disagreed_ms += 1;
+        }
+    }
+    let (t1, c1) = sim.counters_sum();
+    Change {
+        late: lists_late(sim) - late0,
+        disagreed_ms,
+        ticks: t1 - t0,
+        consistent: c1 - c0,
+        switch_at: (0..3).map(|i| sim.node(i).switch_at(ROOM)).collect(),
+    }
+}
+
+/// DESIGN.md §5: a new list takes effect at the tick the primary stamps on it, a measured
+/// one-way delay ahead, on every server at once; a server the list reaches late switches on
+/// arrival, says so, and the primary counts the ticks it mixed the old list.
+#[test]
+fn mesh_a_new_list_switches_at_the_agreed_tick_on_every_server() {
+    let mut sim = three_servers(15, 5);
+    let want = expected_full(&sim);
+    sim.run_until(Duration::from_secs(2), |s| s.agreed_on(&want))
+        .expect("servers converge");
+    let primary = sim.idx(&sim.agreed().expect("agreed").primary);
+    let member = (primary + 1) % 3;
+    let base = sim.local[member][ROOM].candidates.clone();
+
+    let mut report = Vec::new();
+    for round in 0..6 {
+        let c = change(&mut sim, member, &base, round);
+        report.push(format!(
+            "round {round}: {} late, {} ms disagreeing, {}/{} ticks consistent",
+            c.late, c.disagreed_ms, c.consistent, c.ticks
+        ));
+        // The lead is half the round trip measured while converging, plus the guard.
+        assert_eq!(c.late, 0, "{report:?}");
+        assert_eq!(c.disagreed_ms, 0, "{report:?}");
+        assert!(c.ticks >= 19, "{report:?}");
+        assert_eq!(c.consistent, c.ticks, "{report:?}");
+        assert!(
+            c.switch_at.windows(2).all(|w| w[0] == w[1]),
+            "one switch tick everywhere: {:?}",
+            c.switch_at
+        );
+    }
+
+    // The links slow to 60 ms: the next list arrives 45 ms after its tick (the lead still
+    // expects 15 ms). The members say so, and the primary's count sees the disagreement.
+    sim.delay = Duration::from_millis(60);
+    sim.run(Duration::from_millis(500)); // the slowdown reaches every queue
+    let c = change(&mut sim, member, &base, 6);
+    report.push(format!(
+        "slow links: {} late, {} ms disagreeing, {}/{} ticks consistent",
+        c.late, c.disagreed_ms, c.consistent, c.ticks
+    ));
+    assert_eq!(c.late, 2, "{report:?}");
+    assert!((40..=50).contains(&c.disagreed_ms), "{report:?}");
+    let missed = c.ticks - c.consistent;
+    assert!((2..=3).contains(&missed), "{report:?}");
+    // Measured again, the lead covers 60 ms, and the next change is on time.
+    let c = change(&mut sim, member, &base, 7);
+    report.push(format!(
+        "slow links, measured: {} late, {} ms disagreeing, {}/{} ticks consistent",
+        c.late, c.disagreed_ms, c.consistent, c.ticks
+    ));
+    eprintln!("{}", report.join("\n"));
+    assert_eq!((c.late, c.disagreed_ms), (0, 0), "{report:?}");
+    assert_eq!(c.consistent, c.ticks, "{report:?}");
 }

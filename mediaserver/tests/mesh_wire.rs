@@ -57,25 +57,28 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             room(),
             any::<u64>(),
             any::<u64>(),
-            prop::collection::vec(candidate(), 0..=MAX_LOCAL_CANDIDATES)
+            prop::collection::vec(candidate(), 0..=MAX_LOCAL_CANDIDATES),
+            any::<u64>()
         )
-            .prop_map(
-                |(room, seq, epoch, candidates)| ControlMessage::LocalTopList {
+            .prop_map(|(room, seq, epoch, candidates, late_us)| {
+                ControlMessage::LocalTopList {
                     room,
                     seq,
                     epoch,
                     candidates,
+                    late_us,
                 }
-            ),
+            }),
         (
             room(),
             any::<u64>(),
             server(),
             prop::collection::vec(key(), 0..=MAX_GLOBAL_LIST),
             prop::collection::vec(key(), 0..=MAX_GLOBAL_MARGIN),
-            any::<bool>()
+            any::<bool>(),
+            any::<u64>()
         )
-            .prop_map(|(room, epoch, primary, list, margin, named)| {
+            .prop_map(|(room, epoch, primary, list, margin, named, at_us)| {
                 // Names, when present, come one per listed stream.
                 let names = if named {
                     list.iter().map(|k| format!("who-{}", k.stream.0)).collect()
@@ -89,6 +92,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                     list,
                     margin,
                     names,
+                    at_us,
                 }
             }),
     ]
@@ -273,6 +277,7 @@ fn mesh_limits_fail_cleanly_with_categories() {
             voice: true,
             identity: None,
         }],
+        late_us: 0,
     };
     assert_eq!(nan.encode().unwrap_err().category(), "invalid");
     let long_name = ControlMessage::LocalTopList {
@@ -285,6 +290,7 @@ fn mesh_limits_fail_cleanly_with_categories() {
             voice: true,
             identity: Some("x".repeat(MAX_IDENTITY + 1)),
         }],
+        late_us: 0,
     };
     assert_eq!(long_name.encode().unwrap_err().category(), "too_large");
     let misaligned = ControlMessage::GlobalTopList {
@@ -294,6 +300,7 @@ fn mesh_limits_fail_cleanly_with_categories() {
         list: vec![StreamKey::new("a", 1), StreamKey::new("b", 2)],
         margin: Vec::new(),
         names: vec!["only-one".into()],
+        at_us: 0,
     };
     assert_eq!(misaligned.encode().unwrap_err().category(), "invalid");
 

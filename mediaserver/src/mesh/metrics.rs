@@ -43,6 +43,9 @@ pub struct MeshMetrics {
     pub consistent_ticks: IntCounter,
     /// `chorus_mesh_ticks_total`: primary-side ticks counted.
     pub ticks: IntCounter,
+    /// `chorus_mesh_lists_late_total`: global lists that reached this server after their
+    /// switch tick (it switched on arrival).
+    pub lists_late: IntCounter,
     /// `chorus_mesh_forwarded_streams`: stream copies this server forwards now.
     pub forwarded_streams: IntGauge,
     /// `chorus_mesh_cross_server_delay_seconds`: origin ingress to arrival here.
@@ -96,12 +99,17 @@ impl MeshMetrics {
             .expect("static metric definition is valid"),
             consistent_ticks: IntCounter::new(
                 "chorus_mesh_consistent_ticks_total",
-                "Primary-side frame ticks at which every server with participants mixed the current global list epoch.",
+                "Primary-side frame ticks at which every server with participants mixed the global list epoch in force.",
             )
             .expect("static metric definition is valid"),
             ticks: IntCounter::new(
                 "chorus_mesh_ticks_total",
                 "Primary-side frame ticks counted for the consistency ratio.",
+            )
+            .expect("static metric definition is valid"),
+            lists_late: IntCounter::new(
+                "chorus_mesh_lists_late_total",
+                "Global lists that reached this server after the tick they were stamped for.",
             )
             .expect("static metric definition is valid"),
             forwarded_streams: IntGauge::new(
@@ -145,6 +153,7 @@ impl MeshMetrics {
             Box::new(self.global_list_changes.clone()),
             Box::new(self.consistent_ticks.clone()),
             Box::new(self.ticks.clone()),
+            Box::new(self.lists_late.clone()),
             Box::new(self.forwarded_streams.clone()),
             Box::new(self.cross_server_delay.clone()),
             Box::new(self.plan_generation.clone()),
@@ -174,6 +183,8 @@ impl MeshMetrics {
         self.ticks.inc_by(delta(now.ticks, last.ticks));
         self.consistent_ticks
             .inc_by(delta(now.consistent_ticks, last.consistent_ticks));
+        self.lists_late
+            .inc_by(delta(now.lists_late, last.lists_late));
         *last = now;
         drop(last);
         self.forwarded_streams
@@ -247,6 +258,7 @@ mod tests {
             "chorus_mesh_global_list_changes_total",
             "chorus_mesh_consistent_ticks_total",
             "chorus_mesh_ticks_total",
+            "chorus_mesh_lists_late_total",
             "chorus_mesh_forwarded_streams",
             "chorus_mesh_cross_server_delay_seconds",
             "chorus_mesh_plan_generation",

@@ -139,6 +139,11 @@ pub enum ControlMessage {
         /// when known (at most [`MAX_IDENTITY`] bytes).
         #[serde(rename = "c")]
         candidates: Vec<Candidate>,
+        /// How late the sender switched to `epoch`'s list after the tick it was stamped for, in
+        /// µs (0: on time), so the primary counts the ticks it mixed the old list as
+        /// inconsistent.
+        #[serde(rename = "lu", default, skip_serializing_if = "is_zero")]
+        late_us: u64,
     },
     /// The primary's merged list for one room, to every server with participants in it.
     #[serde(rename = "gt")]
@@ -162,7 +167,16 @@ pub enum ControlMessage {
         /// empty from a sender that names nobody.
         #[serde(rename = "nm", default, skip_serializing_if = "Vec::is_empty")]
         names: Vec<String>,
+        /// When every server switches to this list: µs since the Unix epoch, on the primary's
+        /// clock, a little ahead of sending (0: at once).
+        #[serde(rename = "at", default, skip_serializing_if = "is_zero")]
+        at_us: u64,
     },
+}
+
+/// For `skip_serializing_if`: a zero field is left out (and read back as its default).
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl ControlMessage {
@@ -576,6 +590,7 @@ mod tests {
                     identity: None,
                 },
             ],
+            late_us: 0,
         };
         let b = local.encode().unwrap();
         assert_eq!(
@@ -590,6 +605,7 @@ mod tests {
             list: vec![StreamKey::new("a", 7), StreamKey::new("b", 9)],
             margin: vec![StreamKey::new("c", 1)],
             names: vec!["alice".into(), String::new()],
+            at_us: 0,
         };
         let b = global.encode().unwrap();
         assert_eq!(
@@ -597,6 +613,43 @@ mod tests {
             br#"{"t":"gt","r":"lobby","e":5,"p":"a","l":[{"n":"a","s":7},{"n":"b","s":9}],"m":[{"n":"c","s":1}],"nm":["alice",""]}"#
         );
         assert_eq!(ControlMessage::decode(&b).unwrap(), global);
+        // The switch tick and a late acknowledgement, when set.
+        let stamped = match global {
+            ControlMessage::GlobalTopList {
+                room,
+                epoch,
+                primary,
+                list,
+                margin,
+                names,
+                ..
+            } => ControlMessage::GlobalTopList {
+                room,
+                epoch,
+                primary,
+                list,
+                margin,
+                names,
+                at_us: 1_700_000_000_123_456,
+            },
+            other => other,
+        };
+        let b = stamped.encode().unwrap();
+        assert!(b.ends_with(br#","at":1700000000123456}"#));
+        assert_eq!(ControlMessage::decode(&b).unwrap(), stamped);
+        let late = ControlMessage::LocalTopList {
+            room: "lobby".into(),
+            seq: 4,
+            epoch: 5,
+            candidates: Vec::new(),
+            late_us: 2500,
+        };
+        let b = late.encode().unwrap();
+        assert_eq!(
+            &b[1..],
+            br#"{"t":"lt","r":"lobby","q":4,"e":5,"c":[],"lu":2500}"#
+        );
+        assert_eq!(ControlMessage::decode(&b).unwrap(), late);
     }
 
     #[test]

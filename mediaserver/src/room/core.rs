@@ -10,6 +10,8 @@
 //! - a local stream is forwarded only to the servers the latest mesh view names for it; when a
 //!   view starts forwarding it somewhere, its last [`PREROLL_MS`] of packets go there first,
 //!   marked as backlog, so the far mixer can play a new speaker's onset from the start;
+//! - a new global list is mixed from the room's first tick at or after its switch tick (the
+//!   same tick on every server), never before; what to forward changes at once;
 //! - the mesh hears from the room every rank interval, and at once when the set of voiced
 //!   candidates changes (a new speaker must not wait out the interval);
 //! - a remote stream unheard for [`REMOTE_IDLE`] leaves the mixer, unless the global list still
@@ -142,6 +144,8 @@ pub struct RoomCore {
     members: BTreeMap<ParticipantId, Member>,
     mesh: Option<MeshSide>,
     ticks: u32,
+    /// A selection waiting for its switch tick (room time).
+    pending: Option<(Duration, Option<Vec<StreamId>>)>,
 }
 
 impl RoomCore {
@@ -163,6 +167,7 @@ impl RoomCore {
                 recent: HashMap::new(),
             }),
             ticks: 0,
+            pending: None,
         })
     }
 
@@ -331,10 +336,15 @@ impl RoomCore {
         Ok(id)
     }
 
-    /// Apply the mesh's latest view: mix exactly the global list; remember what to forward.
-    /// Returns the backlogs to send: for each local stream now forwarded to servers that were
-    /// not receiving it, its recent packets (when any of them carries voice).
-    pub fn apply_view(&mut self, view: RoomView) -> Result<Vec<Backlog>, MediaError> {
+    /// Apply the mesh's latest view: mix exactly the global list from the first tick at or after
+    /// `switch_at` (room time; `None`: from now), and forward what it says at once. Returns the
+    /// backlogs to send: for each local stream now forwarded to servers that were not receiving
+    /// it, its recent packets (when any of them carries voice).
+    pub fn apply_view(
+        &mut self,
+        view: RoomView,
+        switch_at: Option<Duration>,
+    ) -> Result<Vec<Backlog>, MediaError> {
         let mut remote_listed = BTreeMap::new();
         let selection = match view.selection {
             Some(list) => {
@@ -382,12 +392,23 @@ impl RoomCore {
             }
             m.forward = forward;
         }
-        self.mixer.set_selection(selection);
+        match switch_at {
+            Some(at) => self.pending = Some((at, selection)),
+            None => {
+                self.pending = None;
+                self.mixer.set_selection(selection);
+            }
+        }
         Ok(backlogs)
     }
 
     /// One frame tick at `now`.
     pub fn tick(&mut self, now: Duration) -> Tick {
+        if self.pending.as_ref().is_some_and(|(at, _)| now >= *at)
+            && let Some((_, selection)) = self.pending.take()
+        {
+            self.mixer.set_selection(selection);
+        }
         let mix = self.mixer.tick(now);
         let deliveries = self.deliveries(&mix);
         self.ticks = self.ticks.wrapping_add(1);
@@ -471,11 +492,14 @@ impl RoomCore {
         let Some(m) = self.mesh.as_mut() else {
             return Vec::new();
         };
-        let listed = self
+        let mut listed = self
             .mixer
             .selection()
             .map(<[StreamId]>::to_vec)
             .unwrap_or_default();
+        if let Some((_, Some(next))) = &self.pending {
+            listed.extend(next);
+        }
         let idle: Vec<StreamId> = m
             .remote_ids
             .values()
@@ -499,6 +523,12 @@ impl RoomCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl RoomCore {
+        fn apply_view_now(&mut self, view: RoomView) -> Result<Vec<Backlog>, MediaError> {
+            self.apply_view(view, None)
+        }
+    }
     use crate::media::codec::Encoder;
     use crate::media::spectrum::ToneGenerator;
 
@@ -642,6 +672,49 @@ mod tests {
     }
 
     #[test]
+    fn a_new_list_is_mixed_from_its_switch_tick_and_forwarded_at_once() {
+        let mut core =
+            RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
+        core.add_member(1, "one".to_owned());
+        core.add_member(2, "two".to_owned());
+        let mut talkers = [
+            (1, Talker::new(300.0, -10.0)),
+            (2, Talker::new(500.0, -12.0)),
+        ];
+        let listed = |ids: &[u64]| RoomView {
+            selection: Some(ids.iter().map(|&i| StreamKey::new("a", i)).collect()),
+            forward: ids
+                .iter()
+                .map(|&i| (StreamId(i), vec!["b".to_owned()]))
+                .collect(),
+            names: ids.iter().map(|i| format!("p{i}")).collect(),
+            switch_at: None,
+        };
+        core.apply_view_now(listed(&[1])).expect("view applies");
+        let mixed = |ticks: &[Tick]| -> Vec<Vec<StreamId>> {
+            ticks.iter().map(|t| t.mix.mixed.clone()).collect()
+        };
+        let before = run(&mut core, &mut talkers, 0, 9);
+        assert!(mixed(&before).iter().all(|m| *m == [StreamId(1)]));
+
+        // Stamped for 200 ms (tick 10 runs at 205 ms): stream 2 is forwarded now, mixed then.
+        core.apply_view(listed(&[1, 2]), Some(ms(200)))
+            .expect("view applies");
+        let (_, forward) = core.push_local(2, talkers[1].1.packet(ms(190)), 0);
+        assert!(forward.is_some(), "forwarded before the switch");
+        let at = run(&mut core, &mut talkers, 9, 1);
+        assert_eq!(mixed(&at), [vec![StreamId(1)]], "185 ms: the old list");
+        let after = run(&mut core, &mut talkers, 10, 5);
+        assert!(
+            mixed(&after)
+                .iter()
+                .all(|m| *m == [StreamId(1), StreamId(2)]),
+            "from 205 ms: the new list, {:?}",
+            mixed(&after)
+        );
+    }
+
+    #[test]
     fn a_server_that_starts_receiving_a_stream_gets_its_recent_packets_first() {
         let mut core =
             RoomCore::new(settings(), Some(("a".to_owned(), 7))).expect("valid settings");
@@ -662,8 +735,9 @@ mod tests {
             selection: Some(vec![StreamKey::new("a", 1)]),
             forward: vec![(StreamId(1), to.iter().map(|s| (*s).to_owned()).collect())],
             names: vec!["one".to_owned()],
+            switch_at: None,
         };
-        let backlogs = core.apply_view(view(&["b"])).expect("view applies");
+        let backlogs = core.apply_view_now(view(&["b"])).expect("view applies");
         assert_eq!(backlogs.len(), 1);
         assert_eq!(backlogs[0].to, ["b".to_owned()]);
         let seqs: Vec<u16> = backlogs[0].datagrams.iter().map(|d| d.seq).collect();
@@ -675,8 +749,12 @@ mod tests {
                 .all(|d| d.backlog && d.stream == StreamId(1))
         );
         // The same view again: "b" has it already. A new server gets the backlog, "b" does not.
-        assert!(core.apply_view(view(&["b"])).expect("applies").is_empty());
-        let backlogs = core.apply_view(view(&["b", "c"])).expect("applies");
+        assert!(
+            core.apply_view_now(view(&["b"]))
+                .expect("applies")
+                .is_empty()
+        );
+        let backlogs = core.apply_view_now(view(&["b", "c"])).expect("applies");
         assert_eq!(backlogs.len(), 1);
         assert_eq!(backlogs[0].to, ["c".to_owned()]);
         // Live packets are not marked as backlog.
@@ -695,13 +773,14 @@ mod tests {
             pushed.expect("valid packet");
         }
         let backlogs = core
-            .apply_view(RoomView {
+            .apply_view_now(RoomView {
                 selection: Some(vec![StreamKey::new("a", 1)]),
                 forward: vec![
                     (StreamId(1), vec!["b".to_owned(), "c".to_owned()]),
                     (StreamId(2), vec!["b".to_owned()]),
                 ],
                 names: vec!["one".to_owned()],
+                switch_at: None,
             })
             .expect("applies");
         assert!(backlogs.is_empty(), "{backlogs:?}");
@@ -718,10 +797,11 @@ mod tests {
         assert!(forward.is_none(), "no view yet: nothing forwarded");
 
         let remote = StreamKey::new("b", 9);
-        core.apply_view(RoomView {
+        core.apply_view_now(RoomView {
             selection: Some(vec![StreamKey::new("a", 1), remote.clone()]),
             forward: vec![(StreamId(1), vec!["b".to_owned(), "c".to_owned()])],
             names: vec!["one".to_owned(), "far".to_owned()],
+            switch_at: None,
         })
         .expect("view applies");
         // The remote speaker is named; our own listed stream is not a remote speaker.
@@ -787,10 +867,11 @@ mod tests {
             };
             core.push_remote(&key, datagram, ms(at)).expect("valid");
         }
-        core.apply_view(RoomView {
+        core.apply_view_now(RoomView {
             selection: Some(vec![StreamKey::new("b", 2)]),
             forward: Vec::new(),
             names: Vec::new(),
+            switch_at: None,
         })
         .expect("view applies");
         // Well past the idle limit: the unlisted stream goes, the listed one stays.

@@ -150,7 +150,8 @@ impl RoomTask {
             tokio::select! {
                 Some(remote) = recv_remote(inbox.as_deref_mut()) => self.on_remote(remote, epoch),
                 Some(view) = view_changed(view.as_deref_mut()) => {
-                    match self.core.apply_view(view) {
+                    let switch_at = view.switch_at.map(|at| at.saturating_duration_since(epoch));
+                    match self.core.apply_view(view, switch_at) {
                         Ok(backlogs) => {
                             if let Some(node) = &self.node {
                                 for b in &backlogs {

@@ -4,7 +4,14 @@
 //! lists, merges them with its own candidates into the global list and margin, stamps a new
 //! epoch when they change, and sends the list to every live member (again every
 //! `global_refresh`, and to a member whose acknowledged epoch lags). On the frame grid it counts
-//! the ticks at which every member mixes the current epoch.
+//! the ticks at which every member mixes the epoch in force.
+//!
+//! Each new list is stamped with the tick it takes effect at: now plus the slowest member's
+//! one-way delay (half the round trip from sending a list to its acknowledgement) and a guard.
+//! Every server switches at that tick; one that got the list late says by how much, and the
+//! ticks it mixed the old list count as inconsistent. Ticks are judged once the members'
+//! acknowledgements can have arrived (a lead's worth later), so an acknowledgement in flight is
+//! not counted as a miss.
 //!
 //! Invariants: a term starts in a grace period (until every live member has reported, or one
 //! rank interval passed), so its first epoch is above every epoch the members reported and a
@@ -14,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::rooms::{GlobalList, RemoteList};
+use super::rooms::{GlobalList, RemoteList, accept};
 use super::top_list::{merge_top_list, sanitize_candidates};
 use super::{MeshNodeState, Outgoing, ServerId, StreamKey};
 use crate::media::Candidate;
@@ -24,6 +31,16 @@ use crate::mesh::wire::ControlMessage;
 /// The level a present but not voice-active candidate enters the merge at: the wire's floor,
 /// below every silence threshold.
 const SILENT_DBOV: f32 = -127.0;
+
+/// The furthest ahead a list's switch tick is stamped (and accepted): a slower member switches
+/// late rather than every server waiting for it.
+pub(super) const MAX_SWITCH_LEAD: Duration = Duration::from_millis(150);
+
+/// Added to the slowest member's one-way delay: scheduling slack on both ends.
+const SWITCH_GUARD: Duration = Duration::from_millis(3);
+
+/// A member's one-way delay until a round trip has been measured.
+const DEFAULT_ONE_WAY: Duration = Duration::from_millis(10);
 
 /// This server's term as the primary of a room.
 #[derive(Debug)]
@@ -42,6 +59,13 @@ pub(super) struct Lead {
     last_broadcast: Duration,
     sent_to: BTreeMap<ServerId, Duration>,
     next_tick: Option<Duration>,
+    /// When `epoch` takes effect (this state's time), and on the wall clock (µs).
+    switch_at: Duration,
+    at_us: u64,
+    /// The epoch in force before `switch_at`.
+    prev_epoch: u64,
+    /// Each member's round trip, list to acknowledgement (smoothed).
+    rtt: BTreeMap<ServerId, Duration>,
 }
 
 impl Lead {
@@ -57,6 +81,31 @@ impl Lead {
             last_broadcast: now,
             sent_to: BTreeMap::new(),
             next_tick: None,
+            switch_at: now,
+            at_us: 0,
+            prev_epoch: 0,
+            rtt: BTreeMap::new(),
+        }
+    }
+
+    /// How far ahead of now a new list is stamped for `members`.
+    fn switch_lead(&self, members: &[ServerId]) -> Duration {
+        members
+            .iter()
+            .map(|m| self.rtt.get(m).map_or(DEFAULT_ONE_WAY, |rtt| *rtt / 2))
+            .max()
+            .map_or(Duration::ZERO, |one_way| {
+                (one_way + SWITCH_GUARD).min(MAX_SWITCH_LEAD)
+            })
+    }
+
+    /// Whether a member whose last list acknowledged `acked` after switching `late` mixes, at
+    /// tick `t`, the epoch in force then.
+    fn in_step(&self, acked: u64, late: Duration, t: Duration) -> bool {
+        if t >= self.switch_at {
+            acked == self.epoch && t >= self.switch_at + late
+        } else {
+            acked == self.prev_epoch || acked == self.epoch
         }
     }
 
@@ -75,8 +124,7 @@ impl MeshNodeState {
         &mut self,
         from: &str,
         room: &str,
-        seq: u64,
-        epoch: u64,
+        (seq, epoch, late): (u64, u64, Duration),
         candidates: Vec<Candidate>,
         now: Duration,
     ) -> Result<(), MeshError> {
@@ -93,6 +141,23 @@ impl MeshNodeState {
         if r.remote.get(from).is_some_and(|l| seq <= l.seq) {
             return Ok(()); // reordered or duplicate
         }
+        let acked_before = r.remote.get(from).map(|l| l.epoch);
+        // The first acknowledgement of this term's list measures the member's round trip.
+        if let Some(lead) = &mut r.lead
+            && lead.epoch > 0
+            && epoch == lead.epoch
+            && acked_before != Some(epoch)
+            && let Some(sent) = lead.sent_to.get(from)
+        {
+            // Up at once, down slowly: a list stamped too short arrives late everywhere.
+            let sample = now.saturating_sub(*sent);
+            let rtt = lead.rtt.entry(from.to_owned()).or_insert(sample);
+            *rtt = if sample > *rtt {
+                sample
+            } else {
+                (*rtt * 3 + sample) / 4
+            };
+        }
         r.remote.insert(
             from.to_owned(),
             RemoteList {
@@ -100,6 +165,7 @@ impl MeshNodeState {
                 received: now,
                 epoch,
                 candidates: sanitize_candidates(candidates, limit),
+                late,
             },
         );
         r.max_epoch_seen = r.max_epoch_seen.max(epoch);
@@ -137,6 +203,7 @@ impl MeshNodeState {
         let hysteresis = self.config.hysteresis_db;
         let refresh = self.config.global_refresh;
         let self_id = self.self_id.clone();
+        let wall_origin_us = self.wall_origin_us;
         let peers = &self.peers;
         let Some(r) = self.rooms.get_mut(name) else {
             return;
@@ -216,8 +283,16 @@ impl MeshNodeState {
             || list != lead.list
             || margin != lead.margin;
         let mut broadcast = false;
+        let switch_lead = lead.switch_lead(&members);
         if changed {
             let current = r.current.as_ref().map_or(0, |c| c.epoch);
+            // The epoch mixed now stays in force until the new one's tick.
+            let in_force = if now >= r.switch_at {
+                current
+            } else {
+                r.previous.as_ref().map_or(0, |p| p.epoch)
+            };
+            lead.prev_epoch = in_force;
             lead.epoch = lead
                 .epoch
                 .max(r.max_epoch_seen)
@@ -227,14 +302,26 @@ impl MeshNodeState {
             lead.list = list;
             lead.margin = margin;
             lead.names = names;
+            lead.switch_at = now + switch_lead;
+            lead.at_us = wall_origin_us
+                .saturating_add(u64::try_from(lead.switch_at.as_micros()).unwrap_or(u64::MAX));
             r.max_epoch_seen = lead.epoch;
-            r.current = Some(GlobalList {
-                epoch: lead.epoch,
-                primary: self_id.clone(),
-                list: lead.list.clone(),
-                margin: lead.margin.clone(),
-                names: lead.names.clone(),
-            });
+            accept(
+                (&mut r.current, &mut r.previous, &mut r.switch_at),
+                GlobalList {
+                    epoch: lead.epoch,
+                    primary: self_id.clone(),
+                    list: lead.list.clone(),
+                    margin: lead.margin.clone(),
+                    names: lead.names.clone(),
+                    at_us: lead.at_us,
+                },
+                lead.switch_at,
+                now,
+            );
+            r.late = Duration::ZERO;
+            // Nothing was mixed before (a first list switches at once): so is the record.
+            lead.switch_at = r.switch_at;
             self.counters.global_list_changes += 1;
             broadcast = true;
         } else if now.saturating_sub(lead.last_broadcast) >= refresh {
@@ -251,15 +338,19 @@ impl MeshNodeState {
             }
         }
 
-        // Consistency: on the frame grid, does every member mix the current epoch?
+        // Consistency: on the frame grid, does every member mix the epoch in force? A tick is
+        // judged once acknowledgements sent on time can have arrived: twice the lead later.
         if local_participants > 0 || !members.is_empty() {
-            let consistent = !unreachable
-                && members
-                    .iter()
-                    .all(|m| r.remote.get(m).is_some_and(|l| l.epoch == lead.epoch));
+            let judged = (switch_lead * 2).min(MAX_SWITCH_LEAD * 2);
             let mut next = lead.next_tick.unwrap_or(now);
             let mut n = 0;
-            while next <= now && n < 1000 {
+            while next + judged <= now && n < 1000 {
+                let consistent = !unreachable
+                    && members.iter().all(|m| {
+                        r.remote
+                            .get(m)
+                            .is_some_and(|l| lead.in_step(l.epoch, l.late, next))
+                    });
                 self.counters.ticks += 1;
                 if consistent {
                     self.counters.consistent_ticks += 1;
@@ -267,8 +358,8 @@ impl MeshNodeState {
                 next += mixing.frame;
                 n += 1;
             }
-            if next <= now {
-                next = now + mixing.frame;
+            if next + judged <= now {
+                next = now.saturating_sub(judged) + mixing.frame;
             }
             lead.next_tick = Some(next);
         } else {
@@ -286,5 +377,6 @@ fn global_message(room: &str, self_id: &str, lead: &Lead) -> ControlMessage {
         list: lead.list.clone(),
         margin: lead.margin.clone(),
         names: lead.names.clone(),
+        at_us: lead.at_us,
     }
 }

@@ -178,6 +178,9 @@ pub struct MeshCounters {
     pub messages_rejected: u64,
     /// Times this server became the primary of a room.
     pub takeovers: u64,
+    /// Global lists that reached this server after the tick they were stamped for (it switched
+    /// at once, late).
+    pub lists_late: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -225,6 +228,9 @@ pub struct MeshNodeState {
     counters: MeshCounters,
     /// The latest time seen in any call (for calls that take no time).
     now: Duration,
+    /// The wall clock at time zero of this state, µs since the Unix epoch: switch ticks cross
+    /// the mesh as wall-clock times (servers keep NTP time), each server's own times do not.
+    wall_origin_us: u64,
 }
 
 impl MeshNodeState {
@@ -255,6 +261,7 @@ impl MeshNodeState {
             membership_dirty: true,
             counters: MeshCounters::default(),
             now: Duration::ZERO,
+            wall_origin_us: 0,
         };
         s.on_plan(plan);
         s
@@ -289,9 +296,25 @@ impl MeshNodeState {
                 room.primary = None;
                 room.lead = None;
                 room.current = None;
+                room.previous = None;
             }
         }
         self.membership_dirty = true;
+    }
+
+    /// Sets the wall-clock time (µs since the Unix epoch) of this state's time zero: the shell
+    /// calls it once, with the wall clock read when its monotonic time zero was. Until then (and
+    /// in tests whose servers share one virtual clock) it is 0.
+    pub fn set_wall_origin_us(&mut self, us: u64) {
+        self.wall_origin_us = us;
+    }
+
+    /// A wall-clock time (µs since the Unix epoch) as this state's time; `None` before its
+    /// time zero.
+    fn local_time(&self, wall_us: u64) -> Option<Duration> {
+        wall_us
+            .checked_sub(self.wall_origin_us)
+            .map(Duration::from_micros)
     }
 
     /// This server's id.
@@ -395,7 +418,14 @@ impl MeshNodeState {
                 seq,
                 epoch,
                 candidates,
-            } => self.on_local_top_list(from, &room, seq, epoch, candidates, now),
+                late_us,
+            } => self.on_local_top_list(
+                from,
+                &room,
+                (seq, epoch, Duration::from_micros(late_us)),
+                candidates,
+                now,
+            ),
             ControlMessage::GlobalTopList {
                 room,
                 epoch,
@@ -403,7 +433,15 @@ impl MeshNodeState {
                 list,
                 margin,
                 names,
-            } => self.on_global_top_list(from, &room, epoch, primary, (list, names), margin),
+                at_us,
+            } => self.on_global_top_list(
+                from,
+                &room,
+                (epoch, at_us),
+                primary,
+                (list, names, margin),
+                now,
+            ),
         }
     }
 

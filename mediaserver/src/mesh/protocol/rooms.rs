@@ -6,16 +6,21 @@
 //! it, and dropped (by `poll`) once it has been empty for `room_linger`: no local participant,
 //! no live peer announcing it, no fresh local list from a peer.
 //!
+//! A new list takes effect at the tick it is stamped for (DESIGN.md §5, "Mixing"), not when it
+//! arrives: until then the previous list stays in force ([`MeshNodeState::mixing`]), while the
+//! new list's streams are already forwarded, so their packets are there at the switch. A list
+//! that arrives after its tick takes effect at once and is acknowledged as late by how much.
+//!
 //! Invariants: at most `max_rooms` rooms, a room beyond that is refused; a global list is
 //! accepted only from the server this one considers the primary and only with an epoch not below
 //! the current one; an accepted list is canonical (sorted, deduplicated, its margin disjoint from
-//! the list).
+//! the list); a switch is never further ahead than [`MAX_SWITCH_LEAD`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::election::{rendezvous_order, update_primary};
-use super::lead::Lead;
+use super::lead::{Lead, MAX_SWITCH_LEAD};
 use super::top_list::{canonical, voiced_streams};
 use super::{MeshNodeState, Outgoing, ServerId, StreamKey};
 use crate::media::{Candidate, StreamId};
@@ -35,6 +40,28 @@ pub struct GlobalList {
     pub margin: Vec<StreamKey>,
     /// The identity speaking on each stream of `list`, in the same order ("" when unknown).
     pub names: Vec<String>,
+    /// When it takes effect: µs since the Unix epoch on the primary's clock (0: at once).
+    pub at_us: u64,
+}
+
+/// Accepts `list` into a room's (current, previous, switch tick) to take effect at `switch_at`
+/// (at once when nothing is mixed yet). The list in force now stays in force until then; a
+/// pending list not yet in force is replaced.
+pub(super) fn accept(
+    (current, previous, at): (
+        &mut Option<GlobalList>,
+        &mut Option<GlobalList>,
+        &mut Duration,
+    ),
+    list: GlobalList,
+    switch_at: Duration,
+    now: Duration,
+) {
+    if current.is_some() && now >= *at {
+        *previous = current.take();
+    }
+    *at = if previous.is_none() { now } else { switch_at };
+    *current = Some(list);
 }
 
 impl GlobalList {
@@ -54,6 +81,8 @@ pub(super) struct RemoteList {
     pub(super) received: Duration,
     pub(super) epoch: u64,
     pub(super) candidates: Vec<Candidate>,
+    /// How late the member switched to `epoch` after its stamped tick.
+    pub(super) late: Duration,
 }
 
 /// One room on this server.
@@ -71,7 +100,14 @@ pub(super) struct Room {
     /// reaches the primary without waiting out the interval.
     pub(super) sent_streams: Vec<StreamId>,
     pub(super) remote: BTreeMap<ServerId, RemoteList>,
+    /// The latest list accepted (or made, as primary); in force from `switch_at`.
     pub(super) current: Option<GlobalList>,
+    /// The list in force until `switch_at`.
+    pub(super) previous: Option<GlobalList>,
+    /// When `current` takes effect here (this state's time).
+    pub(super) switch_at: Duration,
+    /// How much after its stamped tick `current` arrived here (zero: on time).
+    pub(super) late: Duration,
     pub(super) max_epoch_seen: u64,
     pub(super) lead: Option<Lead>,
     pub(super) idle_since: Option<Duration>,
@@ -81,6 +117,16 @@ impl Room {
     /// The epoch of the accepted global list; 0 before the first.
     pub(super) fn current_epoch(&self) -> u64 {
         self.current.as_ref().map_or(0, |c| c.epoch)
+    }
+
+    /// Accepts `list` to take effect at `switch_at` ([`accept`]).
+    pub(super) fn accept(&mut self, list: GlobalList, switch_at: Duration, now: Duration) {
+        accept(
+            (&mut self.current, &mut self.previous, &mut self.switch_at),
+            list,
+            switch_at,
+            now,
+        );
     }
 }
 
@@ -99,6 +145,23 @@ impl MeshNodeState {
     /// mixer then ranks locally).
     pub fn selection(&self, room: &str) -> Option<&GlobalList> {
         self.rooms.get(room).and_then(|r| r.current.as_ref())
+    }
+
+    /// The global list in force in `room` at `now`: [`Self::selection`] once its switch tick has
+    /// come, the previous list before.
+    pub fn mixing(&self, room: &str, now: Duration) -> Option<&GlobalList> {
+        let r = self.rooms.get(room)?;
+        if now >= r.switch_at {
+            r.current.as_ref()
+        } else {
+            r.previous.as_ref().or(r.current.as_ref())
+        }
+    }
+
+    /// When [`Self::selection`] takes effect in `room` (this state's time); `None` without one.
+    pub fn switch_at(&self, room: &str) -> Option<Duration> {
+        let r = self.rooms.get(room)?;
+        r.current.as_ref().map(|_| r.switch_at)
     }
 
     /// The state of `room`, created (and its primary elected) if new; a new room beyond
@@ -125,6 +188,9 @@ impl MeshNodeState {
                     sent_streams: Vec::new(),
                     remote: BTreeMap::new(),
                     current: None,
+                    previous: None,
+                    switch_at: Duration::ZERO,
+                    late: Duration::ZERO,
                     max_epoch_seen: 0,
                     lead: None,
                     idle_since: None,
@@ -194,6 +260,7 @@ impl MeshNodeState {
                 seq: r.local_seq,
                 epoch: r.current_epoch(),
                 candidates,
+                late_us: u64::try_from(r.late.as_micros()).unwrap_or(u64::MAX),
             },
         });
     }
@@ -205,10 +272,10 @@ impl MeshNodeState {
         &mut self,
         from: &str,
         room: &str,
-        epoch: u64,
+        (epoch, at_us): (u64, u64),
         primary: ServerId,
-        (list, names): (Vec<StreamKey>, Vec<String>),
-        margin: Vec<StreamKey>,
+        (list, names, margin): (Vec<StreamKey>, Vec<String>, Vec<StreamKey>),
+        now: Duration,
     ) -> Result<(), MeshError> {
         if primary != from {
             return Err(MeshError::invalid(
@@ -217,6 +284,14 @@ impl MeshNodeState {
             ));
         }
         self.ensure_room(room)?;
+        // The stamped tick on this server's clock, and how late the list is for it.
+        let target = if at_us == 0 {
+            Some(now)
+        } else {
+            self.local_time(at_us)
+        };
+        let switch_at = target.unwrap_or(now).clamp(now, now + MAX_SWITCH_LEAD);
+        let late = target.map_or(Duration::ZERO, |t| now.saturating_sub(t));
         let Some(r) = self.rooms.get_mut(room) else {
             return Ok(());
         };
@@ -242,15 +317,23 @@ impl MeshNodeState {
             list,
             margin,
             names,
+            at_us,
         };
         let changed = r
             .current
             .as_ref()
             .is_none_or(|c| c.epoch != new.epoch || c.primary != new.primary);
-        r.current = Some(new);
         if changed {
-            // Acknowledge at once (the local list carries the epoch we now mix).
+            r.accept(new, switch_at, now);
+            r.late = late;
+            if !late.is_zero() {
+                self.counters.lists_late += 1;
+            }
+            // Acknowledge at once (the local list carries the epoch we now take on).
             r.next_rank = None;
+        } else {
+            // A refresh of the same list: its content, not its timing.
+            r.current = Some(new);
         }
         self.counters.lists_accepted += 1;
         Ok(())
