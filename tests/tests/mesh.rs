@@ -652,6 +652,16 @@ async fn a_new_speaker_arrives_whole_on_every_server_under_the_demo_load() -> Re
     write_wav(&wav, &burst)?;
 
     // Each round a fresh newcomer, on each server in turn: silent, then its burst, then gone.
+    let ticks = || primary_ticks(&cluster);
+    let late = || -> f64 {
+        (0..DEMO_REGIONS.len())
+            .map(|i| {
+                metric(&cluster.server(i).metrics(), "chorus_mesh_lists_late_total").unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let changes = || list_changes(&cluster, DEMO_REGIONS.len());
+    let ((ticks0, consistent0), late0, changes0) = (ticks(), late(), changes());
     let mut worst = Vec::new();
     for round in 0..DEMO_REGIONS.len() {
         let home = round;
@@ -690,6 +700,23 @@ async fn a_new_speaker_arrives_whole_on_every_server_under_the_demo_load() -> Re
         // Its slot is freed and a talker takes it back before the next round.
         until_all_named(&cluster, &all).await?;
     }
+    let (ticks1, consistent1) = ticks();
+    let (ticks, consistent) = (ticks1 - ticks0, consistent1 - consistent0);
+    let (late, changed) = (late() - late0, changes() - changes0);
+    eprintln!(
+        "newcomers: {changed} list changes, {late} lists late, {consistent}/{ticks} ticks consistent ({:.3} %)",
+        100.0 * consistent / ticks
+    );
+    // Each newcomer changed the list (twice: in, and out); switching at the stamped tick keeps
+    // the servers together through every change.
+    assert!(
+        changed >= 2.0 * DEMO_REGIONS.len() as f64,
+        "{changed} list changes"
+    );
+    assert!(
+        consistent / ticks >= 0.99,
+        "consistency {consistent}/{ticks}"
+    );
     for (i, onset, follow) in &worst {
         assert!(
             *onset >= 100 && *follow >= 200,
