@@ -1037,3 +1037,51 @@ fn mesh_a_new_list_switches_at_the_agreed_tick_on_every_server() {
     assert_eq!((c.late, c.disagreed_ms), (0, 0), "{report:?}");
     assert_eq!(c.consistent, c.ticks, "{report:?}");
 }
+
+/// A stream the new list drops is still forwarded until the new list's switch tick: the servers
+/// mix the old list until then, and must not lose its last frames.
+#[test]
+fn mesh_a_dropped_speaker_is_forwarded_until_the_switch_tick() {
+    let mut sim = three_servers(15, 9);
+    let want = expected_full(&sim);
+    sim.run_until(Duration::from_secs(2), |s| s.agreed_on(&want))
+        .expect("servers converge");
+    let epoch = sim.agreed().expect("agreed").epoch;
+    // The loudest newcomer on server 0 takes the weakest slot, stream 20 of server 2, which
+    // becomes the margin; stream 21, the old margin, is on neither.
+    let mut candidates = sim.local[0][ROOM].candidates.clone();
+    candidates.insert(0, cand(99, -3.0, true));
+    sim.set_local(0, 5, candidates);
+    sim.run_until(Duration::from_secs(1), |s| {
+        s.node(2).selection(ROOM).is_some_and(|g| g.epoch > epoch)
+    })
+    .expect("server 2 gets the new list");
+    let switch_at = sim.node(2).switch_at(ROOM).expect("a switch tick");
+    assert!(sim.now < switch_at, "accepted ahead of its tick");
+    assert!(
+        !sim.node(2)
+            .selection(ROOM)
+            .expect("a list")
+            .margin
+            .contains(&key(&sim, 2, 21)),
+        "the new list drops stream 21"
+    );
+    assert!(
+        !sim.node(2)
+            .selection(ROOM)
+            .expect("a list")
+            .list
+            .contains(&key(&sim, 2, 21)),
+        "the new list drops stream 21"
+    );
+    while sim.now < switch_at {
+        assert!(
+            !sim.node(2).forward_targets(ROOM, StreamId(21)).is_empty(),
+            "stream 21 still forwarded at {:?} (switch at {switch_at:?})",
+            sim.now
+        );
+        sim.step();
+    }
+    sim.run(Duration::from_millis(2));
+    assert!(sim.node(2).forward_targets(ROOM, StreamId(21)).is_empty());
+}

@@ -1,12 +1,13 @@
 //! What this server forwards (DESIGN.md §5, "Forwarding"): the packets of a local stream go to
 //! every other live server with participants in the room while the stream is on the accepted
-//! global list or margin and voice-active locally.
+//! global list or margin and voice-active locally. Until the accepted list's switch tick the list
+//! still in force counts too, so a speaker leaving the list is heard to the end of its term.
 //!
 //! Read-only views of the room state, asked by the shell once per tick (or per packet). Per room
 //! the mesh forwards at most `(topSpeakers + extraCandidates) × (servers − 1)` streams, whatever
 //! the participant count, and a server whose participants are all silent forwards nothing.
 
-use super::rooms::Room;
+use super::rooms::{GlobalList, Room};
 use super::{MeshNodeState, ServerId};
 use crate::media::StreamId;
 
@@ -49,13 +50,14 @@ impl MeshNodeState {
             .sum()
     }
 
-    /// Whether local stream `stream` is forwarded: on the accepted list or margin, and
-    /// voice-active here.
+    /// Whether local stream `stream` is forwarded: on the accepted list or margin (or, until the
+    /// accepted list's switch tick, on the list still in force), and voice-active here.
     fn forwards(&self, r: &Room, stream: StreamId) -> bool {
+        let names = |g: &GlobalList| g.forwards(&self.self_id, stream);
+        let pending = self.now < r.switch_at;
         r.local_participants > 0
-            && r.current
-                .as_ref()
-                .is_some_and(|g| g.forwards(&self.self_id, stream))
+            && (r.current.as_ref().is_some_and(names)
+                || (pending && r.previous.as_ref().is_some_and(names)))
             && r.local_candidates
                 .iter()
                 .any(|c| c.stream == stream && c.voice)
