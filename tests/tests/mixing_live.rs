@@ -193,6 +193,34 @@ async fn a_participant_sees_remote_speakers_by_identity() -> Result<()> {
     // And ada hears him.
     let heard = hears_exactly(&ada, &tones(&[500]), Duration::from_secs(5)).await;
     assert_eq!(heard, tones(&[500]));
+
+    // Bob pauses: he rests in his slot (still named, still listed), but is not speaking.
+    bob.set_source(&AudioSource::Silence)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let info: serde_json::Value = client
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let bob_entry = info["remote_speakers"]
+            .as_array()
+            .and_then(|r| r.iter().find(|s| s["identity"] == "bob").cloned());
+        let Some(bob_entry) = bob_entry else {
+            anyhow::bail!("bob, resting in his slot, is no longer named: {info}");
+        };
+        if bob_entry["speaking"] == false {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bob is silent but still shown speaking: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(bob);
     Ok(())
 }

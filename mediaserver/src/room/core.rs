@@ -186,6 +186,12 @@ impl RoomCore {
         &self.members
     }
 
+    /// Whether a stream is voice-active now (its smoothed level, with the hangover): a listed
+    /// speaker resting in their slot is not.
+    pub fn voice_active(&self, id: StreamId) -> bool {
+        self.mixer.importance(id).is_some_and(|c| c.voice)
+    }
+
     /// The speakers on other servers that the global list names, by their stream id here.
     pub fn remote_speakers(&self) -> impl Iterator<Item = (StreamId, &RemoteSpeaker)> + '_ {
         self.mesh

@@ -128,7 +128,8 @@ pub struct RemoteSpeakerInfo {
     pub identity: String,
     /// The server the speaker is connected to.
     pub server: String,
-    /// Whether they are mixed right now.
+    /// Whether they are mixed and voice-active right now (a listed speaker resting in their
+    /// slot through a pause is listed, not speaking).
     pub speaking: bool,
 }
 
@@ -139,7 +140,8 @@ pub struct ParticipantInfo {
     pub id: u64,
     /// The identity from the join token.
     pub identity: String,
-    /// Whether they are mixed right now.
+    /// Whether they are mixed and voice-active right now (a listed speaker resting in their
+    /// slot through a pause is in `active_speakers`, not speaking).
     pub speaking: bool,
 }
 

@@ -504,7 +504,7 @@ impl RoomTask {
                 .map(|(id, s)| RemoteSpeakerInfo {
                     identity: s.identity.clone(),
                     server: s.server.clone(),
-                    speaking: mixed.contains(&id),
+                    speaking: mixed.contains(&id) && self.core.voice_active(id),
                 })
                 .collect();
         }
@@ -521,7 +521,8 @@ impl RoomTask {
             .map(|(id, m)| ParticipantInfo {
                 id: *id,
                 identity: m.identity.clone(),
-                speaking: speaking.contains(id),
+                speaking: speaking.contains(id)
+                    && self.core.voice_active(crate::media::StreamId(*id)),
             })
             .collect();
         info.active_speakers = speaking;
