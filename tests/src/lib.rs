@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bot;
 pub mod call_me;
 pub mod calls_api;
+pub mod demo_shape;
 pub mod edge;
 pub mod janus;
 pub mod link;

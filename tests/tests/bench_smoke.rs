@@ -56,6 +56,25 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
     );
     assert!(phone.cpu.loaded_percent > 0.0, "{:?}", phone.cpu);
 
+    // List stability: consistency is a share of ticks, and every ear received between nothing
+    // and all of each newcomer's first 250 ms.
+    let lists = run
+        .list_stability
+        .as_ref()
+        .expect("the list-stability scenario ran");
+    assert!(
+        lists.ticks > 0.0 && (0.0..=1.0).contains(&lists.consistency),
+        "{lists:?}"
+    );
+    assert!(
+        !lists.onset_received_ms.is_empty()
+            && lists
+                .onset_received_ms
+                .iter()
+                .all(|ms| (0.0..=250.0).contains(ms)),
+        "{lists:?}"
+    );
+
     // The files `make bench` writes: the required JSON keys and a report with its tables.
     let runs = [run];
     let json = harness::results_json(&plan, &runs);
@@ -68,10 +87,33 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
         "encodes_per_tick",
         "convergence_ms",
         "phone_calls",
+        "consistency",
+        "list_changes_per_minute_three_talkers",
+        "onset_received_ms",
     ] {
         assert!(json.get(key).is_some(), "results lack {key}: {json}");
     }
     assert!(json["delay_ms"]["floor"].as_f64().is_some_and(|f| f > 10.0));
+    assert!(
+        json["consistency"]
+            .as_f64()
+            .is_some_and(|c| (0.0..=1.0).contains(&c)),
+        "{json}"
+    );
+    assert!(
+        json["list_changes_per_minute_three_talkers"]
+            .as_f64()
+            .is_some_and(|c| c >= 0.0),
+        "{json}"
+    );
+    for figure in ["p50", "min"] {
+        assert!(
+            json["onset_received_ms"][figure]
+                .as_f64()
+                .is_some_and(|ms| (0.0..=250.0).contains(&ms)),
+            "onset_received_ms.{figure}: {json}"
+        );
+    }
     let dir = std::env::temp_dir().join(format!("chorus-bench-smoke-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let out = dir.join("latest.json");
@@ -84,6 +126,7 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
         "## Server-added delay",
         "## Capacity",
         "## Phone calls",
+        "## List stability and new speakers",
         "## Method",
     ] {
         assert!(md.contains(heading), "report lacks {heading}:\n{md}");

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use chorus_tests::bot::{AudioSource, Bot, BotConfig, tone, tones as set};
+use chorus_tests::demo_shape::{
+    DEMO_REGIONS, demo_talker_names, demo_talkers, list_changes, named, newcomer_round,
+    primary_ticks, until_all_named, write_newcomer_burst,
+};
 use chorus_tests::heavy_test_guard;
 use chorus_tests::link::{LinkKnobs, relay, relay_addresses};
 use chorus_tests::media_server::{MediaServer, metric, metric_sum};
@@ -22,28 +26,6 @@ async fn join(server: &MediaServer, who: &str, source: AudioSource) -> Result<Bo
 
 fn heard(bot: &Bot, freqs: &[f64]) -> BTreeSet<u32> {
     bot.heard(freqs)
-}
-
-/// New global lists emitted so far by the first `servers` servers together.
-fn list_changes(cluster: &MeshCluster, servers: usize) -> f64 {
-    (0..servers)
-        .map(|i| {
-            metric(
-                &cluster.server(i).metrics(),
-                "chorus_mesh_global_list_changes_total",
-            )
-            .unwrap_or(0.0)
-        })
-        .sum()
-}
-
-/// The ticks the room's primary counted, and of those the consistent ones.
-fn primary_ticks(cluster: &MeshCluster) -> (f64, f64) {
-    let text = cluster.server(cluster.primary_of(ROOM)).metrics();
-    (
-        metric(&text, "chorus_mesh_ticks_total").unwrap_or(0.0),
-        metric(&text, "chorus_mesh_consistent_ticks_total").unwrap_or(0.0),
-    )
 }
 
 const NINE: [f64; 9] = [
@@ -395,7 +377,7 @@ async fn a_pausing_talker_keeps_its_slot_and_every_listener_hears_the_same() -> 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let changes = || list_changes(&cluster, 3);
-    let ticks = || primary_ticks(&cluster);
+    let ticks = || primary_ticks(&cluster, ROOM);
     let (changes0, (ticks0, consistent0)) = (changes(), ticks());
     // Who each server names as speaking elsewhere: the pauser's server names the other two, the
     // others name the pauser among theirs.
@@ -471,109 +453,27 @@ async fn a_pausing_talker_keeps_its_slot_and_every_listener_hears_the_same() -> 
 /// talkers in three slots still never need a new list. Over 30 s after the first list: zero list
 /// changes on every server, at least 99.9 % of the primary's ticks consistent, and every server
 /// names the same three speakers whenever it is asked.
-/// The demo's regions, in examples/conference.yaml's order: us-east ×2, eu-west ×2, ap-south ×1.
-const DEMO_REGIONS: [&str; 5] = ["us-east", "us-east-b", "eu-west", "eu-west-b", "ap-south"];
-
-/// The demo's three talkers (`make demo`'s espeak-ng bots, with their sentences, voices, levels
-/// and placement: bot j on the first server of region j % 3), talking into `dir`'s recordings.
-async fn demo_talkers(cluster: &MeshCluster, dir: &std::path::Path) -> Result<Vec<Bot>> {
-    use chorus_operator::local::bots;
-    use chorus_tests::bot::espeak_wav;
-    std::fs::create_dir_all(dir)?;
-    let talker_server = [0usize, 2, 4];
-    let mut talkers = Vec::new();
-    for (j, &server) in talker_server.iter().enumerate() {
-        let wav = dir.join(format!("bot-{j}.wav"));
-        espeak_wav(&bots::sentence(j), bots::voice(j), &wav)?;
-        let bot = cluster
-            .server(server)
-            .join_bot(
-                ROOM,
-                &bots::identity(j),
-                BotConfig::new(AudioSource::Wav(wav)),
-            )
-            .await?;
-        // As chorus-bot does with --level-dbfs: a gain on the recording.
-        bot.set_level_dbfs(bots::level_dbfs(j) as f64);
-        talkers.push(bot);
-    }
-    Ok(talkers)
-}
-
-/// The speakers server `i`'s participants are told about: its own listed talkers and the remote
-/// ones the global list names.
-async fn named(cluster: &MeshCluster, i: usize) -> Result<BTreeSet<String>> {
-    let url = format!("{}/v1/rooms/{ROOM}", cluster.server(i).base_url);
-    let token = cluster.server(i).token(ROOM, "observer");
-    let info: serde_json::Value = reqwest::Client::new()
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let mut names: BTreeSet<String> = info["remote_speakers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s["identity"].as_str().map(str::to_owned))
-        .collect();
-    let active: Vec<u64> = info["active_speakers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
-    for p in info["participants"].as_array().into_iter().flatten() {
-        if p["id"].as_u64().is_some_and(|id| active.contains(&id)) {
-            names.extend(p["identity"].as_str().map(str::to_owned));
-        }
-    }
-    Ok(names)
-}
-
-/// Waits (20 s at most) until every server names exactly `all`.
-async fn until_all_named(cluster: &MeshCluster, all: &BTreeSet<String>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut ok = true;
-        for i in 0..DEMO_REGIONS.len() {
-            ok &= named(cluster, i).await? == *all;
-        }
-        if ok {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the speakers {all:?} are never all listed"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shape_keeps_one_list_and_mixes_it_everywhere() -> Result<()> {
-    use chorus_operator::local::bots;
     let _serial = heavy_test_guard().await;
     let cluster = MeshCluster::start(&DEMO_REGIONS, 3, |_, a| a).await?;
     let dir = std::env::temp_dir().join(format!("chorus-demo-shape-{}", std::process::id()));
-    let talkers = demo_talkers(&cluster, &dir).await?;
+    let talkers = demo_talkers(&cluster, ROOM, &dir).await?;
     let _ears = [
         join(cluster.server(1), "ear-us", AudioSource::Silence).await?,
         join(cluster.server(3), "ear-eu", AudioSource::Silence).await?,
     ];
-    let all: BTreeSet<String> = (0..3).map(bots::identity).collect();
+    let all: BTreeSet<String> = demo_talker_names();
     // Warm-up: every talker has spoken and every server names all three.
-    until_all_named(&cluster, &all).await?;
+    until_all_named(&cluster, ROOM, &all).await?;
 
     let changes = || list_changes(&cluster, DEMO_REGIONS.len());
-    let ticks = || primary_ticks(&cluster);
+    let ticks = || primary_ticks(&cluster, ROOM);
     let (changes0, (ticks0, consistent0)) = (changes(), ticks());
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
         for i in 0..DEMO_REGIONS.len() {
-            let got = named(&cluster, i).await?;
+            let got = named(&cluster, ROOM, i).await?;
             anyhow::ensure!(
                 got == all,
                 "after {:?}, server {i} names {got:?}",
@@ -603,56 +503,25 @@ async fn the_demo_shape_keeps_one_list_and_mixes_it_everywhere() -> Result<()> {
     Ok(())
 }
 
-/// The newcomer's distinctive onset: its first 100 ms at one tone, the next 200 ms at another.
-const ONSET_HZ: f64 = 3100.0;
-const FOLLOW_HZ: f64 = 4300.0;
-const ONSET_DBFS: f64 = -12.0;
-/// Windows in which tones are counted: 10 ms, so a tone is resolved to 100 Hz. A whole 100 ms
-/// tone fills 10 or 11 of them; one 20 ms frame lost leaves at most 9.
-const WINDOW: usize = 480;
-
-/// How many ms of `hz` (above -30 dBFS, in 10 ms windows) are in `samples`.
-fn tone_ms(samples: &[i16], hz: f64) -> usize {
-    samples
-        .chunks_exact(WINDOW)
-        .filter(|w| chorus_tests::bot::tone_level(w, hz) > -30.0)
-        .count()
-        * 10
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_speaker_arrives_whole_on_every_server_under_the_demo_load() -> Result<()> {
-    use chorus_operator::local::bots;
-    use chorus_tests::bot::write_wav;
     let _serial = heavy_test_guard().await;
     let cluster = MeshCluster::start(&DEMO_REGIONS, 3, |_, a| a).await?;
     let dir = std::env::temp_dir().join(format!("chorus-newcomer-{}", std::process::id()));
-    let talkers = demo_talkers(&cluster, &dir).await?;
+    let talkers = demo_talkers(&cluster, ROOM, &dir).await?;
     let mut ears = Vec::new();
     for i in 0..DEMO_REGIONS.len() {
         ears.push(join(cluster.server(i), &format!("ear-{i}"), AudioSource::Silence).await?);
     }
-    let all: BTreeSet<String> = (0..3).map(bots::identity).collect();
-    until_all_named(&cluster, &all).await?;
+    let all: BTreeSet<String> = demo_talker_names();
+    until_all_named(&cluster, ROOM, &all).await?;
 
-    // 100 ms of the onset tone, 200 ms of the follow-on, then silence (the file is longer than a
-    // round, so its loop never plays twice).
-    let sine = |hz: f64, ms: usize| -> Vec<i16> {
-        let amplitude = 32767.0 * 10f64.powf(ONSET_DBFS / 20.0);
-        (0..ms * 48)
-            .map(|n| {
-                (amplitude * (2.0 * std::f64::consts::PI * hz * n as f64 / 48_000.0).sin()) as i16
-            })
-            .collect()
-    };
-    let mut burst = sine(ONSET_HZ, 100);
-    burst.extend(sine(FOLLOW_HZ, 200));
-    burst.extend(std::iter::repeat_n(0i16, 48 * 3000));
+    // 100 ms of the onset tone, 200 ms of the follow-on, then silence.
     let wav = dir.join("newcomer.wav");
-    write_wav(&wav, &burst)?;
+    write_newcomer_burst(&wav)?;
 
     // Each round a fresh newcomer, on each server in turn: silent, then its burst, then gone.
-    let ticks = || primary_ticks(&cluster);
+    let ticks = || primary_ticks(&cluster, ROOM);
     let late = || -> f64 {
         (0..DEMO_REGIONS.len())
             .map(|i| {
@@ -665,40 +534,20 @@ async fn a_new_speaker_arrives_whole_on_every_server_under_the_demo_load() -> Re
     let mut worst = Vec::new();
     for round in 0..DEMO_REGIONS.len() {
         let home = round;
-        let newcomer = join(
-            cluster.server(home),
-            &format!("newcomer-{round}"),
-            AudioSource::Silence,
-        )
-        .await?;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let marks: Vec<usize> = ears.iter().map(|e| e.received_samples().len()).collect();
-        let before: Vec<usize> = ears
-            .iter()
-            .zip(&marks)
-            .map(|(e, &m)| {
-                let s = e.received_samples();
-                tone_ms(&s[m.saturating_sub(48_000)..m], ONSET_HZ)
-            })
-            .collect();
-        newcomer.set_source(&AudioSource::Wav(wav.clone()))?;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        newcomer.set_source(&AudioSource::Silence)?;
+        let name = format!("newcomer-{round}");
+        let got = newcomer_round(&cluster, ROOM, home, &name, &ears, &wav).await?;
         let mut heard = Vec::new();
-        for (i, (ear, &m)) in ears.iter().zip(&marks).enumerate() {
-            let s = ear.received_samples();
-            let after = &s[m..];
-            let (onset, follow) = (tone_ms(after, ONSET_HZ), tone_ms(after, FOLLOW_HZ));
+        for (i, h) in got.iter().enumerate() {
+            let (onset, follow) = (h.onset_ms, h.follow_ms);
             eprintln!(
                 "round {round} (newcomer on server {home}): ear {i} heard {onset} ms of the onset, {follow} ms of the follow-on ({} ms of the onset tone in the second before)",
-                before[i]
+                h.onset_before_ms
             );
             heard.push((i, onset, follow));
         }
-        newcomer.close().await;
         worst.extend(heard);
         // Its slot is freed and a talker takes it back before the next round.
-        until_all_named(&cluster, &all).await?;
+        until_all_named(&cluster, ROOM, &all).await?;
     }
     let (ticks1, consistent1) = ticks();
     let (ticks, consistent) = (ticks1 - ticks0, consistent1 - consistent0);

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::capacity::{self, Capacity};
 use super::delay::{self, ChorusRoom, DelayResult, JanusRoom};
+use super::list_stability::{self, ListStability};
 use super::mesh::{self, Convergence, MeshBytes};
 use super::telephony::{self, PhoneCalls, PhonePlan};
 use super::transfer::{self, TransferFigures};
@@ -50,6 +51,10 @@ pub struct Plan {
     pub phone: PhonePlan,
     /// Session transfers in a row.
     pub transfers: usize,
+    /// Seconds of the demo shape's three talkers alone, counting list changes and ticks.
+    pub list_stability_seconds: u64,
+    /// Newcomer rounds in the demo shape after that window.
+    pub list_stability_rounds: usize,
 }
 
 impl Plan {
@@ -72,6 +77,8 @@ impl Plan {
                 cpu_window: std::time::Duration::from_secs(10),
             },
             transfers: 30,
+            list_stability_seconds: 60,
+            list_stability_rounds: 10,
         }
     }
 
@@ -94,6 +101,8 @@ impl Plan {
                 cpu_window: std::time::Duration::from_secs(1),
             },
             transfers: 2,
+            list_stability_seconds: 5,
+            list_stability_rounds: 1,
         }
     }
 }
@@ -121,6 +130,10 @@ pub struct RunResult {
     /// Session transfers (absent from runs recorded before the scenario existed).
     #[serde(default)]
     pub transfer: Option<TransferFigures>,
+    /// List stability and new speakers in the demo's shape (absent from runs recorded before
+    /// the scenario existed).
+    #[serde(default)]
+    pub list_stability: Option<ListStability>,
 }
 
 /// Pins every thread of this process to `cpus` (a `taskset` list such as "1" or "0-1").
@@ -283,6 +296,12 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         "transfers: switch {:?}, gap {:?}",
         moves.switch_ms, moves.audio_gap_ms
     );
+    let lists =
+        list_stability::measure(plan.list_stability_seconds, plan.list_stability_rounds).await?;
+    eprintln!(
+        "list stability: consistency {:.4}, {:.2} list changes a minute, newcomers' start received {:?}",
+        lists.consistency, lists.list_changes_per_minute_three_talkers, lists.onset_received
+    );
     Ok(RunResult {
         delay: delays,
         lookahead_ms,
@@ -293,6 +312,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         convergence,
         telephony: Some(phone),
         transfer: Some(moves),
+        list_stability: Some(lists),
     })
 }
 
@@ -437,7 +457,75 @@ pub fn figures(runs: &[RunResult]) -> BTreeMap<&'static str, Spread> {
     f.extend(phone_figures(&phones));
     let moves: Vec<Option<&TransferFigures>> = runs.iter().map(|r| r.transfer.as_ref()).collect();
     f.extend(transfer_figures(&moves));
+    let lists: Vec<Option<&ListStability>> =
+        runs.iter().map(|r| r.list_stability.as_ref()).collect();
+    f.extend(list_stability_figures(&lists));
     f
+}
+
+/// The list-stability figures over the runs (`None`: a run without them).
+pub fn list_stability_figures(runs: &[Option<&ListStability>]) -> BTreeMap<&'static str, Spread> {
+    let mut f = BTreeMap::new();
+    let mut put = |name: &'static str, get: fn(&ListStability) -> f64| {
+        f.insert(name, spread(runs.iter().map(|r| r.map_or(f64::NAN, get))));
+    };
+    put("list_stability.consistency", |l| l.consistency);
+    put("list_stability.list_changes_per_minute", |l| {
+        l.list_changes_per_minute_three_talkers
+    });
+    put("list_stability.onset_received.p50", |l| {
+        l.onset_received.p50
+    });
+    put("list_stability.onset_received.min", |l| {
+        l.onset_received.min
+    });
+    put("list_stability.consistency_with_newcomers", |l| {
+        l.consistency_with_newcomers
+    });
+    put("list_stability.newcomer_list_changes", |l| {
+        l.newcomer_list_changes
+    });
+    f
+}
+
+/// The list-stability keys of the results JSON, each a median over the runs: `consistency`,
+/// `list_changes_per_minute_three_talkers` and `onset_received_ms` at the top level, the rest
+/// under `list_stability`.
+pub fn list_stability_json(
+    plan: &Plan,
+    runs: &[Option<&ListStability>],
+) -> serde_json::Map<String, Value> {
+    let f = list_stability_figures(runs);
+    let m = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
+    let mut keys = serde_json::Map::new();
+    keys.insert(
+        "consistency".to_owned(),
+        json!(m("list_stability.consistency")),
+    );
+    keys.insert(
+        "list_changes_per_minute_three_talkers".to_owned(),
+        json!(m("list_stability.list_changes_per_minute")),
+    );
+    keys.insert(
+        "onset_received_ms".to_owned(),
+        json!({
+            "p50": m("list_stability.onset_received.p50"),
+            "min": m("list_stability.onset_received.min"),
+        }),
+    );
+    keys.insert(
+        "list_stability".to_owned(),
+        json!({
+            "seconds_per_run": plan.list_stability_seconds,
+            "newcomer_rounds_per_run": plan.list_stability_rounds,
+            "consistency_with_newcomers": m("list_stability.consistency_with_newcomers"),
+            "newcomer_list_changes": m("list_stability.newcomer_list_changes"),
+            "shape": "make demo's: 5 servers, 3 espeak-ng talkers, a silent ear on every server",
+            "consistency_from": "the primary's chorus_mesh_consistent_ticks_total over chorus_mesh_ticks_total",
+            "onset_received_of": "per (newcomer, ear): ms heard of the newcomer's first 250 ms (100 ms at 3100 Hz, then 150 ms of 4300 Hz), in 10 ms windows above -30 dBFS",
+        }),
+    );
+    keys
 }
 
 /// The session-transfer figures over the runs (`None`: a run without them).
@@ -565,7 +653,7 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         plan.mesh_sizes.first().copied().unwrap_or(0),
         plan.mesh_sizes.last().copied().unwrap_or(0),
     );
-    json!({
+    let mut value = json!({
         "machine": machine(),
         "runs": runs.len(),
         "delay_ms": {
@@ -600,7 +688,13 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         "transfer": transfer_json(plan, &runs.iter().map(|r| r.transfer.as_ref()).collect::<Vec<_>>()),
         "spread": f,
         "per_run": runs,
-    })
+    });
+    let lists: Vec<Option<&ListStability>> =
+        runs.iter().map(|r| r.list_stability.as_ref()).collect();
+    if let Value::Object(top) = &mut value {
+        top.extend(list_stability_json(plan, &lists));
+    }
+    value
 }
 
 /// Writes the JSON results to `path` (creating its directory).

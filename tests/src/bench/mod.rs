@@ -2,7 +2,7 @@
 //! part of `make test` so it cannot rot). Timing is measured here and reported, never asserted.
 //!
 //! The scenarios live in submodules ([`delay`], [`capacity`], [`codec_work`], [`mesh`],
-//! [`telephony`], [`transfer`]) and the
+//! [`list_stability`], [`telephony`], [`transfer`]) and the
 //! cross-server one here; [`harness`] runs them all and [`report`] writes `BENCHMARKS.md`.
 //!
 //! Mouth-to-ear delay is measured between bots in one process, so one clock serves both ends: the
@@ -14,6 +14,7 @@ pub mod capacity;
 pub mod codec_work;
 pub mod delay;
 pub mod harness;
+pub mod list_stability;
 pub mod mesh;
 pub mod report;
 pub mod telephony;

@@ -5,8 +5,10 @@
 use std::fmt::Write as _;
 
 use super::harness::{
-    DELAY_SYSTEMS, Plan, RunResult, Spread, figures, machine, phone_figures, transfer_figures,
+    DELAY_SYSTEMS, Plan, RunResult, Spread, figures, list_stability_figures, machine,
+    phone_figures, transfer_figures,
 };
+use super::list_stability::{ListStability, ONSET_WINDOW_MS};
 use super::telephony::{PhoneCalls, TARGET_MS};
 use super::transfer::TransferFigures;
 
@@ -273,6 +275,10 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
     let moves: Vec<Option<&TransferFigures>> = runs.iter().map(|r| r.transfer.as_ref()).collect();
     md.push_str(&transfer_section(plan, &moves));
 
+    let lists: Vec<Option<&ListStability>> =
+        runs.iter().map(|r| r.list_stability.as_ref()).collect();
+    md.push_str(&list_stability_section(plan, &lists));
+
     let _ = writeln!(md, "\n## Method\n");
     let _ = writeln!(md, "{}", METHOD.trim());
     let _ = writeln!(md, "\n{}", analysis.trim());
@@ -311,6 +317,74 @@ pub fn transfer_section(plan: &Plan, runs: &[Option<&TransferFigures>]) -> Strin
         );
     }
     md
+}
+
+/// The "List stability and new speakers" section: the demo shape's list changes and consistency,
+/// and how much of a new speaker's start every server's listener received.
+pub fn list_stability_section(plan: &Plan, runs: &[Option<&ListStability>]) -> String {
+    let f = list_stability_figures(runs);
+    let g = |k: &str| f.get(k);
+    let mut md = String::new();
+    let _ = writeln!(md, "\n## List stability and new speakers (demo shape)\n");
+    let _ = writeln!(
+        md,
+        "`make demo`'s shape on in-process servers: five servers in its regions, its three \
+         espeak-ng talkers (pausing between words and sentences) and a silent listener on every \
+         server. First {} s of the three talkers alone; then {} rounds in which a fresh \
+         participant, on each server in turn, joins silent and after 1.5 s plays a burst (100 ms \
+         at 3100 Hz, then 200 ms at 4300 Hz, at −12 dBFS, louder than every talker) and leaves. \
+         *Consistency*: the primary's ticks on which every server mixed the same list (its \
+         `chorus_mesh_consistent_ticks_total` over `chorus_mesh_ticks_total`). *Start received*: \
+         per newcomer and listener, the ms of the burst's first {ONSET_WINDOW_MS} ms found in \
+         the listener's decoded audio (10 ms windows above −30 dBFS; {ONSET_WINDOW_MS} is all of \
+         it).\n",
+        plan.list_stability_seconds, plan.list_stability_rounds
+    );
+    let _ = writeln!(md, "| figure | measured |");
+    let _ = writeln!(md, "|---|---|");
+    let start = |what: &str| format!("newcomer's start received (of {ONSET_WINDOW_MS} ms), {what}");
+    let count = |k: &str| cell(g(k), "");
+    let share = |k: &str| share_cell(g(k));
+    let ms = |k: &str| cell(g(k), " ms");
+    for (label, value) in [
+        (
+            "new global lists per minute, three talkers in three slots".to_owned(),
+            count("list_stability.list_changes_per_minute"),
+        ),
+        (
+            "consistency, three talkers".to_owned(),
+            share("list_stability.consistency"),
+        ),
+        (
+            "new global lists through the newcomer rounds (all servers)".to_owned(),
+            count("list_stability.newcomer_list_changes"),
+        ),
+        (
+            "consistency through the newcomer rounds".to_owned(),
+            share("list_stability.consistency_with_newcomers"),
+        ),
+        (
+            start("p50 over (newcomer, listener)"),
+            ms("list_stability.onset_received.p50"),
+        ),
+        (
+            start("worst (newcomer, listener)"),
+            ms("list_stability.onset_received.min"),
+        ),
+    ] {
+        let _ = writeln!(md, "| {label} | {value} |");
+    }
+    md
+}
+
+/// Like [`cell`], with the precision a share near 1 needs.
+fn share_cell(s: Option<&Spread>) -> String {
+    match s {
+        Some(s) if s.median.is_finite() => {
+            format!("{:.4} ({:.4} – {:.4})", s.median, s.min, s.max)
+        }
+        _ => "not measured".to_owned(),
+    }
 }
 
 /// The "Phone calls" section: set-up times beside the target, and CPU per active call.
@@ -422,6 +496,10 @@ const METHOD: &str = r#"
   servers; bytes the servers send on the mesh per second.
 - **Convergence.** Three servers, the top 3 full, a new louder speaker starts after silence; time
   from its first frame until a listener on every server receives it.
+- **List stability and new speakers.** `make demo`'s shape (five in-process servers, its three
+  espeak-ng talkers, a listener on every server): list changes and the primary's consistent
+  ticks from the servers' metrics over a window of the talkers alone, then newcomers' bursts
+  after silence, each listener's decoded audio searched for the burst's two tones.
 - **Phone calls.** A `chorus-mediaserver` process with a one-node mesh plan holding a `telephony`
   block, a real Kamailio, and phones whose SIP side is SIPp (answering at once) and whose audio is
   a socket of the bench: it streams a 500 Hz µ-law tone from the offer on and timestamps the

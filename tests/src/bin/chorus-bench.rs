@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use chorus_tests::bench::{capacity, harness, report, telephony};
+use chorus_tests::bench::{capacity, harness, list_stability, report, telephony};
 use clap::Parser;
 
 /// Run the Chorus benchmarks against Janus AudioBridge.
@@ -36,9 +36,10 @@ struct Args {
     #[arg(long)]
     report_from: Option<PathBuf>,
     /// Run one scenario only and write its figures alone (to `--out` and `--markdown`; point
-    /// them away from the real report): `telephony`, `transfer` or `delay` (every delay
-    /// system, with more rooms than the full run: 8 rooms × 5 onsets × 3 talkers each).
-    #[arg(long, value_parser = ["telephony", "transfer", "delay"])]
+    /// them away from the real report): `telephony`, `transfer`, `list_stability` (the demo
+    /// shape's list changes, consistency and newcomers) or `delay` (every delay system, with more
+    /// rooms than the full run: 8 rooms × 5 onsets × 3 talkers each).
+    #[arg(long, value_parser = ["telephony", "transfer", "list_stability", "delay"])]
     only: Option<String>,
 }
 
@@ -53,6 +54,7 @@ async fn main() -> Result<()> {
     match args.only.as_deref() {
         Some("transfer") => return only_transfer(&args, &plan).await,
         Some("delay") => return only_delay(&args, &plan).await,
+        Some("list_stability") => return only_list_stability(&args, &plan).await,
         Some(_) => return only_telephony(&args, &plan).await,
         None => {}
     }
@@ -145,6 +147,33 @@ async fn only_transfer(args: &Args, plan: &harness::Plan) -> Result<()> {
         "per_run": runs,
     });
     write_only(args, &value, &report::transfer_section(plan, &refs))
+}
+
+/// `--only list_stability`: the demo shape's list stability and newcomers alone, `--runs` times.
+async fn only_list_stability(args: &Args, plan: &harness::Plan) -> Result<()> {
+    let mut runs = Vec::new();
+    for run in 0..plan.runs {
+        eprintln!(
+            "chorus-bench: list stability, run {} of {}",
+            run + 1,
+            plan.runs
+        );
+        runs.push(
+            list_stability::measure(plan.list_stability_seconds, plan.list_stability_rounds)
+                .await?,
+        );
+    }
+    let refs: Vec<Option<&list_stability::ListStability>> = runs.iter().map(Some).collect();
+    let mut value = serde_json::json!({
+        "machine": harness::machine(),
+        "runs": runs.len(),
+        "spread": harness::list_stability_figures(&refs),
+        "per_run": runs,
+    });
+    if let serde_json::Value::Object(top) = &mut value {
+        top.extend(harness::list_stability_json(plan, &refs));
+    }
+    write_only(args, &value, &report::list_stability_section(plan, &refs))
 }
 
 /// `--only delay`: every system's server-added delay, `--runs` times, over more rooms (so more
