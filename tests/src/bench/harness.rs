@@ -62,8 +62,9 @@ impl Plan {
     pub fn full(runs: usize) -> Plan {
         Plan {
             runs,
-            delay_rooms: 3,
-            delay_onsets: 3,
+            // 120 onsets per system per run, over 24 talker phases: p99 needs hundreds.
+            delay_rooms: 8,
+            delay_onsets: 5,
             capacity_max_listeners: 3000,
             capacity_cpu: 0,
             link_ms: 40,

@@ -179,15 +179,7 @@ async fn only_list_stability(args: &Args, plan: &harness::Plan) -> Result<()> {
 /// `--only delay`: every system's server-added delay, `--runs` times, over more rooms (so more
 /// tick phases) than the full run samples.
 async fn only_delay(args: &Args, plan: &harness::Plan) -> Result<()> {
-    let plan = if args.smoke {
-        plan.clone()
-    } else {
-        harness::Plan {
-            delay_rooms: 8,
-            delay_onsets: 5,
-            ..plan.clone()
-        }
-    };
+    let plan = plan.clone();
     let mut runs = Vec::new();
     for run in 0..plan.runs {
         eprintln!("chorus-bench: delay, run {} of {}", run + 1, plan.runs);
