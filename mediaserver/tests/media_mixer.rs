@@ -918,6 +918,57 @@ mod media {
         assert!(tone_ms(pcm, 500.0) >= 2300);
     }
 
+    #[test]
+    fn a_stream_that_never_pauses_catches_up_a_frame_at_a_time_after_a_second() {
+        let mut room = Room::new(MixerConfig {
+            jitter_min_ms: 5,
+            ..cfg()
+        });
+        room.add_talker(id(1), 500.0, -20.0, StreamOrigin::Remote, true);
+        room.mixer.add_stream(id(2), StreamOrigin::Remote);
+        room.mixer.set_selection(Some(ids(&[1])));
+        let mut enc = Encoder::new(20).unwrap();
+        let mut hum = ToneGenerator::new(2000.0, -20.0, 48_000);
+        let silence = vec![0i16; 960];
+        room.record();
+        let (mut skipped, mut last_replay) = (0, 0);
+        for k in 0..200u64 {
+            let now = room.now();
+            // A hum from frame 40 on that never stops; listed at frame 44.
+            let pcm = if k >= 40 {
+                hum.frame(960)
+            } else {
+                silence.clone()
+            };
+            room.mixer
+                .push(leveled(&mut enc, id(2), k, &pcm, now))
+                .unwrap();
+            if k == 44 {
+                room.mixer.set_selection(Some(ids(&[1, 2])));
+            }
+            let out = room.step();
+            skipped += out.stats.preroll_skipped;
+            if out.stats.preroll_replayed > 0 {
+                last_replay = k;
+            }
+        }
+        eprintln!("{skipped} frames skipped, the last replay at frame {last_replay}");
+        // Its onset was kept (3-5 frames behind); after a second behind it skipped one frame
+        // every 200 ms until live: by 1 s + 5 × 200 ms after the listing at the latest.
+        assert!((3..=5).contains(&skipped), "{skipped} frames skipped");
+        assert!(
+            (44 + 50..=44 + 50 + 5 * 10).contains(&last_replay),
+            "behind until frame {last_replay}"
+        );
+        // And the hum played throughout, from its first frame.
+        let pcm = &room.ears[&None].1;
+        let heard = tone_ms(pcm, 2000.0);
+        assert!(
+            heard >= (200 - 40 - 5) * 20 - 60,
+            "heard {heard} ms of the hum"
+        );
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;

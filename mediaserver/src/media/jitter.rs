@@ -18,8 +18,8 @@
 //! - playout starts (and restarts after an underrun) once the oldest packet has waited `T`, or
 //!   enough is buffered to cover `T` after the first pop;
 //! - over each window of ticks the smallest slack of the frames played is tracked: if it exceeded
-//!   `T` by a whole frame, that frame of delay was never needed and one frame is dropped (delay
-//!   shrinks); if a packet arrived after its tick had passed, or the smallest slack fell below
+//!   `T` by whole frames, that delay was never needed and as many frames are dropped at once
+//!   (delay shrinks); if a packet arrived after its tick had passed, or the smallest slack fell below
 //!   `T/2`, one tick plays nothing (delay grows). An underrun also grows the delay, because
 //!   playout restarts only after waiting the (by then larger) target.
 //!
@@ -519,18 +519,22 @@ impl JitterBuffer {
                 self.stats.stretched += 1;
                 return Playout::Empty;
             }
-            if window
-                .min_slack_ms
-                .is_some_and(|s| s >= self.target_ms + frame_ms)
+            if let Some(slack) = window.min_slack_ms
+                && slack >= self.target_ms + frame_ms
             {
-                // Every frame waited a whole frame longer than the margin needs: drop one.
-                if self.held.remove(&n).is_some() {
-                    self.stats.discarded += 1;
-                } else {
-                    self.stats.lost += 1;
+                // Every frame waited whole frames longer than the margin needs: drop them all
+                // now. After a stall the buffer holds several; shedding one per window would
+                // keep the stall's delay for seconds.
+                let excess = ((slack - self.target_ms) / frame_ms).floor() as u64;
+                for _ in 0..excess.max(1) {
+                    if self.held.remove(&n).is_some() {
+                        self.stats.discarded += 1;
+                    } else {
+                        self.stats.lost += 1;
+                    }
+                    self.advance(1, false);
+                    n += 1;
                 }
-                self.advance(1, false);
-                n += 1;
             }
         }
 
@@ -827,6 +831,33 @@ mod tests {
             assert_eq!(b.stats().late, 0, "phase {phase}");
             assert!(b.stats().discarded > 0, "phase {phase}: burst never shed");
         }
+    }
+
+    #[test]
+    fn a_stall_is_shed_within_two_windows() {
+        // A 200 ms stall delivers ten packets at once; then the stream is steady again. Once the
+        // stalled ten are played, every frame waits ten frames too long: the buffer must shed
+        // them all at its next adaptation, not one per window.
+        let mut b = buf(4, 300);
+        for i in 0..10u16 {
+            push(&mut b, i, 200);
+        }
+        let mut last_too_late = 0;
+        for tick in 11..300u64 {
+            let now = tick * F;
+            push(&mut b, tick as u16 - 1, (tick - 1) * F + 3);
+            if let Playout::Frame(_) = b.tick(ms(now))
+                && slack(&b, now) >= ms(4 + F)
+            {
+                last_too_late = tick;
+            }
+        }
+        assert!(
+            last_too_late <= 21 + 2 * u64::from(ADAPT_WINDOW_TICKS),
+            "a frame too late still at tick {last_too_late}: {:?}",
+            b.stats()
+        );
+        assert_eq!(b.stats().late, 0);
     }
 
     #[test]

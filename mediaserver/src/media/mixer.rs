@@ -25,8 +25,8 @@
 //!   due when the list changed: while a stream is not mixed its last [`PREROLL_MS`] of frames are
 //!   kept (a mesh peer's backlog lands there too, [`RoomMixer::push_history`]), and on entry it
 //!   plays from there, one frame per tick, a little behind; it catches up by skipping frames
-//!   without voice, so the extra delay lasts until its first pause and never exceeds
-//!   [`PREROLL_MS`]. The list changes a speaker's first syllable used to lose are not lost. (A
+//!   without voice, so the extra delay lasts until its first pause (or, for a source that never
+//!   pauses, is shed a frame at a time after a second) and never exceeds [`PREROLL_MS`]. The list changes a speaker's first syllable used to lose are not lost. (A
 //!   local speaker who heard the entering stream as their backfill hears its onset twice.)
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -54,6 +54,11 @@ pub const PREROLL_MS: u32 = 300;
 
 /// Frames without voice for this long end a talkspurt: what came before is not replayed (ms).
 const ONSET_GAP_MS: u32 = 200;
+
+/// A stream still behind after this long without a voiceless frame to skip (music, a hum, a
+/// talker who never pauses) skips voiced frames, one per [`FORCED_SKIP_EVERY_MS`] (ms).
+const FORCED_CATCH_UP_AFTER_MS: u32 = 1000;
+const FORCED_SKIP_EVERY_MS: u32 = 200;
 
 /// RFC 6464 levels at or above this (in -dBov, i.e. quieter than -60 dBov) without the voice
 /// flag are not voice: the same silence threshold as the ranking's.
@@ -333,6 +338,8 @@ struct Stream {
     history: VecDeque<PastFrame>,
     /// While mixed and behind: the frames to play before the newest, oldest first.
     replay: VecDeque<PastFrame>,
+    /// Ticks the stream has been behind.
+    behind_ticks: u32,
 }
 
 /// One decoded packet longer than the room's frame, played a frame at a time.
@@ -522,6 +529,7 @@ impl RoomMixer {
                 last_level: None,
                 history: VecDeque::new(),
                 replay: VecDeque::new(),
+                behind_ticks: 0,
             },
         );
     }
@@ -687,7 +695,10 @@ impl RoomMixer {
         stats: &mut TickStats,
     ) {
         let keep = self.preroll_frames();
-        let gap = (ONSET_GAP_MS / self.cfg.frame_ms.max(1)).max(1) as usize;
+        let frame_ms = self.cfg.frame_ms.max(1);
+        let gap = (ONSET_GAP_MS / frame_ms).max(1) as usize;
+        let force_after = FORCED_CATCH_UP_AFTER_MS / frame_ms;
+        let force_every = (FORCED_SKIP_EVERY_MS / frame_ms).max(1);
         for (&id, s) in &mut self.streams {
             let Some(p) = pulled.get_mut(&id) else {
                 continue;
@@ -703,6 +714,7 @@ impl RoomMixer {
                 voiced: p.voiced,
             };
             if !mix_set.contains(&id) {
+                s.behind_ticks = 0;
                 // The backfill's frames are kept too. Local speakers hear them now and will hear
                 // the onset again when the stream enters; everyone else would miss it otherwise.
                 s.replay.clear();
@@ -715,10 +727,19 @@ impl RoomMixer {
                 p.warm = false;
             }
             if s.replay.is_empty() {
+                s.behind_ticks = 0;
                 continue;
             }
             s.replay.push_back(current);
             while s.replay.len() > 1 && s.replay.front().is_some_and(|f| !f.voiced) {
+                s.replay.pop_front();
+                stats.preroll_skipped += 1;
+            }
+            s.behind_ticks = s.behind_ticks.saturating_add(1);
+            if s.replay.len() > 1
+                && s.behind_ticks >= force_after
+                && s.behind_ticks.is_multiple_of(force_every)
+            {
                 s.replay.pop_front();
                 stats.preroll_skipped += 1;
             }
