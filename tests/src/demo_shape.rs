@@ -56,16 +56,7 @@ pub fn demo_talker_names() -> BTreeSet<String> {
 /// The speakers server `i`'s participants in `room` are told about: its own listed talkers and
 /// the remote ones the global list names.
 pub async fn named(cluster: &MeshCluster, room: &str, i: usize) -> Result<BTreeSet<String>> {
-    let url = format!("{}/v1/rooms/{room}", cluster.server(i).base_url);
-    let token = cluster.server(i).token(room, "observer");
-    let info: serde_json::Value = reqwest::Client::new()
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let info = cluster.server(i).room_info(room, "observer").await?;
     let mut names: BTreeSet<String> = info["remote_speakers"]
         .as_array()
         .into_iter()

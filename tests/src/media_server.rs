@@ -76,6 +76,24 @@ impl MediaServer {
         hour_token(&self.key, &self.conference, room, identity)
     }
 
+    /// `GET /v1/rooms/{room}` with `token`: the room (roster, speakers) as JSON.
+    pub async fn room_info_as(&self, room: &str, token: &str) -> Result<serde_json::Value> {
+        let info = reqwest::Client::new()
+            .get(format!("{}/v1/rooms/{room}", self.base_url))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(info)
+    }
+
+    /// The room as `identity` sees it ([`Self::room_info_as`] with a fresh token).
+    pub async fn room_info(&self, room: &str, identity: &str) -> Result<serde_json::Value> {
+        self.room_info_as(room, &self.token(room, identity)).await
+    }
+
     /// A bot joining `room` as `who` over the HTTP API.
     pub async fn join_bot(
         &self,

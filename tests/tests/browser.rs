@@ -288,14 +288,7 @@ async fn scan_qr(png: &Path) -> Result<String> {
 
 /// The participant ids of `room`'s roster, as `token`'s holder sees it.
 async fn roster_ids(server: &MediaServer, room: &str, token: &str) -> Result<Vec<u64>> {
-    let info: Value = reqwest::Client::new()
-        .get(format!("{}/v1/rooms/{room}", server.base_url))
-        .bearer_auth(token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let info = server.room_info_as(room, token).await?;
     Ok(info["participants"]
         .as_array()
         .map(|ps| ps.iter().filter_map(|p| p["id"].as_u64()).collect())

@@ -381,20 +381,10 @@ async fn a_pausing_talker_keeps_its_slot_and_every_listener_hears_the_same() -> 
     let (changes0, (ticks0, consistent0)) = (changes(), ticks());
     // Who each server names as speaking elsewhere: the pauser's server names the other two, the
     // others name the pauser among theirs.
-    let client = reqwest::Client::new();
     let names_pauser = |i: usize| {
-        let url = format!("{}/v1/rooms/{ROOM}", cluster.server(i).base_url);
-        let token = cluster.server(i).token(ROOM, &format!("ear{i}"));
-        let client = client.clone();
+        let server = cluster.server(i);
         async move {
-            let info: serde_json::Value = client
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
+            let info = server.room_info(ROOM, &format!("ear{i}")).await?;
             let named = info["remote_speakers"]
                 .as_array()
                 .is_some_and(|r| r.iter().any(|s| s["identity"] == "pauser"));

@@ -156,19 +156,9 @@ async fn a_participant_sees_remote_speakers_by_identity() -> Result<()> {
         .join_bot(ROOM, "ada", BotConfig::new(AudioSource::Silence))
         .await?;
     let server = cluster.server(0);
-    let url = format!("{}/v1/rooms/{ROOM}", server.base_url);
-    let token = server.token(ROOM, "ada");
-    let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     let info = loop {
-        let info: serde_json::Value = client
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let info = server.room_info(ROOM, "ada").await?;
         let named = info["remote_speakers"].as_array().is_some_and(|r| {
             r.iter()
                 .any(|s| s["identity"] == "bob" && s["speaking"] == true)
@@ -198,14 +188,7 @@ async fn a_participant_sees_remote_speakers_by_identity() -> Result<()> {
     bob.set_source(&AudioSource::Silence)?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let info: serde_json::Value = client
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let info = server.room_info(ROOM, "ada").await?;
         let bob_entry = info["remote_speakers"]
             .as_array()
             .and_then(|r| r.iter().find(|s| s["identity"] == "bob").cloned());
