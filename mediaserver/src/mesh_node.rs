@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::media::{Candidate, MixerConfig, StreamId};
 use crate::mesh::wire::{MediaDatagram, cross_server_delay, unix_micros_now};
 use crate::mesh::{
-    MeshError, MeshMetrics, MeshNodeState, MeshPeer, MeshTls, MeshTransport, ProtocolConfig,
-    ServerId, StreamKey, TransportConfig,
+    ControlMessage, MeshError, MeshMetrics, MeshNodeState, MeshPeer, MeshTls, MeshTransport,
+    ProtocolConfig, ServerId, StreamKey, TransportConfig,
 };
 
 /// How often the driver polls the protocol (heartbeats, lists, views).
@@ -373,12 +373,25 @@ impl Driver {
                 }
                 Some((from, message)) = inbound.control.recv() => {
                     let now = self.now();
+                    // A new global list must reach its room before its switch tick, not at the
+                    // next poll: that room's view goes out at once. Only that room's: every
+                    // other message waits for the poll, which walks every room.
+                    let room = match &message {
+                        ControlMessage::GlobalTopList { room, .. } => Some(room.clone()),
+                        _ => None,
+                    };
+                    let epoch = |state: &MeshNodeState, room: &str| {
+                        state.selection(room).map(|g| (g.epoch, g.primary.clone()))
+                    };
+                    let before = room.as_deref().and_then(|r| epoch(&self.state, r));
                     if let Err(e) = self.state.on_message(&from, message, now) {
                         self.metrics.record_error(&e);
                     }
-                    // At once, not at the next tick: a new list must reach the rooms before
-                    // its switch tick, and a primary merges a new speaker's report sooner.
-                    self.poll();
+                    if let Some(room) = room
+                        && epoch(&self.state, &room) != before
+                    {
+                        self.publish_view(&room);
+                    }
                 }
                 Some((from, bytes)) = inbound.datagrams.recv() => self.on_datagram(from, bytes),
                 _ = ticker.tick() => {
@@ -512,23 +525,32 @@ impl Driver {
                 self.metrics.record_error(&e);
             }
         }
-        for (room, RoomEntry { view, .. }) in &self.rooms {
-            let list = self.state.selection(room);
-            let next = RoomView {
-                selection: list.map(|g| g.list.clone()),
-                forward: self.state.forwarding(room),
-                names: list.map(|g| g.names.clone()).unwrap_or_default(),
-                switch_at: self.state.switch_at(room).map(|d| self.epoch + d),
-            };
-            view.send_if_modified(|current| {
-                if *current == next {
-                    false
-                } else {
-                    *current = next;
-                    true
-                }
-            });
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in &rooms {
+            self.publish_view(room);
         }
         self.metrics.observe(&self.state);
+    }
+
+    /// Sends `room` its view (what to mix from when, what to forward) if it changed.
+    fn publish_view(&self, room: &str) {
+        let Some(RoomEntry { view, .. }) = self.rooms.get(room) else {
+            return;
+        };
+        let list = self.state.selection(room);
+        let next = RoomView {
+            selection: list.map(|g| g.list.clone()),
+            forward: self.state.forwarding(room),
+            names: list.map(|g| g.names.clone()).unwrap_or_default(),
+            switch_at: self.state.switch_at(room).map(|d| self.epoch + d),
+        };
+        view.send_if_modified(|current| {
+            if *current == next {
+                false
+            } else {
+                *current = next;
+                true
+            }
+        });
     }
 }

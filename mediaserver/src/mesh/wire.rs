@@ -614,26 +614,10 @@ mod tests {
         );
         assert_eq!(ControlMessage::decode(&b).unwrap(), global);
         // The switch tick and a late acknowledgement, when set.
-        let stamped = match global {
-            ControlMessage::GlobalTopList {
-                room,
-                epoch,
-                primary,
-                list,
-                margin,
-                names,
-                ..
-            } => ControlMessage::GlobalTopList {
-                room,
-                epoch,
-                primary,
-                list,
-                margin,
-                names,
-                at_us: 1_700_000_000_123_456,
-            },
-            other => other,
-        };
+        let mut stamped = global;
+        if let ControlMessage::GlobalTopList { at_us, .. } = &mut stamped {
+            *at_us = 1_700_000_000_123_456;
+        }
         let b = stamped.encode().unwrap();
         assert!(b.ends_with(br#","at":1700000000123456}"#));
         assert_eq!(ControlMessage::decode(&b).unwrap(), stamped);
