@@ -19,6 +19,9 @@ pub struct Metrics {
     pub jitter_depth: Histogram,
     /// How long one mixer tick takes.
     pub tick_duration: Histogram,
+    /// How late past its deadline a room's tick woke (the timer's and the scheduler's share of
+    /// server-added delay).
+    pub tick_lateness: Histogram,
     /// Opus decodes in one tick of one room.
     pub decodes_per_tick: Histogram,
     /// Opus encodes in one tick of one room.
@@ -84,6 +87,11 @@ impl Metrics {
             tick_duration: histogram(
                 "chorus_mixer_tick_duration_seconds",
                 "Time one mixer tick of one room takes (decode, mix, encode).",
+                ms(&[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]),
+            ),
+            tick_lateness: histogram(
+                "chorus_mixer_tick_lateness_seconds",
+                "How late past its deadline a room's mixer tick woke.",
                 ms(&[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]),
             ),
             decodes_per_tick: histogram(
@@ -166,6 +174,7 @@ impl Metrics {
             Box::new(m.server_delay.clone()),
             Box::new(m.jitter_depth.clone()),
             Box::new(m.tick_duration.clone()),
+            Box::new(m.tick_lateness.clone()),
             Box::new(m.decodes_per_tick.clone()),
             Box::new(m.encodes_per_tick.clone()),
             Box::new(m.ticks.clone()),

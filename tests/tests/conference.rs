@@ -152,6 +152,15 @@ async fn fifty_listeners_cost_no_more_encodes_than_none() -> Result<()> {
         "silent listeners are not decoded: {decodes_per_tick}"
     );
     assert_eq!(metric(&after, "chorus_participants"), Some(53.0));
+    // Every tick reports how late it woke.
+    let (_, lc0) = histogram(&before, "chorus_mixer_tick_lateness_seconds");
+    let (_, lc1) = histogram(&after, "chorus_mixer_tick_lateness_seconds");
+    // (A scrape can fall inside a tick, between its two observations: one either way each.)
+    assert!(
+        (lc1 - lc0 - ticks).abs() <= 2.0,
+        "one lateness sample per tick: {} for {ticks} ticks",
+        lc1 - lc0
+    );
 
     // And the listeners hear the three speakers. With 53 real-time peers on two cores a bot can
     // miss a few frames, so each is judged on the best of three consecutive two-second windows.

@@ -22,6 +22,7 @@
 
 pub mod core;
 mod task;
+mod tick_timer;
 pub mod transport;
 
 use std::collections::HashMap;

@@ -6,7 +6,8 @@
 //!   participant's stream id);
 //! - forwarded packets and view changes from the mesh;
 //! - new mixing settings (a new plan generation), applied live;
-//! - the frame tick, placed by a [`TickClock`] just after the mixed talkers' frames arrive: the
+//! - the frame tick, placed by a [`TickClock`] just after the mixed talkers' frames arrive and
+//!   woken by a [`TickTimer`] (a timerfd: Tokio's 1 ms wheel would add up to a millisecond): the
 //!   core mixes, the task hands frames to transports, reports to the mesh, records metrics,
 //!   publishes the roster and removes members whose transport ended.
 //!
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{Packet, ParticipantId, RoomCore, Tick};
+use super::tick_timer::TickTimer;
 use super::transport::Transport;
 use super::{ParticipantInfo, Registry, RemoteSpeakerInfo, RoomInfo};
 use crate::endpoint::{InboundAudio, MediaPort};
@@ -106,16 +108,27 @@ pub(super) struct RoomTask {
 const RETIRE_AFTER: Duration = Duration::from_millis(500);
 
 /// The room's tick clock for `settings`: aligned to the mixed talkers' arrivals, keeping the
-/// jitter buffers' smallest margin plus a millisecond for the timer's granularity; or, with
-/// `align_ticks` off, one that never moves (a fixed tick).
-fn tick_clock(settings: &MixerConfig) -> TickClock {
-    let (margin, step) = tick_limits(settings);
+/// jitter buffers' smallest margin plus the timer's own lateness; or, with `align_ticks` off, one
+/// that never moves (a fixed tick).
+fn tick_clock(settings: &MixerConfig, timer: &TickTimer) -> TickClock {
+    let (margin, step) = tick_limits(settings, timer);
     TickClock::new(settings.frame(), margin, step)
 }
 
+/// How late past its deadline the tick's timer wakes the task, at most in the usual case: a
+/// timerfd within tens of microseconds (a quarter of a millisecond leaves room for the
+/// scheduler); Tokio's wheel rounds up to its next millisecond.
+fn timer_slack(timer: &TickTimer) -> Duration {
+    if timer.precise() {
+        Duration::from_micros(250)
+    } else {
+        Duration::from_millis(1)
+    }
+}
+
 /// The tick's margin after the talkers and how far it may move per frame under `settings`.
-fn tick_limits(settings: &MixerConfig) -> (Duration, Duration) {
-    let margin = Duration::from_millis(u64::from(settings.jitter_min_ms) + 1);
+fn tick_limits(settings: &MixerConfig, timer: &TickTimer) -> (Duration, Duration) {
+    let margin = Duration::from_millis(u64::from(settings.jitter_min_ms)) + timer_slack(timer);
     let step = if settings.align_ticks {
         DEFAULT_MAX_STEP
     } else {
@@ -133,11 +146,10 @@ impl RoomTask {
         let epoch = Instant::now();
         // Ticks on the room's grid, moved towards the mixed talkers' arrivals (DESIGN §13). A
         // tick that is due runs at once: a late task catches up, as a burst, on the same grid.
-        let mut clock = tick_clock(&self.core.settings());
+        let mut due = TickTimer::new(epoch);
+        let mut clock = tick_clock(&self.core.settings(), &due);
         // Where the clock's grid starts, since the epoch (a new frame length starts a new grid).
         let mut epoch_shift = Duration::ZERO;
-        let due = tokio::time::sleep_until(tokio::time::Instant::from_std(epoch));
-        tokio::pin!(due);
         let mut link = self.link.take();
         let (mut inbox, mut view, reporter) = match link.as_mut() {
             Some(link) => {
@@ -172,13 +184,13 @@ impl RoomTask {
                     match self.core.reconfigure(settings) {
                         Ok(()) if settings.frame() != frame => {
                             // A new grid from now on: its first tick is due at once.
-                            clock = tick_clock(&settings);
+                            clock = tick_clock(&settings, &due);
                             epoch_shift = epoch.elapsed();
-                            due.as_mut().reset(tokio::time::Instant::now());
+                            due.reset(Instant::now());
                         }
                         // Aligned or fixed, with the new margin, from where the tick is now.
                         Ok(()) => {
-                            let (margin, step) = tick_limits(&settings);
+                            let (margin, step) = tick_limits(&settings, &due);
                             clock.retune(margin, step);
                         }
                         Err(e) => tracing::error!(room = %self.name, error = %e, "mixing settings refused; keeping the running ones"),
@@ -189,14 +201,18 @@ impl RoomTask {
                     None => break,
                 },
                 Some(audio) = packets.recv() => self.on_packet(audio, epoch),
-                () = &mut due => {
+                () = due.wait() => {
                     let now = epoch.elapsed();
+                    let due_at = clock.next_tick() + epoch_shift;
                     let tick = self.core.tick(now);
+                    self.metrics
+                        .tick_lateness
+                        .observe(now.saturating_sub(due_at).as_secs_f64());
                     for (stream, arrival) in &tick.mix.carried {
                         clock.observe(*stream, arrival.saturating_sub(epoch_shift));
                     }
                     let next = clock.advance() + epoch_shift;
-                    due.as_mut().reset(tokio::time::Instant::from_std(epoch + next));
+                    due.reset(epoch + next);
                     self.on_tick(tick, reporter, epoch);
                     if self.core.is_empty() && self.end_if_unused() {
                         break;
