@@ -439,6 +439,68 @@ mod media {
         );
     }
 
+    /// A 10 ms room pulls a 20 ms packet every other tick. When the packets come to sit a whole
+    /// room frame before their pull (here: they start arriving 10 ms earlier, as when the
+    /// tick moves to another talker), the stream moves its pulls a frame sooner, once, instead
+    /// of holding every packet 10 ms longer than needed.
+    #[test]
+    fn a_ten_ms_room_pulls_twenty_ms_packets_as_soon_as_they_are_here() {
+        let cfg = MixerConfig {
+            frame_ms: 10,
+            jitter_min_ms: 2,
+            ..cfg()
+        };
+        let mut mixer = RoomMixer::new(cfg).expect("mixer");
+        let mut talker = Talker::new(id(1), 440.0, -20.0, 20, true);
+        mixer.add_stream(id(1), StreamOrigin::Local);
+        let (mut decoder, mut heard) = (Decoder::new(10).expect("decoder"), Vec::new());
+        let (mut sooner, mut lost) = (0, 0);
+        let mut waits = Vec::new();
+        for tick in 0..300u64 {
+            let now = Duration::from_millis(tick * 10);
+            // Packets arrive 2 ms before the tick of 20j + 10 ms until 1 s, then 10 ms earlier:
+            // 2 ms before the tick of 20j ms, the tick that plays their predecessor's second half.
+            let arrival = |j: u64| {
+                let on_time = Duration::from_millis(20 * j + 8);
+                if j >= 50 {
+                    on_time - Duration::from_millis(10)
+                } else {
+                    on_time
+                }
+            };
+            for j in 0..=tick / 2 + 1 {
+                let at = arrival(j);
+                if at > now.saturating_sub(Duration::from_millis(10)) && at <= now {
+                    mixer
+                        .push(talker.packet(at))
+                        .expect("a 20 ms packet is accepted");
+                }
+            }
+            let out = mixer.tick(now);
+            sooner += out.stats.pulled_sooner;
+            if tick >= 200 {
+                lost += out.stats.lost;
+                waits.extend(out.carried.iter().map(|(_, at)| now - *at));
+                heard.extend(decoder.decode(&out.shared).expect("decodes"));
+            }
+        }
+        assert_eq!(sooner, 1, "the pulls move once");
+        assert_eq!(lost, 0, "no packet lost");
+        // Each packet's first frame plays 2 ms after it arrived and its second 10 ms later
+        // (without the move: 12 and 22 ms).
+        let (min, max) = (
+            waits.iter().min().expect("frames carried"),
+            waits.iter().max().expect("frames carried"),
+        );
+        assert_eq!(*min, Duration::from_millis(2), "{waits:?}");
+        assert_eq!(*max, Duration::from_millis(12), "{waits:?}");
+        assert_hears(
+            &ToneReport::analyze(&heard, &[440.0], 48_000),
+            &[440.0],
+            "after the move",
+        );
+    }
+
     /// Browsers send 20 ms packets; a 10 ms room plays each as two frames, with or without
     /// RFC 6464 levels, and a speaker still never hears itself.
     #[test]

@@ -302,6 +302,14 @@ impl JitterBuffer {
         self.last_arrival
     }
 
+    /// When the packet due at the next tick arrived, if it is here and playout has started.
+    pub fn next_arrival(&self) -> Option<Duration> {
+        if !self.playing {
+            return None;
+        }
+        self.held.get(&self.next?).map(|h| h.arrival)
+    }
+
     /// The RFC 6464 level the packet of the last tick's frame carried (`None` for a loss, an
     /// empty tick, or a packet without one): the frame's own level, where the level of the
     /// packets *received* since the last tick describes a later frame.

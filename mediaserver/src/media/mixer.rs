@@ -52,6 +52,16 @@ const MAX_TOP_SPEAKERS: usize = 64;
 /// speaker; a list change takes a mesh round trip and a rank report, well under it.
 pub const PREROLL_MS: u32 = 300;
 
+/// A stream whose packets span several room frames (20 ms packets in a 10 ms room) pulls a
+/// packet every few ticks, on a fixed rotation. When that rotation sits a room frame late for
+/// this many packets in a row (each already here, and waiting long enough, at the tick before
+/// its pull), the stream skips the rest of its current packet and pulls from that tick on.
+/// Without it, half of all streams — whichever rotation they started on — wait a whole room
+/// frame more than the tick's alignment to their arrivals allows (measured: +10 ms for every
+/// talker of a room). A window of packets (half a second) keeps one early packet from moving
+/// the rotation, and the skip costs one room frame of audio, once.
+pub const PULL_SOONER_AFTER: u32 = 25;
+
 /// Frames without voice for this long end a talkspurt: what came before is not replayed (ms).
 const ONSET_GAP_MS: u32 = 200;
 
@@ -205,6 +215,9 @@ pub struct TickStats {
     pub preroll_replayed: u32,
     /// Voiceless frames skipped so an entering stream catches up with real time.
     pub preroll_skipped: u32,
+    /// Streams whose packets span several room frames that skipped a frame to pull their
+    /// packets a room frame sooner (see [`PULL_SOONER_AFTER`]).
+    pub pulled_sooner: u32,
 }
 
 impl TickStats {
@@ -332,6 +345,9 @@ struct Stream {
     phase: usize,
     /// The current packet decoded, when a packet spans several room frames.
     split: Option<SplitPacket>,
+    /// Consecutive packets (of a stream whose packets span several frames) already waiting long
+    /// enough at the tick before their pull (see [`PULL_SOONER_AFTER`]).
+    early_packets: u32,
     /// The RFC 6464 level of the current packet, observed again on ticks that pull none.
     last_level: Option<AudioLevel>,
     /// While not mixed: its last [`PREROLL_MS`] of frames (and a peer's backlog).
@@ -526,6 +542,7 @@ impl RoomMixer {
                 frames_per_packet: 1,
                 phase: 0,
                 split: None,
+                early_packets: 0,
                 last_level: None,
                 history: VecDeque::new(),
                 replay: VecDeque::new(),
@@ -786,9 +803,27 @@ impl RoomMixer {
         //    several frames pulls a packet every few ticks and plays it a frame at a time.
         let frame_samples = self.frame_samples;
         for (&id, s) in &mut self.streams {
-            let index = s.phase;
+            let mut index = s.phase;
+            if s.frames_per_packet > 1 && index + 1 == s.frames_per_packet {
+                // The tick before this stream's next pull: is its next packet already here, and
+                // has it waited as long as the buffer asks of a frame at its tick?
+                let early = s
+                    .jitter
+                    .next_arrival()
+                    .is_some_and(|arrival| now.saturating_sub(arrival) >= s.jitter.target() / 2);
+                s.early_packets = if early { s.early_packets + 1 } else { 0 };
+                if s.early_packets >= PULL_SOONER_AFTER {
+                    // Every packet of a whole window sat a room frame longer than it had to:
+                    // pull now, skipping the current packet's last frame, and from here on a
+                    // frame sooner.
+                    s.early_packets = 0;
+                    s.split = None;
+                    index = 0;
+                    stats.pulled_sooner += 1;
+                }
+            }
             let pull = index == 0;
-            s.phase = (s.phase + 1) % s.frames_per_packet.max(1);
+            s.phase = (index + 1) % s.frames_per_packet.max(1);
             let (playout, arrival) = if pull {
                 (s.jitter.tick(now), s.jitter.last_arrival())
             } else {
