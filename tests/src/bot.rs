@@ -99,6 +99,10 @@ pub struct BotConfig {
     /// Discontinuous transmission: while the source is digital silence, send one frame in 20
     /// (every 400 ms), as Opus DTX does, instead of every frame.
     pub dtx: bool,
+    /// How long after its track is ready the bot starts its 20 ms send clock: the phase of its
+    /// frames against everyone else's. `None`: at once, so bots joined one after another get
+    /// phases set by how long each join took (on loopback, regularly spaced, not random).
+    pub send_phase: Option<Duration>,
 }
 
 impl BotConfig {
@@ -110,7 +114,15 @@ impl BotConfig {
             bind: None,
             decode: true,
             dtx: false,
+            send_phase: None,
         }
+    }
+
+    /// The same bot, starting its send clock `phase` after its track is ready (see
+    /// [`BotConfig::send_phase`]).
+    pub fn with_send_phase(mut self, phase: Duration) -> Self {
+        self.send_phase = Some(phase);
+        self
     }
 
     /// The same bot, counting packets instead of decoding them.
@@ -313,6 +325,8 @@ struct Shared {
     decode: bool,
     /// Whether silence is sent discontinuously.
     dtx: bool,
+    /// See [`BotConfig::send_phase`].
+    send_phase: Option<Duration>,
     packets_sent: AtomicU64,
     packets_received: AtomicU64,
     /// Highest extended RTP sequence number received, plus 1 (0 before the first packet): with
@@ -486,6 +500,9 @@ async fn send_audio(
     let mut timestamp: u32 = rand::random();
     let mut first = true;
     let mut previous_level: u8 = 127;
+    if let Some(phase) = shared.send_phase {
+        tokio::time::sleep(phase).await;
+    }
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     let mut seen_epoch = shared.source_epoch.load(Ordering::SeqCst);
     let mut silent_frames: u32 = 0;
@@ -675,6 +692,7 @@ impl Bot {
             source_epoch: AtomicU64::new(0),
             decode: config.decode,
             dtx: config.dtx,
+            send_phase: config.send_phase,
             packets_sent: AtomicU64::new(0),
             packets_received: AtomicU64::new(0),
             sequence_end: AtomicU64::new(0),
@@ -810,8 +828,13 @@ impl Bot {
     /// Switches what the bot sends, from the next frame on.
     pub fn set_source(&self, source: &AudioSource) -> Result<()> {
         let generator = Generator::new(source)?;
-        *lock(&self.shared.generator) = generator;
+        let mut current = lock(&self.shared.generator);
+        *current = generator;
+        // Under the same lock the sender fills a frame and reads the epoch in: a frame of the new
+        // source is always one the sender knows is new (else its onset would be stamped a frame
+        // late, on the next frame, and the measured delay come out 20 ms short).
         self.shared.source_epoch.fetch_add(1, Ordering::SeqCst);
+        drop(current);
         Ok(())
     }
 

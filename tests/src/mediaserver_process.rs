@@ -34,6 +34,8 @@ pub struct ProcessOptions {
     pub low_delay: bool,
     /// Mix on a fixed tick instead of one aligned to the talkers (`--fixed-tick`).
     pub fixed_tick: bool,
+    /// The mixing frame in ms (`--frame-ms`; the server's default, 20, when `None`).
+    pub frame_ms: Option<u32>,
 }
 
 /// The telephony of a [`ServerProcess`]: what the operator would put in the plan and mount.
@@ -117,6 +119,9 @@ impl ServerProcess {
         }
         if options.fixed_tick {
             command.arg("--fixed-tick");
+        }
+        if let Some(frame_ms) = options.frame_ms {
+            command.args(["--frame-ms", &frame_ms.to_string()]);
         }
         if let (Some(files), Some(t)) = (&mesh, &options.telephony) {
             let slot = &files.slots[0];

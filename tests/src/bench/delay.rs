@@ -11,7 +11,11 @@
 //! two loopback hops.
 //!
 //! The mixing tick's phase against each talker's packets is fixed for as long as both run, so one
-//! room gives one phase per talker. Several rooms, each with fresh bots, sample the phases.
+//! room gives one phase per talker. Several rooms, each with fresh bots, sample the phases. Each
+//! talker starts its send clock at a random phase ([`BotConfig::with_send_phase`]): bots joined one
+//! after another otherwise take phases set by how long each join took, which on loopback spaced
+//! the three talkers about 5 ms apart in every room (a 10 ms arc, where three independent talkers
+//! span 7.8 ms on average) — one geometry, not a sample of them.
 //!
 //! The physical floor: a server that mixes on a fixed 20 ms tick waits for the next tick after a
 //! frame arrives, uniformly 0–20 ms, and its encoder's look-ahead delays the onset once more. The
@@ -100,7 +104,11 @@ pub async fn join_talkers<V: Venue>(venue: &V) -> Result<Vec<V::Member>> {
     for i in 0..TALKERS {
         talkers.push(
             venue
-                .join(&format!("talker-{i}"), BotConfig::new(carrier(i)))
+                .join(
+                    &format!("talker-{i}"),
+                    BotConfig::new(carrier(i))
+                        .with_send_phase(Duration::from_micros(rand::random_range(0..20_000))),
+                )
                 .await?,
         );
     }

@@ -33,6 +33,8 @@ pub struct Plan {
     pub delay_rooms: usize,
     /// Probe onsets per talker per room.
     pub delay_onsets: usize,
+    /// The delay systems to measure (their result keys); empty: all of them.
+    pub delay_systems: Vec<String>,
     /// Largest capacity step tried, listeners.
     pub capacity_max_listeners: usize,
     /// Server CPU for capacity (the load runs on the others).
@@ -65,6 +67,7 @@ impl Plan {
             // 120 onsets per system per run, over 24 talker phases: p99 needs hundreds.
             delay_rooms: 8,
             delay_onsets: 5,
+            delay_systems: Vec::new(),
             capacity_max_listeners: 3000,
             capacity_cpu: 0,
             link_ms: 40,
@@ -89,6 +92,7 @@ impl Plan {
             runs: 1,
             delay_rooms: 1,
             delay_onsets: 1,
+            delay_systems: Vec::new(),
             capacity_max_listeners: 20,
             capacity_cpu: 0,
             link_ms: 20,
@@ -218,15 +222,22 @@ async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<St
 /// Server-added delay of every system, in fresh rooms: Chorus by default, in low-delay mode and
 /// on a fixed tick, Janus AudioBridge with its default and its lowest jitter setting.
 pub async fn delays(plan: &Plan) -> Result<BTreeMap<String, delay::DelayResult>> {
+    let wanted =
+        |name: &str| plan.delay_systems.is_empty() || plan.delay_systems.iter().any(|s| s == name);
     let mut delays = BTreeMap::new();
-    for (name, low_delay, fixed_tick) in [
-        ("chorus", false, false),
-        ("chorus_low_delay", true, false),
-        ("chorus_fixed_tick", false, true),
+    for (name, low_delay, fixed_tick, frame_ms) in [
+        ("chorus", false, false, None),
+        ("chorus_low_delay", true, false, None),
+        ("chorus_low_delay_10ms", true, false, Some(10)),
+        ("chorus_fixed_tick", false, true, None),
     ] {
+        if !wanted(name) {
+            continue;
+        }
         let server = ServerProcess::start(ProcessOptions {
             low_delay,
             fixed_tick,
+            frame_ms,
             ..ProcessOptions::default()
         })
         .await?;
@@ -241,7 +252,7 @@ pub async fn delays(plan: &Plan) -> Result<BTreeMap<String, delay::DelayResult>>
         eprintln!("delay {name}: {:?}", d.server_added);
         delays.insert(name.to_owned(), d);
     }
-    {
+    if wanted("janus_default") || wanted("janus_tuned") {
         let janus = JanusServer::start(JanusOptions {
             debug_level: 3,
             ..JanusOptions::default()
@@ -252,6 +263,9 @@ pub async fn delays(plan: &Plan) -> Result<BTreeMap<String, delay::DelayResult>>
             ("janus_default", JanusJitter::Default),
             ("janus_tuned", JanusJitter::Lowest),
         ] {
+            if !wanted(name) {
+                continue;
+            }
             let session = &session;
             let d = delay::measure(plan.delay_rooms, plan.delay_onsets, |_| async move {
                 Ok(JanusRoom {
@@ -357,7 +371,7 @@ pub struct DelaySystem {
 }
 
 /// The delay systems, in the report's order.
-pub const DELAY_SYSTEMS: [DelaySystem; 5] = [
+pub const DELAY_SYSTEMS: [DelaySystem; 6] = [
     DelaySystem {
         key: "chorus",
         label: "Chorus",
@@ -367,6 +381,14 @@ pub const DELAY_SYSTEMS: [DelaySystem; 5] = [
         key: "chorus_low_delay",
         label: "Chorus, `mixing.lowDelay`",
         figures: ("delay.chorus_low_delay.p50", "delay.chorus_low_delay.p99"),
+    },
+    DelaySystem {
+        key: "chorus_low_delay_10ms",
+        label: "Chorus, `mixing.lowDelay` and `frameMs: 10`",
+        figures: (
+            "delay.chorus_low_delay_10ms.p50",
+            "delay.chorus_low_delay_10ms.p99",
+        ),
     },
     DelaySystem {
         key: "chorus_fixed_tick",
@@ -665,6 +687,7 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         "delay_ms": {
             "chorus": {"p50": m("delay.chorus.p50"), "p99": m("delay.chorus.p99")},
             "chorus_low_delay": {"p50": m("delay.chorus_low_delay.p50"), "p99": m("delay.chorus_low_delay.p99")},
+            "chorus_low_delay_10ms": {"p50": m("delay.chorus_low_delay_10ms.p50"), "p99": m("delay.chorus_low_delay_10ms.p99")},
             "chorus_fixed_tick": {"p50": m("delay.chorus_fixed_tick.p50"), "p99": m("delay.chorus_fixed_tick.p99")},
             "chorus_last_listener": {"p50": m("delay.chorus_last_listener.p50"), "p99": m("delay.chorus_last_listener.p99")},
             "janus_default": {"p50": m("delay.janus_default.p50"), "p99": m("delay.janus_default.p99")},

@@ -41,6 +41,10 @@ struct Args {
     /// rooms than the full run: 8 rooms × 5 onsets × 3 talkers each).
     #[arg(long, value_parser = ["telephony", "transfer", "list_stability", "delay"])]
     only: Option<String>,
+    /// With `--only delay`: measure only these systems (comma-separated keys, e.g.
+    /// `chorus,chorus_low_delay`); the others are reported as missing.
+    #[arg(long, value_delimiter = ',')]
+    delay_systems: Vec<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +183,8 @@ async fn only_list_stability(args: &Args, plan: &harness::Plan) -> Result<()> {
 /// `--only delay`: every system's server-added delay, `--runs` times, over more rooms (so more
 /// tick phases) than the full run samples.
 async fn only_delay(args: &Args, plan: &harness::Plan) -> Result<()> {
-    let plan = plan.clone();
+    let mut plan = plan.clone();
+    plan.delay_systems.clone_from(&args.delay_systems);
     let mut runs = Vec::new();
     for run in 0..plan.runs {
         eprintln!("chorus-bench: delay, run {} of {}", run + 1, plan.runs);
