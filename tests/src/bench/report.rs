@@ -122,7 +122,7 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
         plan.link_ms,
         cell(g("cross_server_extra.p50"), " ms"),
         cell(g("cross_server_extra.p99"), " ms"),
-        verdict(med("cross_server_extra.p50") <= 2.0)
+        verdict(med("cross_server_extra.p50") <= 2.0 && med("cross_server_extra.p99") <= 2.0)
     );
     // Per core: a core over the CPU per listener measured at the largest step that held.
     let cap = med("capacity.chorus.extrapolated");
