@@ -659,6 +659,29 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores, {memory_gib:.0} GiB")
 }
 
+/// `delay_ms` of a results file from the median figure `m` of each key: every system of
+/// [`DELAY_SYSTEMS`], the last listener, the floor and Chorus over the floor.
+pub fn delay_ms_json(m: &dyn Fn(&str) -> f64) -> Value {
+    let mut delay_ms = serde_json::Map::new();
+    for system in &DELAY_SYSTEMS {
+        delay_ms.insert(
+            system.key.to_owned(),
+            json!({"p50": m(system.figures.0), "p99": m(system.figures.1)}),
+        );
+    }
+    delay_ms.insert(
+        "chorus_last_listener".to_owned(),
+        json!({"p50": m("delay.chorus_last_listener.p50"), "p99": m("delay.chorus_last_listener.p99")}),
+    );
+    delay_ms.insert("floor".to_owned(), json!(m("delay.floor.p50")));
+    delay_ms.insert("floor_p99".to_owned(), json!(m("delay.floor.p99")));
+    delay_ms.insert(
+        "chorus_over_floor_p50".to_owned(),
+        json!(m("delay.chorus.p50") / m("delay.floor.p50")),
+    );
+    Value::Object(delay_ms)
+}
+
 /// The results file: the required shape, headline values as medians over the runs, then every
 /// run in full.
 pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
@@ -684,18 +707,7 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
     let mut value = json!({
         "machine": machine(),
         "runs": runs.len(),
-        "delay_ms": {
-            "chorus": {"p50": m("delay.chorus.p50"), "p99": m("delay.chorus.p99")},
-            "chorus_low_delay": {"p50": m("delay.chorus_low_delay.p50"), "p99": m("delay.chorus_low_delay.p99")},
-            "chorus_low_delay_10ms": {"p50": m("delay.chorus_low_delay_10ms.p50"), "p99": m("delay.chorus_low_delay_10ms.p99")},
-            "chorus_fixed_tick": {"p50": m("delay.chorus_fixed_tick.p50"), "p99": m("delay.chorus_fixed_tick.p99")},
-            "chorus_last_listener": {"p50": m("delay.chorus_last_listener.p50"), "p99": m("delay.chorus_last_listener.p99")},
-            "janus_default": {"p50": m("delay.janus_default.p50"), "p99": m("delay.janus_default.p99")},
-            "janus_tuned": {"p50": m("delay.janus_tuned.p50"), "p99": m("delay.janus_tuned.p99")},
-            "floor": m("delay.floor.p50"),
-            "floor_p99": m("delay.floor.p99"),
-            "chorus_over_floor_p50": m("delay.chorus.p50") / m("delay.floor.p50"),
-        },
+        "delay_ms": delay_ms_json(&m),
         // Per core: one core over the measured CPU per listener at the largest step that held.
         // The listeners actually held are beside it; for Chorus they are a lower bound whenever
         // the load generator ran out of CPU first (`chorus_limited_by`).

@@ -195,26 +195,10 @@ async fn only_delay(args: &Args, plan: &harness::Plan) -> Result<()> {
     let refs: Vec<_> = runs.iter().map(|(d, l)| (d, *l)).collect();
     let f = harness::delay_figures(&refs);
     let m = |k: &str| f.get(k).map_or(f64::NAN, |s| s.median);
-    let mut delay_ms = serde_json::Map::new();
-    for system in &harness::DELAY_SYSTEMS {
-        delay_ms.insert(
-            system.key.to_owned(),
-            serde_json::json!({"p50": m(system.figures.0), "p99": m(system.figures.1)}),
-        );
-    }
-    delay_ms.insert(
-        "chorus_last_listener".to_owned(),
-        serde_json::json!({
-            "p50": m("delay.chorus_last_listener.p50"),
-            "p99": m("delay.chorus_last_listener.p99"),
-        }),
-    );
-    delay_ms.insert("floor".to_owned(), m("delay.floor.p50").into());
-    delay_ms.insert("floor_p99".to_owned(), m("delay.floor.p99").into());
     let value = serde_json::json!({
         "machine": harness::machine(),
         "runs": runs.len(),
-        "delay_ms": delay_ms,
+        "delay_ms": harness::delay_ms_json(&m),
         "spread": f,
         "per_run": runs.iter().map(|(d, l)| serde_json::json!({"delay": d, "lookahead_ms": l})).collect::<Vec<_>>(),
     });
