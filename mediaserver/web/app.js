@@ -447,6 +447,28 @@ window.chorusMeasure = (freqs) => {
   });
 };
 window.chorusState = () => (pc ? pc.connectionState : "none");
+// What the browser's own WebRTC stack counted on the received audio and the pair it uses: tests
+// print it, so a silence can be told apart from missing packets or a switched path.
+window.chorusReceiveStats = async () => {
+  if (!pc) return null;
+  const out = { pairs: [] };
+  (await pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "audio") {
+      out.inbound = {
+        packetsReceived: r.packetsReceived,
+        packetsLost: r.packetsLost,
+        concealedSamples: r.concealedSamples,
+        totalSamplesReceived: r.totalSamplesReceived,
+        jitterBufferDelay: r.jitterBufferDelay,
+        jitterBufferEmittedCount: r.jitterBufferEmittedCount,
+      };
+    }
+    if (r.type === "candidate-pair" && (r.nominated || r.state === "succeeded")) {
+      out.pairs.push({ id: r.id, nominated: r.nominated, state: r.state, bytesReceived: r.bytesReceived });
+    }
+  });
+  return out;
+};
 
 $("join").onclick = join;
 $("leave").onclick = leave;

@@ -37,12 +37,25 @@ fn write_tone(path: &Path, hz: f64) -> Result<()> {
     Ok(())
 }
 
-async fn browser(url: String, wav: &Path, freqs: &str) -> Result<serde_json::Value> {
-    node(
-        "join_and_measure.mjs",
-        &[url.as_str(), &wav.to_string_lossy(), "6", freqs],
-    )
-    .await
+/// Joins one Chromium per `(url, wav)` and measures what each heard at `freqs`, all in the same
+/// window while every one of them is still connected. One JSON value per participant.
+async fn browsers(people: &[(String, &Path)], freqs: &str) -> Result<Vec<serde_json::Value>> {
+    let mut args = vec!["6".to_owned(), freqs.to_owned()];
+    for (url, wav) in people {
+        args.push(url.clone());
+        args.push(wav.to_string_lossy().into_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = node("join_and_measure.mjs", &args).await?;
+    let heard = out
+        .as_array()
+        .context("join_and_measure prints an array")?
+        .clone();
+    ensure!(
+        heard.len() == people.len(),
+        "one result per participant: {out}"
+    );
+    Ok(heard)
 }
 
 /// tests/browser, once its tools are there.
@@ -99,31 +112,50 @@ async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
             server.token("browsers", who)
         )
     };
-    let (a, b) = tokio::join!(
-        browser(url("alice"), &a_wav, "620,1040"),
-        browser(url("bob"), &b_wav, "620,1040")
-    );
-    let (a, b) = (a?, b?);
+    let heard = browsers(&[(url("alice"), &a_wav), (url("bob"), &b_wav)], "620,1040").await?;
+    let (a, b) = (&heard[0], &heard[1]);
     let level = |v: &serde_json::Value, f: &str| v["levels"][f].as_f64().unwrap_or(-300.0);
     eprintln!("alice heard {a}\nbob heard {b}");
+    // What the server saw, for a failure's story: concealed frames, drops and losses per stream.
+    for line in server.metrics().lines().filter(|l| {
+        [
+            "chorus_frames_concealed_total",
+            "chorus_packets_dropped_total",
+            "chorus_packets_lost_total",
+            "chorus_media_dropped_total",
+            "chorus_packets_received_total",
+        ]
+        .iter()
+        .any(|m| l.starts_with(m))
+    }) {
+        eprintln!("server: {line}");
+    }
     assert_eq!(a["state"], "connected");
     assert_eq!(b["state"], "connected");
     // Each hears the other clearly (the analyser reports dBFS per FFT bin)...
     assert!(
-        level(&a, "1040") > -50.0,
+        level(a, "1040") > -50.0,
         "alice should hear bob's 1040 Hz: {a}"
     );
     assert!(
-        level(&b, "620") > -50.0,
+        level(b, "620") > -50.0,
         "bob should hear alice's 620 Hz: {b}"
     );
+    // ...throughout the window, not on average: a dropout of a few hundred ms fails too...
+    let throughout = |v: &serde_json::Value, f: &str| {
+        v["series"][f].as_array().is_some_and(|s| {
+            s.len() == 10 && s.iter().all(|x| x.as_f64().unwrap_or(-300.0) > -50.0)
+        })
+    };
+    assert!(throughout(a, "1040"), "alice lost bob's tone at times: {a}");
+    assert!(throughout(b, "620"), "bob lost alice's tone at times: {b}");
     // ...and its own tone not at all: at least 40 dB below the other's.
     assert!(
-        level(&a, "620") < level(&a, "1040") - 40.0,
+        level(a, "620") < level(a, "1040") - 40.0,
         "alice hears herself: {a}"
     );
     assert!(
-        level(&b, "1040") < level(&b, "620") - 40.0,
+        level(b, "1040") < level(b, "620") - 40.0,
         "bob hears himself: {b}"
     );
     Ok(())
