@@ -225,6 +225,7 @@ pub struct PortCollector {
     dropped: IntCounterVec,
     frames: IntCounterVec,
     peers: IntGauge,
+    listeners: IntGauge,
 }
 
 impl PortCollector {
@@ -252,6 +253,11 @@ impl PortCollector {
             .expect("static metric definition is valid"),
             peers: IntGauge::new("chorus_media_peers", "WebRTC peers on the media port.")
                 .expect("static metric definition is valid"),
+            listeners: IntGauge::new(
+                "chorus_media_listeners",
+                "Receive-only peers on the media port's own listener transport (a subset of chorus_media_peers).",
+            )
+            .expect("static metric definition is valid"),
         }
     }
 }
@@ -267,6 +273,7 @@ impl prometheus::core::Collector for PortCollector {
         d.extend(self.dropped.desc());
         d.extend(self.frames.desc());
         d.extend(self.peers.desc());
+        d.extend(self.listeners.desc());
         d
     }
 
@@ -297,10 +304,13 @@ impl prometheus::core::Collector for PortCollector {
         catch_up(&self.frames.with_label_values(&["in"]), s.inbound_frames);
         catch_up(&self.frames.with_label_values(&["out"]), s.outbound_frames);
         self.peers.set(i64::try_from(s.peers).unwrap_or(i64::MAX));
+        self.listeners
+            .set(i64::try_from(s.listeners).unwrap_or(i64::MAX));
         let mut m = self.datagrams.collect();
         m.extend(self.dropped.collect());
         m.extend(self.frames.collect());
         m.extend(self.peers.collect());
+        m.extend(self.listeners.collect());
         m
     }
 }

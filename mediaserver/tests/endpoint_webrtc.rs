@@ -27,6 +27,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
     RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -170,6 +171,16 @@ struct TestClient {
 impl TestClient {
     /// A client with one sendrecv Opus track and the audio-level extension, ready to offer.
     async fn new() -> (Self, Arc<TrackLocalStaticRTP>) {
+        let (client, track) = Self::build(false).await;
+        (client, track.expect("a talking client has a track"))
+    }
+
+    /// A client that only listens: one recvonly audio transceiver, no track.
+    async fn listener() -> Self {
+        Self::build(true).await.0
+    }
+
+    async fn build(listen_only: bool) -> (Self, Option<Arc<TrackLocalStaticRTP>>) {
         let opus = RTCRtpCodec {
             mime_type: "audio/opus".to_owned(),
             clock_rate: SAMPLE_RATE,
@@ -212,6 +223,27 @@ impl TestClient {
             .await
             .unwrap();
         let peer_connection: Arc<dyn PeerConnection> = Arc::new(peer_connection);
+        if listen_only {
+            peer_connection
+                .add_transceiver_from_kind(
+                    RtpCodecKind::Audio,
+                    Some(RTCRtpTransceiverInit {
+                        direction: RTCRtpTransceiverDirection::Recvonly,
+                        streams: vec![],
+                        send_encodings: vec![],
+                    }),
+                )
+                .await
+                .unwrap();
+            let client = TestClient {
+                peer_connection,
+                received,
+                state,
+                gathered,
+                sender: None,
+            };
+            return (client, None);
+        }
         let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
             "test-stream".to_owned(),
             "test-audio".to_owned(),
@@ -237,7 +269,7 @@ impl TestClient {
             gathered,
             sender: None,
         };
-        (client, track)
+        (client, Some(track))
     }
 
     /// Creates the offer and waits for ICE gathering (no trickle).
@@ -290,6 +322,39 @@ impl TestClient {
             hz,
             dbfs,
         )));
+        (client, handle, answer)
+    }
+
+    /// Joins `port` as a receive-only listener. Returns the client, the server's handle and
+    /// the SDP answer.
+    async fn join_listener(port: &MediaPort) -> (Self, PeerHandle, String) {
+        let mut client = Self::listener().await;
+        let offer = client.offer().await;
+        assert!(
+            offer.contains("a=recvonly"),
+            "a listener's offer is recvonly:\n{offer}"
+        );
+        let (answer, mut handle) = port.accept(&offer).await.expect("accept offer");
+        client
+            .peer_connection
+            .set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap())
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            client
+                .state
+                .wait_for(|state| *state == RTCPeerConnectionState::Connected),
+        )
+        .await
+        .expect("listener did not connect in 10 s")
+        .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), handle.wait_connected())
+                .await
+                .expect("server side did not connect in 5 s"),
+            "server side of the listener failed"
+        );
         (client, handle, answer)
     }
 
@@ -514,6 +579,61 @@ async fn two_clients_on_one_port_hear_each_other_and_not_themselves() {
     }
     alice.close().await;
     bob.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_only_client_is_carried_by_the_listener_transport_and_hears_the_talker() {
+    let (port, shutdown) = start_port(|_| {});
+    let server_port = port.local_addr().port();
+    let (talker, talker_handle, _) = TestClient::join(&port, 440.0, -12.0).await;
+    let (listener, listener_handle, answer) = TestClient::join_listener(&port).await;
+    assert!(answer.contains("a=ice-lite"), "{answer}");
+    assert!(answer.contains("a=sendonly"), "{answer}");
+    assert!(answer.contains("a=setup:passive"), "{answer}");
+    assert!(answer.contains("usedtx=1"), "{answer}");
+    assert!(
+        answer.contains(&format!("127.0.0.1 {server_port} typ host")),
+        "{answer}"
+    );
+    let stats = port.stats();
+    assert_eq!((stats.peers, stats.listeners), (2, 1), "{stats:?}");
+
+    // The talker's frames go to the listener, sealed by Chorus's own SRTP context.
+    let relay = relay(
+        talker_handle.inbound,
+        listener_handle.outbound.clone(),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let audio = listener.last(Duration::from_secs(1));
+    assert!(
+        audio.len() >= SAMPLE_RATE as usize * 9 / 10,
+        "the listener decoded only {} samples in the last second",
+        audio.len()
+    );
+    let heard = goertzel_amplitude(&audio, 440.0);
+    let other = goertzel_amplitude(&audio, 1000.0);
+    println!("listener: 440 Hz amplitude {heard:.0}, 1000 Hz {other:.0}");
+    assert!(heard > 1000.0, "the listener should hear 440 Hz ({heard})");
+    assert!(other < heard / 20.0, "and nothing at 1000 Hz ({other})");
+
+    // Closing the listener removes it from the port and the listener count.
+    let mut state = listener_handle.state.clone();
+    port.close_peer(listener_handle.id);
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        state.wait_for(|s| *s == PeerState::Closed),
+    )
+    .await
+    .expect("listener closed")
+    .unwrap();
+    let stats = port.stats();
+    assert_eq!((stats.peers, stats.listeners), (1, 0), "{stats:?}");
+
+    relay.abort();
+    shutdown.cancel();
+    talker.close().await;
+    listener.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,18 +97,27 @@ async function takeOver(code) {
 async function connect({ progress, failure, send, sessionOf }) {
   $("join").disabled = true;
   try {
-    setStatus(progress || "Asking for the microphone…");
-    // ?raw=1 turns voice processing off (music, or test tones that noise suppression would eat).
-    const raw = params.get("raw") === "1";
-    local = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: !raw, noiseSuppression: !raw, autoGainControl: !raw },
-    });
+    // ?listen=1 joins to listen only: no microphone, a receive-only offer, which the server
+    // carries on its lighter listener path.
+    const listenOnly = params.get("listen") === "1";
+    if (!listenOnly) {
+      setStatus(progress || "Asking for the microphone…");
+      // ?raw=1 turns voice processing off (music, or test tones that noise suppression would eat).
+      const raw = params.get("raw") === "1";
+      local = await navigator.mediaDevices.getUserMedia({
+        audio: { echoCancellation: !raw, noiseSuppression: !raw, autoGainControl: !raw },
+      });
+    }
     audioCtx = new AudioContext();
-    meterFor(local, $("micLevel"));
+    if (local) meterFor(local, $("micLevel"));
 
     const conn = new RTCPeerConnection();
     pc = conn;
-    conn.addTransceiver(local.getAudioTracks()[0], { direction: "sendrecv", streams: [local] });
+    if (local) {
+      conn.addTransceiver(local.getAudioTracks()[0], { direction: "sendrecv", streams: [local] });
+    } else {
+      conn.addTransceiver("audio", { direction: "recvonly" });
+    }
     conn.ontrack = (ev) => {
       const stream = ev.streams[0] || new MediaStream([ev.track]);
       $("remote").srcObject = stream; // Chrome only feeds WebAudio from a stream that also plays
@@ -451,7 +460,9 @@ window.chorusState = () => (pc ? pc.connectionState : "none");
 // print it, so a silence can be told apart from missing packets or a switched path.
 window.chorusReceiveStats = async () => {
   if (!pc) return null;
-  const out = { pairs: [] };
+  const answer = (pc.remoteDescription && pc.remoteDescription.sdp) || "";
+  const direction = ["sendrecv", "sendonly", "recvonly", "inactive"].find((d) => answer.includes("a=" + d + "\r\n"));
+  const out = { pairs: [], answerDirection: direction || null };
   (await pc.getStats()).forEach((r) => {
     if (r.type === "inbound-rtp" && r.kind === "audio") {
       out.inbound = {

@@ -97,7 +97,7 @@ async fn node(script: &str, args: &[&str]) -> Result<serde_json::Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
+async fn browsers_hear_each_other_not_themselves_and_a_listener_hears_both() -> Result<()> {
     let _turn = BROWSERS.lock().await;
     let server = MediaServer::start(|_| {}).await?;
     let dir = std::env::temp_dir().join(format!("chorus-browser-{}", std::process::id()));
@@ -112,10 +112,20 @@ async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
             server.token("browsers", who)
         )
     };
-    let heard = browsers(&[(url("alice"), &a_wav), (url("bob"), &b_wav)], "620,1040").await?;
-    let (a, b) = (&heard[0], &heard[1]);
+    // Carol listens only: no microphone, a recvonly offer, Chorus's own listener transport
+    // (ICE-lite, DTLS and SRTP keyed from the DTLS exporter) instead of `rtc`'s peer.
+    let heard = browsers(
+        &[
+            (url("alice"), &a_wav),
+            (url("bob"), &b_wav),
+            (url("carol") + "&listen=1", &a_wav),
+        ],
+        "620,1040",
+    )
+    .await?;
+    let (a, b, c) = (&heard[0], &heard[1], &heard[2]);
     let level = |v: &serde_json::Value, f: &str| v["levels"][f].as_f64().unwrap_or(-300.0);
-    eprintln!("alice heard {a}\nbob heard {b}");
+    eprintln!("alice heard {a}\nbob heard {b}\ncarol heard {c}");
     // What the server saw, for a failure's story: concealed frames, drops and losses per stream.
     for line in server.metrics().lines().filter(|l| {
         [
@@ -132,6 +142,10 @@ async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
     }
     assert_eq!(a["state"], "connected");
     assert_eq!(b["state"], "connected");
+    assert_eq!(c["state"], "connected");
+    // Talkers get `rtc`'s sendrecv peer; the listener a sendonly answer from the listener path.
+    assert_eq!(a["stats"]["answerDirection"], "sendrecv", "{a}");
+    assert_eq!(c["stats"]["answerDirection"], "sendonly", "{c}");
     // Each hears the other clearly (the analyser reports dBFS per FFT bin)...
     assert!(
         level(a, "1040") > -50.0,
@@ -149,6 +163,12 @@ async fn two_browsers_hear_each_other_and_not_themselves() -> Result<()> {
     };
     assert!(throughout(a, "1040"), "alice lost bob's tone at times: {a}");
     assert!(throughout(b, "620"), "bob lost alice's tone at times: {b}");
+    // The listener hears both talkers, throughout.
+    assert!(
+        throughout(c, "620"),
+        "carol lost alice's tone at times: {c}"
+    );
+    assert!(throughout(c, "1040"), "carol lost bob's tone at times: {c}");
     // ...and its own tone not at all: at least 40 dB below the other's.
     assert!(
         level(a, "620") < level(a, "1040") - 40.0,

@@ -12,10 +12,14 @@
 //!   each datagram by its first byte (RFC 7983), checks STUN/RTP/RTCP headers, and reads the
 //!   local ICE ufrag from a STUN binding request's USERNAME so a first contact finds its peer.
 //! - `offer.rs`: checks a participant's SDP offer before WebRTC sees it, so a bad offer gets an
-//!   error that says what is wrong (no audio, no Opus/48000/2, not sendrecv, ...).
-//! - `session.rs`: one participant's sans-IO [`rtc`] peer connection (webrtc-rs): answer
-//!   creation, RTP in (with the RFC 6464 level), RTP out (own SSRC, sequence and timestamp),
-//!   state changes.
+//!   error that says what is wrong (no audio, no Opus/48000/2, neither sendrecv nor recvonly, ...).
+//! - `session.rs`: one participant: answer creation, RTP in (with the RFC 6464 level), RTP out
+//!   (own SSRC, sequence and timestamp), state changes. A participant who talks is carried by a
+//!   sans-IO [`rtc`] peer connection (webrtc-rs); one who only listens (`a=recvonly`) by
+//!   `listener.rs`, Chorus's own ICE-lite + DTLS + SRTP built from `rtc`'s public sub-crates,
+//!   whose SRTP context we own, so a listener's frame is sealed and batched without `rtc`'s
+//!   per-peer pipeline.
+//! - Outgoing datagrams leave in `sendmmsg` batches.
 //!
 //! Invariants:
 //! - Nothing received from the network can panic this module or reach another participant's
@@ -25,6 +29,7 @@
 //! - Sending audio never blocks the caller: [`PeerSender::send_opus`] queues or fails at once.
 
 mod demux;
+mod listener;
 mod offer;
 mod port;
 mod session;

@@ -4,8 +4,12 @@
 //! (`ErrSessionDescriptionMissingIceUfrag`, ...). An application developer calling the join API
 //! needs to read what is wrong with the offer instead. So this module parses the offer with
 //! `rtc`'s SDP parser and checks, in order, what Chorus needs: parseable SDP; exactly one audio
-//! section, not rejected; Opus at 48000 Hz with 2 channels; sendrecv; ICE credentials; a DTLS
-//! fingerprint. The RFC 6464 audio-level extension is optional: without it, levels are `None`.
+//! section, not rejected; Opus at 48000 Hz with 2 channels; sendrecv, or recvonly for a listener
+//! who only hears; ICE credentials; a DTLS fingerprint. The RFC 6464 audio-level extension is
+//! optional: without it, levels are `None`.
+//!
+//! A recvonly offer is answered by Chorus's own listener transport (`listener.rs`), which needs
+//! the offer's parameters itself; [`CheckedOffer`] carries them.
 
 use rtc::peer_connection::sdp::RTCSessionDescription;
 
@@ -22,6 +26,20 @@ const MAX_OFFER_BYTES: usize = 64 * 1024;
 pub(crate) struct CheckedOffer {
     /// The parsed offer, ready for `set_remote_description`.
     pub(crate) description: RTCSessionDescription,
+    /// `a=recvonly`: the participant only listens.
+    pub(crate) receive_only: bool,
+    /// The offer's payload type for opus/48000/2 (the lowest, if several).
+    pub(crate) opus_payload_type: u8,
+    /// The audio section's `a=mid`, if any.
+    pub(crate) mid: Option<String>,
+    /// Whether the offer groups its sections with `a=group:BUNDLE`.
+    pub(crate) bundle: bool,
+    /// The participant's ICE username fragment.
+    pub(crate) ice_ufrag: String,
+    /// The participant's DTLS certificate fingerprints: (hash function, value).
+    pub(crate) fingerprints: Vec<(String, String)>,
+    /// The participant's `a=setup` role (`actpass`, `active` or `passive`), if given.
+    pub(crate) setup: Option<String>,
 }
 
 /// Checks `sdp` and returns it parsed, or an error saying what is wrong with it.
@@ -78,12 +96,16 @@ pub(crate) fn check_offer(sdp: &str) -> Result<CheckedOffer, EndpointError> {
     }
 
     let codecs = section.codecs();
-    let has_opus = codecs.values().any(|codec| {
-        codec.name.eq_ignore_ascii_case("opus")
-            && codec.clock_rate == 48_000
-            && codec.encoding_parameters.trim() == "2"
-    });
-    if !has_opus {
+    let opus_payload_type = codecs
+        .iter()
+        .filter(|(_, codec)| {
+            codec.name.eq_ignore_ascii_case("opus")
+                && codec.clock_rate == 48_000
+                && codec.encoding_parameters.trim() == "2"
+        })
+        .map(|(pt, _)| *pt)
+        .min();
+    let Some(opus_payload_type) = opus_payload_type else {
         let mut offered: Vec<String> = codecs
             .values()
             .map(|codec| {
@@ -104,15 +126,17 @@ pub(crate) fn check_offer(sdp: &str) -> Result<CheckedOffer, EndpointError> {
         return Err(EndpointError::UnsupportedOffer(format!(
             "the audio section does not offer opus/48000/2 (it offers: {offered})"
         )));
-    }
+    };
 
-    for direction in ["sendonly", "recvonly", "inactive"] {
+    for direction in ["sendonly", "inactive"] {
         if section.has_attribute(direction) {
             return Err(EndpointError::UnsupportedOffer(format!(
-                "the audio section is `a={direction}`; a participant must be sendrecv"
+                "the audio section is `a={direction}`; a participant must be sendrecv \
+                 (or recvonly, to listen only)"
             )));
         }
     }
+    let receive_only = section.has_attribute("recvonly");
 
     let session_or_media = |key: &str| {
         section
@@ -122,18 +146,52 @@ pub(crate) fn check_offer(sdp: &str) -> Result<CheckedOffer, EndpointError> {
             .or_else(|| parsed.attribute(key).cloned())
             .filter(|value| !value.trim().is_empty())
     };
-    if session_or_media("ice-ufrag").is_none() || session_or_media("ice-pwd").is_none() {
+    let (Some(ice_ufrag), Some(_)) = (session_or_media("ice-ufrag"), session_or_media("ice-pwd"))
+    else {
         return Err(EndpointError::MalformedSdp(
             "the offer has no ICE credentials (`a=ice-ufrag` and `a=ice-pwd`)".into(),
         ));
+    };
+    let mut fingerprint_lines: Vec<String> = section
+        .attributes
+        .iter()
+        .filter(|a| a.key == "fingerprint")
+        .filter_map(|a| a.value.clone())
+        .collect();
+    if fingerprint_lines.is_empty() {
+        fingerprint_lines = parsed
+            .attributes
+            .iter()
+            .filter(|a| a.key == "fingerprint")
+            .filter_map(|a| a.value.clone())
+            .collect();
     }
-    if session_or_media("fingerprint").is_none() {
+    let fingerprints: Vec<(String, String)> = fingerprint_lines
+        .iter()
+        .filter_map(|line| {
+            let (hash, value) = line.trim().split_once(' ')?;
+            Some((hash.to_ascii_lowercase(), value.trim().to_owned()))
+        })
+        .collect();
+    if fingerprints.is_empty() {
         return Err(EndpointError::MalformedSdp(
             "the offer has no DTLS fingerprint (`a=fingerprint`)".into(),
         ));
     }
+    let bundle = parsed
+        .attribute("group")
+        .is_some_and(|group| group.trim_start().starts_with("BUNDLE"));
 
-    Ok(CheckedOffer { description })
+    Ok(CheckedOffer {
+        description,
+        receive_only,
+        opus_payload_type,
+        mid: session_or_media("mid"),
+        bundle,
+        ice_ufrag: ice_ufrag.trim().to_owned(),
+        fingerprints,
+        setup: session_or_media("setup").map(|s| s.trim().to_ascii_lowercase()),
+    })
 }
 
 #[cfg(test)]
@@ -177,10 +235,26 @@ a=sendrecv\r\n";
         assert!(message("v=0\r\nthis is not sdp\r\n").contains("not valid SDP"));
         assert!(message(&GOOD.replace("m=audio", "m=video")).contains("no audio"));
         assert!(message(&GOOD.replace("opus/48000/2", "PCMU/8000")).contains("PCMU/8000"));
-        assert!(message(&GOOD.replace("a=sendrecv", "a=recvonly")).contains("recvonly"));
+        assert!(message(&GOOD.replace("a=sendrecv", "a=sendonly")).contains("sendonly"));
+        assert!(message(&GOOD.replace("a=sendrecv", "a=inactive")).contains("inactive"));
         assert!(message(&GOOD.replace("a=ice-ufrag:abcd\r\n", "")).contains("ICE credentials"));
         assert!(message(&GOOD.replace("a=fingerprint", "a=x-fingerprint")).contains("fingerprint"));
         assert!(message(&GOOD.replace("m=audio 9", "m=audio 0")).contains("port 0"));
+    }
+
+    #[test]
+    fn a_listener_offer_passes_and_says_what_the_listener_transport_needs() {
+        let offer = check_offer(&GOOD.replace("a=sendrecv", "a=recvonly")).unwrap();
+        assert!(offer.receive_only);
+        assert_eq!(offer.opus_payload_type, 111);
+        assert_eq!(offer.mid.as_deref(), Some("0"));
+        assert!(offer.bundle);
+        assert_eq!(offer.ice_ufrag, "abcd");
+        assert_eq!(offer.setup.as_deref(), Some("actpass"));
+        assert_eq!(offer.fingerprints.len(), 1);
+        assert_eq!(offer.fingerprints[0].0, "sha-256");
+        assert!(offer.fingerprints[0].1.starts_with("AB:CD"));
+        assert!(!check_offer(GOOD).unwrap().receive_only);
     }
 
     #[test]

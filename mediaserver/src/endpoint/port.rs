@@ -108,6 +108,8 @@ pub struct PortStats {
     pub send_errors: u64,
     /// Participants currently on the port.
     pub peers: u64,
+    /// Of those, receive-only participants on Chorus's own listener transport.
+    pub listeners: u64,
 }
 
 /// Shared counters, written by the task and read by [`MediaPort::stats`].
@@ -123,6 +125,7 @@ struct Counters {
     outbound_dropped: AtomicU64,
     send_errors: AtomicU64,
     peers: AtomicU64,
+    listeners: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -259,6 +262,9 @@ pub struct PeerLink {
     pub outbound: PeerSender,
     /// The connection's state; ends at `Failed` or `Closed`.
     pub state: watch::Receiver<PeerState>,
+    /// The peer offered to receive only: it sends no audio, and Chorus's own listener
+    /// transport carries it.
+    pub listen_only: bool,
 }
 
 impl PeerHandle {
@@ -366,7 +372,8 @@ impl MediaPort {
     }
 
     /// Accepts a participant's SDP offer. The offer must have one audio section offering
-    /// Opus/48000/2, sendrecv; the RFC 6464 audio-level extension is negotiated when offered.
+    /// Opus/48000/2, sendrecv (or recvonly: a listener, carried by Chorus's own listener
+    /// transport); the RFC 6464 audio-level extension is negotiated when offered.
     /// Returns the SDP answer (ICE-lite, one host candidate, no trickle) and the handle, whose
     /// `inbound` queue receives the peer's audio (tagged with the peer id).
     pub async fn accept(&self, offer_sdp: &str) -> Result<(String, PeerHandle), EndpointError> {
@@ -376,6 +383,7 @@ impl MediaPort {
             id,
             outbound,
             state,
+            ..
         } = link;
         Ok((
             answer,
@@ -420,6 +428,7 @@ impl MediaPort {
             state_rx,
             inbound_rx,
         } = channels;
+        let listen_only = session.is_listener();
         let (reply, reply_rx) = oneshot::channel();
         self.commands
             .send(Command::Register {
@@ -437,6 +446,7 @@ impl MediaPort {
                 counters: Arc::clone(&self.counters),
             },
             state: state_rx,
+            listen_only,
         };
         Ok((answer, link, inbound_rx))
     }
@@ -504,6 +514,7 @@ impl MediaPort {
             outbound_dropped: load(&c.outbound_dropped),
             send_errors: load(&c.send_errors),
             peers: load(&c.peers),
+            listeners: load(&c.listeners),
         }
     }
 }
@@ -565,6 +576,36 @@ impl PlainSender {
                 }
             })
     }
+}
+
+/// Datagrams per `sendmmsg` call.
+const SEND_BATCH: usize = 256;
+
+/// Sends `batch` with one `sendmmsg` call; returns how many the kernel took.
+fn send_batch(socket: &UdpSocket, batch: &[(SocketAddr, BytesMut)]) -> std::io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+
+    let slices: Vec<[IoSlice<'_>; 1]> = batch
+        .iter()
+        .map(|(_, datagram)| [IoSlice::new(datagram)])
+        .collect();
+    let addrs: Vec<Option<SockaddrStorage>> = batch
+        .iter()
+        .map(|(to, _)| Some(SockaddrStorage::from(*to)))
+        .collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(batch.len(), None);
+    let results = sendmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        &slices,
+        &addrs,
+        [],
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(results.count())
 }
 
 /// The port's task: owns the socket and every session.
@@ -769,13 +810,16 @@ impl Driver {
     }
 
     fn send_opus(&mut self, peer: u64, payload: Bytes, samples: u32, now: Instant) {
-        let sent = self
-            .sessions
-            .get_mut(&peer)
-            .is_some_and(|session| session.send_opus(now, payload, samples));
-        if sent {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            bump(&self.counters.outbound_dropped, 1);
+            return;
+        };
+        if session.send_opus(now, payload, samples, &mut self.outgoing) {
             bump(&self.counters.outbound_frames, 1);
-            self.service(peer, now);
+            // A listener's packet is already in `outgoing`; `rtc`'s peer must be drained.
+            if !session.is_listener() {
+                self.service(peer, now);
+            }
         } else {
             bump(&self.counters.outbound_dropped, 1);
         }
@@ -792,6 +836,9 @@ impl Driver {
             ));
         }
         let peer = session.id;
+        if session.is_listener() {
+            bump(&self.counters.listeners, 1);
+        }
         self.by_ufrag.insert(session.local_ufrag.clone(), peer);
         self.sessions.insert(peer, session);
         self.counters
@@ -870,6 +917,9 @@ impl Driver {
         if let Some(at) = session.registered_deadline.take() {
             self.timers.remove(&(at, peer));
         }
+        if session.is_listener() {
+            self.counters.listeners.fetch_sub(1, Ordering::Relaxed);
+        }
         self.by_ufrag.remove(&session.local_ufrag);
         for addr in &session.remote_addrs {
             if self.by_addr.get(addr) == Some(&peer) {
@@ -884,23 +934,47 @@ impl Driver {
         debug!(peer, state = ?session.state(), "participant removed from the media port");
     }
 
-    /// Sends every queued datagram. Waits only when the socket's send buffer is full.
+    /// Sends every queued datagram, up to [`SEND_BATCH`] per `sendmmsg` call (a room's shared
+    /// frame to its listeners is a few system calls, not one per listener). Waits only when the
+    /// socket's send buffer is full.
     async fn flush(&mut self) {
-        for (to, datagram) in std::mem::take(&mut self.outgoing) {
-            let result = match self.socket.try_send_to(&datagram, to) {
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.socket.send_to(&datagram, to).await
-                }
-                other => other,
-            };
+        let pending = std::mem::take(&mut self.outgoing);
+        let mut start = 0;
+        while start < pending.len() {
+            let end = pending.len().min(start + SEND_BATCH);
+            let batch = &pending[start..end];
+            let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                send_batch(&self.socket, batch)
+            });
             match result {
-                Ok(_) => bump(&self.counters.datagrams_out, 1),
+                Ok(sent) => {
+                    bump(&self.counters.datagrams_out, sent as u64);
+                    start += sent.max(1);
+                    if sent == 0 {
+                        // The kernel took none and reported no error: count the first as failed
+                        // rather than spin on it.
+                        bump(&self.counters.send_errors, 1);
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Err(err) = self.socket.writable().await {
+                        debug!(%err, "media socket not writable");
+                        bump(&self.counters.send_errors, (pending.len() - start) as u64);
+                        break;
+                    }
+                }
                 Err(err) => {
-                    debug!(%to, %err, "media socket send failed");
+                    // `sendmmsg` fails only when the first datagram fails (an unreachable
+                    // remote, say): that one is lost, the rest go on.
+                    debug!(to = %batch[0].0, %err, "media socket send failed");
                     bump(&self.counters.send_errors, 1);
+                    start += 1;
                 }
             }
         }
+        // Keep the buffer's capacity for the next round.
+        self.outgoing = pending;
+        self.outgoing.clear();
     }
 
     async fn shutdown(&mut self) {

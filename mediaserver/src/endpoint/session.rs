@@ -43,7 +43,8 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use super::offer::{AUDIO_LEVEL_URI, check_offer};
+use super::listener::{ListenerAnswer, ListenerTransport};
+use super::offer::{AUDIO_LEVEL_URI, CheckedOffer, check_offer};
 use super::{AudioSink, EndpointError, InboundAudio, PeerState};
 use crate::media::AudioLevel;
 
@@ -73,8 +74,7 @@ pub(crate) struct Session {
     pub(crate) registered_deadline: Option<Instant>,
     /// Remote addresses routed to this session, oldest first.
     pub(crate) remote_addrs: Vec<SocketAddr>,
-    connection: RTCPeerConnection,
-    sender_id: RTCRtpSenderId,
+    connection: Connection,
     ssrc: u32,
     opus_payload_type: u8,
     audio_level_id: Option<u8>,
@@ -96,6 +96,16 @@ impl std::fmt::Debug for Session {
             .field("state", &self.state)
             .finish_non_exhaustive()
     }
+}
+
+/// What carries a session: `rtc`'s whole peer connection (participants who talk), or Chorus's
+/// own listener transport (receive-only participants, see `listener.rs`).
+enum Connection {
+    Rtc {
+        peer: Box<RTCPeerConnection>,
+        sender_id: RTCRtpSenderId,
+    },
+    Listener(Box<ListenerTransport>),
 }
 
 /// The pieces of a new session that go to the [`super::PeerHandle`].
@@ -132,12 +142,16 @@ impl Session {
         now: Instant,
     ) -> Result<(Self, String, SessionChannels), EndpointError> {
         let offer = check_offer(offer_sdp)?;
+        if offer.receive_only {
+            return Self::answer_listener(id, &offer, candidate_addr, inbound_queue, sink, now);
+        }
 
         let opus = RTCRtpCodec {
             mime_type: MIME_TYPE_OPUS.to_owned(),
             clock_rate: 48_000,
             channels: 2,
-            sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+            // usedtx=1: a participant's silence costs a packet every 400 ms, not every frame.
+            sdp_fmtp_line: "minptime=10;useinbandfec=1;usedtx=1".to_owned(),
             rtcp_feedback: vec![],
         };
         let mut media_engine = MediaEngine::default();
@@ -259,6 +273,70 @@ impl Session {
                 .and_then(|extension| u8::try_from(extension.id).ok())
         });
 
+        let connection = Connection::Rtc {
+            peer: Box::new(connection),
+            sender_id,
+        };
+        Ok(Self::assemble(
+            id,
+            local_ufrag,
+            connection,
+            ssrc,
+            opus_payload_type,
+            audio_level_id,
+            (inbound_queue, sink),
+            now,
+            answer_sdp,
+        ))
+    }
+
+    /// A receive-only participant: Chorus's own listener transport answers.
+    fn answer_listener(
+        id: u64,
+        offer: &CheckedOffer,
+        candidate_addr: SocketAddr,
+        inbound_queue: usize,
+        sink: Option<AudioSink>,
+        now: Instant,
+    ) -> Result<(Self, String, SessionChannels), EndpointError> {
+        let local_ufrag = random_ice_string(UFRAG_LEN);
+        let local_pwd = random_ice_string(ICE_PASSWORD_LEN);
+        let ssrc: u32 = rand::rng().random();
+        let (transport, answer_sdp) = ListenerTransport::answer(
+            offer,
+            &ListenerAnswer {
+                local_ufrag: &local_ufrag,
+                local_pwd: &local_pwd,
+                candidate: candidate_addr,
+                ssrc,
+                id,
+            },
+        )?;
+        Ok(Self::assemble(
+            id,
+            local_ufrag,
+            Connection::Listener(Box::new(transport)),
+            ssrc,
+            offer.opus_payload_type,
+            None,
+            (inbound_queue, sink),
+            now,
+            answer_sdp,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        id: u64,
+        local_ufrag: String,
+        connection: Connection,
+        ssrc: u32,
+        opus_payload_type: u8,
+        audio_level_id: Option<u8>,
+        (inbound_queue, sink): (usize, Option<AudioSink>),
+        now: Instant,
+        answer_sdp: String,
+    ) -> (Self, String, SessionChannels) {
         let (state_tx, state_rx) = watch::channel(PeerState::Connecting);
         let (sink, inbound_rx) = match sink {
             Some(sink) => (sink, None),
@@ -275,7 +353,6 @@ impl Session {
             registered_deadline: None,
             remote_addrs: Vec::new(),
             connection,
-            sender_id,
             ssrc,
             opus_payload_type,
             audio_level_id,
@@ -287,14 +364,19 @@ impl Session {
             state_tx,
             sink,
         };
-        Ok((
+        (
             session,
             answer_sdp,
             SessionChannels {
                 state_rx,
                 inbound_rx,
             },
-        ))
+        )
+    }
+
+    /// Whether this participant only listens (Chorus's own listener transport carries it).
+    pub(crate) fn is_listener(&self) -> bool {
+        matches!(self.connection, Connection::Listener(_))
     }
 
     pub(crate) fn state(&self) -> PeerState {
@@ -313,6 +395,13 @@ impl Session {
         peer_addr: SocketAddr,
         datagram: BytesMut,
     ) {
+        let peer = match &mut self.connection {
+            Connection::Rtc { peer, .. } => peer,
+            Connection::Listener(transport) => {
+                transport.handle_datagram(now, peer_addr, datagram);
+                return;
+            }
+        };
         let message = TaggedBytesMut {
             now,
             transport: TransportContext {
@@ -323,43 +412,74 @@ impl Session {
             },
             message: datagram,
         };
-        if let Err(err) = self.connection.handle_read(message) {
+        if let Err(err) = peer.handle_read(message) {
             debug!(peer = self.id, %err, "peer connection rejected a datagram");
         }
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
-        if let Err(err) = self.connection.handle_timeout(now) {
-            debug!(peer = self.id, %err, "peer connection timer failed");
+        match &mut self.connection {
+            Connection::Rtc { peer, .. } => {
+                if let Err(err) = peer.handle_timeout(now) {
+                    debug!(peer = self.id, %err, "peer connection timer failed");
+                }
+            }
+            Connection::Listener(transport) => transport.handle_timeout(now),
         }
     }
 
     /// The connection's next timer, if any.
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
-        self.connection.poll_timeout()
+        match &mut self.connection {
+            Connection::Rtc { peer, .. } => peer.poll_timeout(),
+            Connection::Listener(transport) => transport.poll_timeout(),
+        }
     }
 
-    /// Queues one Opus frame of `samples` 48 kHz samples for sending. Frames before the
-    /// connection is up are dropped (returns `false`): there is nobody to send them to yet.
-    pub(crate) fn send_opus(&mut self, now: Instant, payload: Bytes, samples: u32) -> bool {
+    /// Queues one Opus frame of `samples` 48 kHz samples for sending: a listener's sealed packet
+    /// goes straight to `outgoing`; `rtc`'s peer queues it until [`Self::drain`]. Frames before
+    /// the connection is up are dropped (returns `false`): there is nobody to send them to yet.
+    pub(crate) fn send_opus(
+        &mut self,
+        now: Instant,
+        payload: Bytes,
+        samples: u32,
+        outgoing: &mut Vec<(SocketAddr, BytesMut)>,
+    ) -> bool {
         if self.state != PeerState::Connected {
             return false;
         }
+        let marker = std::mem::take(&mut self.marker_pending);
+        let (sequence_number, timestamp) = (self.next_sequence, self.next_timestamp);
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        self.next_timestamp = self.next_timestamp.wrapping_add(samples);
+        let (peer, sender_id) = match &mut self.connection {
+            Connection::Rtc { peer, sender_id } => (peer, *sender_id),
+            Connection::Listener(transport) => {
+                return transport.send(
+                    marker,
+                    self.opus_payload_type,
+                    sequence_number,
+                    timestamp,
+                    self.ssrc,
+                    &payload,
+                    outgoing,
+                );
+            }
+        };
         let packet = rtc::rtp::Packet {
             header: rtc::rtp::header::Header {
                 version: 2,
-                marker: std::mem::take(&mut self.marker_pending),
+                marker,
                 payload_type: self.opus_payload_type,
-                sequence_number: self.next_sequence,
-                timestamp: self.next_timestamp,
+                sequence_number,
+                timestamp,
                 ssrc: self.ssrc,
                 ..Default::default()
             },
             payload,
         };
-        self.next_sequence = self.next_sequence.wrapping_add(1);
-        self.next_timestamp = self.next_timestamp.wrapping_add(samples);
-        let Some(mut sender) = self.connection.rtp_sender(self.sender_id) else {
+        let Some(mut sender) = peer.rtp_sender(sender_id) else {
             return false;
         };
         match sender.write_rtp(now, packet) {
@@ -375,12 +495,25 @@ impl Session {
     /// received audio (to the inbound queue) and state changes (to the state watch).
     pub(crate) fn drain(&mut self, outgoing: &mut Vec<(SocketAddr, BytesMut)>) -> DrainCounts {
         let mut counts = DrainCounts::default();
-        while let Some(TaggedRTCMessage { now, message }) = self.connection.poll_read() {
+        let peer = match &mut self.connection {
+            Connection::Rtc { peer, .. } => peer,
+            Connection::Listener(transport) => {
+                transport.drain_into(outgoing);
+                if let Some(state) = transport.take_state() {
+                    debug!(peer = self.id, ?state, "listener state changed");
+                    self.set_state(state);
+                }
+                return counts;
+            }
+        };
+        let mut received = Vec::new();
+        while let Some(TaggedRTCMessage { now, message }) = peer.poll_read() {
             if let RTCMessage::RtpPacket(_track, packet) = message {
-                self.deliver(now, packet, &mut counts);
+                received.push((now, packet));
             }
         }
-        while let Some(event) = self.connection.poll_event() {
+        let mut states = Vec::new();
+        while let Some(event) = peer.poll_event() {
             if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event {
                 let mapped = match state {
                     RTCPeerConnectionState::Connected => Some(PeerState::Connected),
@@ -390,13 +523,19 @@ impl Session {
                     _ => None,
                 };
                 if let Some(mapped) = mapped {
-                    debug!(peer = self.id, ?mapped, "peer state changed");
-                    self.set_state(mapped);
+                    states.push(mapped);
                 }
             }
         }
-        while let Some(datagram) = self.connection.poll_write() {
+        while let Some(datagram) = peer.poll_write() {
             outgoing.push((datagram.transport.peer_addr, datagram.message));
+        }
+        for (now, packet) in received {
+            self.deliver(now, packet, &mut counts);
+        }
+        for state in states {
+            debug!(peer = self.id, ?state, "peer state changed");
+            self.set_state(state);
         }
         counts
     }
@@ -446,11 +585,19 @@ impl Session {
     /// Closes the connection (its DTLS close_notify lands in `outgoing`) and publishes the
     /// final state: the one the connection reached by itself, else `state`.
     pub(crate) fn close(&mut self, outgoing: &mut Vec<(SocketAddr, BytesMut)>, state: PeerState) {
-        if let Err(err) = self.connection.close() {
-            debug!(peer = self.id, %err, "closing the peer connection failed");
-        }
-        while let Some(datagram) = self.connection.poll_write() {
-            outgoing.push((datagram.transport.peer_addr, datagram.message));
+        match &mut self.connection {
+            Connection::Rtc { peer, .. } => {
+                if let Err(err) = peer.close() {
+                    debug!(peer = self.id, %err, "closing the peer connection failed");
+                }
+                while let Some(datagram) = peer.poll_write() {
+                    outgoing.push((datagram.transport.peer_addr, datagram.message));
+                }
+            }
+            Connection::Listener(transport) => {
+                transport.close(Instant::now());
+                transport.drain_into(outgoing);
+            }
         }
         self.set_state(state);
         self.state_tx.send_replace(self.state);

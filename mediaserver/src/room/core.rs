@@ -210,6 +210,26 @@ impl RoomCore {
         self.members.insert(id, Member { identity });
     }
 
+    /// A participant who only listens joins: a member with no stream in the mixer, so it
+    /// costs the tick nothing (it hears the shared frame like every other non-speaker).
+    pub fn add_listener(&mut self, id: ParticipantId, identity: String) {
+        self.members.insert(id, Member { identity });
+    }
+
+    /// A member's transport changed to one that sends (`listens_only == false`) or not: its
+    /// stream enters or leaves the mixer. `false` if it is not a member.
+    pub fn set_listens_only(&mut self, id: ParticipantId, listens_only: bool) -> bool {
+        if !self.members.contains_key(&id) {
+            return false;
+        }
+        if listens_only {
+            self.mixer.remove_stream(StreamId(id));
+        } else {
+            self.mixer.add_stream(StreamId(id), StreamOrigin::Local);
+        }
+        true
+    }
+
     /// A participant leaves: its stream leaves the mixer. `None` if it was not here.
     pub fn remove_member(&mut self, id: ParticipantId) -> Option<Member> {
         let member = self.members.remove(&id)?;
@@ -626,6 +646,30 @@ mod tests {
         assert!(ticks.iter().all(|t| t.report.is_none()));
         let (_, forward) = core.push_local(1, talkers[0].1.packet(ms(700)), 0);
         assert!(forward.is_none());
+    }
+
+    #[test]
+    fn a_listener_hears_the_shared_frame_without_a_stream_and_can_start_talking() {
+        let mut core = RoomCore::new(settings(), None).expect("valid settings");
+        core.add_member(1, "talker".to_owned());
+        core.add_listener(2, "listener".to_owned());
+        assert_eq!(core.mixer.streams(), vec![StreamId(1)]);
+        let mut talkers = vec![(1, Talker::new(300.0, -10.0))];
+        let ticks = run(&mut core, &mut talkers, 0, 20);
+        let last = ticks.last().expect("ran");
+        assert_eq!(last.mix.mixed, vec![StreamId(1)]);
+        assert_eq!(last.deliveries.listeners, vec![2]);
+        assert!(!last.deliveries.shared.is_empty());
+        // Its packets, were any to arrive, belong to no stream.
+        let (pushed, _) = core.push_local(2, talkers[0].1.packet(ms(500)), 0);
+        assert!(pushed.is_err());
+        // Moved to a device that talks, it gets a stream; back to listening, it loses it.
+        assert!(core.set_listens_only(2, false));
+        assert_eq!(core.mixer.streams(), vec![StreamId(1), StreamId(2)]);
+        assert!(core.set_listens_only(2, true));
+        assert_eq!(core.mixer.streams(), vec![StreamId(1)]);
+        assert!(!core.set_listens_only(9, false));
+        assert!(core.remove_member(2).is_some());
     }
 
     #[test]

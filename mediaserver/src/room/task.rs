@@ -242,8 +242,12 @@ impl RoomTask {
                 transport,
                 done,
             } => {
-                tracing::info!(room = %self.name, participant = id, "joined");
-                self.core.add_member(id, identity);
+                tracing::info!(room = %self.name, participant = id, listens_only = transport.listens_only(), "joined");
+                if transport.listens_only() {
+                    self.core.add_listener(id, identity);
+                } else {
+                    self.core.add_member(id, identity);
+                }
                 self.transports.insert(id, transport);
                 self.tags.insert(tag, id);
                 self.generations.insert(id, 0);
@@ -268,6 +272,7 @@ impl RoomTask {
                 transport,
                 done,
             } => {
+                let listens_only = transport.listens_only();
                 let Some(old) = self.transports.insert(id, transport) else {
                     // Not a member (it left meanwhile): the new transport goes too.
                     if let Some(t) = self.transports.remove(&id) {
@@ -279,6 +284,10 @@ impl RoomTask {
                 // From now on only the new device feeds the stream.
                 self.tags.retain(|_, p| *p != id);
                 self.tags.insert(tag, id);
+                // The new device may talk where the old one only listened, or the reverse.
+                if listens_only != old.listens_only() {
+                    self.core.set_listens_only(id, listens_only);
+                }
                 self.core.restart_stream(id);
                 let last_old = self.last_packet.remove(&id);
                 self.pending_moves.insert(tag, (Instant::now(), last_old));

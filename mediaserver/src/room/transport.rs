@@ -27,6 +27,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// room then hands the shared frame to the port's one fan-out instead of one send each.
     fn port_peer(&self) -> Option<u64>;
 
+    /// Whether the participant only listens (it sends no audio): the room then keeps no
+    /// stream for it in the mixer, so a listener costs the tick nothing.
+    fn listens_only(&self) -> bool {
+        false
+    }
+
     /// Whether the transport has ended for good (failed, closed by the remote or by us).
     fn is_gone(&self) -> bool;
 
@@ -55,6 +61,10 @@ impl Transport for WebRtcTransport {
 
     fn port_peer(&self) -> Option<u64> {
         Some(self.link.id)
+    }
+
+    fn listens_only(&self) -> bool {
+        self.link.listen_only
     }
 
     fn is_gone(&self) -> bool {
