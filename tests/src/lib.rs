@@ -17,6 +17,7 @@ pub mod link;
 pub mod media_server;
 pub mod mediaserver_process;
 pub mod mesh_cluster;
+pub mod swarm;
 pub mod telephony;
 pub mod transfer;
 
