@@ -125,11 +125,11 @@ pub async fn start(
     let key = TokenKey::new(&config.join_key)?;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let port = Arc::new(MediaPort::start(
-        udp,
-        config.public_address,
-        shutdown.clone(),
-    )?);
+    // The port holds every participant's session: as many as the server admits (its default
+    // bound, 4096, would cap a server configured for more listeners).
+    let mut port_config = crate::endpoint::PortConfig::new(config.public_address);
+    port_config.max_peers = port_config.max_peers.max(config.max_participants);
+    let port = Arc::new(MediaPort::start_with(udp, port_config, shutdown.clone())?);
     metrics
         .register(Box::new(crate::metrics::PortCollector::new(port.clone())))
         .expect("the port collector's names are registered once");

@@ -237,6 +237,13 @@ impl ServerProcess {
         hour_token(&self.key, &self.conference, room, identity)
     }
 
+    /// Makes hour tokens for `room` by identity, apart from the server (for a swarm's
+    /// thousands of listeners).
+    pub fn token_maker(&self, room: &str) -> std::sync::Arc<dyn Fn(&str) -> String + Send + Sync> {
+        let (key, conference, room) = (self.key.clone(), self.conference.clone(), room.to_owned());
+        std::sync::Arc::new(move |identity: &str| hour_token(&key, &conference, &room, identity))
+    }
+
     /// The server's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
         Ok(reqwest::get(format!("{}/metrics", self.base_url))

@@ -2,22 +2,29 @@
 //!
 //! The client side of a capacity benchmark: it joins N listeners to one room of a Chorus media
 //! server through the ordinary join API (`POST {base}/v1/rooms/{room}/participants`, SDP offer
-//! in, SDP answer out, `DELETE` the returned `Location` to leave), each with real ICE, real DTLS
-//! and its own SRTP keys, then measures what they receive. A `webrtc`/`rtc` peer connection per
+//! in, SDP answer out, `DELETE` the returned `Location` to leave), or to a Janus AudioBridge
+//! room through Janus' HTTP API ([`Target::Janus`], see [`janus`]), each with real ICE, real
+//! DTLS and its own SRTP keys, then measures what they receive. Optionally every listener also
+//! streams silence upstream, as a browser with an unmuted microphone does ([`Upstream`]). A `webrtc`/`rtc` peer connection per
 //! listener costs about a core per 80 listeners, so instead each listener is built from `rtc`'s
 //! sub-crates (`rtc::stun`, `rtc::dtls`, `rtc::srtp`, `rtc::rtp`, `rtc::rtcp`):
 //!
 //! - [`sdp`]: the hand-written offer and the answer parser;
-//! - [`ice`]: Binding Requests/Responses against the ICE-lite server (the listener controls);
-//! - [`handshake`]: one listener's join (socket, HTTP, ICE, DTLS, SRTP key export), as a Tokio
-//!   task; [`Swarm::join`] runs at most `join_concurrency` of them at once;
+//! - [`ice`]: Binding Requests/Responses (the listener controls; it also answers the server's
+//!   own checks, which a full agent such as Janus sends);
+//! - [`handshake`]: one listener's join (socket, signalling, ICE, DTLS, SRTP key export), as a
+//!   Tokio task; [`Swarm::join`] runs at most `join_concurrency` of them at once;
+//! - [`janus`]: the signalling against a Janus AudioBridge room;
 //! - [`media`]: ONE OS thread that reads every socket (`epoll` + `recvmmsg`), counts, samples
-//!   decryption, and sends consent checks and SRTCP receiver reports.
+//!   decryption, timestamps arrivals, sends consent checks and SRTCP receiver reports, and the
+//!   upstream silence.
 //!
 //! Usage: [`Swarm::join`] with a [`SwarmConfig`], then [`Swarm::run_for`] (as often as wanted)
 //! for a [`SwarmReport`], then [`Swarm::leave`]. [`SwarmReport::verify`] checks that every
 //! listener joined, received, lost little and decrypted its samples to the reference payloads;
-//! [`SwarmReport::reference_pcm`] decodes what the reference listener heard.
+//! [`SwarmReport::reference_pcm`] decodes what the reference listener heard;
+//! [`ListenerReport::offset_vs_reference_ms`] and [`SwarmReport::fan_out`] say how much later
+//! than the reference each listener received the same payloads.
 //!
 //! Invariants:
 //! - Listener 0 is the reference: it joins first, alone, so it is recording before any other
@@ -25,13 +32,23 @@
 //! - A sample matches only a payload the reference received byte for byte (compared by a 64-bit
 //!   SipHash and the length): the server encodes the listeners' mix once and sends the same
 //!   bytes to each, so a listener with wrong keys, or a server mixing per listener, shows up
-//!   as mismatches.
+//!   as mismatches. Janus' AudioBridge does encode per participant, so against it payloads need
+//!   not match ([`SwarmConfig::verify_payloads`] off, offsets mostly unavailable).
+//! - A listener's offset for a sample is its arrival minus the reference's nearest arrival of
+//!   the same payload (identical payloads recur: silence, a steady tone; so an offset is only
+//!   unambiguous within half the interval at which a payload repeats, at least ±10 ms), from
+//!   kernel receive timestamps (SO_TIMESTAMPNS, nanosecond resolution; over
+//!   loopback stamped as the server sends, so the swarm's own reading order and load do not
+//!   enter). Only where a stamp is missing does it fall back on the time read right after the
+//!   `recvmmsg` call that returned the packet, which lags by up to the media thread's pass
+//!   over all sockets; [`ListenerReport::read_offset_vs_reference_ms`] gives that view too.
 //! - The swarm's own CPU is measured on the media thread alone (`RUSAGE_THREAD`), so a server
 //!   running in the same process does not count: above ~80 % of a core, the generator, not
 //!   the server, may be the bottleneck ([`SwarmReport::generator_saturated`]).
 
 mod handshake;
 mod ice;
+pub mod janus;
 mod media;
 mod sdp;
 
@@ -46,23 +63,57 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::Semaphore;
 
 pub use handshake::JoinTimings;
+pub use janus::JanusTarget;
 pub use sdp::{Direction, DtlsRole};
 
-use handshake::JoinContext;
+use handshake::{JoinContext, Membership, Signaling};
 use media::{Command, MediaSettings};
 
 /// Makes the join token of listener `i` (each listener should have its own identity).
 pub type TokenFactory = Arc<dyn Fn(usize) -> String + Send + Sync>;
 
+/// Which server the swarm joins.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Target {
+    /// Chorus' join API: `POST {base_url}/v1/rooms/{room}/participants` with `token(i)`.
+    #[default]
+    Chorus,
+    /// A Janus AudioBridge room through the Janus API at `base_url` (`http://HOST:PORT/janus`);
+    /// `room` and `token` are not used. Listeners bind to Janus' own address when `bind_ip` is
+    /// a loopback one (Janus has no candidate on loopback).
+    Janus(JanusTarget),
+}
+
+/// What the listeners send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Upstream {
+    /// Nothing but STUN and RTCP (a muted browser tab).
+    #[default]
+    None,
+    /// 50 packets/s each of SRTP-protected Opus silence (libopus' encoding of 20 ms of zeros,
+    /// made once), with the RFC 6464 audio level 127 when the answer negotiated the extension:
+    /// a browser listener that does not mute its microphone. Needs [`Direction::SendRecv`].
+    Silence,
+}
+
 /// How to build a swarm.
 #[derive(Clone)]
 pub struct SwarmConfig {
-    /// The server's HTTP base, such as `http://127.0.0.1:8080`.
+    /// The server's HTTP base, such as `http://127.0.0.1:8080` (for [`Target::Janus`], the
+    /// Janus API root, `http://127.0.0.1:8088/janus`).
     pub base_url: String,
-    /// The room to join.
+    /// The room to join (Chorus).
     pub room: String,
-    /// Listener `i`'s join token.
+    /// Listener `i`'s join token (Chorus).
     pub token: TokenFactory,
+    /// Which server and protocol to join through.
+    pub target: Target,
+    /// What the listeners send.
+    pub upstream: Upstream,
+    /// Whether [`SwarmReport::verify`] requires every sample to match a reference payload.
+    /// True for Chorus (one encoding for all listeners); false for Janus, which encodes for
+    /// every participant separately, so equal payloads are a coincidence there.
+    pub verify_payloads: bool,
     /// How many listeners.
     pub listeners: usize,
     /// The direction offered: [`Direction::RecvOnly`] is the target, [`Direction::SendRecv`]
@@ -94,6 +145,9 @@ impl std::fmt::Debug for SwarmConfig {
             .field("base_url", &self.base_url)
             .field("room", &self.room)
             .field("listeners", &self.listeners)
+            .field("target", &self.target)
+            .field("upstream", &self.upstream)
+            .field("verify_payloads", &self.verify_payloads)
             .field("direction", &self.direction)
             .field("sample_every", &self.sample_every)
             .field("bind_ip", &self.bind_ip)
@@ -119,6 +173,9 @@ impl SwarmConfig {
             base_url: base_url.into(),
             room: room.into(),
             token: Arc::new(token),
+            target: Target::Chorus,
+            upstream: Upstream::None,
+            verify_payloads: true,
             listeners,
             direction: Direction::RecvOnly,
             sample_every: 100,
@@ -130,6 +187,66 @@ impl SwarmConfig {
             rtcp_interval: Duration::from_secs(5),
         }
     }
+
+    /// `listeners` recvonly listeners joining Janus AudioBridge room `target.room` through the
+    /// Janus API at `janus_base_url`; otherwise as [`SwarmConfig::new`], with
+    /// `verify_payloads` off (see there).
+    pub fn janus(janus_base_url: impl Into<String>, target: JanusTarget, listeners: usize) -> Self {
+        let room = target.room.to_string();
+        SwarmConfig {
+            target: Target::Janus(target),
+            verify_payloads: false,
+            ..SwarmConfig::new(janus_base_url, room, listeners, |_| String::new())
+        }
+    }
+}
+
+/// The spread of a listener's arrival offsets from the reference's, ms (positive: later).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OffsetStats {
+    /// Matched samples the offsets come from.
+    pub samples: u64,
+    /// Of these, how many had kernel timestamps on both sides (the rest used read times).
+    pub kernel_stamped: u64,
+    /// Smallest offset.
+    pub min: f64,
+    /// Median offset.
+    pub p50: f64,
+    /// Largest offset.
+    pub max: f64,
+}
+
+impl OffsetStats {
+    /// Stats of `offsets` (None when empty).
+    fn of(mut offsets: Vec<f64>, kernel_stamped: u64) -> Option<OffsetStats> {
+        if offsets.is_empty() {
+            return None;
+        }
+        offsets.sort_by(f64::total_cmp);
+        Some(OffsetStats {
+            samples: offsets.len() as u64,
+            kernel_stamped,
+            min: offsets[0],
+            p50: offsets[offsets.len() / 2],
+            max: offsets[offsets.len() - 1],
+        })
+    }
+}
+
+/// The reference's and the last listener's offsets ([`SwarmReport::fan_out`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FanOut {
+    /// The reference's own offsets (zero by construction; present when it sampled).
+    pub reference: Option<OffsetStats>,
+    /// The highest-indexed listener.
+    pub last_index: usize,
+    /// Its offsets from the reference.
+    pub last: Option<OffsetStats>,
+    /// The listener whose answer came last (with concurrent joins, not necessarily the
+    /// highest index).
+    pub last_answered_index: usize,
+    /// Its offsets from the reference.
+    pub last_answered: Option<OffsetStats>,
 }
 
 /// What one listener received during a window.
@@ -149,6 +266,9 @@ pub struct ListenerReport {
     pub answer_direction: String,
     /// How long its join took.
     pub join: JoinTimings,
+    /// When its answer arrived, from the start of the swarm's media thread (just before the
+    /// first join): orders listeners as the server admitted them.
+    pub answered_at: Duration,
     /// RTP that arrived before its keys existed (during the join; dropped).
     pub early_rtp: u64,
     /// The server's SSRC for this listener (first seen ever).
@@ -179,6 +299,19 @@ pub struct ListenerReport {
     pub samples_mismatched: u64,
     /// Sampled packets that failed SRTP authentication or parsing.
     pub samples_undecryptable: u64,
+    /// Per matched sample, its arrival minus the reference's arrival of the same payload, by
+    /// kernel receive timestamps (see the module doc); None without matched samples, and for
+    /// every listener but the reference when [`SwarmConfig::verify_payloads`] is off.
+    pub offset_vs_reference_ms: Option<OffsetStats>,
+    /// The same offsets from the times read right after each `recvmmsg` call (include the
+    /// media thread's reading order and delay).
+    pub read_offset_vs_reference_ms: Option<OffsetStats>,
+    /// The SSRC it sends upstream with (None: it sends nothing).
+    pub send_ssrc: Option<u32>,
+    /// The answer's RFC 6464 audio-level extension id (None: not negotiated).
+    pub audio_level_id: Option<u8>,
+    /// Upstream RTP packets sent.
+    pub upstream_sent: u64,
     /// SRTCP packets received.
     pub rtcp_received: u64,
     /// STUN messages received (consent responses).
@@ -193,7 +326,7 @@ pub struct ListenerReport {
     pub consent_answered: u64,
     /// Receiver reports sent.
     pub rtcp_sent: u64,
-    /// Sends that failed.
+    /// Sends that failed (STUN, RTCP, upstream RTP).
     pub send_errors: u64,
     /// Datagrams the kernel dropped on this socket (SO_RXQ_OVFL, as of its last read).
     pub kernel_drops: u32,
@@ -241,6 +374,13 @@ pub struct SwarmReport {
     pub samples_undecryptable: u64,
     /// Sum of per-socket kernel drops (SO_RXQ_OVFL).
     pub kernel_drops: u64,
+    /// Sum of [`ListenerReport::upstream_sent`].
+    pub upstream_sent: u64,
+    /// Upstream send slots (one tenth of the listeners each) skipped because the media thread
+    /// fell a whole 20 ms period behind.
+    pub upstream_slots_skipped: u64,
+    /// Whether [`SwarmReport::verify`] checks payloads ([`SwarmConfig::verify_payloads`]).
+    pub verify_payloads: bool,
     /// Host-wide `Udp: RcvbufErrors` over the window (includes any other UDP socket, such as
     /// an in-process server's).
     pub udp_rcvbuf_errors: u64,
@@ -261,10 +401,30 @@ impl SwarmReport {
         self.swarm_core_fraction > 0.8
     }
 
+    /// The reference's offsets and those of the last listener, by index and by answer time.
+    /// None without listeners.
+    pub fn fan_out(&self) -> Option<FanOut> {
+        let reference = self
+            .listeners
+            .iter()
+            .find(|l| Some(l.index) == self.reference_index);
+        let last = self.listeners.iter().max_by_key(|l| l.index)?;
+        let last_answered = self.listeners.iter().max_by_key(|l| l.answered_at)?;
+        Some(FanOut {
+            reference: reference.and_then(|l| l.offset_vs_reference_ms),
+            last_index: last.index,
+            last: last.offset_vs_reference_ms,
+            last_answered_index: last_answered.index,
+            last_answered: last_answered.offset_vs_reference_ms,
+        })
+    }
+
     /// Checks delivery: every requested listener joined; each received packets under one SSRC,
     /// lost at most `max_lost`, had at least `min_samples` samples checked and every one of
-    /// them decrypted to a payload the reference received. Errors list every listener that
-    /// fails (the first 20).
+    /// them decrypted to a payload the reference received. Without
+    /// [`SwarmReport::verify_payloads`], samples must only decrypt (`min_samples` counts
+    /// decrypted samples, matched or not). Errors list every listener that fails (the first
+    /// 20).
     pub fn verify(&self, max_lost: u64, min_samples: u64) -> Result<()> {
         let mut problems = Vec::new();
         if self.listeners_joined != self.listeners_requested {
@@ -292,13 +452,17 @@ impl SwarmReport {
                     l.foreign_ssrc_packets
                 ));
             }
-            if l.samples_ok < min_samples {
+            let checked = if self.verify_payloads {
+                l.samples_ok
+            } else {
+                l.samples_ok + l.samples_mismatched
+            };
+            if checked < min_samples {
                 wrong.push(format!(
-                    "{} samples matched, want at least {min_samples}",
-                    l.samples_ok
+                    "{checked} samples checked, want at least {min_samples}"
                 ));
             }
-            if l.samples_mismatched > 0 || l.samples_undecryptable > 0 {
+            if l.samples_undecryptable > 0 || (self.verify_payloads && l.samples_mismatched > 0) {
                 wrong.push(format!(
                     "{} samples not in the reference, {} undecryptable",
                     l.samples_mismatched, l.samples_undecryptable
@@ -357,6 +521,7 @@ impl SwarmReport {
         format!(
             "{}/{} listeners joined in {:.2?}; window {:.2?}: {} packets, {} lost, samples \
              {} ok / {} mismatched / {} undecryptable, kernel drops {} (host RcvbufErrors {}), \
+             upstream {} sent ({} slots skipped), last listener offset p50 {}, \
              swarm CPU {:.2?} = {:.0} % of a core",
             self.listeners_joined,
             self.listeners_requested,
@@ -369,23 +534,22 @@ impl SwarmReport {
             self.samples_undecryptable,
             self.kernel_drops,
             self.udp_rcvbuf_errors,
+            self.upstream_sent,
+            self.upstream_slots_skipped,
+            self.fan_out()
+                .and_then(|f| f.last)
+                .map_or("-".to_owned(), |o| format!("{:.3} ms", o.p50)),
             self.swarm_cpu,
             self.swarm_core_fraction * 100.0
         )
     }
 }
 
-/// Where and how to leave, per joined listener.
-#[derive(Debug, Clone)]
-struct Membership {
-    participant_url: String,
-    token: String,
-}
-
 /// A joined swarm; its media thread runs until [`Swarm::leave`] or drop.
 pub struct Swarm {
     config: SwarmConfig,
-    client: reqwest::Client,
+    /// Taken by [`Swarm::leave`].
+    context: Option<Arc<JoinContext>>,
     commands: mpsc::Sender<Command>,
     wake: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -409,7 +573,7 @@ impl Swarm {
     /// Joins `config.listeners` listeners: the reference first, alone, then the rest at most
     /// `join_concurrency` at a time. Fails if the reference cannot join; other failures are
     /// recorded in the report ([`SwarmReport::join_failures`]) so a benchmark can go on.
-    pub async fn join(config: SwarmConfig) -> Result<Swarm> {
+    pub async fn join(mut config: SwarmConfig) -> Result<Swarm> {
         if config.listeners == 0 {
             bail!("a swarm needs at least one listener");
         }
@@ -422,21 +586,42 @@ impl Swarm {
                 config.sample_every
             );
         }
+        if config.upstream == Upstream::Silence && config.direction != Direction::SendRecv {
+            bail!("Upstream::Silence needs Direction::SendRecv: a recvonly listener sends no RTP");
+        }
         let crypto = rtc::srtp::crypto::default_provider()
             .map_err(|e| anyhow!("no crypto provider: {e}"))?;
         let (certificate, fingerprint) = JoinContext::certificate(&crypto)?;
-        let base = reqwest::Url::parse(&config.base_url)
-            .with_context(|| format!("`{}` is not a URL", config.base_url))?;
-        let join_url = base
-            .join(&format!("/v1/rooms/{}/participants", config.room))
-            .context("building the join URL")?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
+        let signaling = match &config.target {
+            Target::Chorus => {
+                let base = reqwest::Url::parse(&config.base_url)
+                    .with_context(|| format!("`{}` is not a URL", config.base_url))?;
+                let join_url = base
+                    .join(&format!("/v1/rooms/{}/participants", config.room))
+                    .context("building the join URL")?;
+                Signaling::Chorus { client, join_url }
+            }
+            Target::Janus(target) => {
+                let janus =
+                    janus::JanusSignaling::connect(&config.base_url, target.clone()).await?;
+                if config.bind_ip.is_loopback() {
+                    config.bind_ip = janus.local_ip().context(
+                        "Janus reported no non-loopback address of its own to bind listeners to",
+                    )?;
+                }
+                Signaling::Janus(janus)
+            }
+        };
+        let upstream = match config.upstream {
+            Upstream::None => None,
+            Upstream::Silence => Some(silence_frame()?),
+        };
         let context = Arc::new(JoinContext {
-            client: client.clone(),
-            join_url,
+            signaling,
             certificate,
             fingerprint,
             crypto: Arc::clone(&crypto),
@@ -457,13 +642,14 @@ impl Swarm {
                 consent_interval: config.consent_interval,
                 rtcp_interval: config.rtcp_interval,
                 crypto,
+                upstream,
             },
             receiver,
             Arc::clone(&wake),
         )?;
         let mut swarm = Swarm {
             config,
-            client,
+            context: Some(Arc::clone(&context)),
             commands,
             wake,
             thread: Some(thread),
@@ -474,10 +660,11 @@ impl Swarm {
 
         let started = Instant::now();
         // The reference first and alone: it must be recording before anyone is sampled.
-        let reference = handshake::join_one(&context, 0, (swarm.config.token)(0))
+        let (reference, membership) = handshake::join_one(&context, 0, (swarm.config.token)(0))
             .await
             .context("the reference listener (0) could not join")?;
-        swarm.register(reference)?;
+        swarm.members.push(membership);
+        swarm.send(Command::Register(Box::new(reference)))?;
 
         let semaphore = Arc::new(Semaphore::new(swarm.config.join_concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
@@ -495,11 +682,7 @@ impl Swarm {
                 drop(permit);
                 // Registered at once, so nothing piles up in the socket while others join.
                 result
-                    .and_then(|joined| {
-                        let membership = Membership {
-                            participant_url: joined.participant_url.clone(),
-                            token: joined.token.clone(),
-                        };
+                    .and_then(|(joined, membership)| {
                         commands
                             .send(Command::Register(Box::new(joined)))
                             .map_err(|_| anyhow!("the media thread is gone"))?;
@@ -519,14 +702,6 @@ impl Swarm {
         swarm.join_failures.sort();
         swarm.join_duration = started.elapsed();
         Ok(swarm)
-    }
-
-    fn register(&mut self, joined: handshake::Joined) -> Result<()> {
-        self.members.push(Membership {
-            participant_url: joined.participant_url.clone(),
-            token: joined.token.clone(),
-        });
-        self.send(Command::Register(Box::new(joined)))
     }
 
     fn send(&self, command: Command) -> Result<()> {
@@ -563,6 +738,14 @@ impl Swarm {
             .context("the media thread stopped before reporting")?;
         let mut listeners = snapshot.listeners;
         listeners.sort_by_key(|l| l.index);
+        if !self.config.verify_payloads {
+            // Payloads are encoded per listener: the few that happen to equal one of the
+            // reference's (a steady tone repeats) would give offsets of whole frames.
+            for l in listeners.iter_mut().filter(|l| !l.is_reference) {
+                l.offset_vs_reference_ms = None;
+                l.read_offset_vs_reference_ms = None;
+            }
+        }
         let sum = |f: fn(&ListenerReport) -> u64| listeners.iter().map(f).sum::<u64>();
         let window = snapshot.window;
         Ok(SwarmReport {
@@ -586,39 +769,33 @@ impl Swarm {
                 snapshot.thread_cpu.as_secs_f64() / window.as_secs_f64()
             },
             process_cpu: snapshot.process_cpu,
+            upstream_sent: sum(|l| l.upstream_sent),
+            upstream_slots_skipped: snapshot.upstream_slots_skipped,
+            verify_payloads: self.config.verify_payloads,
             reference: snapshot.reference,
             reference_index: snapshot.reference_index,
             listeners,
         })
     }
 
-    /// Leaves: `DELETE`s every participant (at most `join_concurrency` at a time) and stops
-    /// the media thread. Returns how many leaves the server accepted; errors if any failed.
+    /// Leaves: tells the server about every listener (at most `join_concurrency` at a time:
+    /// Chorus `DELETE`s the participant, Janus `leave` and `detach`), stops the media thread,
+    /// and closes a Janus API session. Returns how many leaves the server accepted; errors if
+    /// any failed.
     pub async fn leave(mut self) -> Result<usize> {
         let semaphore = Arc::new(Semaphore::new(self.config.join_concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
+        let shared = self.context.take().context("the swarm has left already")?;
         for member in std::mem::take(&mut self.members) {
             let permit = Arc::clone(&semaphore)
                 .acquire_owned()
                 .await
                 .context("leave semaphore closed")?;
-            let client = self.client.clone();
+            let context = Arc::clone(&shared);
             tasks.spawn(async move {
-                let outcome = client
-                    .delete(&member.participant_url)
-                    .bearer_auth(&member.token)
-                    .send()
-                    .await;
+                let outcome = handshake::leave(&context, member).await;
                 drop(permit);
-                match outcome {
-                    Ok(response) if response.status().is_success() => Ok(()),
-                    Ok(response) => Err(format!(
-                        "DELETE {} answered {}",
-                        member.participant_url,
-                        response.status()
-                    )),
-                    Err(err) => Err(format!("DELETE {}: {err}", member.participant_url)),
-                }
+                outcome.map_err(|e| format!("{e:#}"))
             });
         }
         let mut left = 0;
@@ -631,6 +808,13 @@ impl Swarm {
             }
         }
         self.stop();
+        // Every join and leave task is done: the swarm holds the context's last reference.
+        if let Ok(context) = Arc::try_unwrap(shared)
+            && let Signaling::Janus(janus) = context.signaling
+            && let Err(err) = janus.destroy().await
+        {
+            failures.push(format!("{err:#}"));
+        }
         if !failures.is_empty() {
             bail!(
                 "{} leaves failed, e.g. {}",
@@ -654,4 +838,20 @@ impl Drop for Swarm {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// libopus' encoding of 20 ms of digital silence (48 kHz mono, VoIP): what a browser's
+/// encoder sends for a silent microphone with DTX off. Encoded once; every packet reuses it.
+fn silence_frame() -> Result<Bytes> {
+    const SAMPLE_RATE: u32 = 48_000;
+    const FRAME: usize = 960; // 20 ms
+    let mut encoder =
+        opus::Encoder::new(SAMPLE_RATE, opus::Channels::Mono, opus::Application::Voip)
+            .map_err(|e| anyhow!("creating an Opus encoder: {e}"))?;
+    let mut out = vec![0u8; 1500];
+    let len = encoder
+        .encode(&[0i16; FRAME], &mut out)
+        .map_err(|e| anyhow!("encoding silence: {e}"))?;
+    out.truncate(len);
+    Ok(Bytes::from(out))
 }

@@ -3,6 +3,10 @@
 //!
 //! A missing Janus fails these tests (with a pointer to `scripts/bootstrap`), never skips them:
 //! benchmarks that silently lost their comparison would look like benchmarks that ran.
+//!
+//! The listener swarm (`chorus_tests::swarm`) joins Janus too, so capacity is measured the same
+//! way on both servers: its listeners must connect (Janus is a full ICE agent) and receive the
+//! talker without loss.
 
 use std::time::Duration;
 
@@ -10,6 +14,7 @@ use anyhow::Result;
 use chorus_tests::bot::{BotConfig, tone, tones as set};
 use chorus_tests::heavy_test_guard;
 use chorus_tests::janus::{JanusJitter, JanusOptions, JanusParticipant, JanusServer};
+use chorus_tests::swarm::{JanusTarget, Swarm, SwarmConfig};
 
 const FREQS: [f64; 3] = [440.0, 660.0, 880.0];
 
@@ -130,4 +135,86 @@ async fn a_missing_janus_says_to_run_bootstrap() {
         message.contains("/nonexistent/janus") && message.contains("scripts/bootstrap"),
         "{message}"
     );
+}
+
+const SWARM_LISTENERS: usize = 10;
+
+/// Ten swarm listeners (recvonly offers, real ICE/DTLS/SRTP each) join an AudioBridge room with
+/// one talker bot: every one connects and receives the mix, nearly without loss, and decrypts
+/// its samples with its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_of_listeners_hears_a_janus_talker() -> Result<()> {
+    let _serial = heavy_test_guard().await;
+    let janus = JanusServer::start(JanusOptions::default()).await?;
+    let session = janus.session().await?;
+    let room = session.create_room(JanusJitter::Default).await?;
+    let talker = session
+        .join(
+            room,
+            "talker",
+            JanusJitter::Default,
+            BotConfig::new(tone(440.0, -20.0)).counting_only(),
+        )
+        .await?;
+    let mut config = SwarmConfig::janus(janus.base_url(), JanusTarget::new(room), SWARM_LISTENERS);
+    config.sample_every = 5;
+    config.join_concurrency = 4;
+    let mut swarm = Swarm::join(config).await?;
+    assert_eq!(
+        swarm.joined(),
+        SWARM_LISTENERS,
+        "{swarm:?}\n{}",
+        janus.log_tail(30)
+    );
+    let listed = session.list_participants(room).await?;
+    assert_eq!(listed.len(), SWARM_LISTENERS + 1, "Janus lists {listed:?}");
+
+    let window = Duration::from_secs(3);
+    let report = swarm.run_for(window).await?;
+    println!("janus swarm: {}", report.summary());
+    for l in &report.listeners {
+        println!(
+            "janus swarm: listener {}: {} packets, {} lost, role {:?}, {} answer, samples {} \
+             matched / {} not (per-participant encodes), offsets {:?}",
+            l.index,
+            l.packets,
+            l.lost,
+            l.dtls_role,
+            l.answer_direction,
+            l.samples_ok,
+            l.samples_mismatched,
+            l.offset_vs_reference_ms
+        );
+        // Janus encodes for each participant: payloads (and so offsets) are not comparable.
+        if !l.is_reference {
+            assert_eq!(l.offset_vs_reference_ms, None, "listener {}", l.index);
+        }
+    }
+    // 150 frames in the window; every listener decrypts one in five.
+    report.verify(2, 10)?;
+    let frames = window.as_millis() as u64 / 20;
+    for l in &report.listeners {
+        assert!(
+            l.packets + 5 >= frames,
+            "listener {} received {} packets, expected about {frames}",
+            l.index,
+            l.packets
+        );
+        assert_eq!(l.send_errors, 0, "listener {}: {l:?}", l.index);
+        assert!(l.consent_answered >= 1, "listener {}: {l:?}", l.index);
+    }
+
+    let left = swarm.leave().await?;
+    assert_eq!(left, SWARM_LISTENERS);
+    let listed = session.list_participants(room).await?;
+    assert_eq!(
+        listed.len(),
+        1,
+        "after the swarm left, Janus lists {listed:?}"
+    );
+    let heard = talker.leave(&[440.0]).await?;
+    assert!(heard.warnings.is_empty(), "{heard:?}");
+    session.destroy_room(room).await?;
+    session.destroy().await?;
+    Ok(())
 }

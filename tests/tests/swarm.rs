@@ -5,8 +5,13 @@
 //! What must hold: every listener joins and connects; each receives the mix under its own SSRC,
 //! nearly lossless; every sampled packet, decrypted with that listener's own keys, carries a
 //! payload byte-identical to one the reference listener received; the listeners keep consent
-//! fresh and send SRTCP receiver reports without error; and the reference stream, decoded with
-//! libopus, is the talker's 440 Hz tone, well above every other frequency probed.
+//! fresh and send SRTCP receiver reports without error; every listener receives the shared
+//! payloads within a few milliseconds of the reference (kernel receive timestamps); and the
+//! reference stream, decoded with libopus, is the talker's 440 Hz tone, well above every other
+//! frequency probed.
+//!
+//! A second test has sendrecv listeners stream Opus silence upstream (as browsers with an
+//! unmuted microphone do): they still receive everything, and the server counts their packets.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,8 +20,8 @@ use anyhow::{Context, Result};
 use chorus_mediaserver::media::spectrum::ToneReport;
 use chorus_tests::bot::{BotConfig, SAMPLE_RATE, tone};
 use chorus_tests::heavy_test_guard;
-use chorus_tests::media_server::MediaServer;
-use chorus_tests::swarm::{Direction, Swarm, SwarmConfig};
+use chorus_tests::media_server::{MediaServer, metric};
+use chorus_tests::swarm::{Direction, Swarm, SwarmConfig, SwarmReport, Upstream};
 
 /// The direction the listeners offer: receive-only, so the server's own listener transport
 /// (ICE-lite, DTLS, SRTP keyed from the DTLS exporter) carries them.
@@ -31,6 +36,47 @@ const WINDOW: Duration = Duration::from_secs(3);
 const SAMPLE_EVERY: u32 = 5;
 /// Losses tolerated per listener over the window (loopback, a loaded CI machine).
 const MAX_LOST: u64 = 3;
+/// How much later than the reference a listener may typically (median) receive the same
+/// payload. The server sends the whole fan-out of a tick in one go, well under a millisecond
+/// apart at this size; 20 ms is a whole frame, so a listener served a tick late fails.
+const MAX_OFFSET_P50_MS: f64 = 20.0;
+
+/// Checks that every listener's samples have offsets from the reference, from kernel
+/// timestamps, with a small median; returns the last listener's median.
+fn check_offsets(report: &SwarmReport) -> Result<f64> {
+    for l in &report.listeners {
+        let offset = l
+            .offset_vs_reference_ms
+            .with_context(|| format!("listener {} has no offsets: {l:?}", l.index))?;
+        assert_eq!(offset.samples, l.samples_ok, "listener {}", l.index);
+        assert_eq!(
+            offset.kernel_stamped, offset.samples,
+            "listener {}: not every sample had kernel timestamps",
+            l.index
+        );
+        assert!(
+            offset.p50.abs() < MAX_OFFSET_P50_MS
+                && offset.min <= offset.p50
+                && offset.p50 <= offset.max,
+            "listener {}: offset from the reference {offset:?}",
+            l.index
+        );
+        if l.is_reference {
+            assert_eq!(
+                (offset.min, offset.max),
+                (0.0, 0.0),
+                "the reference's own offset"
+            );
+        }
+    }
+    let fan_out = report.fan_out().context("no listeners")?;
+    assert_eq!(fan_out.last_index, report.listeners.len() - 1);
+    println!("swarm: fan-out {fan_out:?}");
+    Ok(fan_out
+        .last
+        .context("the last listener has no offsets")?
+        .p50)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
@@ -120,6 +166,9 @@ async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
         assert_eq!(l.send_errors, 0, "listener {}: {l:?}", l.index);
         assert_eq!(l.kernel_drops, 0, "listener {}: {l:?}", l.index);
     }
+    let last_p50 = check_offsets(&report)?;
+    println!("swarm: the last listener hears the reference's payloads {last_p50:.3} ms later");
+
     // The reference decrypted every packet it received.
     let reference = &report.listeners[0];
     assert!(reference.is_reference);
@@ -151,6 +200,91 @@ async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
 
     let left = swarm.leave().await?;
     assert_eq!(left, LISTENERS);
+    talker.leave(&[TALKER_HZ]).await?;
+    Ok(())
+}
+
+const SILENCE_ROOM: &str = "swarm-silence";
+const SILENCE_LISTENERS: usize = 20;
+
+/// Sendrecv listeners streaming Opus silence upstream: each still receives the talker nearly
+/// without loss, and the server counts their packets (50 per second each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_streaming_silence_still_hear_and_are_counted() -> Result<()> {
+    let _serial = heavy_test_guard().await;
+    let server = MediaServer::start(|_| {}).await?;
+    let frame_ms = chorus_mediaserver::media::MixerConfig::default().frame_ms;
+    let talker = server
+        .join_bot(
+            SILENCE_ROOM,
+            "talker",
+            BotConfig::new(tone(TALKER_HZ, -20.0)).counting_only(),
+        )
+        .await?;
+    let tokens: Vec<String> = (0..SILENCE_LISTENERS)
+        .map(|i| server.token(SILENCE_ROOM, &format!("listener-{i}")))
+        .collect();
+    let mut config = SwarmConfig::new(
+        server.base_url.clone(),
+        SILENCE_ROOM,
+        SILENCE_LISTENERS,
+        move |i| tokens.get(i).cloned().unwrap_or_default(),
+    );
+    config.direction = Direction::SendRecv;
+    config.upstream = Upstream::Silence;
+    config.sample_every = SAMPLE_EVERY;
+    config.join_concurrency = 8;
+    let mut swarm = Swarm::join(config).await.context("joining the swarm")?;
+    assert_eq!(swarm.joined(), SILENCE_LISTENERS, "{swarm:?}");
+
+    let received = |text: &str| metric(text, "chorus_packets_received_total").unwrap_or(0.0);
+    let before = received(&server.metrics());
+    let report = swarm.run_for(WINDOW).await?;
+    let after = received(&server.metrics());
+    println!("swarm (silence upstream): {}", report.summary());
+
+    let frames = WINDOW.as_millis() as u64 / u64::from(frame_ms);
+    report.verify(MAX_LOST, frames / u64::from(SAMPLE_EVERY) / 2)?;
+    // The talker's 50 packets/s plus every listener's; the counter runs a little past the
+    // window (the report comes a moment after it closes), hence the upper slack.
+    let seconds = report.window.as_secs_f64();
+    let expected_upstream = SILENCE_LISTENERS as f64 * 50.0 * seconds;
+    let counted = after - before - 50.0 * seconds;
+    println!(
+        "server counted {:.0} packets in {seconds:.2} s: about {counted:.0} from the listeners, \
+         expected {expected_upstream:.0}; the swarm sent {}",
+        after - before,
+        report.upstream_sent
+    );
+    assert!(
+        counted > 0.9 * expected_upstream && counted < 1.25 * expected_upstream,
+        "the server counted {counted:.0} listener packets, expected about {expected_upstream:.0}"
+    );
+    assert!(
+        (report.upstream_sent as f64) > 0.95 * expected_upstream
+            && (report.upstream_sent as f64) < 1.05 * expected_upstream,
+        "the swarm sent {} packets, expected about {expected_upstream:.0}",
+        report.upstream_sent
+    );
+    for l in &report.listeners {
+        assert!(l.send_ssrc.is_some(), "listener {}: {l:?}", l.index);
+        assert!(
+            l.audio_level_id.is_some(),
+            "listener {}: the answer negotiated no audio-level extension",
+            l.index
+        );
+        assert_eq!(l.send_errors, 0, "listener {}: {l:?}", l.index);
+        assert!(
+            l.packets + MAX_LOST + 2 >= frames,
+            "listener {} received {} packets, expected about {frames}",
+            l.index,
+            l.packets
+        );
+    }
+    check_offsets(&report)?;
+
+    let left = swarm.leave().await?;
+    assert_eq!(left, SILENCE_LISTENERS);
     talker.leave(&[TALKER_HZ]).await?;
     Ok(())
 }

@@ -17,12 +17,14 @@ use serde_json::{Value, json};
 use super::capacity::{self, Capacity};
 use super::delay::{self, ChorusRoom, DelayResult, JanusRoom};
 use super::list_stability::{self, ListStability};
+use super::listeners::{self, ListenerCapacity, SwarmPlan};
 use super::mesh::{self, Convergence, MeshBytes};
 use super::telephony::{self, PhoneCalls, PhonePlan};
 use super::transfer::{self, TransferFigures};
 use super::{CrossServer, codec_work, cross_server};
 use crate::janus::{JanusJitter, JanusOptions, JanusServer};
 use crate::mediaserver_process::{ProcessOptions, ServerProcess};
+use crate::swarm::{Direction, JanusTarget, SwarmConfig, Upstream};
 
 /// How much to measure.
 #[derive(Debug, Clone)]
@@ -39,6 +41,16 @@ pub struct Plan {
     pub capacity_max_listeners: usize,
     /// Server CPU for capacity (the load runs on the others).
     pub capacity_cpu: usize,
+    /// The swarm's listener steps (see [`super::listeners`]); empty: the scenario is skipped.
+    pub listener_steps: Vec<usize>,
+    /// The swarm's measuring window per step.
+    pub listener_window: std::time::Duration,
+    /// Every swarm listener but the reference decrypts one packet in this many.
+    pub listener_sample_every: u32,
+    /// The largest step of listeners streaming silence upstream (each a whole WebRTC peer).
+    pub listener_steps_streaming_max: usize,
+    /// The swarm's steps against Janus AudioBridge.
+    pub listener_steps_janus: Vec<usize>,
     /// One-way link delay for the cross-server scenario, ms.
     pub link_ms: u32,
     /// Onsets in the cross-server scenario.
@@ -70,6 +82,11 @@ impl Plan {
             delay_systems: Vec::new(),
             capacity_max_listeners: 3000,
             capacity_cpu: 0,
+            listener_steps: vec![250, 500, 1000, 2000, 4000, 8000],
+            listener_window: std::time::Duration::from_secs(5),
+            listener_sample_every: 100,
+            listener_steps_streaming_max: 2000,
+            listener_steps_janus: vec![25, 50, 100, 200, 400],
             link_ms: 40,
             cross_rounds: 20,
             codec_sizes: vec![10, 100, 1000],
@@ -95,6 +112,11 @@ impl Plan {
             delay_systems: Vec::new(),
             capacity_max_listeners: 20,
             capacity_cpu: 0,
+            listener_steps: vec![10, 20],
+            listener_window: std::time::Duration::from_secs(1),
+            listener_sample_every: 5,
+            listener_steps_streaming_max: 20,
+            listener_steps_janus: vec![5, 10],
             link_ms: 20,
             cross_rounds: 2,
             codec_sizes: vec![10, 30],
@@ -139,6 +161,10 @@ pub struct RunResult {
     /// the scenario existed).
     #[serde(default)]
     pub list_stability: Option<ListStability>,
+    /// Listener capacity by swarm, per system (absent from runs recorded before the scenario
+    /// existed).
+    #[serde(default)]
+    pub listener_capacity: BTreeMap<String, ListenerCapacity>,
 }
 
 /// Pins every thread of this process to `cpus` (a `taskset` list such as "1" or "0-1").
@@ -211,6 +237,118 @@ async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<St
         )
         .await?;
         out.insert("janus".to_owned(), c);
+        anyhow::Ok(())
+    }
+    .await;
+    pin_self(&all_cpus())?;
+    result?;
+    Ok(out)
+}
+
+/// Listener capacity by swarm: a fresh server pinned to `plan.capacity_cpu` with 3 talkers,
+/// this process (talkers and swarm) on the other CPUs.
+pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity>> {
+    let mut out = BTreeMap::new();
+    if plan.listener_steps.is_empty() {
+        return Ok(out);
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let others: Vec<String> = (0..cpus)
+        .filter(|c| *c != plan.capacity_cpu)
+        .map(|c| c.to_string())
+        .collect();
+    if !others.is_empty() {
+        pin_self(&others.join(","))?;
+    }
+    let result = async {
+        let largest = plan.listener_steps.iter().copied().max().unwrap_or(0);
+        let server = ServerProcess::start(ProcessOptions {
+            cpu: Some(plan.capacity_cpu),
+            max_participants: Some(largest + 50),
+            ..ProcessOptions::default()
+        })
+        .await?;
+        let room = ChorusRoom {
+            server: &server,
+            room: "listeners".into(),
+        };
+        let talkers = delay::join_talkers(&room).await?;
+        let tokens = server.token_maker("listeners");
+        let swarm_plan = SwarmPlan {
+            steps: plan.listener_steps.clone(),
+            window: plan.listener_window,
+            sample_every: plan.listener_sample_every,
+        };
+        // Receive-only listeners: Chorus's own listener transport.
+        let t = tokens.clone();
+        let c = listeners::measure(
+            |k, n| {
+                let t = t.clone();
+                SwarmConfig::new(&server.base_url, "listeners", n, move |i| {
+                    t(&format!("listener-{k}-{i}"))
+                })
+            },
+            server.pid(),
+            &swarm_plan,
+        )
+        .await?;
+        out.insert("chorus".to_owned(), c);
+        // Listeners whose microphone streams silence: sendrecv, 50 packets/s each upstream.
+        let t = tokens.clone();
+        let silence_plan = SwarmPlan {
+            steps: plan
+                .listener_steps
+                .iter()
+                .copied()
+                .filter(|n| *n <= plan.listener_steps_streaming_max)
+                .collect(),
+            ..swarm_plan.clone()
+        };
+        let c = listeners::measure(
+            |k, n| {
+                let t = t.clone();
+                let mut config = SwarmConfig::new(&server.base_url, "listeners", n, move |i| {
+                    t(&format!("streaming-{k}-{i}"))
+                });
+                config.direction = Direction::SendRecv;
+                config.upstream = Upstream::Silence;
+                config
+            },
+            server.pid(),
+            &silence_plan,
+        )
+        .await?;
+        out.insert("chorus_streaming_silence".to_owned(), c);
+        super::close_all(talkers.iter().map(|b| &**b)).await;
+        drop(room);
+        drop(server);
+
+        // Janus AudioBridge by the same method: its listeners offer recvonly too.
+        let janus = JanusServer::start(JanusOptions {
+            cpu: Some(plan.capacity_cpu),
+            debug_level: 3,
+            ..JanusOptions::default()
+        })
+        .await?;
+        let session = janus.session().await?;
+        let janus_room = session.create_room(JanusJitter::Default).await?;
+        let venue = JanusRoom {
+            session: &session,
+            room: janus_room,
+            jitter: JanusJitter::Default,
+        };
+        let talkers = delay::join_talkers(&venue).await?;
+        let c = listeners::measure(
+            |_, n| SwarmConfig::janus(janus.base_url(), JanusTarget::new(janus_room), n),
+            janus.pid(),
+            &SwarmPlan {
+                steps: plan.listener_steps_janus.clone(),
+                ..swarm_plan.clone()
+            },
+        )
+        .await?;
+        out.insert("janus".to_owned(), c);
+        super::close_all(talkers.iter().map(|b| &**b)).await;
         anyhow::Ok(())
     }
     .await;
@@ -294,6 +432,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
             .map_or(f64::INFINITY, |d| d.server_added.p99 + 10.0)
     };
     let capacity = capacities(plan, (limit("chorus"), limit("janus_default"))).await?;
+    let listener_capacity = listener_capacities(plan).await?;
     let cross = cross_server(plan.link_ms, plan.cross_rounds).await?;
     eprintln!("cross-server: {:?}", cross.extra);
     let codec_work = plan
@@ -328,6 +467,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         telephony: Some(phone),
         transfer: Some(moves),
         list_stability: Some(lists),
+        listener_capacity,
     })
 }
 
@@ -721,6 +861,7 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
             "chorus_limited_by": runs.last().and_then(|r| r.capacity.get("chorus")).map(|c| c.limited_by),
             "janus_limited_by": runs.last().and_then(|r| r.capacity.get("janus")).map(|c| c.limited_by),
         },
+        "capacity": capacity_json(&runs.iter().map(|r| &r.listener_capacity).collect::<Vec<_>>()),
         "cross_server_extra_ms": {"p50": m("cross_server_extra.p50"), "p99": m("cross_server_extra.p99"), "link_one_way_ms": plan.link_ms},
         "encodes_per_tick": encodes,
         format!("mesh_bytes_ratio_{last}_vs_{first}"): m("mesh_bytes_ratio"),
@@ -736,6 +877,48 @@ pub fn results_json(plan: &Plan, runs: &[RunResult]) -> Value {
         top.extend(list_stability_json(plan, &lists));
     }
     value
+}
+
+/// The `capacity` object of the results: the swarm's figures, medians over the runs. Figures
+/// not measured (yet) are `null`, never a made-up number.
+pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
+    let med = |system: &str, get: fn(&ListenerCapacity) -> f64| {
+        let s = spread(runs.iter().map(|r| r.get(system).map_or(f64::NAN, get)));
+        if s.median.is_finite() {
+            json!(s.median)
+        } else {
+            Value::Null
+        }
+    };
+    let chorus_per_core = med("chorus", |c| c.per_core);
+    let janus_per_core = med("janus", |c| c.per_core);
+    let ratio = match (chorus_per_core.as_f64(), janus_per_core.as_f64()) {
+        (Some(c), Some(j)) if j > 0.0 => json!(c / j),
+        _ => Value::Null,
+    };
+    let last_minus_first = {
+        let s = spread(runs.iter().map(|r| {
+            r.get("chorus")
+                .and_then(|c| listeners::last_minus_first_at(c, 2000))
+                .unwrap_or(f64::NAN)
+        }));
+        if s.median.is_finite() {
+            json!(s.median)
+        } else {
+            Value::Null
+        }
+    };
+    json!({
+        "held_one_core": med("chorus", |c| c.held_one_core as f64),
+        "per_core_cpu": chorus_per_core,
+        "cpu_seconds_per_listener_second": med("chorus", |c| c.cpu_per_listener),
+        "fixed_cpu_cores": med("chorus", |c| c.fixed_cpu),
+        "per_core_cpu_streaming_silence": med("chorus_streaming_silence", |c| c.per_core),
+        "janus_per_core_cpu": janus_per_core,
+        "ratio_vs_janus": ratio,
+        "last_minus_first_delay_ms_at_2000": last_minus_first,
+        "instructions_per_listener_packet": Value::Null,
+    })
 }
 
 /// Writes the JSON results to `path` (creating its directory).

@@ -15,6 +15,7 @@ pub mod codec_work;
 pub mod delay;
 pub mod harness;
 pub mod list_stability;
+pub mod listeners;
 pub mod mesh;
 pub mod report;
 pub mod telephony;

@@ -39,7 +39,8 @@ struct Args {
     /// them away from the real report): `telephony`, `transfer`, `list_stability` (the demo
     /// shape's list changes, consistency and newcomers) or `delay` (every delay system, with more
     /// rooms than the full run: 8 rooms × 5 onsets × 3 talkers each).
-    #[arg(long, value_parser = ["telephony", "transfer", "list_stability", "delay"])]
+    /// `listeners` is the swarm's listener capacity alone.
+    #[arg(long, value_parser = ["telephony", "transfer", "list_stability", "delay", "listeners"])]
     only: Option<String>,
     /// With `--only delay`: measure only these systems (comma-separated keys, e.g.
     /// `chorus,chorus_low_delay`); the others are reported as missing.
@@ -59,6 +60,7 @@ async fn main() -> Result<()> {
         Some("transfer") => return only_transfer(&args, &plan).await,
         Some("delay") => return only_delay(&args, &plan).await,
         Some("list_stability") => return only_list_stability(&args, &plan).await,
+        Some("listeners") => return only_listeners(&args, &plan).await,
         Some(_) => return only_telephony(&args, &plan).await,
         None => {}
     }
@@ -178,6 +180,26 @@ async fn only_list_stability(args: &Args, plan: &harness::Plan) -> Result<()> {
         top.extend(harness::list_stability_json(plan, &refs));
     }
     write_only(args, &value, &report::list_stability_section(plan, &refs))
+}
+
+/// `--only listeners`: the swarm's listener capacity alone, `--runs` times.
+async fn only_listeners(args: &Args, plan: &harness::Plan) -> Result<()> {
+    let mut runs = Vec::new();
+    for run in 0..plan.runs {
+        eprintln!("chorus-bench: listeners, run {} of {}", run + 1, plan.runs);
+        runs.push(harness::listener_capacities(plan).await?);
+    }
+    let value = serde_json::json!({
+        "machine": harness::machine(),
+        "runs": runs.len(),
+        "capacity": harness::capacity_json(&runs.iter().collect::<Vec<_>>()),
+        "per_run": runs,
+    });
+    write_only(
+        args,
+        &value,
+        &report::listener_capacity_section(&runs.iter().collect::<Vec<_>>()),
+    )
 }
 
 /// `--only delay`: every system's server-added delay, `--runs` times, over more rooms (so more

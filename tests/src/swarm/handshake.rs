@@ -1,4 +1,5 @@
-//! Joining one listener: socket, HTTP offer/answer, ICE, DTLS and SRTP keys.
+//! Joining one listener: socket, offer/answer (Chorus' join API or a Janus AudioBridge `join`),
+//! ICE, DTLS and SRTP keys.
 //!
 //! Runs as one Tokio task per listener (the swarm bounds how many run at once). Everything here
 //! happens once per listener, so clarity wins over thrift; the per-packet work is in
@@ -53,10 +54,32 @@ const SRTP_REPLAY_WINDOW: usize = 64;
 /// Largest datagram read during the handshake (DTLS flights are fragmented to the MTU).
 const HANDSHAKE_BUFFER: usize = 2048;
 
+/// How a listener's offer reaches the server and its answer comes back.
+pub(crate) enum Signaling {
+    /// Chorus's join API: `POST` the offer to `join_url` with the listener's token.
+    Chorus {
+        client: reqwest::Client,
+        join_url: reqwest::Url,
+    },
+    /// A Janus AudioBridge room (one API session for the whole swarm).
+    Janus(super::janus::JanusSignaling),
+}
+
+/// What the server must be told when a listener leaves.
+#[derive(Debug)]
+pub(crate) enum Membership {
+    /// `DELETE participant_url` with the listener's token.
+    Chorus {
+        participant_url: String,
+        token: String,
+    },
+    /// The listener's AudioBridge handle (`leave`, then `detach`).
+    Janus(crate::janus::JanusHandle),
+}
+
 /// What every listener's join shares.
 pub(crate) struct JoinContext {
-    pub(crate) client: reqwest::Client,
-    pub(crate) join_url: reqwest::Url,
+    pub(crate) signaling: Signaling,
     /// One certificate for the whole swarm: generating thousands is slow, and sharing one
     /// changes nothing on the wire but the fingerprint being the same.
     pub(crate) certificate: Certificate,
@@ -72,7 +95,13 @@ pub(crate) struct JoinContext {
 impl std::fmt::Debug for JoinContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JoinContext")
-            .field("join_url", &self.join_url.as_str())
+            .field(
+                "signaling",
+                &match &self.signaling {
+                    Signaling::Chorus { join_url, .. } => join_url.to_string(),
+                    Signaling::Janus(janus) => format!("{janus:?}"),
+                },
+            )
             .field("direction", &self.direction)
             .field("bind_ip", &self.bind_ip)
             .finish_non_exhaustive()
@@ -112,7 +141,7 @@ fn sha256_fingerprint(crypto: &Arc<dyn RTCCryptoProvider>, der: &[u8]) -> Result
 /// How long each step of one join took.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct JoinTimings {
-    /// The HTTP offer/answer exchange.
+    /// The offer/answer exchange (for Janus: `attach` and `join` until the `joined` event).
     pub http: Duration,
     /// From the answer to the first valid Binding Success Response.
     pub ice: Duration,
@@ -138,8 +167,12 @@ pub(crate) struct Joined {
     pub(crate) role: DtlsRole,
     pub(crate) profile: ProtectionProfile,
     pub(crate) answer_direction: String,
-    pub(crate) participant_url: String,
-    pub(crate) token: String,
+    /// The SSRC of the listener's own stream (sent only with [`super::Upstream::Silence`]).
+    pub(crate) send_ssrc: u32,
+    /// The answer's id for the RFC 6464 audio-level extension.
+    pub(crate) audio_level_id: Option<u8>,
+    /// When the answer arrived.
+    pub(crate) answered_at: Instant,
     pub(crate) timings: JoinTimings,
     /// RTP datagrams that arrived before the SRTP keys existed (dropped).
     pub(crate) early_rtp: u64,
@@ -168,20 +201,53 @@ fn bind_socket(ip: IpAddr, recv_buffer_bytes: usize) -> Result<std::net::UdpSock
             .context("setting SO_RCVBUF on a listener socket")?;
     }
     setsockopt(&socket, sockopt::RxqOvfl, &1).context("enabling SO_RXQ_OVFL")?;
+    // Kernel receive timestamps (SO_TIMESTAMPNS): the arrival times that offsets between
+    // listeners are computed from, free of the media thread's own reading delay.
+    setsockopt(&socket, sockopt::ReceiveTimestampns, &true).context("enabling SO_TIMESTAMPNS")?;
     Ok(socket)
 }
 
+/// Sends `offer` to the server; returns the answer and what leaving needs.
+async fn exchange(
+    ctx: &JoinContext,
+    index: usize,
+    token: String,
+    offer: String,
+) -> Result<(String, Membership)> {
+    match &ctx.signaling {
+        Signaling::Chorus { client, join_url } => {
+            let (answer, participant_url) =
+                exchange_chorus(client, join_url, &token, offer).await?;
+            Ok((
+                answer,
+                Membership::Chorus {
+                    participant_url,
+                    token,
+                },
+            ))
+        }
+        Signaling::Janus(janus) => {
+            let (answer, handle) = janus.join(index, offer).await?;
+            Ok((answer, Membership::Janus(handle)))
+        }
+    }
+}
+
 /// POSTs `offer`; returns the answer and the participant's URL (from `Location`).
-async fn exchange(ctx: &JoinContext, token: &str, offer: String) -> Result<(String, String)> {
-    let response = ctx
-        .client
-        .post(ctx.join_url.clone())
+async fn exchange_chorus(
+    client: &reqwest::Client,
+    join_url: &reqwest::Url,
+    token: &str,
+    offer: String,
+) -> Result<(String, String)> {
+    let response = client
+        .post(join_url.clone())
         .bearer_auth(token)
         .header(reqwest::header::CONTENT_TYPE, "application/sdp")
         .body(offer)
         .send()
         .await
-        .with_context(|| format!("POST {}", ctx.join_url))?;
+        .with_context(|| format!("POST {join_url}"))?;
     let status = response.status();
     let location = response
         .headers()
@@ -190,11 +256,10 @@ async fn exchange(ctx: &JoinContext, token: &str, offer: String) -> Result<(Stri
         .map(str::to_owned);
     let body = response.text().await.unwrap_or_default();
     if status != reqwest::StatusCode::CREATED {
-        bail!("POST {} answered {status}: {}", ctx.join_url, body.trim());
+        bail!("POST {join_url} answered {status}: {}", body.trim());
     }
     let location = location.context("201 Created without a Location header")?;
-    let participant_url = ctx
-        .join_url
+    let participant_url = join_url
         .join(&location)
         .with_context(|| format!("bad Location `{location}`"))?
         .to_string();
@@ -313,12 +378,18 @@ async fn flush(
 }
 
 /// Joins listener `index` with `token`: returns once ICE and DTLS are up and the SRTP keys
-/// exist, or fails after the context's connect timeout.
-pub(crate) async fn join_one(ctx: &JoinContext, index: usize, token: String) -> Result<Joined> {
+/// exist, or fails after the context's connect timeout. A listener that got an answer but
+/// failed to connect is told to leave (best effort) before the error returns.
+pub(crate) async fn join_one(
+    ctx: &JoinContext,
+    index: usize,
+    token: String,
+) -> Result<(Joined, Membership)> {
     let socket = bind_socket(ctx.bind_ip, ctx.recv_buffer_bytes)?;
     let local = socket.local_addr()?;
     let socket = tokio::net::UdpSocket::from_std(socket)?;
     let (local_ufrag, local_pwd) = ice::local_credentials();
+    let send_ssrc = rand::random::<u32>();
     let offer = sdp::offer(&OfferParams {
         session_id: rand::random::<u32>().into(),
         local,
@@ -326,12 +397,68 @@ pub(crate) async fn join_one(ctx: &JoinContext, index: usize, token: String) -> 
         ice_pwd: &local_pwd,
         fingerprint: &ctx.fingerprint,
         direction: ctx.direction,
+        ssrc: send_ssrc,
     });
-
     let http_start = Instant::now();
-    let (answer_sdp, participant_url) = exchange(ctx, &token, offer).await?;
+    let (answer_sdp, membership) = exchange(ctx, index, token, offer).await?;
+    let connected = connect(
+        ctx,
+        index,
+        socket,
+        (local_ufrag, local_pwd),
+        send_ssrc,
+        &answer_sdp,
+        http_start,
+    )
+    .await;
+    match connected {
+        Ok(joined) => Ok((joined, membership)),
+        Err(err) => {
+            // Do not leave a half-joined participant behind in the room.
+            let _ = leave(ctx, membership).await;
+            Err(err)
+        }
+    }
+}
+
+/// Tells the server that a listener leaves.
+pub(crate) async fn leave(ctx: &JoinContext, membership: Membership) -> Result<()> {
+    match membership {
+        Membership::Chorus {
+            participant_url,
+            token,
+        } => {
+            let Signaling::Chorus { client, .. } = &ctx.signaling else {
+                bail!("a Chorus participant in a Janus swarm");
+            };
+            let response = client
+                .delete(&participant_url)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .with_context(|| format!("DELETE {participant_url}"))?;
+            if !response.status().is_success() {
+                bail!("DELETE {participant_url} answered {}", response.status());
+            }
+            Ok(())
+        }
+        Membership::Janus(handle) => super::janus::leave(handle).await,
+    }
+}
+
+/// ICE, DTLS and SRTP keys for listener `index`, once its answer is in.
+async fn connect(
+    ctx: &JoinContext,
+    index: usize,
+    socket: tokio::net::UdpSocket,
+    (local_ufrag, local_pwd): (String, String),
+    send_ssrc: u32,
+    answer_sdp: &str,
+    http_start: Instant,
+) -> Result<Joined> {
+    let local = socket.local_addr()?;
     let answered = Instant::now();
-    let answer = sdp::parse_answer(&answer_sdp)?;
+    let answer = sdp::parse_answer(answer_sdp, local.ip())?;
     if !matches!(answer.direction.as_str(), "sendonly" | "sendrecv") {
         bail!(
             "the server answered a={}: it would send nothing",
@@ -481,8 +608,9 @@ pub(crate) async fn join_one(ctx: &JoinContext, index: usize, token: String) -> 
         role: answer.role,
         profile,
         answer_direction: answer.direction,
-        participant_url,
-        token,
+        send_ssrc,
+        audio_level_id: answer.audio_level_id,
+        answered_at: answered,
         timings: JoinTimings {
             http: answered - http_start,
             ice: ice_done.map_or(Duration::ZERO, |t| t - answered),

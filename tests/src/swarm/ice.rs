@@ -1,7 +1,8 @@
-//! The listener's side of ICE against an ICE-lite server, with `rtc::stun` messages.
+//! The listener's side of ICE against an ICE-lite server (Chorus) or a full agent (Janus), with
+//! `rtc::stun` messages.
 //!
 //! The listener is the full, controlling agent (RFC 8445 §6.1.1: the lite side is always
-//! controlled). It has one candidate pair (its socket, the server's host candidate), so there is
+//! controlled; against a full agent, the offerer controls). It has one candidate pair (its socket, the server's host candidate), so there is
 //! nothing to gather or prioritise. Like a browser it nominates regularly (RFC 8445 §8.1.1):
 //! checks without `USE-CANDIDATE` until one succeeds, then one with it until that succeeds. Not
 //! a formality: `rtc`'s controlled agent answers a `USE-CANDIDATE` check only once its own
@@ -9,7 +10,8 @@
 //! listener's address from its first successful check, so nominating first can deadlock. It
 //! then keeps sending nominating checks as consent freshness (RFC 7675) while it runs. Requests are authenticated with the
 //! server's password, responses checked with it; a request from the server would be checked with
-//! the listener's own password and answered (a lite server normally sends none).
+//! the listener's own password and answered (a lite server normally sends none; Janus' libnice
+//! checks the pair from its side and keeps it alive with requests of its own).
 //!
 //! Invariants: nothing here trusts a message that failed MESSAGE-INTEGRITY or FINGERPRINT; a
 //! response is matched to a request by transaction ID by the caller.

@@ -22,10 +22,21 @@
 //!   the snapshot reports the counters as they stood at its end.
 //! - The reference keeps recording outside the window, so a sample taken at the window's end
 //!   still finds its payload (the snapshot is taken a little after [`Command::EndWindow`]).
-//! - Arrival times are taken once per `recvmmsg` batch, not per packet (one clock read per
-//!   system call); a batch holds what queued while the thread was busy elsewhere.
+//! - Every datagram has two arrival times. The *kernel* one (SO_TIMESTAMPNS, per datagram,
+//!   CLOCK_REALTIME, nanoseconds) is stamped when the packet enters the receive path: over
+//!   loopback that is inside the server's own send call, so it does not depend on when this
+//!   thread gets round to the socket. The *read* one (`Instant`) is taken once per `recvmmsg`
+//!   call, right after it returns, so it is late by however long the datagram queued while the
+//!   thread served other sockets (up to a full pass over all of them under load). Offsets
+//!   between listeners use the kernel stamps (the read times when a stamp is missing, counted
+//!   apart); loss, jitter, first/last arrival and the reference's recording use the read times.
+//! - With [`super::Upstream::Silence`] every listener sends one packet per 20 ms. The 20 ms are
+//!   cut into [`UPSTREAM_PHASES`] slots and listener slot `s` sends in slot `s % UPSTREAM_PHASES`,
+//!   so the server sees a spread-out stream as from unsynchronised browsers, not one burst of
+//!   N packets per 20 ms. When the thread falls more than a 20 ms period behind, the missed
+//!   slots are skipped (counted), not sent in a burst; RTP timestamps follow the clock.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hasher};
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
@@ -49,7 +60,7 @@ use rtc::stun::message::TransactionId;
 
 use super::handshake::Joined;
 use super::ice::{self, Inbound};
-use super::{ListenerReport, ReferencePacket};
+use super::{ListenerReport, OffsetStats, ReferencePacket};
 
 /// Datagrams per `recvmmsg` call.
 const BATCH: usize = 32;
@@ -63,6 +74,16 @@ const WAKE_KEY: u64 = u64::MAX;
 const CLOCK_RATE: f64 = 48_000.0;
 /// Sequence numbers remembered behind the highest, to tell duplicates from late packets.
 const SEEN_WINDOW: u64 = 128;
+/// The upstream packet interval (one Opus frame).
+const UPSTREAM_PERIOD: Duration = Duration::from_millis(20);
+/// RTP timestamp units per upstream packet (20 ms at 48 kHz).
+const UPSTREAM_TIMESTAMP_STEP: u32 = 960;
+/// Slots per [`UPSTREAM_PERIOD`] over which the listeners' sends are spread.
+pub(crate) const UPSTREAM_PHASES: u64 = 10;
+/// The RTP payload type the offer gives Opus.
+const OPUS_PAYLOAD_TYPE: u8 = 111;
+/// RFC 6464 level byte: V (voice activity) bit clear, level 127 (-127 dBov, digital silence).
+const SILENT_LEVEL: u8 = 127;
 
 /// What the swarm asks of the media thread.
 pub(crate) enum Command {
@@ -89,6 +110,7 @@ pub(crate) struct Snapshot {
     pub(crate) process_cpu: Duration,
     pub(crate) udp_rcvbuf_errors: u64,
     pub(crate) udp_in_errors: u64,
+    pub(crate) upstream_slots_skipped: u64,
 }
 
 /// Settings the thread needs.
@@ -98,6 +120,24 @@ pub(crate) struct MediaSettings {
     pub(crate) consent_interval: Duration,
     pub(crate) rtcp_interval: Duration,
     pub(crate) crypto: Arc<dyn RTCCryptoProvider>,
+    /// The Opus payload every listener sends each 20 ms, or None: the listeners send no RTP.
+    pub(crate) upstream: Option<Bytes>,
+}
+
+/// When a datagram arrived; see the module doc.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    /// Right after the `recvmmsg` call that read it returned.
+    read: Instant,
+    /// The kernel's receive timestamp (CLOCK_REALTIME, ns), if it gave one.
+    kernel_ns: Option<i64>,
+}
+
+/// One sampled payload of a listener.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    hash: (u64, usize),
+    arrival: Arrival,
 }
 
 /// RTP extended sequence numbers (RFC 3550 A.1): 16-bit numbers unwrapped around the highest.
@@ -201,12 +241,13 @@ struct Window {
     stun_packets: u64,
     dtls_packets: u64,
     other_packets: u64,
-    /// (hash, length) of each sampled payload.
-    samples: Vec<(u64, usize)>,
+    /// Each sampled payload.
+    samples: Vec<Sample>,
     undecryptable: u64,
     consent_sent: u64,
     consent_answered: u64,
     rtcp_sent: u64,
+    upstream_sent: u64,
     send_errors: u64,
     kernel_drops_at_start: u32,
     /// Set when the window is frozen.
@@ -230,7 +271,9 @@ struct Listener {
     rr_received: u64,
     jitter: f64,
     last_transit: Option<i64>,
-    rtcp_ssrc: u32,
+    /// Upstream: the next sequence number and the random timestamp origin.
+    send_seq: u16,
+    send_timestamp_base: u32,
     consent_pending: Option<TransactionId>,
     kernel_drops: u32,
     window: Window,
@@ -243,7 +286,9 @@ struct Listener {
 #[derive(Debug, Default)]
 struct Reference {
     packets: Vec<(u64, Instant, Bytes)>,
-    hashes: HashSet<(u64, usize)>,
+    /// Each payload's arrivals, in order. Payloads recur (a steady tone repeats its frames,
+    /// silence encodes alike every time), so a sample is matched to the nearest one.
+    hashes: HashMap<(u64, usize), Vec<Arrival>>,
 }
 
 fn payload_hash(payload: &[u8]) -> (u64, usize) {
@@ -299,6 +344,13 @@ struct MediaThread {
     snmp_delta: (u64, u64),
     /// Arrival epoch for jitter (RTP timestamp units since then).
     epoch: Instant,
+    /// Upstream slots run so far (slot `k` is due at `epoch + k × period / phases`).
+    upstream_slot: u64,
+    upstream_skipped: u64,
+    upstream_skipped_at_start: u64,
+    upstream_skipped_in_window: u64,
+    /// The plain upstream packet being built (reused).
+    upstream_buffer: Vec<u8>,
 }
 
 /// Starts the media thread; returns its handle. It runs until [`Command::Stop`] or until the
@@ -332,6 +384,11 @@ pub(crate) fn spawn(
         snmp_start: None,
         snmp_delta: (0, 0),
         epoch: Instant::now(),
+        upstream_slot: 0,
+        upstream_skipped: 0,
+        upstream_skipped_at_start: 0,
+        upstream_skipped_in_window: 0,
+        upstream_buffer: Vec::with_capacity(SLOT),
     };
     std::thread::Builder::new()
         .name("swarm-media".to_owned())
@@ -346,8 +403,10 @@ pub(crate) fn spawn(
 impl MediaThread {
     fn run(&mut self) -> Result<()> {
         let mut events = vec![EpollEvent::empty(); EVENTS];
-        let mut headers =
-            MultiHeaders::<SockaddrStorage>::preallocate(BATCH, Some(nix::cmsg_space!(u32)));
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
+            BATCH,
+            Some(nix::cmsg_space!(u32, nix::sys::time::TimeSpec)),
+        );
         let mut buffer = vec![0u8; BATCH * SLOT];
         loop {
             if !self.commands()? {
@@ -355,15 +414,26 @@ impl MediaThread {
             }
             let now = Instant::now();
             self.timers(now);
+            self.upstream(now);
             // Sleep until the next timer, at most 100 ms (commands wake the eventfd anyway).
+            let upstream_due = self
+                .settings
+                .upstream
+                .is_some()
+                .then(|| self.upstream_due(self.upstream_slot));
             let next = [self.consent_due.front(), self.rtcp_due.front()]
                 .into_iter()
                 .flatten()
-                .map(|(due, _)| due.saturating_duration_since(now))
+                .map(|(due, _)| *due)
+                .chain(upstream_due)
+                .map(|due| due.saturating_duration_since(now))
                 .min()
                 .unwrap_or(Duration::from_millis(100))
                 .min(Duration::from_millis(100));
-            let timeout = EpollTimeout::try_from(next).unwrap_or(EpollTimeout::ZERO);
+            // Rounded up: epoll counts whole milliseconds, and a timer due in 0.9 ms must not
+            // turn into a zero timeout and a spin.
+            let timeout = EpollTimeout::try_from(next.as_micros().div_ceil(1000))
+                .unwrap_or(EpollTimeout::ZERO);
             let ready = match self.epoll.wait(&mut events, timeout) {
                 Ok(ready) => ready,
                 Err(Errno::EINTR) => continue,
@@ -433,6 +503,8 @@ impl MediaThread {
         sort_queue(&mut self.rtcp_due);
         self.listeners.push(Listener {
             phase: joined.index as u64 % every,
+            send_seq: rand::random(),
+            send_timestamp_base: rand::random(),
             joined,
             every,
             is_reference,
@@ -443,7 +515,6 @@ impl MediaThread {
             rr_received: 0,
             jitter: 0.0,
             last_transit: None,
-            rtcp_ssrc: rand::random(),
             consent_pending: None,
             kernel_drops: 0,
             window: Window::default(),
@@ -466,6 +537,7 @@ impl MediaThread {
         self.thread_cpu_start = cpu(UsageWho::RUSAGE_THREAD);
         self.process_cpu_start = cpu(UsageWho::RUSAGE_SELF);
         self.snmp_start = udp_errors();
+        self.upstream_skipped_at_start = self.upstream_skipped;
     }
 
     fn end_window(&mut self) {
@@ -486,6 +558,7 @@ impl MediaThread {
             ),
             _ => (0, 0),
         };
+        self.upstream_skipped_in_window = self.upstream_skipped - self.upstream_skipped_at_start;
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -497,11 +570,16 @@ impl MediaThread {
             .iter()
             .map(|l| {
                 let w = l.closed.as_ref().unwrap_or(&l.window);
-                let samples_ok = w
+                let matched: Vec<(Arrival, Arrival)> = w
                     .samples
                     .iter()
-                    .filter(|s| self.reference.hashes.contains(s))
-                    .count() as u64;
+                    .filter_map(|s| {
+                        let arrivals = self.reference.hashes.get(&s.hash)?;
+                        Some((s.arrival, nearest(arrivals, s.arrival)?))
+                    })
+                    .collect();
+                let samples_ok = matched.len() as u64;
+                let (offset, read_offset) = offsets(&matched);
                 let j = &l.joined;
                 ListenerReport {
                     index: j.index,
@@ -525,6 +603,12 @@ impl MediaThread {
                     jitter_ms: l.jitter / CLOCK_RATE * 1000.0,
                     samples_ok,
                     samples_mismatched: w.samples.len() as u64 - samples_ok,
+                    offset_vs_reference_ms: offset,
+                    read_offset_vs_reference_ms: read_offset,
+                    answered_at: j.answered_at.saturating_duration_since(self.epoch),
+                    send_ssrc: self.settings.upstream.is_some().then_some(j.send_ssrc),
+                    audio_level_id: j.audio_level_id,
+                    upstream_sent: w.upstream_sent,
                     samples_undecryptable: w.undecryptable,
                     rtcp_received: w.rtcp_packets,
                     stun_received: w.stun_packets,
@@ -566,6 +650,47 @@ impl MediaThread {
             process_cpu: self.process_cpu,
             udp_in_errors: self.snmp_delta.0,
             udp_rcvbuf_errors: self.snmp_delta.1,
+            upstream_slots_skipped: self.upstream_skipped_in_window,
+        }
+    }
+
+    /// When upstream slot `slot` is due.
+    fn upstream_due(&self, slot: u64) -> Instant {
+        self.epoch + UPSTREAM_PERIOD.mul_f64(slot as f64 / UPSTREAM_PHASES as f64)
+    }
+
+    /// Runs the upstream slots that are due: each sends one packet for every listener in it.
+    fn upstream(&mut self, now: Instant) {
+        let Some(payload) = self.settings.upstream.clone() else {
+            return;
+        };
+        let mut ran = 0;
+        while self.upstream_due(self.upstream_slot) <= now {
+            if ran == UPSTREAM_PHASES {
+                // A whole period behind: skip to the present rather than burst.
+                let elapsed = now.saturating_duration_since(self.epoch).as_secs_f64();
+                let present =
+                    (elapsed / UPSTREAM_PERIOD.as_secs_f64() * UPSTREAM_PHASES as f64) as u64 + 1;
+                self.upstream_skipped += present.saturating_sub(self.upstream_slot);
+                self.upstream_slot = present;
+                return;
+            }
+            let slot = self.upstream_slot;
+            let phase = (slot % UPSTREAM_PHASES) as usize;
+            // The RTP clock follows the period count: a skipped slot leaves a timestamp gap.
+            let periods = (slot / UPSTREAM_PHASES) as u32;
+            let mut buffer = std::mem::take(&mut self.upstream_buffer);
+            for listener in self
+                .listeners
+                .iter_mut()
+                .skip(phase)
+                .step_by(UPSTREAM_PHASES as usize)
+            {
+                send_upstream(listener, periods, &payload, &mut buffer);
+            }
+            self.upstream_buffer = buffer;
+            self.upstream_slot += 1;
+            ran += 1;
         }
     }
 
@@ -612,6 +737,7 @@ impl MediaThread {
         loop {
             let mut lengths = [0usize; BATCH];
             let mut sources = [None::<SocketAddr>; BATCH];
+            let mut stamps = [None::<i64>; BATCH];
             let mut drops = None;
             let received = {
                 let mut chunks = buffer.chunks_exact_mut(SLOT);
@@ -639,8 +765,14 @@ impl MediaThread {
                     });
                     if let Ok(cmsgs) = message.cmsgs() {
                         for cmsg in cmsgs {
-                            if let ControlMessageOwned::RxqOvfl(dropped) = cmsg {
-                                drops = Some(dropped);
+                            match cmsg {
+                                ControlMessageOwned::RxqOvfl(dropped) => drops = Some(dropped),
+                                ControlMessageOwned::ScmTimestampns(at) => {
+                                    stamps[i] = Some(
+                                        at.tv_sec().saturating_mul(1_000_000_000) + at.tv_nsec(),
+                                    );
+                                }
+                                _ => {}
                             }
                         }
                     }
@@ -656,7 +788,11 @@ impl MediaThread {
             }
             for i in 0..received {
                 let datagram = &buffer[i * SLOT..i * SLOT + lengths[i].min(SLOT)];
-                self.datagram(slot, now, sources[i], datagram);
+                let arrival = Arrival {
+                    read: now,
+                    kernel_ns: stamps[i],
+                };
+                self.datagram(slot, arrival, sources[i], datagram);
             }
             if received < BATCH {
                 return;
@@ -665,7 +801,14 @@ impl MediaThread {
     }
 
     /// Handles one datagram of listener `slot`.
-    fn datagram(&mut self, slot: usize, now: Instant, from: Option<SocketAddr>, datagram: &[u8]) {
+    fn datagram(
+        &mut self,
+        slot: usize,
+        arrival: Arrival,
+        from: Option<SocketAddr>,
+        datagram: &[u8],
+    ) {
+        let now = arrival.read;
         let sampling = self.sampling;
         let epoch = self.epoch;
         let Some(listener) = self.listeners.get_mut(slot) else {
@@ -687,7 +830,7 @@ impl MediaThread {
                 } else {
                     None
                 };
-                rtp(listener, now, epoch, datagram, sampling, reference);
+                rtp(listener, arrival, epoch, datagram, sampling, reference);
             }
             Some(0..=3) => {
                 listener.window.stun_packets += 1;
@@ -741,7 +884,7 @@ fn sort_queue(queue: &mut VecDeque<(Instant, usize)>) {
 /// Counts one RTP packet and, when it is this listener's turn, decrypts it.
 fn rtp(
     listener: &mut Listener,
-    now: Instant,
+    arrival: Arrival,
     epoch: Instant,
     datagram: &[u8],
     sampling: bool,
@@ -751,6 +894,7 @@ fn rtp(
         listener.window.other_packets += 1;
         return;
     };
+    let now = arrival.read;
     let seq = u16::from_be_bytes([s0, s1]);
     let timestamp = u32::from_be_bytes([t0, t1, t2, t3]);
     let ssrc = u32::from_be_bytes([c0, c1, c2, c3]);
@@ -759,7 +903,8 @@ fn rtp(
         return;
     }
     let extended = listener.extender.extend(seq);
-    let is_new = extended > listener.total.highest || listener.total.first.is_none();
+    let is_first = listener.total.first.is_none();
+    let is_new = extended > listener.total.highest || is_first;
     listener.total.record(extended);
     // Interarrival jitter (RFC 3550 §6.4.1), over packets in order.
     if is_new {
@@ -782,10 +927,10 @@ fn rtp(
         Some(reference) => match decrypt_payload(listener, datagram) {
             Some(payload) => {
                 let hash = payload_hash(&payload);
-                reference.hashes.insert(hash);
+                reference.hashes.entry(hash).or_default().push(arrival);
                 reference.packets.push((extended, now, payload));
                 if sampling {
-                    listener.window.samples.push(hash);
+                    listener.window.samples.push(Sample { hash, arrival });
                 }
             }
             None => {
@@ -800,10 +945,17 @@ fn rtp(
             match decrypt_payload(listener, datagram) {
                 Some(payload) => {
                     let hash = payload_hash(&payload);
-                    listener.window.samples.push(hash);
+                    listener.window.samples.push(Sample { hash, arrival });
                 }
                 None => listener.window.undecryptable += 1,
             }
+        }
+        None if is_first => {
+            // SRTP's rollover counter (RFC 3711 §3.3.1) is inferred from the sequence numbers a
+            // context has seen. A context whose first packet came after the sender's sequence
+            // wrapped would guess 0 and fail every sample from then on: so the stream's first
+            // packet, with counter 0 for certain, anchors it (later samples are under 2^15 apart).
+            let _ = decrypt_payload(listener, datagram);
         }
         None => {}
     }
@@ -848,7 +1000,8 @@ fn receiver_report(listener: &mut Listener) {
     listener.rr_expected = expected;
     listener.rr_received = total.unique;
     let report = ReceiverReport {
-        ssrc: listener.rtcp_ssrc,
+        // The listener's own (declared) SSRC, as a browser reports from its sender's.
+        ssrc: listener.joined.send_ssrc,
         reports: vec![ReceptionReport {
             ssrc,
             fraction_lost,
@@ -875,6 +1028,88 @@ fn receiver_report(listener: &mut Listener) {
         });
     if sent {
         listener.window.rtcp_sent += 1;
+    } else {
+        listener.window.send_errors += 1;
+    }
+}
+
+/// Offsets of matched samples from the reference's arrival of the same payload: (kernel stamps
+/// where both sides have one, else read times; read times only).
+fn offsets(matched: &[(Arrival, Arrival)]) -> (Option<OffsetStats>, Option<OffsetStats>) {
+    let mut kernel_stamped = 0;
+    let best: Vec<f64> = matched
+        .iter()
+        .map(
+            |(sample, reference)| match (sample.kernel_ns, reference.kernel_ns) {
+                (Some(at), Some(reference_at)) => {
+                    kernel_stamped += 1;
+                    (at - reference_at) as f64 / 1e6
+                }
+                _ => signed_ms(sample.read, reference.read),
+            },
+        )
+        .collect();
+    let read: Vec<f64> = matched
+        .iter()
+        .map(|(sample, reference)| signed_ms(sample.read, reference.read))
+        .collect();
+    (
+        OffsetStats::of(best, kernel_stamped),
+        OffsetStats::of(read, 0),
+    )
+}
+
+/// The reference arrival closest to `sample` (by kernel stamps when both have them) among
+/// `arrivals`, which are in arrival order.
+fn nearest(arrivals: &[Arrival], sample: Arrival) -> Option<Arrival> {
+    let at = arrivals.partition_point(|a| a.read < sample.read);
+    let distance = |a: &Arrival| match (sample.kernel_ns, a.kernel_ns) {
+        (Some(x), Some(y)) => (x - y).unsigned_abs() as f64 / 1e6,
+        _ => signed_ms(sample.read, a.read).abs(),
+    };
+    // Read times lag kernel stamps by differing amounts, so look a little either side.
+    arrivals[at.saturating_sub(2)..(at + 2).min(arrivals.len())]
+        .iter()
+        .min_by(|a, b| distance(a).total_cmp(&distance(b)))
+        .copied()
+}
+
+/// `a - b` in milliseconds, negative when `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        (a - b).as_secs_f64() * 1e3
+    } else {
+        -((b - a).as_secs_f64() * 1e3)
+    }
+}
+
+/// Sends one upstream packet of `listener`: RTP with the RFC 6464 extension (when negotiated)
+/// saying silence, `payload`, SRTP-protected with the listener's keys.
+fn send_upstream(listener: &mut Listener, periods: u32, payload: &[u8], plain: &mut Vec<u8>) {
+    let joined = &mut listener.joined;
+    let timestamp = listener
+        .send_timestamp_base
+        .wrapping_add(periods.wrapping_mul(UPSTREAM_TIMESTAMP_STEP));
+    plain.clear();
+    let extension = joined.audio_level_id.filter(|id| (1..=14).contains(id));
+    plain.push(if extension.is_some() { 0x90 } else { 0x80 }); // V=2, X
+    plain.push(OPUS_PAYLOAD_TYPE);
+    plain.extend_from_slice(&listener.send_seq.to_be_bytes());
+    plain.extend_from_slice(&timestamp.to_be_bytes());
+    plain.extend_from_slice(&joined.send_ssrc.to_be_bytes());
+    if let Some(id) = extension {
+        // RFC 8285 one-byte form: 0xBEDE, one 32-bit word: ID | L=0, level, padding.
+        plain.extend_from_slice(&[0xBE, 0xDE, 0x00, 0x01, id << 4, SILENT_LEVEL, 0, 0]);
+    }
+    plain.extend_from_slice(payload);
+    listener.send_seq = listener.send_seq.wrapping_add(1);
+    let sent = joined
+        .local_srtp
+        .encrypt_rtp(plain)
+        .ok()
+        .is_some_and(|protected| joined.socket.send_to(&protected, joined.remote).is_ok());
+    if sent {
+        listener.window.upstream_sent += 1;
     } else {
         listener.window.send_errors += 1;
     }

@@ -41,6 +41,10 @@ pub(crate) struct OfferParams<'a> {
     /// `AB:CD:...` SHA-256 of the DTLS certificate.
     pub(crate) fingerprint: &'a str,
     pub(crate) direction: Direction,
+    /// The SSRC the listener would send with: declared (`a=ssrc`, `a=msid`) in a sendrecv
+    /// offer, as a browser does, so a server can tie the stream to the section without
+    /// probing header extensions.
+    pub(crate) ssrc: u32,
 }
 
 /// The offer SDP (CRLF line endings, as the grammar wants).
@@ -51,7 +55,7 @@ pub(crate) fn offer(params: &OfferParams<'_>) -> String {
     // A host candidate's priority (RFC 8445 §5.1.2.1): type preference 126, local preference
     // 65535, component 1.
     let priority: u32 = (126 << 24) | (65535 << 8) | 255;
-    [
+    let mut lines = vec![
         "v=0".to_owned(),
         format!("o=- {} 2 IN {family} {ip}", params.session_id),
         "s=-".to_owned(),
@@ -67,14 +71,19 @@ pub(crate) fn offer(params: &OfferParams<'_>) -> String {
         format!("a=fingerprint:sha-256 {}", params.fingerprint),
         "a=setup:actpass".to_owned(),
         "a=mid:0".to_owned(),
-        "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level".to_owned(),
+        format!("a=extmap:1 {AUDIO_LEVEL_URI}"),
         format!("a={}", params.direction.as_sdp()),
         "a=rtcp-mux".to_owned(),
         "a=rtpmap:111 opus/48000/2".to_owned(),
         "a=fmtp:111 minptime=10;useinbandfec=1;usedtx=1".to_owned(),
-    ]
-    .join("\r\n")
-        + "\r\n"
+    ];
+    if params.direction == Direction::SendRecv {
+        let cname = format!("swarm-{:08x}", params.ssrc);
+        lines.push(format!("a=msid:{cname} audio"));
+        lines.push(format!("a=ssrc:{} cname:{cname}", params.ssrc));
+        lines.push(format!("a=ssrc:{} msid:{cname} audio", params.ssrc));
+    }
+    lines.join("\r\n") + "\r\n"
 }
 
 /// The DTLS role the answer leaves to the listener.
@@ -94,21 +103,30 @@ pub(crate) struct Answer {
     /// Lower-case `ab:cd:...` SHA-256 fingerprint of the server's certificate.
     pub(crate) fingerprint: String,
     pub(crate) role: DtlsRole,
-    /// The server's (first UDP, component 1) host candidate.
+    /// The server's component-1 UDP candidate the listener can reach from its own address
+    /// (see [`parse_answer`]).
     pub(crate) candidate: SocketAddr,
     /// The answer's direction attribute (`sendonly`, `sendrecv`, ...).
     pub(crate) direction: String,
+    /// The id the answer gives the RFC 6464 audio-level extension (`a=extmap`), if any.
+    pub(crate) audio_level_id: Option<u8>,
 }
 
+/// The RFC 6464 client-to-mixer audio-level header extension.
+pub(crate) const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+
 /// Parses the server's answer. Session-level attributes count as defaults for the one media
-/// section, as RFC 8866 says.
-pub(crate) fn parse_answer(sdp: &str) -> Result<Answer> {
+/// section, as RFC 8866 says. Of several candidates (a full ICE agent such as Janus lists one
+/// per interface and family), the first on `local_ip` itself wins, then the first of its
+/// family: the listener has one socket and checks one pair.
+pub(crate) fn parse_answer(sdp: &str, local_ip: IpAddr) -> Result<Answer> {
     let mut ice_ufrag = None;
     let mut ice_pwd = None;
     let mut fingerprint = None;
     let mut setup = None;
-    let mut candidate = None;
+    let mut candidates = Vec::new();
     let mut direction = None;
+    let mut audio_level_id = None;
     let mut audio_sections = 0;
     for line in sdp.lines().map(str::trim_end) {
         if line.starts_with("m=") {
@@ -133,11 +151,30 @@ pub(crate) fn parse_answer(sdp: &str) -> Result<Answer> {
                 }
             }
             "setup" => setup = Some(value.to_owned()),
-            "candidate" if candidate.is_none() => candidate = parse_candidate(value),
+            "candidate" => candidates.extend(parse_candidate(value)),
+            "extmap" => {
+                // `a=extmap:<id>[/<direction>] <uri> [<attributes>]`
+                let mut fields = value.split_whitespace();
+                let id = fields
+                    .next()
+                    .and_then(|id| id.split('/').next()?.parse().ok());
+                if fields.next() == Some(AUDIO_LEVEL_URI) {
+                    audio_level_id = id;
+                }
+            }
             "sendrecv" | "sendonly" | "recvonly" | "inactive" => direction = Some(name.to_owned()),
             _ => {}
         }
     }
+    let candidate = candidates
+        .iter()
+        .find(|c| c.ip() == local_ip)
+        .or_else(|| {
+            candidates
+                .iter()
+                .find(|c| c.is_ipv4() == local_ip.is_ipv4())
+        })
+        .copied();
     if audio_sections != 1 {
         bail!("the answer has {audio_sections} audio sections, expected 1:\n{sdp}");
     }
@@ -151,9 +188,12 @@ pub(crate) fn parse_answer(sdp: &str) -> Result<Answer> {
         ice_pwd: ice_pwd.context("the answer has no a=ice-pwd")?,
         fingerprint: fingerprint.context("the answer has no sha-256 a=fingerprint")?,
         role,
-        candidate: candidate.context("the answer has no UDP host candidate (component 1)")?,
+        candidate: candidate.with_context(|| {
+            format!("the answer has no component-1 UDP candidate of {local_ip}'s family")
+        })?,
         // RFC 8866 §6.7: no direction attribute means sendrecv.
         direction: direction.unwrap_or_else(|| "sendrecv".to_owned()),
+        audio_level_id,
     })
 }
 
@@ -189,8 +229,13 @@ mod tests {
         let answer = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=ice-lite\r\n\
             a=fingerprint:sha-256 AB:CD\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
             a=ice-ufrag:u\r\na=ice-pwd:p\r\na=setup:active\r\na=sendonly\r\n\
+            a=extmap:3 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+            a=extmap:7/recvonly urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n\
+            a=candidate:1 1 udp 2130706431 ::1 4001 typ host\r\n\
             a=candidate:1 1 udp 2130706431 127.0.0.1 4000 typ host\r\n";
-        let parsed = parse_answer(answer).expect("parses");
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let parsed = parse_answer(answer, local).expect("parses");
+        assert_eq!(parsed.audio_level_id, Some(7));
         assert_eq!(parsed.fingerprint, "ab:cd");
         assert_eq!(parsed.role, DtlsRole::Server);
         assert_eq!(
@@ -198,7 +243,23 @@ mod tests {
             "127.0.0.1:4000".parse::<SocketAddr>().expect("addr")
         );
         assert_eq!(parsed.direction, "sendonly");
-        assert!(parse_answer(&answer.replace("a=setup:active", "a=setup:actpass")).is_err());
-        assert!(parse_answer(&answer.replace("a=ice-pwd:p\r\n", "")).is_err());
+        // Another IPv4 address is second best; IPv6 only is unusable from an IPv4 socket.
+        let elsewhere = parse_answer(answer, IpAddr::from([10, 0, 0, 1])).expect("parses");
+        assert_eq!(elsewhere.candidate, parsed.candidate);
+        let v6_only = answer.replace(
+            "a=candidate:1 1 udp 2130706431 127.0.0.1 4000 typ host\r\n",
+            "",
+        );
+        assert!(parse_answer(&v6_only, local).is_err());
+        let no_level = answer.replace("ssrc-audio-level", "csrc-audio-level");
+        assert_eq!(
+            parse_answer(&no_level, local)
+                .expect("parses")
+                .audio_level_id,
+            None
+        );
+        let actpass = answer.replace("a=setup:active", "a=setup:actpass");
+        assert!(parse_answer(&actpass, local).is_err());
+        assert!(parse_answer(&answer.replace("a=ice-pwd:p\r\n", ""), local).is_err());
     }
 }
