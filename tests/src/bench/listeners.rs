@@ -85,6 +85,9 @@ pub struct SwarmStep {
     /// receive stamps of the same payload); `None` where payloads differ per listener.
     #[serde(default)]
     pub last_minus_first_ms: Option<f64>,
+    /// Why leaving after the window failed, if it did (the step's figures stand).
+    #[serde(default)]
+    pub leave_error: Option<String>,
     /// Whether the step held (see the module docs).
     pub held: bool,
 }
@@ -166,7 +169,12 @@ pub async fn measure(
         let report = swarm.run_for(plan.window).await?;
         let server_cpu =
             (process_cpu_time(server_pid)? - server0).as_secs_f64() / report.window.as_secs_f64();
-        swarm.leave().await?;
+        // A failed leave (a participant the server had already let go, say) is recorded, not
+        // fatal: the window's figures above are complete whatever happens after it.
+        let leave_error = swarm.leave().await.err().map(|e| format!("{e:#}"));
+        if let Some(e) = &leave_error {
+            eprintln!("listeners: {n}: leaving: {e}");
+        }
         let received_or_lost = (report.packets_received + report.packets_lost).max(1);
         let loss = report.packets_lost as f64 / received_or_lost as f64;
         let kernel_drops = report.kernel_drops + report.udp_rcvbuf_errors;
@@ -205,6 +213,7 @@ pub async fn measure(
             every_listener_checked: checked.is_ok(),
             generator_limited,
             last_minus_first_ms,
+            leave_error,
             held: checked.is_ok()
                 && loss <= MAX_LOSS
                 && kernel_drops == 0
@@ -260,6 +269,7 @@ mod tests {
             every_listener_checked: held,
             generator_limited,
             last_minus_first_ms: None,
+            leave_error: None,
             held,
         }
     }
