@@ -86,7 +86,7 @@ impl Plan {
             listener_window: std::time::Duration::from_secs(5),
             listener_sample_every: 100,
             listener_steps_streaming_max: 2000,
-            listener_steps_janus: vec![25, 50, 100, 200, 400],
+            listener_steps_janus: vec![10, 20, 30, 40, 50, 60, 80, 100],
             link_ms: 40,
             cross_rounds: 20,
             codec_sizes: vec![10, 100, 1000],
@@ -296,11 +296,13 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         // Listeners whose microphone streams silence: sendrecv, 50 packets/s each upstream.
         let t = tokens.clone();
         let silence_plan = SwarmPlan {
-            steps: plan
-                .listener_steps
-                .iter()
-                .copied()
+            // Each such listener is a whole WebRTC peer: smaller steps, so several hold.
+            steps: [100, 200, 300, 400]
+                .into_iter()
+                .chain(plan.listener_steps.iter().copied())
                 .filter(|n| *n <= plan.listener_steps_streaming_max)
+                .collect::<std::collections::BTreeSet<usize>>()
+                .into_iter()
                 .collect(),
             ..swarm_plan.clone()
         };

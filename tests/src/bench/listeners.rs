@@ -17,8 +17,9 @@
 //! was dropped by a kernel, the server's core was not saturated, and the swarm thread stayed
 //! below 80 % of its core (else the step is marked as limited by the generator, and neither
 //! holds nor enters the slope). The headline is the slope of server CPU over listeners (CPU
-//! seconds per listener-second) by least squares over the steps that were not generator-limited,
-//! with the fixed cost (intercept) beside it; listeners per core is its inverse.
+//! seconds per listener-second) by least squares over the steps that held, with the fixed cost
+//! (intercept) beside it; listeners per core is its inverse. A ramp with fewer than two steps
+//! that held has no slope.
 
 use std::time::Duration;
 
@@ -98,14 +99,22 @@ pub struct ListenerCapacity {
     /// Every step measured.
     pub steps: Vec<SwarmStep>,
     /// Server CPU-seconds per listener-second: the least-squares slope of server CPU over
-    /// listeners.
+    /// listeners. NaN (`null` in JSON) without two steps that held.
+    #[serde(deserialize_with = "nan_if_null")]
     pub cpu_per_listener: f64,
     /// The fixed cost: the slope's intercept, in cores (talkers, mixing, timers).
+    #[serde(deserialize_with = "nan_if_null")]
     pub fixed_cpu: f64,
     /// Listeners per core from the slope: `1 / cpu_per_listener`.
+    #[serde(deserialize_with = "nan_if_null")]
     pub per_core: f64,
     /// The largest step that held on the one pinned core.
     pub held_one_core: usize,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`, which reads back as NaN here.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Least-squares line through `(x, y)` points: `(slope, intercept)`; NaN with fewer than two
@@ -128,9 +137,12 @@ pub fn fit_line(points: &[(f64, f64)]) -> (f64, f64) {
 
 /// The summary of a ramp's steps.
 pub fn summarize(steps: Vec<SwarmStep>) -> ListenerCapacity {
+    // Only steps that held: a saturated server, or one that dropped or lost packets, did less
+    // than the step asked of it, and its CPU would flatten the slope (Janus at 100 listeners
+    // used 98 % of its core and lost packets; counted, it doubled Janus's listeners per core).
     let points: Vec<(f64, f64)> = steps
         .iter()
-        .filter(|s| !s.generator_limited && s.joined == s.listeners)
+        .filter(|s| s.held)
         .map(|s| (s.listeners as f64, s.server_cpu))
         .collect();
     let (slope, intercept) = fit_line(&points);
@@ -275,13 +287,15 @@ mod tests {
     }
 
     #[test]
-    fn the_slope_and_intercept_come_from_the_steps_the_generator_did_not_limit() {
+    fn the_slope_and_intercept_come_from_the_steps_that_held() {
         let c = summarize(vec![
             step(250, 0.05 + 250.0 * 1e-4, false, true),
             step(500, 0.05 + 500.0 * 1e-4, false, true),
             step(1000, 0.05 + 1000.0 * 1e-4, false, true),
-            // A generator-limited step would bend the line: it is left out.
+            // A generator-limited step, or a saturated server's, would bend the line: both
+            // are left out.
             step(2000, 0.10, true, false),
+            step(4000, 0.98, false, false),
         ]);
         assert!((c.cpu_per_listener - 1e-4).abs() < 1e-9, "{c:?}");
         assert!((c.fixed_cpu - 0.05).abs() < 1e-9, "{c:?}");

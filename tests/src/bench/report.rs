@@ -134,7 +134,7 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
     let lower_bound = matches!(limited, Some(super::capacity::Limit::LoadGenerator));
     let _ = writeln!(
         md,
-        "| capacity, listeners per core (one room, 3 talkers) | {} per core, from {} listeners \
+        "| capacity with webrtc-rs bots as listeners (one room, 3 talkers) | {} per core, from {} listeners \
          held{} | ≥ 2000 | {} |",
         cell(g("capacity.chorus.extrapolated"), ""),
         cell(g("capacity.chorus"), ""),
@@ -147,7 +147,7 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
     );
     let _ = writeln!(
         md,
-        "| capacity vs Janus AudioBridge (listeners per core) | {:.1}× ({:.0} vs {:.0}) | ≥ 10× | {} |",
+        "| the same against Janus AudioBridge (bots) | {:.1}× ({:.0} vs {:.0}) | ≥ 10× | {} |",
         cap / janus_cap,
         cap,
         janus_cap,
@@ -562,8 +562,13 @@ pub fn listener_capacity_section(
          every listener's sequence numbers tracked, 1 packet in 100 decrypted and compared with \
          a reference listener's. A step holds at ≤ 0.1 % loss, every listener checked, no kernel \
          drop, the server below 95 % of its core and the swarm below 80 % of its own (else the \
-         step is marked as limited by the generator and leaves the slope). The slope is server \
-         CPU over listeners, by least squares.\n"
+         step is marked as limited by the generator). The slope is server CPU over listeners, \
+         by least squares over the steps that held (a failed step did less than it asked); a \
+         ramp with one such step has none. \"Last − first\" is the median delay of the \
+         last-admitted listener after the first's, from kernel receive stamps of the same \
+         payload (Janus encodes per listener, so it has no such pairs). Chorus's listeners offer \
+         recvonly; \"streaming silence\" listeners offer sendrecv and send 50 packets/s of \
+         Opus silence, so each is a whole WebRTC peer; Janus's listeners offer recvonly.\n"
     );
     let _ = writeln!(
         md,
@@ -587,14 +592,14 @@ pub fn listener_capacity_section(
         let _ = writeln!(md, "\nSteps of the last run:\n");
         let _ = writeln!(
             md,
-            "| system | listeners | joined (s) | server CPU | swarm CPU | loss | kernel drops | samples ok / bad | held |"
+            "| system | listeners | joined (s) | server CPU | swarm CPU | loss | kernel drops | samples ok / bad | last − first | held |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
         for (name, c) in last.iter() {
             for s in &c.steps {
                 let _ = writeln!(
                     md,
-                    "| {name} | {} | {} ({:.1}) | {:.1} % | {:.0} % | {:.4} % | {} | {} / {} | {} |",
+                    "| {name} | {} | {} ({:.1}) | {:.1} % | {:.0} % | {:.4} % | {} | {} / {} | {} | {} |",
                     s.listeners,
                     s.joined,
                     s.join_seconds,
@@ -604,6 +609,8 @@ pub fn listener_capacity_section(
                     s.kernel_drops,
                     s.samples_ok,
                     s.samples_bad,
+                    s.last_minus_first_ms
+                        .map_or("—".to_owned(), |ms| format!("{ms:.1} ms")),
                     if s.held {
                         "yes"
                     } else if s.generator_limited {

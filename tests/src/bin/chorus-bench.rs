@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use chorus_tests::bench::{capacity, harness, list_stability, report, telephony};
+use chorus_tests::bench::{capacity, harness, list_stability, listeners, report, telephony};
 use clap::Parser;
 
 /// Run the Chorus benchmarks against Janus AudioBridge.
@@ -78,6 +78,9 @@ async fn main() -> Result<()> {
                 if let Some(limit) = capacity::limit_of(&capacity.steps) {
                     capacity.limited_by = limit;
                 }
+            }
+            for c in run.listener_capacity.values_mut() {
+                *c = listeners::summarize(std::mem::take(&mut c.steps));
             }
         }
     }
