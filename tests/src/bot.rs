@@ -636,33 +636,9 @@ impl Bot {
         let session_slot = Arc::clone(&session);
         let token_owned = token.to_owned();
         let bot = Bot::join_with(config, move |offer| async move {
-            let response = client
-                .post(join_url.clone())
-                .bearer_auth(&token_owned)
-                .header(reqwest::header::CONTENT_TYPE, "application/sdp")
-                .body(offer)
-                .send()
+            let (body, participant_url) = post_offer(&client, &join_url, &token_owned, offer)
                 .await
-                .with_context(|| format!("POST {join_url} failed"))?;
-            let status = response.status();
-            let location = response
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned);
-            let body = response.text().await.unwrap_or_default();
-            if status != reqwest::StatusCode::CREATED {
-                bail!(
-                    "joining failed: POST {join_url} answered {status}: {}",
-                    body.trim()
-                );
-            }
-            let location = location
-                .ok_or_else(|| anyhow!("POST {join_url} answered 201 without a Location header"))?;
-            let participant_url = join_url
-                .join(&location)
-                .with_context(|| format!("bad Location header `{location}`"))?
-                .to_string();
+                .context("joining failed")?;
             *lock(&session_slot) = Some(HttpSession {
                 client,
                 participant_url,
@@ -1135,6 +1111,41 @@ pub fn espeak_wav(text: &str, voice: &str, out: &Path) -> Result<()> {
         anyhow::bail!("espeak-ng failed ({status})");
     }
     Ok(())
+}
+
+/// The join API's exchange (WHIP-like): POSTs the SDP `offer` to `join_url` with `token`;
+/// returns the SDP answer and the participant's URL (from `Location`, for leaving).
+pub async fn post_offer(
+    client: &reqwest::Client,
+    join_url: &reqwest::Url,
+    token: &str,
+    offer: String,
+) -> Result<(String, String)> {
+    let response = client
+        .post(join_url.clone())
+        .bearer_auth(token)
+        .header(reqwest::header::CONTENT_TYPE, "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .with_context(|| format!("POST {join_url}"))?;
+    let status = response.status();
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let body = response.text().await.unwrap_or_default();
+    if status != reqwest::StatusCode::CREATED {
+        bail!("POST {join_url} answered {status}: {}", body.trim());
+    }
+    let location = location
+        .ok_or_else(|| anyhow!("POST {join_url} answered 201 without a Location header"))?;
+    let participant_url = join_url
+        .join(&location)
+        .with_context(|| format!("bad Location `{location}`"))?
+        .to_string();
+    Ok((body, participant_url))
 }
 
 #[cfg(test)]

@@ -183,19 +183,38 @@ fn all_cpus() -> String {
     format!("0-{}", n.saturating_sub(1))
 }
 
+/// While alive, every thread of this process stays off `server_cpu` (the CPU a pinned server
+/// is measured on); dropped, it may run anywhere again.
+struct AwayFrom;
+
+impl AwayFrom {
+    fn cpu(server_cpu: usize) -> Result<AwayFrom> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let others: Vec<String> = (0..cpus)
+            .filter(|c| *c != server_cpu)
+            .map(|c| c.to_string())
+            .collect();
+        if !others.is_empty() {
+            pin_self(&others.join(","))?;
+        }
+        Ok(AwayFrom)
+    }
+}
+
+impl Drop for AwayFrom {
+    fn drop(&mut self) {
+        if let Err(err) = pin_self(&all_cpus()) {
+            eprintln!("bench: could not unpin this process: {err:#}");
+        }
+    }
+}
+
 /// The capacity scenario for both systems: the server pinned to `plan.capacity_cpu`, this
 /// process to the other CPUs for the duration.
 async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<String, Capacity>> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let others: Vec<String> = (0..cpus)
-        .filter(|c| *c != plan.capacity_cpu)
-        .map(|c| c.to_string())
-        .collect();
-    if !others.is_empty() {
-        pin_self(&others.join(","))?;
-    }
+    let _away = AwayFrom::cpu(plan.capacity_cpu)?;
     let mut out = BTreeMap::new();
-    let result = async {
+    {
         let server = ServerProcess::start(ProcessOptions {
             cpu: Some(plan.capacity_cpu),
             max_participants: Some(plan.capacity_max_listeners + 50),
@@ -237,11 +256,7 @@ async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<St
         )
         .await?;
         out.insert("janus".to_owned(), c);
-        anyhow::Ok(())
     }
-    .await;
-    pin_self(&all_cpus())?;
-    result?;
     Ok(out)
 }
 
@@ -252,15 +267,8 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
     if plan.listener_steps.is_empty() {
         return Ok(out);
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let others: Vec<String> = (0..cpus)
-        .filter(|c| *c != plan.capacity_cpu)
-        .map(|c| c.to_string())
-        .collect();
-    if !others.is_empty() {
-        pin_self(&others.join(","))?;
-    }
-    let result = async {
+    let _away = AwayFrom::cpu(plan.capacity_cpu)?;
+    {
         let largest = plan.listener_steps.iter().copied().max().unwrap_or(0);
         let server = ServerProcess::start(ProcessOptions {
             cpu: Some(plan.capacity_cpu),
@@ -351,11 +359,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         .await?;
         out.insert("janus".to_owned(), c);
         super::close_all(talkers.iter().map(|b| &**b)).await;
-        anyhow::Ok(())
     }
-    .await;
-    pin_self(&all_cpus())?;
-    result?;
     Ok(out)
 }
 

@@ -217,7 +217,7 @@ async fn exchange(
     match &ctx.signaling {
         Signaling::Chorus { client, join_url } => {
             let (answer, participant_url) =
-                exchange_chorus(client, join_url, &token, offer).await?;
+                crate::bot::post_offer(client, join_url, &token, offer).await?;
             Ok((
                 answer,
                 Membership::Chorus {
@@ -231,39 +231,6 @@ async fn exchange(
             Ok((answer, Membership::Janus(handle)))
         }
     }
-}
-
-/// POSTs `offer`; returns the answer and the participant's URL (from `Location`).
-async fn exchange_chorus(
-    client: &reqwest::Client,
-    join_url: &reqwest::Url,
-    token: &str,
-    offer: String,
-) -> Result<(String, String)> {
-    let response = client
-        .post(join_url.clone())
-        .bearer_auth(token)
-        .header(reqwest::header::CONTENT_TYPE, "application/sdp")
-        .body(offer)
-        .send()
-        .await
-        .with_context(|| format!("POST {join_url}"))?;
-    let status = response.status();
-    let location = response
-        .headers()
-        .get(reqwest::header::LOCATION)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let body = response.text().await.unwrap_or_default();
-    if status != reqwest::StatusCode::CREATED {
-        bail!("POST {join_url} answered {status}: {}", body.trim());
-    }
-    let location = location.context("201 Created without a Location header")?;
-    let participant_url = join_url
-        .join(&location)
-        .with_context(|| format!("bad Location `{location}`"))?
-        .to_string();
-    Ok((body, participant_url))
 }
 
 /// The DTLS configuration for one listener: the swarm certificate, a client certificate
