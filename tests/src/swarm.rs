@@ -3,19 +3,19 @@
 //! The client side of a capacity benchmark: it joins N listeners to one room of a Chorus media
 //! server through the ordinary join API (`POST {base}/v1/rooms/{room}/participants`, SDP offer
 //! in, SDP answer out, `DELETE` the returned `Location` to leave), or to a Janus AudioBridge
-//! room through Janus' HTTP API ([`Target::Janus`], see [`janus`]), each with real ICE, real
+//! room through Janus' HTTP API ([`Target::Janus`], see `janus.rs`), each with real ICE, real
 //! DTLS and its own SRTP keys, then measures what they receive. Optionally every listener also
 //! streams silence upstream, as a browser with an unmuted microphone does ([`Upstream`]). A `webrtc`/`rtc` peer connection per
 //! listener costs about a core per 80 listeners, so instead each listener is built from `rtc`'s
 //! sub-crates (`rtc::stun`, `rtc::dtls`, `rtc::srtp`, `rtc::rtp`, `rtc::rtcp`):
 //!
-//! - [`sdp`]: the hand-written offer and the answer parser;
-//! - [`ice`]: Binding Requests/Responses (the listener controls; it also answers the server's
+//! - `sdp.rs`: the hand-written offer and the answer parser;
+//! - `ice.rs`: Binding Requests/Responses (the listener controls; it also answers the server's
 //!   own checks, which a full agent such as Janus sends);
-//! - [`handshake`]: one listener's join (socket, signalling, ICE, DTLS, SRTP key export), as a
+//! - `handshake.rs`: one listener's join (socket, signalling, ICE, DTLS, SRTP key export), as a
 //!   Tokio task; [`Swarm::join`] runs at most `join_concurrency` of them at once;
-//! - [`janus`]: the signalling against a Janus AudioBridge room;
-//! - [`media`]: ONE OS thread that reads every socket (`epoll` + `recvmmsg`), counts, samples
+//! - `janus.rs`: the signalling against a Janus AudioBridge room;
+//! - `media.rs`: ONE OS thread that reads every socket (`epoll` + `recvmmsg`), counts, samples
 //!   decryption, timestamps arrivals, sends consent checks and SRTCP receiver reports, and the
 //!   upstream silence.
 //!
