@@ -295,27 +295,7 @@ impl TestClient {
     async fn join(port: &MediaPort, hz: f32, dbfs: f32) -> (Self, PeerHandle, String) {
         let (mut client, track) = Self::new().await;
         let offer = client.offer().await;
-        let (answer, mut handle) = port.accept(&offer).await.expect("accept offer");
-        client
-            .peer_connection
-            .set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap())
-            .await
-            .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            client
-                .state
-                .wait_for(|state| *state == RTCPeerConnectionState::Connected),
-        )
-        .await
-        .expect("client did not connect in 10 s")
-        .unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_secs(5), handle.wait_connected())
-                .await
-                .expect("server side did not connect in 5 s"),
-            "server side of the peer failed"
-        );
+        let (handle, answer) = client.connect(port, &offer).await;
         client.sender = Some(tokio::spawn(send_tone(
             Arc::clone(&client.peer_connection),
             track,
@@ -334,28 +314,33 @@ impl TestClient {
             offer.contains("a=recvonly"),
             "a listener's offer is recvonly:\n{offer}"
         );
-        let (answer, mut handle) = port.accept(&offer).await.expect("accept offer");
-        client
-            .peer_connection
+        let (handle, answer) = client.connect(port, &offer).await;
+        (client, handle, answer)
+    }
+
+    /// Hands `offer` to `port`, applies the answer and waits until both sides are connected.
+    /// Returns the server's handle and the answer.
+    async fn connect(&mut self, port: &MediaPort, offer: &str) -> (PeerHandle, String) {
+        let (answer, mut handle) = port.accept(offer).await.expect("accept offer");
+        self.peer_connection
             .set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap())
             .await
             .unwrap();
         tokio::time::timeout(
             Duration::from_secs(10),
-            client
-                .state
+            self.state
                 .wait_for(|state| *state == RTCPeerConnectionState::Connected),
         )
         .await
-        .expect("listener did not connect in 10 s")
+        .expect("client did not connect in 10 s")
         .unwrap();
         assert!(
             tokio::time::timeout(Duration::from_secs(5), handle.wait_connected())
                 .await
                 .expect("server side did not connect in 5 s"),
-            "server side of the listener failed"
+            "server side of the peer failed"
         );
-        (client, handle, answer)
+        (handle, answer)
     }
 
     /// The last `duration` of decoded audio.
