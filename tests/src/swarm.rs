@@ -137,6 +137,13 @@ pub struct SwarmConfig {
     pub consent_interval: Duration,
     /// Receiver-report interval (RFC 3550's 5 s minimum, as browsers send for audio).
     pub rtcp_interval: Duration,
+    /// `Some(p)`: the media thread polls its sockets every `p` and sleeps in between, instead of
+    /// waiting in `epoll` for the next datagram. On one machine the sender's `sendmmsg` runs the
+    /// loopback delivery itself, so a swarm woken per datagram makes the server pay a
+    /// cross-CPU wake-up (an IPI, a VM exit here) for most bursts: cost that a remote browser
+    /// never charges the server. Polling keeps the sockets' wait queues empty. `None` waits
+    /// in `epoll` (lowest reaction time, for tests that time single packets).
+    pub poll_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for SwarmConfig {
@@ -156,6 +163,7 @@ impl std::fmt::Debug for SwarmConfig {
             .field("recv_buffer_bytes", &self.recv_buffer_bytes)
             .field("consent_interval", &self.consent_interval)
             .field("rtcp_interval", &self.rtcp_interval)
+            .field("poll_interval", &self.poll_interval)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +193,7 @@ impl SwarmConfig {
             recv_buffer_bytes: 512 * 1024,
             consent_interval: Duration::from_millis(2500),
             rtcp_interval: Duration::from_secs(5),
+            poll_interval: Some(Duration::from_millis(1)),
         }
     }
 
@@ -641,6 +650,7 @@ impl Swarm {
                 sample_every: config.sample_every,
                 consent_interval: config.consent_interval,
                 rtcp_interval: config.rtcp_interval,
+                poll_interval: config.poll_interval,
                 crypto,
                 upstream,
             },

@@ -11,10 +11,13 @@
 //! - DTLS with `rtc::dtls`'s sans-IO endpoint, as server (the answer says `a=setup:passive`) or,
 //!   when the offer insists on `passive`, as client; the participant's certificate must match the
 //!   offer's fingerprint;
-//! - SRTP with `rtc::srtp` contexts keyed from the DTLS exporter (RFC 5764), exactly once per
-//!   direction.
+//! - SRTP keyed from the DTLS exporter (RFC 5764), exactly once per direction: outbound by our
+//!   own in-place `AEAD_AES_128_GCM` seal (`gcm_seal`, no allocation per packet), or by an
+//!   `rtc::srtp` context when the participant only offered `AES_CM_128_HMAC_SHA1_80`; inbound
+//!   SRTCP by an `rtc::srtp` context.
 //!
-//! Written by hand here: the answer SDP (a dozen fixed lines) and the RTP header (12 bytes).
+//! Written by hand here: the answer SDP (a dozen fixed lines) and the RTP header (12 bytes),
+//! which is written straight into the port's packed batch and sealed there.
 //!
 //! Invariants:
 //! - our outbound SRTP context is the only one that ever seals this listener's SSRC (no nonce
@@ -51,7 +54,9 @@ use tracing::debug;
 
 use super::EndpointError;
 use super::PeerState;
+use super::gcm_seal::GcmSealer;
 use super::offer::CheckedOffer;
+use super::packed::PackedDatagrams;
 
 /// RFC 7675: consent expires 30 s after the last successful check.
 pub(crate) const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -121,14 +126,12 @@ pub(crate) struct ListenerTransport {
     /// Where media goes.
     selected: Option<SocketAddr>,
     /// Seals our RTP to the listener. See the module invariants.
-    srtp_out: Option<Context>,
+    srtp_out: Option<Outbound>,
     /// Opens the listener's SRTCP.
     srtcp_in: Option<Context>,
     last_consent: Option<Instant>,
     /// State changes not yet collected by the session.
     pending_state: Option<PeerState>,
-    /// Scratch for the plaintext RTP packet, reused for every frame.
-    plain: Vec<u8>,
     /// Datagrams to send, collected by [`Self::drain_into`].
     queued: Vec<(SocketAddr, BytesMut)>,
 }
@@ -141,6 +144,12 @@ impl std::fmt::Debug for ListenerTransport {
             .field("keyed", &self.srtp_out.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// The outbound SRTP seal: ours for AES-GCM, `rtc::srtp`'s context for the HMAC profile.
+enum Outbound {
+    Gcm(GcmSealer),
+    Context(Context),
 }
 
 fn srtp_profiles() -> Vec<SrtpProtectionProfile> {
@@ -226,7 +235,6 @@ impl ListenerTransport {
             srtcp_in: None,
             last_consent: None,
             pending_state: None,
-            plain: Vec::with_capacity(1500),
             queued: Vec::new(),
         };
         let sdp = answer_sdp(offer, local, &identity.fingerprint, we_are_client);
@@ -344,7 +352,7 @@ impl ListenerTransport {
         }
     }
 
-    fn srtp_contexts(&self, remote: SocketAddr) -> Result<(Context, Context), String> {
+    fn srtp_contexts(&self, remote: SocketAddr) -> Result<(Outbound, Context), String> {
         let state = self
             .dtls
             .get_connection_state(remote)
@@ -367,15 +375,28 @@ impl ListenerTransport {
             .set_session_keys_from_keying_material(material.as_ref(), state.is_client())
             .map_err(|err| format!("splitting keying material: {err}"))?;
         let crypto = self.provider.crypto();
-        let out = Context::new(
-            &config.keys.local_master_key,
-            &config.keys.local_master_salt,
-            profile,
-            None,
-            None,
-            crypto,
-        )
-        .map_err(|err| format!("outbound SRTP context: {err}"))?;
+        let out = if matches!(profile, ProtectionProfile::AeadAes128Gcm) {
+            Outbound::Gcm(
+                GcmSealer::new(
+                    crypto,
+                    &config.keys.local_master_key,
+                    &config.keys.local_master_salt,
+                )
+                .map_err(|err| format!("outbound SRTP seal: {err}"))?,
+            )
+        } else {
+            Outbound::Context(
+                Context::new(
+                    &config.keys.local_master_key,
+                    &config.keys.local_master_salt,
+                    profile,
+                    None,
+                    None,
+                    crypto,
+                )
+                .map_err(|err| format!("outbound SRTP context: {err}"))?,
+            )
+        };
         let inbound = Context::new(
             &config.keys.remote_master_key,
             &config.keys.remote_master_salt,
@@ -438,8 +459,9 @@ impl ListenerTransport {
         self.pending_state.take()
     }
 
-    /// Seals one RTP packet (a 12-byte header: no CSRC, no extension) around `payload` and
-    /// appends it to `outgoing`. `false` before the handshake finished or when sealing failed.
+    /// Writes one RTP packet of the room's frame for this listener into `packed`, sealed, with
+    /// its destination; false (nothing written) before the keys and an address exist, or if
+    /// sealing failed.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn send(
         &mut self,
@@ -449,35 +471,37 @@ impl ListenerTransport {
         timestamp: u32,
         ssrc: u32,
         payload: &[u8],
-        outgoing: &mut Vec<(SocketAddr, BytesMut)>,
+        packed: &mut PackedDatagrams,
     ) -> bool {
-        let (Some(ctx), Some(to)) = (self.srtp_out.as_mut(), self.selected) else {
+        let (Some(out), Some(to)) = (self.srtp_out.as_mut(), self.selected) else {
             return false;
         };
-        let header = rtc::rtp::header::Header {
-            version: 2,
-            marker,
-            payload_type,
-            sequence_number,
-            timestamp,
-            ssrc,
-            ..Default::default()
+        let start = packed.begin();
+        let bytes = packed.bytes_mut();
+        bytes.push(0x80);
+        bytes.push((u8::from(marker) << 7) | (payload_type & 0x7f));
+        bytes.extend_from_slice(&sequence_number.to_be_bytes());
+        bytes.extend_from_slice(&timestamp.to_be_bytes());
+        bytes.extend_from_slice(&ssrc.to_be_bytes());
+        bytes.extend_from_slice(payload);
+        let sealed = match out {
+            Outbound::Gcm(sealer) => sealer.seal(bytes, start).map_err(|e| e.to_string()),
+            Outbound::Context(ctx) => match ctx.encrypt_rtp(&bytes[start..]) {
+                Ok(sealed) => {
+                    bytes.truncate(start);
+                    bytes.extend_from_slice(&sealed);
+                    Ok(())
+                }
+                Err(err) => Err(err.to_string()),
+            },
         };
-        self.plain.clear();
-        self.plain.push(0x80);
-        self.plain
-            .push((u8::from(marker) << 7) | (payload_type & 0x7f));
-        self.plain.extend_from_slice(&sequence_number.to_be_bytes());
-        self.plain.extend_from_slice(&timestamp.to_be_bytes());
-        self.plain.extend_from_slice(&ssrc.to_be_bytes());
-        self.plain.extend_from_slice(payload);
-        match ctx.encrypt_rtp_with_header(&self.plain, &header) {
-            Ok(sealed) => {
-                // Straight to the port's batch: a listener's frame needs no other servicing.
-                outgoing.push((to, sealed));
+        match sealed {
+            Ok(()) => {
+                packed.commit(to, start);
                 true
             }
             Err(err) => {
+                packed.abandon(start);
                 debug!(%err, "cannot seal a frame for a listener");
                 false
             }
@@ -691,9 +715,10 @@ a=recvonly\r\n";
         assert_eq!(t.selected, Some(other));
         assert_eq!(t.poll_timeout(), Some(t0 + CONSENT_TIMEOUT));
         // Unkeyed, nothing can be sent yet.
-        let mut media = Vec::new();
+        let mut media = PackedDatagrams::default();
         assert!(!t.send(false, 109, 1, 960, 1234, &[0xf8], &mut media));
-        assert!(media.is_empty());
+        assert_eq!(media.len(), 0);
+        assert_eq!(media.begin(), 0, "nothing left half-written");
         // Consent runs out.
         t.handle_timeout(t0 + CONSENT_TIMEOUT);
         assert_eq!(t.take_state(), Some(PeerState::Failed));

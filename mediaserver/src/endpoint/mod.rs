@@ -29,8 +29,10 @@
 //! - Sending audio never blocks the caller: [`PeerSender::send_opus`] queues or fails at once.
 
 mod demux;
+mod gcm_seal;
 mod listener;
 mod offer;
+mod packed;
 mod port;
 mod session;
 

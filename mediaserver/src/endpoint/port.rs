@@ -30,12 +30,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashMap;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::demux::{Datagram, classify, is_binding_success};
+use super::packed::PackedDatagrams;
 use super::session::{Session, SessionChannels};
 use super::{AudioSink, EndpointError, InboundAudio, PeerState};
 
@@ -335,7 +337,7 @@ impl MediaPort {
             socket,
             candidate_addr,
             config: config.clone(),
-            sessions: HashMap::new(),
+            sessions: FxHashMap::default(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             plain: HashMap::new(),
@@ -343,6 +345,7 @@ impl MediaPort {
             commands: command_rx,
             counters: Arc::clone(&counters),
             outgoing: Vec::new(),
+            packed: PackedDatagrams::default(),
         };
         let runtime = tokio::runtime::Handle::try_current().map_err(|err| {
             EndpointError::Socket(std::io::Error::other(format!(
@@ -582,7 +585,7 @@ impl PlainSender {
 const SEND_BATCH: usize = 256;
 
 /// Sends `batch` with one `sendmmsg` call; returns how many the kernel took.
-fn send_batch(socket: &UdpSocket, batch: &[(SocketAddr, BytesMut)]) -> std::io::Result<usize> {
+fn send_batch(socket: &UdpSocket, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
     use std::io::IoSlice;
     use std::os::fd::AsRawFd;
@@ -613,7 +616,9 @@ struct Driver {
     socket: UdpSocket,
     candidate_addr: SocketAddr,
     config: PortConfig,
-    sessions: HashMap<u64, Session>,
+    /// By peer id. Fx hashing: ids are the port's own counter, never chosen by a remote, and
+    /// the fan-out looks one up per listener per frame.
+    sessions: FxHashMap<u64, Session>,
     by_ufrag: HashMap<String, u64>,
     by_addr: HashMap<SocketAddr, u64>,
     /// Phone legs' answered addresses and where their datagrams go.
@@ -624,6 +629,8 @@ struct Driver {
     counters: Arc<Counters>,
     /// Datagrams produced since the last flush.
     outgoing: Vec<(SocketAddr, BytesMut)>,
+    /// Listeners' media produced since the last flush, packed in one buffer.
+    packed: PackedDatagrams,
 }
 
 impl Driver {
@@ -786,14 +793,14 @@ impl Driver {
                 peer,
                 payload,
                 samples,
-            } => self.send_opus(peer, payload, samples, now),
+            } => self.send_opus(peer, &payload, samples, now),
             Command::FanOut {
                 peers,
                 payload,
                 samples,
             } => {
                 for &peer in peers.iter() {
-                    self.send_opus(peer, payload.clone(), samples, now);
+                    self.send_opus(peer, &payload, samples, now);
                 }
             }
             Command::Close { peer } => self.remove(peer, PeerState::Closed),
@@ -809,12 +816,12 @@ impl Driver {
         }
     }
 
-    fn send_opus(&mut self, peer: u64, payload: Bytes, samples: u32, now: Instant) {
+    fn send_opus(&mut self, peer: u64, payload: &Bytes, samples: u32, now: Instant) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             bump(&self.counters.outbound_dropped, 1);
             return;
         };
-        if session.send_opus(now, payload, samples, &mut self.outgoing) {
+        if session.send_opus(now, payload, samples, &mut self.packed) {
             bump(&self.counters.outbound_frames, 1);
             // A listener's packet is already in `outgoing`; `rtc`'s peer must be drained.
             if !session.is_listener() {
@@ -934,47 +941,56 @@ impl Driver {
         debug!(peer, state = ?session.state(), "participant removed from the media port");
     }
 
-    /// Sends every queued datagram, up to [`SEND_BATCH`] per `sendmmsg` call (a room's shared
-    /// frame to its listeners is a few system calls, not one per listener). Waits only when the
-    /// socket's send buffer is full.
+    /// Sends every queued datagram, listeners' media first, up to [`SEND_BATCH`] per
+    /// `sendmmsg` call (a room's shared frame to its listeners is a few system calls, not one
+    /// per listener). Waits only when the socket's send buffer is full.
     async fn flush(&mut self) {
-        let pending = std::mem::take(&mut self.outgoing);
-        let mut start = 0;
-        while start < pending.len() {
-            let end = pending.len().min(start + SEND_BATCH);
-            let batch = &pending[start..end];
-            let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                send_batch(&self.socket, batch)
-            });
-            match result {
-                Ok(sent) => {
-                    bump(&self.counters.datagrams_out, sent as u64);
-                    start += sent.max(1);
-                    if sent == 0 {
-                        // The kernel took none and reported no error: count the first as failed
-                        // rather than spin on it.
+        let outgoing = std::mem::take(&mut self.outgoing);
+        let packed = std::mem::take(&mut self.packed);
+        {
+            let mut pending: Vec<(SocketAddr, &[u8])> =
+                Vec::with_capacity(packed.len() + outgoing.len());
+            pending.extend(packed.iter());
+            pending.extend(outgoing.iter().map(|(to, d)| (*to, &d[..])));
+            let mut start = 0;
+            while start < pending.len() {
+                let end = pending.len().min(start + SEND_BATCH);
+                let batch = &pending[start..end];
+                let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    send_batch(&self.socket, batch)
+                });
+                match result {
+                    Ok(sent) => {
+                        bump(&self.counters.datagrams_out, sent as u64);
+                        start += sent.max(1);
+                        if sent == 0 {
+                            // The kernel took none and reported no error: count the first as
+                            // failed rather than spin on it.
+                            bump(&self.counters.send_errors, 1);
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        if let Err(err) = self.socket.writable().await {
+                            debug!(%err, "media socket not writable");
+                            bump(&self.counters.send_errors, (pending.len() - start) as u64);
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        // `sendmmsg` fails only when the first datagram fails (an unreachable
+                        // remote, say): that one is lost, the rest go on.
+                        debug!(to = %batch[0].0, %err, "media socket send failed");
                         bump(&self.counters.send_errors, 1);
+                        start += 1;
                     }
-                }
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Err(err) = self.socket.writable().await {
-                        debug!(%err, "media socket not writable");
-                        bump(&self.counters.send_errors, (pending.len() - start) as u64);
-                        break;
-                    }
-                }
-                Err(err) => {
-                    // `sendmmsg` fails only when the first datagram fails (an unreachable
-                    // remote, say): that one is lost, the rest go on.
-                    debug!(to = %batch[0].0, %err, "media socket send failed");
-                    bump(&self.counters.send_errors, 1);
-                    start += 1;
                 }
             }
         }
-        // Keep the buffer's capacity for the next round.
-        self.outgoing = pending;
+        // Keep both buffers' capacity for the next round.
+        self.outgoing = outgoing;
         self.outgoing.clear();
+        self.packed = packed;
+        self.packed.clear();
     }
 
     async fn shutdown(&mut self) {

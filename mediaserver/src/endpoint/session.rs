@@ -45,6 +45,7 @@ use tracing::debug;
 
 use super::listener::{ListenerAnswer, ListenerTransport};
 use super::offer::{AUDIO_LEVEL_URI, CheckedOffer, check_offer};
+use super::packed::PackedDatagrams;
 use super::{AudioSink, EndpointError, InboundAudio, PeerState};
 use crate::media::AudioLevel;
 
@@ -437,14 +438,14 @@ impl Session {
     }
 
     /// Queues one Opus frame of `samples` 48 kHz samples for sending: a listener's sealed packet
-    /// goes straight to `outgoing`; `rtc`'s peer queues it until [`Self::drain`]. Frames before
+    /// goes straight into `packed`; `rtc`'s peer queues it until [`Self::drain`]. Frames before
     /// the connection is up are dropped (returns `false`): there is nobody to send them to yet.
     pub(crate) fn send_opus(
         &mut self,
         now: Instant,
-        payload: Bytes,
+        payload: &Bytes,
         samples: u32,
-        outgoing: &mut Vec<(SocketAddr, BytesMut)>,
+        packed: &mut PackedDatagrams,
     ) -> bool {
         if self.state != PeerState::Connected {
             return false;
@@ -462,8 +463,8 @@ impl Session {
                     sequence_number,
                     timestamp,
                     self.ssrc,
-                    &payload,
-                    outgoing,
+                    payload,
+                    packed,
                 );
             }
         };
@@ -477,7 +478,7 @@ impl Session {
                 ssrc: self.ssrc,
                 ..Default::default()
             },
-            payload,
+            payload: payload.clone(),
         };
         let Some(mut sender) = peer.rtp_sender(sender_id) else {
             return false;

@@ -702,6 +702,7 @@ impl Rooms {
             last_numbers: HashMap::new(),
             renumber: HashMap::new(),
             active: 0,
+            fan_out: Default::default(),
         };
         self.metrics.rooms.inc();
         tokio::spawn(task.run(commands_rx, packets_rx));

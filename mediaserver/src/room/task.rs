@@ -101,6 +101,26 @@ pub(super) struct RoomTask {
     pub(super) renumber: HashMap<ParticipantId, Option<(u16, u32)>>,
     /// This room's share of the server-wide active-speakers gauge.
     pub(super) active: i64,
+    /// The shared frame's recipients as the last tick resolved them; rebuilt only when the
+    /// listeners or a transport change, so a steady room does no per-listener lookup per tick.
+    pub(super) fan_out: FanOutList,
+}
+
+/// Who gets the shared frame: the listeners the room core named, split into media-port peers
+/// (one fan-out command for all) and other transports (one send each).
+#[derive(Debug, Default)]
+pub(super) struct FanOutList {
+    /// `None`: a transport changed since this was built.
+    listeners: Option<Vec<ParticipantId>>,
+    port_peers: Option<Arc<[u64]>>,
+    others: Vec<ParticipantId>,
+}
+
+impl FanOutList {
+    /// Forget the list: a transport was added, replaced or removed.
+    fn invalidate(&mut self) {
+        self.listeners = None;
+    }
 }
 
 /// How long an old device keeps its (silent) connection after its participant moved: time for
@@ -249,6 +269,7 @@ impl RoomTask {
                     self.core.add_member(id, identity);
                 }
                 self.transports.insert(id, transport);
+                self.fan_out.invalidate();
                 self.tags.insert(tag, id);
                 self.generations.insert(id, 0);
                 self.publish_roster(None);
@@ -273,6 +294,7 @@ impl RoomTask {
                 done,
             } => {
                 let listens_only = transport.listens_only();
+                self.fan_out.invalidate();
                 let Some(old) = self.transports.insert(id, transport) else {
                     // Not a member (it left meanwhile): the new transport goes too.
                     if let Some(t) = self.transports.remove(&id) {
@@ -427,7 +449,7 @@ impl RoomTask {
 
     /// Own mixes one send each; the shared frame in one fan-out for every listener on the
     /// media port (one queue entry, one reference count per listener), one send for others.
-    fn deliver(&self, tick: &Tick, samples: u32) {
+    fn deliver(&mut self, tick: &Tick, samples: u32) {
         let drop_counted = |e: crate::endpoint::EndpointError| {
             self.metrics
                 .packets_dropped
@@ -441,25 +463,37 @@ impl RoomTask {
                 drop_counted(e);
             }
         }
-        let shared = &tick.deliveries.shared;
-        let mut port_peers = Vec::with_capacity(tick.deliveries.listeners.len());
-        for id in &tick.deliveries.listeners {
-            let Some(t) = self.transports.get(id) else {
-                continue;
-            };
-            match t.port_peer() {
-                Some(peer) => port_peers.push(peer),
-                None => {
-                    if let Err(e) = t.send_opus(shared.clone(), samples) {
-                        drop_counted(e);
-                    }
+        let listeners = &tick.deliveries.listeners;
+        if self.fan_out.listeners.as_ref() != Some(listeners) {
+            let mut port_peers = Vec::with_capacity(listeners.len());
+            let mut others = Vec::new();
+            for id in listeners {
+                let Some(t) = self.transports.get(id) else {
+                    continue;
+                };
+                match t.port_peer() {
+                    Some(peer) => port_peers.push(peer),
+                    None => others.push(*id),
                 }
             }
+            self.fan_out = FanOutList {
+                listeners: Some(listeners.clone()),
+                port_peers: (!port_peers.is_empty()).then(|| port_peers.into()),
+                others,
+            };
         }
-        if !port_peers.is_empty()
+        let shared = &tick.deliveries.shared;
+        for id in &self.fan_out.others {
+            if let Some(t) = self.transports.get(id)
+                && let Err(e) = t.send_opus(shared.clone(), samples)
+            {
+                drop_counted(e);
+            }
+        }
+        if let Some(peers) = &self.fan_out.port_peers
             && let Err(e) = self
                 .port
-                .send_opus_to_all(port_peers.into(), shared.clone(), samples)
+                .send_opus_to_all(Arc::clone(peers), shared.clone(), samples)
         {
             drop_counted(e);
         }
@@ -500,6 +534,7 @@ impl RoomTask {
         if let Some(t) = self.transports.remove(&id) {
             t.close();
         }
+        self.fan_out.invalidate();
         self.tags.retain(|_, p| *p != id);
         self.generations.remove(&id);
         self.last_packet.remove(&id);

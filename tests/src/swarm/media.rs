@@ -1,9 +1,11 @@
 //! The swarm's media thread: one OS thread reads every listener socket.
 //!
 //! Connected listeners are handed over by their join tasks ([`Command::Register`]) and live here
-//! until the swarm stops. The thread waits in `epoll` on all their sockets (plus an eventfd that
-//! wakes it for commands) and drains each ready socket with `recvmmsg`, [`BATCH`] datagrams per
-//! system call, into one preallocated buffer: reading a packet allocates nothing. It also sends
+//! until the swarm stops. The thread asks `epoll` which of their sockets are ready (plus an
+//! eventfd that wakes it for commands) and drains each ready socket with `recvmmsg`, [`BATCH`]
+//! datagrams per system call, into one preallocated buffer: reading a packet allocates nothing.
+//! By default it polls every millisecond and sleeps in between rather than waiting in `epoll`,
+//! so the server's sends do not wake it across CPUs (see `SwarmConfig::poll_interval`). It also sends
 //! what a browser's receiver would: a consent-freshness Binding Request every
 //! `consent_interval` and an SRTCP Receiver Report every `rtcp_interval`, and answers the
 //! server's STUN and DTLS (a repeated final flight).
@@ -119,6 +121,8 @@ pub(crate) struct MediaSettings {
     pub(crate) sample_every: u32,
     pub(crate) consent_interval: Duration,
     pub(crate) rtcp_interval: Duration,
+    /// See `SwarmConfig::poll_interval`.
+    pub(crate) poll_interval: Option<Duration>,
     pub(crate) crypto: Arc<dyn RTCCryptoProvider>,
     /// The Opus payload every listener sends each 20 ms, or None: the listeners send no RTP.
     pub(crate) upstream: Option<Bytes>,
@@ -432,8 +436,12 @@ impl MediaThread {
                 .min(Duration::from_millis(100));
             // Rounded up: epoll counts whole milliseconds, and a timer due in 0.9 ms must not
             // turn into a zero timeout and a spin.
-            let timeout = EpollTimeout::try_from(next.as_micros().div_ceil(1000))
-                .unwrap_or(EpollTimeout::ZERO);
+            let timeout = match self.settings.poll_interval {
+                // Polling: look without waiting; the sleep comes after the reading below.
+                Some(_) => EpollTimeout::ZERO,
+                None => EpollTimeout::try_from(next.as_micros().div_ceil(1000))
+                    .unwrap_or(EpollTimeout::ZERO),
+            };
             let ready = match self.epoll.wait(&mut events, timeout) {
                 Ok(ready) => ready,
                 Err(Errno::EINTR) => continue,
@@ -449,6 +457,13 @@ impl MediaThread {
                 if let Ok(slot) = usize::try_from(key) {
                     self.drain(slot, &mut headers, &mut buffer);
                 }
+            }
+            // Polling: a full event list means more is waiting; otherwise sleep, with nobody
+            // on the sockets' wait queues, until the next poll or timer.
+            if let Some(poll) = self.settings.poll_interval
+                && ready < events.len()
+            {
+                std::thread::sleep(poll.min(next));
             }
         }
     }
