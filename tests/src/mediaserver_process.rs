@@ -36,6 +36,10 @@ pub struct ProcessOptions {
     pub fixed_tick: bool,
     /// The mixing frame in ms (`--frame-ms`; the server's default, 20, when `None`).
     pub frame_ms: Option<u32>,
+    /// Run under valgrind's callgrind, instrumentation off until `callgrind_control` turns it
+    /// on, counting only the fan-out (`crate::bench::instructions`); dumps go to
+    /// `<this>.<pid>.<n>`.
+    pub callgrind_out: Option<PathBuf>,
 }
 
 /// The telephony of a [`ServerProcess`]: what the operator would put in the plan and mount.
@@ -96,10 +100,26 @@ impl ServerProcess {
             .as_ref()
             .map_or_else(|| "bench".to_owned(), |m| m.plan.conference.clone());
         let max = options.max_participants.unwrap_or(500).to_string();
-        let mut command = match options.cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(&binary);
+        // taskset and valgrind each exec the next: the child's pid stays the server's.
+        let mut launcher: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(cpu) = options.cpu {
+            launcher.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
+        }
+        if let Some(out) = &options.callgrind_out {
+            launcher.extend(["valgrind".into(), "--tool=callgrind".into()]);
+            launcher.push("--instr-atstart=no".into());
+            for pattern in crate::bench::instructions::COLLECTED {
+                launcher.push(format!("--toggle-collect={pattern}").into());
+            }
+            let mut file = std::ffi::OsString::from("--callgrind-out-file=");
+            file.push(out.as_os_str());
+            file.push(".%p");
+            launcher.push(file);
+        }
+        let mut command = match launcher.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&binary);
                 c
             }
             None => Command::new(&binary),
@@ -167,7 +187,7 @@ impl ServerProcess {
 
     async fn wait_healthy(&self) -> Result<()> {
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(response) = client
                 .get(format!("{}/healthz", self.base_url))
@@ -180,7 +200,7 @@ impl ServerProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let log = std::fs::read_to_string(self.workdir.join("server.log")).unwrap_or_default();
-        bail!("chorus-mediaserver did not become healthy in 20 s; its log:\n{log}")
+        bail!("chorus-mediaserver did not become healthy in 60 s; its log:\n{log}")
     }
 
     /// Kill the server (SIGKILL: no goodbye to anyone), start it again on the same ports and

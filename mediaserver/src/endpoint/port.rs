@@ -584,7 +584,21 @@ impl PlainSender {
 /// Datagrams per `sendmmsg` call.
 const SEND_BATCH: usize = 256;
 
+/// Every datagram of one flush, listeners' media first. Never inlined, like [`send_batch`]:
+/// the bench counts both by name (callgrind's `--toggle-collect`).
+#[inline(never)]
+fn pending_datagrams<'a>(
+    packed: &'a PackedDatagrams,
+    outgoing: &'a [(SocketAddr, BytesMut)],
+) -> Vec<(SocketAddr, &'a [u8])> {
+    let mut pending = Vec::with_capacity(packed.len() + outgoing.len());
+    pending.extend(packed.iter());
+    pending.extend(outgoing.iter().map(|(to, d)| (*to, &d[..])));
+    pending
+}
+
 /// Sends `batch` with one `sendmmsg` call; returns how many the kernel took.
+#[inline(never)]
 fn send_batch(socket: &UdpSocket, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
     use std::io::IoSlice;
@@ -798,11 +812,7 @@ impl Driver {
                 peers,
                 payload,
                 samples,
-            } => {
-                for &peer in peers.iter() {
-                    self.send_opus(peer, &payload, samples, now);
-                }
-            }
+            } => self.fan_out(&peers, &payload, samples, now),
             Command::Close { peer } => self.remove(peer, PeerState::Closed),
             Command::RoutePlain { remote, inbox } => {
                 self.plain.insert(remote, inbox);
@@ -813,6 +823,15 @@ impl Driver {
             Command::SendPlain { to, datagram } => {
                 self.outgoing.push((to, BytesMut::from(&datagram[..])));
             }
+        }
+    }
+
+    /// The room's shared frame to each of `peers`. Never inlined: the bench counts this
+    /// function's instructions by name (callgrind's `--toggle-collect`).
+    #[inline(never)]
+    fn fan_out(&mut self, peers: &[u64], payload: &Bytes, samples: u32, now: Instant) {
+        for &peer in peers {
+            self.send_opus(peer, payload, samples, now);
         }
     }
 
@@ -948,10 +967,7 @@ impl Driver {
         let outgoing = std::mem::take(&mut self.outgoing);
         let packed = std::mem::take(&mut self.packed);
         {
-            let mut pending: Vec<(SocketAddr, &[u8])> =
-                Vec::with_capacity(packed.len() + outgoing.len());
-            pending.extend(packed.iter());
-            pending.extend(outgoing.iter().map(|(to, d)| (*to, &d[..])));
+            let pending = pending_datagrams(&packed, &outgoing);
             let mut start = 0;
             while start < pending.len() {
                 let end = pending.len().min(start + SEND_BATCH);

@@ -51,6 +51,8 @@ pub struct Plan {
     pub listener_steps_streaming_max: usize,
     /// The swarm's steps against Janus AudioBridge.
     pub listener_steps_janus: Vec<usize>,
+    /// Listeners in the callgrind count of instructions per listener-packet; 0 skips it.
+    pub instruction_listeners: usize,
     /// One-way link delay for the cross-server scenario, ms.
     pub link_ms: u32,
     /// Onsets in the cross-server scenario.
@@ -87,6 +89,7 @@ impl Plan {
             listener_sample_every: 100,
             listener_steps_streaming_max: 2000,
             listener_steps_janus: vec![10, 20, 30, 40, 50, 60, 80, 100],
+            instruction_listeners: 100,
             link_ms: 40,
             cross_rounds: 20,
             codec_sizes: vec![10, 100, 1000],
@@ -117,6 +120,8 @@ impl Plan {
             listener_sample_every: 5,
             listener_steps_streaming_max: 20,
             listener_steps_janus: vec![5, 10],
+            // valgrind's start-up alone would double the smoke's time; the bench runs it.
+            instruction_listeners: 0,
             link_ms: 20,
             cross_rounds: 2,
             codec_sizes: vec![10, 30],
@@ -301,6 +306,16 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         )
         .await?;
         out.insert("chorus".to_owned(), c);
+        // The same path's user-space instructions per listener-packet, by callgrind, on a
+        // server of its own (instrumented, so not pinned: its CPU time means nothing).
+        let counted = super::instructions::per_listener_packet(
+            plan.instruction_listeners,
+            plan.listener_window,
+        )
+        .await?;
+        if let Some(c) = out.get_mut("chorus") {
+            c.instructions_per_listener_packet = counted;
+        }
         // Listeners whose microphone streams silence: sendrecv, 50 packets/s each upstream.
         let t = tokens.clone();
         let silence_plan = SwarmPlan {
@@ -923,7 +938,9 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "janus_per_core_cpu": janus_per_core,
         "ratio_vs_janus": ratio,
         "last_minus_first_delay_ms_at_2000": last_minus_first,
-        "instructions_per_listener_packet": Value::Null,
+        "instructions_per_listener_packet": med("chorus", |c| {
+            c.instructions_per_listener_packet.unwrap_or(f64::NAN)
+        }),
     })
 }
 

@@ -110,6 +110,10 @@ pub struct ListenerCapacity {
     pub per_core: f64,
     /// The largest step that held on the one pinned core.
     pub held_one_core: usize,
+    /// User-space instructions of the port's fan-out per listener-packet, by callgrind
+    /// (`super::instructions`); `None` where not counted.
+    #[serde(default)]
+    pub instructions_per_listener_packet: Option<f64>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`, which reads back as NaN here.
@@ -158,6 +162,7 @@ pub fn summarize(steps: Vec<SwarmStep>) -> ListenerCapacity {
         fixed_cpu: intercept,
         per_core: 1.0 / slope,
         held_one_core,
+        instructions_per_listener_packet: None,
     }
 }
 

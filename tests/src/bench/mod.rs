@@ -14,6 +14,7 @@ pub mod capacity;
 pub mod codec_work;
 pub mod delay;
 pub mod harness;
+pub mod instructions;
 pub mod list_stability;
 pub mod listeners;
 pub mod mesh;

@@ -185,6 +185,13 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
         num("last_minus_first_delay_ms_at_2000"),
         verdict(num("last_minus_first_delay_ms_at_2000") <= 3.0)
     );
+    let _ = writeln!(
+        md,
+        "| user-space instructions of the fan-out per listener-packet (callgrind; the kernel not counted) | {} | — | — |",
+        cj["instructions_per_listener_packet"]
+            .as_f64()
+            .map_or("not counted".to_owned(), |i| format!("{i:.0}"))
+    );
     let encodes: Vec<String> = plan
         .codec_sizes
         .iter()
@@ -588,6 +595,22 @@ pub fn listener_capacity_section(
             );
         }
     }
+    let counted: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.get("chorus")?.instructions_per_listener_packet)
+        .map(|i| format!("{i:.0}"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nUser-space instructions of the port's fan-out per listener-packet, per run (callgrind: \
+         receive-only listeners and the 3 talkers on an instrumented server, only the fan-out's \
+         functions collected; the kernel's send path is not counted): {}.",
+        if counted.is_empty() {
+            "not counted".to_owned()
+        } else {
+            counted.join(", ")
+        }
+    );
     if let Some(last) = runs.last() {
         let _ = writeln!(md, "\nSteps of the last run:\n");
         let _ = writeln!(

@@ -1,0 +1,155 @@
+//! Instructions per listener-packet, counted by valgrind's callgrind: a figure that does not move
+//! with this machine's noisy CPU time.
+//!
+//! The server runs under callgrind with instrumentation off (so it starts, and the swarm joins,
+//! at native speed). With talkers and a swarm of listeners in the room, instrumentation is turned
+//! on, the counters zeroed, the swarm runs a window, and the counters are dumped
+//! (`callgrind_control`). Only the port's fan-out is collected (`--toggle-collect`): its handling
+//! of the room's shared frame for every listener (session lookup, header, seal) and the
+//! user-space side of its `sendmmsg` rounds (the argument arrays, and the few talkers' datagrams
+//! that share them). The count divided by the listener packets the swarm received in the window
+//! is the figure.
+//!
+//! What it leaves out, by construction: the kernel (callgrind counts user space only; the perf
+//! profile in BENCHMARKS.md shows the kernel's share) and the per-tick mixing, which does not grow
+//! with listeners. Under instrumentation the server runs tens of times slower and may fall
+//! behind real time; the count is per packet actually fanned out, so that changes nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::delay::{self, ChorusRoom};
+use crate::mediaserver_process::{ProcessOptions, ServerProcess};
+use crate::swarm::{Swarm, SwarmConfig};
+
+/// The functions whose instructions are counted (callgrind patterns, inclusive of callees).
+pub const COLLECTED: [&str; 3] = [
+    "*port::Driver::fan_out*",
+    "*port::pending_datagrams*",
+    "*port::send_batch*",
+];
+
+/// Whether valgrind is on the `PATH` (`scripts/bootstrap` installs it).
+pub fn available() -> bool {
+    std::process::Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs `callgrind_control <flag> <pid>`.
+fn control(pid: u32, flag: &str) -> Result<()> {
+    let out = std::process::Command::new("callgrind_control")
+        .arg(flag)
+        .arg(pid.to_string())
+        .output()
+        .context("running callgrind_control")?;
+    if !out.status.success() {
+        bail!(
+            "callgrind_control {flag} {pid} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The `totals:` line of the newest dump `<prefix>.<pid>.<n>` (n ≥ 1), waiting for it to appear.
+async fn newest_dump_total(prefix: &Path, pid: u32) -> Result<u64> {
+    let dir = prefix.parent().context("dump prefix has a directory")?;
+    let stem = format!(
+        "{}.{pid}.",
+        prefix
+            .file_name()
+            .context("dump prefix has a name")?
+            .to_string_lossy()
+    );
+    for _ in 0..200 {
+        let mut dumps: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name.strip_prefix(&stem)?.parse::<u32>().ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        dumps.sort();
+        if let Some((_, path)) = dumps.last() {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(total) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("totals:"))
+                .and_then(|t| t.trim().parse::<u64>().ok())
+            {
+                return Ok(total);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("no callgrind dump with totals for pid {pid} under {dir:?}")
+}
+
+/// Counts the fan-out's instructions per listener-packet with `listeners` receive-only listeners
+/// and the bench's talkers over `window`. `Ok(None)` without valgrind.
+pub async fn per_listener_packet(listeners: usize, window: Duration) -> Result<Option<f64>> {
+    if listeners == 0 {
+        return Ok(None);
+    }
+    if !available() {
+        eprintln!("instructions: valgrind is missing (scripts/bootstrap installs it); skipped");
+        return Ok(None);
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "chorus-callgrind-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let prefix = dir.join("callgrind.out");
+    let result = async {
+        let server = ServerProcess::start(ProcessOptions {
+            callgrind_out: Some(prefix.clone()),
+            max_participants: Some(listeners + 50),
+            ..ProcessOptions::default()
+        })
+        .await?;
+        let pid = server.pid();
+        let room = ChorusRoom {
+            server: &server,
+            room: "instructions".into(),
+        };
+        let talkers = delay::join_talkers(&room).await?;
+        let tokens = server.token_maker("instructions");
+        let mut swarm = Swarm::join(SwarmConfig::new(
+            &server.base_url,
+            "instructions",
+            listeners,
+            move |i| tokens(&format!("counted-{i}")),
+        ))
+        .await?;
+        swarm.run_for(Duration::from_secs(1)).await?;
+        control(pid, "--instr=on")?;
+        control(pid, "--zero")?;
+        let report = swarm.run_for(window).await?;
+        control(pid, "--dump")?;
+        control(pid, "--instr=off")?;
+        let total = newest_dump_total(&prefix, pid).await?;
+        let _ = swarm.leave().await;
+        super::close_all(talkers.iter().map(|b| &**b)).await;
+        let packets = report.packets_received;
+        if packets == 0 {
+            bail!("the swarm received nothing in the counted window");
+        }
+        let per_packet = total as f64 / packets as f64;
+        eprintln!(
+            "instructions: {total} in the fan-out for {packets} listener packets ({listeners} \
+             listeners): {per_packet:.0} per listener-packet"
+        );
+        Ok(Some(per_packet))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
