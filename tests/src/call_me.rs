@@ -72,12 +72,7 @@ impl CallMeRig {
         password: &str,
     ) -> Result<Self> {
         let kam = Kamailio::start()?;
-        let creds = std::env::temp_dir().join(format!(
-            "chorus-sip-creds-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&creds)?;
+        let creds = crate::unique_temp_dir("sip-creds")?;
         std::fs::write(creds.join("username"), CHORUS_USER)?;
         std::fs::write(creds.join("password"), password)?;
         let block = telephony(&kam);

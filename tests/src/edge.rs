@@ -50,12 +50,7 @@ impl BridgeProcess {
     /// Start a bridge with `options` (SIP on a free loopback port, RTP in [`RTP_PORTS`]).
     pub fn start(options: &BridgeOptions) -> Result<Self> {
         let binary = crate::mediaserver_bin()?;
-        let dir = std::env::temp_dir().join(format!(
-            "chorus-edge-bridge-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::unique_temp_dir("edge-bridge")?;
         let token_file = dir.join("token");
         std::fs::write(&token_file, &options.token)?;
         let log = std::fs::File::create(dir.join("bridge.log"))?;
@@ -242,11 +237,7 @@ impl EdgeRig {
     /// token of [`EdgeRig::bridge_options`]; the bridge asks for `register_expires` seconds.
     pub async fn start(register_expires: u32) -> Result<Self> {
         let kam = Kamailio::start()?;
-        let dir = std::env::temp_dir().join(format!(
-            "chorus-edge-rig-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let dir = crate::unique_temp_dir("edge-rig")?;
         let creds = dir.join("line");
         std::fs::create_dir_all(&creds)?;
         std::fs::write(creds.join("username"), CHORUS_USER)?;

@@ -77,7 +77,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
@@ -206,7 +206,7 @@ impl JanusServer {
 
     /// Writes the configuration into a fresh directory and starts the process.
     fn spawn(options: &JanusOptions) -> Result<JanusServer> {
-        let dir = unique_temp_dir()?;
+        let dir = crate::unique_temp_dir("janus")?;
         let spawned = JanusServer::spawn_in(options, &dir);
         if spawned.is_err() {
             // Nothing runs in it; once a server exists, its Drop cleans up instead.
@@ -377,23 +377,6 @@ fn check_installed(binary: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A new, empty directory under the system's temporary directory.
-fn unique_temp_dir() -> Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since| since.subsec_nanos())
-        .unwrap_or_default();
-    let dir = std::env::temp_dir().join(format!(
-        "chorus-janus-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    // `create_dir`, not `create_dir_all`: an existing directory is someone else's.
-    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
 }
 
 /// Writes `conf/` (janus.jcfg, the HTTP transport, the AudioBridge) and the private plugin,

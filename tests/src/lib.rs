@@ -217,6 +217,25 @@ pub fn scratch_file(dir: &Path, name: &str, contents: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A new, empty directory under the system's temporary directory, named `chorus-{what}-…`
+/// (process id, a counter and the clock's nanoseconds: never one that exists, which
+/// `create_dir` would refuse rather than share).
+pub fn unique_temp_dir(what: &str) -> Result<std::path::PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.subsec_nanos())
+        .unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!(
+        "chorus-{what}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// A UDP address of 127.0.0.1 that was free a moment ago (bound to port 0, then released), for
 /// a server or relay started next.
 pub fn free_udp_addr() -> Result<std::net::SocketAddr> {

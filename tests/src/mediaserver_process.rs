@@ -76,12 +76,7 @@ impl ServerProcess {
     /// Starts the server on fresh loopback ports and waits until `/healthz` answers.
     pub async fn start(options: ProcessOptions) -> Result<Self> {
         let binary = crate::mediaserver_bin()?;
-        let workdir = std::env::temp_dir().join(format!(
-            "chorus-bench-server-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&workdir)?;
+        let workdir = crate::unique_temp_dir("bench-server")?;
         let key = random_key();
         let key_file = workdir.join("join-key");
         std::fs::write(&key_file, &key)?;

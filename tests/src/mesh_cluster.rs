@@ -46,12 +46,7 @@ impl MeshFiles {
         top_speakers: usize,
         advertise: impl Fn(usize, SocketAddr) -> SocketAddr,
     ) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "chorus-mesh-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::unique_temp_dir("mesh")?;
         let ca_data = new_mesh_ca("e2e").map_err(|e| anyhow::anyhow!("{e}"))?;
         let ca = MeshCa::from_secret_data(&ca_data).map_err(|e| anyhow::anyhow!("{e}"))?;
         std::fs::write(dir.join("ca.crt"), &ca_data["ca.crt"].0)?;

@@ -65,7 +65,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chorus_mediaserver::media::spectrum::{goertzel_amplitude, rms_dbfs};
@@ -181,7 +181,7 @@ impl Kamailio {
         for tool in [KAMAILIO_BIN, KAMCMD_BIN, KAMAILIO_TLS_MODULE] {
             require_installed(tool, "kamailio and kamailio-tls-modules")?;
         }
-        let dir = unique_temp_dir("kamailio")?;
+        let dir = crate::unique_temp_dir("kamailio")?;
         write_certificate(&dir)?;
         Ok(Kamailio {
             child: None,
@@ -676,7 +676,7 @@ impl Baresip {
             !options.codecs.is_empty(),
             "baresip needs at least one codec"
         );
-        let dir = unique_temp_dir(&format!("baresip-{}", options.user))?;
+        let dir = crate::unique_temp_dir(&format!("baresip-{}", options.user))?;
         let mut attempt = 1;
         loop {
             match Baresip::spawn(kamailio, &options, &dir) {
@@ -1282,7 +1282,7 @@ impl Sipp {
         scenario: &str,
         options: SippOptions,
     ) -> Result<Sipp> {
-        let dir = unique_temp_dir(&format!("sipp-{user}"))?;
+        let dir = crate::unique_temp_dir(&format!("sipp-{user}"))?;
         let tone = options.tone_hz.unwrap_or(440.0);
         let (sip_port, media_port) = (free_udp_port()?, media_port(&options)?);
         let mut phone = Sipp::spawn(
@@ -1321,7 +1321,7 @@ impl Sipp {
         scenario: &str,
         options: SippOptions,
     ) -> Result<Sipp> {
-        let dir = unique_temp_dir(&format!("sipp-call-{callee}"))?;
+        let dir = crate::unique_temp_dir(&format!("sipp-call-{callee}"))?;
         let tone = options.tone_hz.unwrap_or(1000.0);
         let (sip_port, media_port) = (free_udp_port()?, media_port(&options)?);
         Sipp::spawn(
@@ -1825,22 +1825,6 @@ fn remove_run_dir(dir: &Path) {
     if !std::thread::panicking() && std::env::var_os(KEEP_ENV).is_none() {
         let _ = std::fs::remove_dir_all(dir);
     }
-}
-
-/// A new, empty directory under the system's temporary directory.
-fn unique_temp_dir(what: &str) -> Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since| since.subsec_nanos())
-        .unwrap_or_default();
-    let dir = std::env::temp_dir().join(format!(
-        "chorus-{what}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
 }
 
 /// A port of 127.0.0.1 free for UDP, as a moment ago.

@@ -101,12 +101,7 @@ pub async fn per_listener_packet(listeners: usize, window: Duration) -> Result<O
         eprintln!("instructions: valgrind is missing (scripts/bootstrap installs it); skipped");
         return Ok(None);
     }
-    let dir = std::env::temp_dir().join(format!(
-        "chorus-callgrind-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir)?;
+    let dir = crate::unique_temp_dir("callgrind")?;
     let prefix = dir.join("callgrind.out");
     let result = async {
         let server = ServerProcess::start(ProcessOptions {
