@@ -31,6 +31,9 @@ pub const COLLECTED: [&str; 3] = [
     "*port::send_batch*",
 ];
 
+/// Set (to anything) to keep callgrind's dumps for `callgrind_annotate`.
+pub const KEEP_ENV: &str = "CHORUS_BENCH_KEEP_CALLGRIND";
+
 /// Whether valgrind is on the `PATH` (`scripts/bootstrap` installs it).
 pub fn available() -> bool {
     std::process::Command::new("valgrind")
@@ -145,6 +148,10 @@ pub async fn per_listener_packet(listeners: usize, window: Duration) -> Result<O
         Ok(Some(per_packet))
     }
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os(KEEP_ENV).is_some() {
+        eprintln!("instructions: callgrind's dumps kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
 }
