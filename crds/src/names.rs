@@ -149,6 +149,8 @@ pub mod env {
     pub const UDP_PORT: &str = "CHORUS_UDP_PORT";
     /// Participants one server accepts.
     pub const MAX_PARTICIPANTS: &str = "CHORUS_MAX_PARTICIPANTS";
+    /// Threads that share a large room's listener fan-out (0: one per core).
+    pub const FAN_OUT_WORKERS: &str = "CHORUS_FAN_OUT_WORKERS";
     /// The join-token HMAC key (from its Secret).
     pub const JOIN_KEY: &str = "CHORUS_JOIN_KEY";
     /// The directory holding the SIP credentials as the files `username` and `password` (the

@@ -148,8 +148,10 @@ impl From<JoinError> for ApiError {
                 // The offer parsed but WebRTC could not answer it: the offer's content is at fault.
                 Ep::Negotiation(_) => StatusCode::UNPROCESSABLE_ENTITY,
                 // Full or shutting down: another server (or a retry) can take the participant.
-                Ep::TooManyPeers(_) | Ep::PortClosed => StatusCode::SERVICE_UNAVAILABLE,
-                Ep::Socket(_) | Ep::PeerClosed(_) | Ep::SendQueueFull => {
+                Ep::TooManyPeers(_) | Ep::PortClosed | Ep::Overloaded { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                Ep::Socket(_) | Ep::Workers(_) | Ep::PeerClosed(_) | Ep::SendQueueFull => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             },

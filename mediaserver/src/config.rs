@@ -68,6 +68,12 @@ pub struct Config {
     pub join_key: Vec<u8>,
     /// Participants this server accepts, over all rooms.
     pub max_participants: usize,
+    /// Threads that seal and send a large room's frame to its listeners; 0: one per core this
+    /// process may use (its CPU affinity and cgroup quota).
+    pub fan_out_workers: usize,
+    /// A room frame going to at least this many participants is split across the fan-out
+    /// workers; smaller fan-outs are sent by the port's own thread.
+    pub parallel_fan_out_min: usize,
     /// Rooms this server hosts at once.
     pub max_rooms: usize,
     /// Participants one room accepts.
@@ -106,6 +112,9 @@ pub struct Config {
     pub edge_token_file: Option<PathBuf>,
 }
 
+/// Most fan-out workers a server starts.
+pub const MAX_FAN_OUT_WORKERS: usize = 64;
+
 /// Where a server reads its mesh plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MeshSource {
@@ -131,6 +140,8 @@ impl std::fmt::Debug for Config {
             .field("conference", &self.conference)
             .field("join_key", &"<redacted>")
             .field("max_participants", &self.max_participants)
+            .field("fan_out_workers", &self.fan_out_workers)
+            .field("parallel_fan_out_min", &self.parallel_fan_out_min)
             .field("max_rooms", &self.max_rooms)
             .field("max_room_participants", &self.max_room_participants)
             .field("frame_ms", &self.frame_ms)
@@ -165,6 +176,8 @@ impl Default for Config {
             conference: "local".to_owned(),
             join_key: Vec::new(),
             max_participants: 500,
+            fan_out_workers: 0,
+            parallel_fan_out_min: 256,
             max_rooms: 100,
             max_room_participants: 500,
             frame_ms: mixing.frame_ms,
@@ -206,6 +219,10 @@ pub struct Layer {
     pub join_key_file: Option<PathBuf>,
     /// See [`Config::max_participants`].
     pub max_participants: Option<usize>,
+    /// See [`Config::fan_out_workers`].
+    pub fan_out_workers: Option<usize>,
+    /// See [`Config::parallel_fan_out_min`].
+    pub parallel_fan_out_min: Option<usize>,
     /// See [`Config::max_rooms`].
     pub max_rooms: Option<usize>,
     /// See [`Config::max_room_participants`].
@@ -290,6 +307,7 @@ impl Layer {
             public_address: parse(&get, env::PUBLIC_ADDRESS)?,
             udp_addr: udp_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
             max_participants: parse(&get, env::MAX_PARTICIPANTS)?,
+            fan_out_workers: parse(&get, env::FAN_OUT_WORKERS)?,
             sip_addr: sip_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
             sip_credentials_dir: get(env::SIP_CREDENTIALS_DIR).map(PathBuf::from),
             sip_ca_file: get(env::SIP_CA_FILE).map(PathBuf::from),
@@ -316,6 +334,8 @@ impl Config {
             region,
             conference,
             max_participants,
+            fan_out_workers,
+            parallel_fan_out_min,
             max_rooms,
             max_room_participants,
             frame_ms,
@@ -408,6 +428,21 @@ impl Config {
                 return invalid(setting, format!("{v} is not in 1..=100000"));
             }
         }
+        if self.fan_out_workers > MAX_FAN_OUT_WORKERS {
+            return invalid(
+                "fan-out-workers",
+                format!(
+                    "{} is not in 0..={MAX_FAN_OUT_WORKERS} (0: one per core)",
+                    self.fan_out_workers
+                ),
+            );
+        }
+        if !(2..=100_000).contains(&self.parallel_fan_out_min) {
+            return invalid(
+                "parallel-fan-out-min",
+                format!("{} is not in 2..=100000", self.parallel_fan_out_min),
+            );
+        }
         for (setting, v) in [
             ("server-id", &self.server_id),
             ("region", &self.region),
@@ -418,6 +453,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How many fan-out workers to start: [`Config::fan_out_workers`], or with 0 one per core
+    /// this process may use.
+    pub fn fan_out_threads(&self) -> usize {
+        match self.fan_out_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .min(MAX_FAN_OUT_WORKERS)
     }
 
     /// The mixing settings of a server running alone, from its flags. In a mesh the plan's

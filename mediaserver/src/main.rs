@@ -131,6 +131,12 @@ struct ServeArgs {
     /// Participants one room accepts.
     #[arg(long)]
     max_room_participants: Option<usize>,
+    /// Threads that seal and send a large room's frame to its listeners (0: one per core).
+    #[arg(long)]
+    fan_out_workers: Option<usize>,
+    /// Fan-outs to at least this many participants are split across the fan-out workers.
+    #[arg(long)]
+    parallel_fan_out_min: Option<usize>,
     /// Length of the top list.
     #[arg(long)]
     top_speakers: Option<usize>,
@@ -350,6 +356,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         join_key_file: args.join_key_file,
         max_participants: args.max_participants,
         max_room_participants: args.max_room_participants,
+        fan_out_workers: args.fan_out_workers,
+        parallel_fan_out_min: args.parallel_fan_out_min,
         top_speakers: args.top_speakers,
         frame_ms: args.frame_ms,
         low_delay: args.low_delay.then_some(true),

@@ -226,6 +226,8 @@ pub struct PortCollector {
     frames: IntCounterVec,
     peers: IntGauge,
     listeners: IntGauge,
+    lane_frames: IntCounter,
+    busy: prometheus::Gauge,
 }
 
 impl PortCollector {
@@ -258,6 +260,16 @@ impl PortCollector {
                 "Receive-only peers on the media port's own listener transport (a subset of chorus_media_peers).",
             )
             .expect("static metric definition is valid"),
+            lane_frames: IntCounter::new(
+                "chorus_media_lane_frames_total",
+                "Opus frames to listeners sealed and sent by the fan-out workers' lanes, a large room's frame split across threads (a subset of chorus_media_frames_total{direction=\"out\"}).",
+            )
+            .expect("static metric definition is valid"),
+            busy: prometheus::Gauge::new(
+                "chorus_media_port_busy_ratio",
+                "Share of the time the media port's task spends working rather than waiting (smoothed over about a second); above its limit (0.9) new participants are refused.",
+            )
+            .expect("static metric definition is valid"),
         }
     }
 }
@@ -274,6 +286,8 @@ impl prometheus::core::Collector for PortCollector {
         d.extend(self.frames.desc());
         d.extend(self.peers.desc());
         d.extend(self.listeners.desc());
+        d.extend(self.lane_frames.desc());
+        d.extend(self.busy.desc());
         d
     }
 
@@ -303,6 +317,8 @@ impl prometheus::core::Collector for PortCollector {
         );
         catch_up(&self.frames.with_label_values(&["in"]), s.inbound_frames);
         catch_up(&self.frames.with_label_values(&["out"]), s.outbound_frames);
+        catch_up(&self.lane_frames, s.lane_frames);
+        self.busy.set(s.busy_permille as f64 / 1000.0);
         self.peers.set(i64::try_from(s.peers).unwrap_or(i64::MAX));
         self.listeners
             .set(i64::try_from(s.listeners).unwrap_or(i64::MAX));
@@ -311,6 +327,8 @@ impl prometheus::core::Collector for PortCollector {
         m.extend(self.frames.collect());
         m.extend(self.peers.collect());
         m.extend(self.listeners.collect());
+        m.extend(self.lane_frames.collect());
+        m.extend(self.busy.collect());
         m
     }
 }

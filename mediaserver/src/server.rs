@@ -129,6 +129,8 @@ pub async fn start(
     // bound, 4096, would cap a server configured for more listeners).
     let mut port_config = crate::endpoint::PortConfig::new(config.public_address);
     port_config.max_peers = port_config.max_peers.max(config.max_participants);
+    port_config.fan_out_workers = config.fan_out_threads();
+    port_config.parallel_fan_out_min = config.parallel_fan_out_min;
     let port = Arc::new(MediaPort::start_with(udp, port_config, shutdown.clone())?);
     metrics
         .register(Box::new(crate::metrics::PortCollector::new(port.clone())))

@@ -996,6 +996,54 @@ async fn a_peer_that_never_connects_is_removed() {
     client.close().await;
 }
 
+/// A port whose task is busier than its limit refuses newcomers with a clear error, and keeps
+/// the participant it has. The limit is 0 here, so any work at all makes the port "overloaded".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_port_refuses_newcomers_and_keeps_who_it_has() {
+    let (port, shutdown) = start_port(|config| config.overload_busy = 0.0);
+    let (mut first, _track) = TestClient::new().await;
+    let offer = first.offer().await;
+    // Idle until now: the first participant is taken.
+    let (_answer, handle) = port.accept(&offer).await.expect("an idle port accepts");
+    // Give the port's task work for a few of its load windows (each datagram is read, checked
+    // and dropped as malformed).
+    let poke = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..20 {
+        poke.send_to(&[0xff; 32], port.local_addr()).unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        port.busy() > 0.0,
+        "the port's task did work: {}",
+        port.busy()
+    );
+    assert!(port.stats().busy_permille <= 1000);
+    let (mut second, _track) = TestClient::new().await;
+    let offer = second.offer().await;
+    let err = port
+        .accept(&offer)
+        .await
+        .expect_err("an overloaded port refuses newcomers");
+    assert!(
+        matches!(
+            err,
+            EndpointError::Overloaded {
+                limit_percent: 0,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.category(), "overloaded");
+    assert!(err.to_string().contains("overloaded"), "{err}");
+    // The participant already in is untouched.
+    assert_eq!(port.stats().peers, 1);
+    assert!(!handle.state.borrow().is_terminal());
+    shutdown.cancel();
+    first.close().await;
+    second.close().await;
+}
+
 /// Sanity check of the test's own signal helpers.
 #[test]
 fn goertzel_finds_a_tone_and_level_matches_rms() {

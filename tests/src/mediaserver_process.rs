@@ -22,6 +22,14 @@ use crate::mesh_cluster::MeshFiles;
 pub struct ProcessOptions {
     /// Pin the server to this CPU (`taskset -c`).
     pub cpu: Option<usize>,
+    /// Pin the server to these CPUs (a `taskset -c` list such as "0-1") when `cpu` is `None`.
+    pub cpu_set: Option<String>,
+    /// Fan-out workers (`--fan-out-workers`; the server's default, one per core it may use,
+    /// when `None`).
+    pub fan_out_workers: Option<usize>,
+    /// Split fan-outs to at least this many participants across the workers
+    /// (`--parallel-fan-out-min`).
+    pub parallel_fan_out_min: Option<usize>,
     /// Participants the server and one room accept (the defaults are lower than a capacity run).
     pub max_participants: Option<usize>,
     /// Place phone calls: the server runs as the one node of a mesh plan (file, CA and
@@ -97,8 +105,12 @@ impl ServerProcess {
         let max = options.max_participants.unwrap_or(500).to_string();
         // taskset and valgrind each exec the next: the child's pid stays the server's.
         let mut launcher: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(cpu) = options.cpu {
-            launcher.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
+        if let Some(cpus) = options
+            .cpu
+            .map(|c| c.to_string())
+            .or(options.cpu_set.clone())
+        {
+            launcher.extend(["taskset".into(), "-c".into(), cpus.into()]);
         }
         if let Some(out) = &options.callgrind_out {
             launcher.extend(["valgrind".into(), "--tool=callgrind".into()]);
@@ -137,6 +149,12 @@ impl ServerProcess {
         }
         if let Some(frame_ms) = options.frame_ms {
             command.args(["--frame-ms", &frame_ms.to_string()]);
+        }
+        if let Some(workers) = options.fan_out_workers {
+            command.args(["--fan-out-workers", &workers.to_string()]);
+        }
+        if let Some(min) = options.parallel_fan_out_min {
+            command.args(["--parallel-fan-out-min", &min.to_string()]);
         }
         if let (Some(files), Some(t)) = (&mesh, &options.telephony) {
             let slot = &files.slots[0];

@@ -29,6 +29,18 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
         assert!(!c.steps.is_empty(), "{system}: no capacity step: {c:?}");
         assert!(c.steps[0].server_cpu > 0.0, "{system}: {c:?}");
     }
+    // The two-worker scaling ramps ran (the machine has 2 CPUs), and no sampled payload of
+    // either was bad. That lanes carry the frames is `tests/swarm.rs`'s to show.
+    for system in ["chorus_scaling_1_worker", "chorus_scaling_2_workers"] {
+        let c = run
+            .listener_capacity
+            .get(system)
+            .unwrap_or_else(|| panic!("{system} missing: {:?}", run.listener_capacity.keys()));
+        assert!(
+            !c.steps.is_empty() && c.steps.iter().all(|s| s.samples_bad == 0),
+            "{system}: {c:?}"
+        );
+    }
     assert!(
         run.cross_server.cross_server.n >= 1,
         "{:?}",

@@ -10,7 +10,10 @@
 //! reference stream, decoded with libopus, is the talker's 440 Hz tone, well above every other
 //! frequency probed.
 //!
-//! A second test has sendrecv listeners stream Opus silence upstream (as browsers with an
+//! The same test runs with three fan-out workers, so the room's frame is cut into lanes sealed
+//! and sent on three threads.
+//!
+//! A further test has sendrecv listeners stream Opus silence upstream (as browsers with an
 //! unmuted microphone do): they still receive everything, and the server counts their packets.
 
 use std::collections::BTreeSet;
@@ -80,8 +83,25 @@ fn check_offsets(report: &SwarmReport) -> Result<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
+    swarm_hears_the_talker(1).await
+}
+
+/// The same with the room's frame cut into three lanes of ten listeners, each sealed and sent
+/// by its own thread (`fan_out.rs`): every listener still gets every frame under its own keys,
+/// in the room's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_served_by_three_fan_out_workers_hears_the_talker() -> Result<()> {
+    swarm_hears_the_talker(3).await
+}
+
+async fn swarm_hears_the_talker(fan_out_workers: usize) -> Result<()> {
     let _serial = heavy_test_guard().await;
-    let server = MediaServer::start(|_| {}).await?;
+    let server = MediaServer::start(|config| {
+        config.fan_out_workers = fan_out_workers;
+        // Small enough that this room's fan-out is split whenever there is more than one worker.
+        config.parallel_fan_out_min = 2;
+    })
+    .await?;
     let frame_ms = chorus_mediaserver::media::MixerConfig::default().frame_ms;
     let talker = server
         .join_bot(
@@ -114,6 +134,16 @@ async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
         Some(LISTENERS as f64),
         "chorus_media_listeners"
     );
+    // The lanes sealed the listeners' frames exactly when there was more than one worker.
+    let lane_frames = metric(&server.metrics(), "chorus_media_lane_frames_total").unwrap_or(0.0);
+    if fan_out_workers > 1 {
+        assert!(
+            lane_frames >= (LISTENERS as f64) * 50.0,
+            "only {lane_frames} frames went through the lanes"
+        );
+    } else {
+        assert_eq!(lane_frames, 0.0, "a single worker has no lanes");
+    }
     println!("swarm: {}", report.summary());
     let slowest = report.listeners.iter().max_by_key(|l| l.join.dtls);
     println!(

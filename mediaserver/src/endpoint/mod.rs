@@ -20,6 +20,10 @@
 //!   whose SRTP context we own, so a listener's frame is sealed and batched without `rtc`'s
 //!   per-peer pipeline.
 //! - Outgoing datagrams leave in `sendmmsg` batches.
+//! - `load.rs`: how busy the port's task is; above [`PortConfig::overload_busy`] new
+//!   participants are refused with a clear error, so those already in keep being served.
+//! - `fan_out.rs`: with [`PortConfig::fan_out_workers`] above one, a large room's listeners are
+//!   cut into contiguous lanes, each sealed and sent on its own thread from the same socket.
 //!
 //! Invariants:
 //! - Nothing received from the network can panic this module or reach another participant's
@@ -29,8 +33,10 @@
 //! - Sending audio never blocks the caller: [`PeerSender::send_opus`] queues or fails at once.
 
 mod demux;
+mod fan_out;
 mod gcm_seal;
 mod listener;
+mod load;
 mod offer;
 mod packed;
 mod port;
@@ -127,6 +133,20 @@ pub enum EndpointError {
     /// The port's command queue is full; the frame was dropped (the caller must not wait).
     #[error("the media port's send queue is full; frame dropped")]
     SendQueueFull,
+    /// The port's task is too busy to take another participant now: it would answer everyone's
+    /// consent checks late. Another server, or a retry later, can take the participant.
+    #[error(
+        "the media server is overloaded (its media task is busy {busy_percent} % of the time; new participants are refused above {limit_percent} %); try another server or retry later"
+    )]
+    Overloaded {
+        /// How busy the port's task is, percent.
+        busy_percent: u32,
+        /// The limit, percent.
+        limit_percent: u32,
+    },
+    /// The port's fan-out worker threads could not be started.
+    #[error("cannot start the media port's fan-out workers: {0}")]
+    Workers(#[source] rayon::ThreadPoolBuildError),
 }
 
 impl EndpointError {
@@ -141,6 +161,8 @@ impl EndpointError {
             EndpointError::TooManyPeers(_) => "capacity",
             EndpointError::PeerClosed(_) => "peer_closed",
             EndpointError::SendQueueFull => "backpressure",
+            EndpointError::Workers(_) => "workers",
+            EndpointError::Overloaded { .. } => "overloaded",
         }
     }
 }

@@ -37,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::demux::{Datagram, classify, is_binding_success};
+use super::fan_out::FanOutWorkers;
+use super::load::LoadMeter;
 use super::packed::PackedDatagrams;
 use super::session::{Session, SessionChannels};
 use super::{AudioSink, EndpointError, InboundAudio, PeerState};
@@ -46,9 +48,12 @@ pub(crate) const MAX_ADDRS_PER_PEER: usize = 8;
 /// Largest datagram read; bigger ones are truncated by the OS and then fail their checks.
 const RECEIVE_BUFFER: usize = 2048;
 /// Datagrams read per wake-up before looking at commands and timers again.
-const RECEIVE_BATCH: usize = 64;
+const RECEIVE_BATCH: usize = 256;
 /// Commands handled per wake-up before looking at the socket again.
 const COMMAND_BATCH: usize = 256;
+/// Time spent on commands per wake-up before looking at the socket again (one large room's
+/// fan-out may take longer on its own; the next waits).
+const COMMAND_BUDGET: Duration = Duration::from_millis(2);
 /// The soonest a session's timer may fire after it is armed.
 const MIN_TIMER_DELAY: Duration = Duration::from_millis(1);
 
@@ -68,6 +73,15 @@ pub struct PortConfig {
     pub inbound_queue: usize,
     /// Commands (mostly outbound frames, all participants together) buffered for the task.
     pub command_queue: usize,
+    /// Threads that seal and send a large room's listener fan-out, the port's own included:
+    /// 1 keeps everything on the port's task. See `fan_out.rs`.
+    pub fan_out_workers: usize,
+    /// Fan-outs to at least this many participants are split across the workers; smaller ones
+    /// are not worth waking a thread for.
+    pub parallel_fan_out_min: usize,
+    /// New participants are refused ([`EndpointError::Overloaded`]) while the port's task is
+    /// busy more than this share of the time (`load.rs`); 1.0 or more never refuses.
+    pub overload_busy: f64,
 }
 
 impl PortConfig {
@@ -80,6 +94,9 @@ impl PortConfig {
             connect_timeout: Duration::from_secs(30),
             inbound_queue: 256,
             command_queue: 16 * 1024,
+            fan_out_workers: 1,
+            parallel_fan_out_min: 256,
+            overload_busy: 0.9,
         }
     }
 }
@@ -112,6 +129,10 @@ pub struct PortStats {
     pub peers: u64,
     /// Of those, receive-only participants on Chorus's own listener transport.
     pub listeners: u64,
+    /// Of `outbound_frames`, those sealed and sent by the fan-out workers' lanes.
+    pub lane_frames: u64,
+    /// How busy the port's task is, in thousandths of the time (`load.rs`).
+    pub busy_permille: u64,
 }
 
 /// Shared counters, written by the task and read by [`MediaPort::stats`].
@@ -128,6 +149,10 @@ struct Counters {
     send_errors: AtomicU64,
     peers: AtomicU64,
     listeners: AtomicU64,
+    lane_frames: AtomicU64,
+    /// The task's last published busy share (an `f64`'s bits), and when (ms after `epoch`).
+    busy_share: AtomicU64,
+    busy_published_ms: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -181,6 +206,8 @@ pub struct MediaPort {
     commands: mpsc::Sender<Command>,
     counters: Arc<Counters>,
     next_peer_id: AtomicU64,
+    /// When the task started: the origin of `Counters::busy_published_ms`.
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for Command {
@@ -333,6 +360,11 @@ impl MediaPort {
         );
         let (commands, command_rx) = mpsc::channel(config.command_queue.max(1));
         let counters = Arc::new(Counters::default());
+        let epoch = Instant::now();
+        let workers = match config.fan_out_workers {
+            0 | 1 => None,
+            n => Some(FanOutWorkers::new(n).map_err(EndpointError::Workers)?),
+        };
         let driver = Driver {
             socket,
             candidate_addr,
@@ -346,6 +378,10 @@ impl MediaPort {
             counters: Arc::clone(&counters),
             outgoing: Vec::new(),
             packed: PackedDatagrams::default(),
+            workers,
+            fan_out_positions: None,
+            load: LoadMeter::new(epoch),
+            epoch,
         };
         let runtime = tokio::runtime::Handle::try_current().map_err(|err| {
             EndpointError::Socket(std::io::Error::other(format!(
@@ -353,7 +389,7 @@ impl MediaPort {
             )))
         })?;
         runtime.spawn(driver.run(shutdown));
-        info!(%local_addr, %candidate_addr, "media port started");
+        info!(%local_addr, %candidate_addr, fan_out_workers = config.fan_out_workers.max(1), "media port started");
         Ok(MediaPort {
             local_addr,
             candidate_addr,
@@ -361,6 +397,7 @@ impl MediaPort {
             commands,
             counters,
             next_peer_id: AtomicU64::new(1),
+            epoch,
         })
     }
 
@@ -417,6 +454,13 @@ impl MediaPort {
     ) -> Result<(String, PeerLink, Option<mpsc::Receiver<InboundAudio>>), EndpointError> {
         if self.commands.is_closed() {
             return Err(EndpointError::PortClosed);
+        }
+        let busy = self.busy();
+        if busy > self.config.overload_busy {
+            return Err(EndpointError::Overloaded {
+                busy_percent: (busy * 100.0).round() as u32,
+                limit_percent: (self.config.overload_busy * 100.0).round() as u32,
+            });
         }
         let id = self.next_peer_id.fetch_add(1, Ordering::Relaxed);
         let (session, answer, channels) = Session::answer(
@@ -502,6 +546,21 @@ impl MediaPort {
         close_peer(&self.commands, peer);
     }
 
+    /// How busy the port's task is: the share of the last fraction of a second it spent
+    /// working, 0..=1 (`load.rs`). A task that published nothing for a while counts as idle.
+    pub fn busy(&self) -> f64 {
+        let published = self.counters.busy_published_ms.load(Ordering::Relaxed);
+        let estimate = f64::from_bits(self.counters.busy_share.load(Ordering::Relaxed));
+        let since = self
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(published));
+        super::load::decay(
+            estimate,
+            since.as_secs_f64() / super::load::WINDOW.as_secs_f64(),
+        )
+    }
+
     /// A snapshot of the port's counters.
     pub fn stats(&self) -> PortStats {
         let c = &self.counters;
@@ -518,6 +577,8 @@ impl MediaPort {
             send_errors: load(&c.send_errors),
             peers: load(&c.peers),
             listeners: load(&c.listeners),
+            lane_frames: load(&c.lane_frames),
+            busy_permille: (self.busy() * 1000.0).round() as u64,
         }
     }
 }
@@ -588,10 +649,14 @@ const SEND_BATCH: usize = 256;
 /// the bench counts both by name (callgrind's `--toggle-collect`).
 #[inline(never)]
 fn pending_datagrams<'a>(
+    workers: Option<&'a FanOutWorkers>,
     packed: &'a PackedDatagrams,
     outgoing: &'a [(SocketAddr, BytesMut)],
 ) -> Vec<(SocketAddr, &'a [u8])> {
     let mut pending = Vec::with_capacity(packed.len() + outgoing.len());
+    if let Some(workers) = workers {
+        pending.extend(workers.pending());
+    }
     pending.extend(packed.iter());
     pending.extend(outgoing.iter().map(|(to, d)| (*to, &d[..])));
     pending
@@ -599,7 +664,10 @@ fn pending_datagrams<'a>(
 
 /// Sends `batch` with one `sendmmsg` call; returns how many the kernel took.
 #[inline(never)]
-fn send_batch(socket: &UdpSocket, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
+pub(super) fn send_batch(
+    socket: &UdpSocket,
+    batch: &[(SocketAddr, &[u8])],
+) -> std::io::Result<usize> {
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
     use std::io::IoSlice;
     use std::os::fd::AsRawFd;
@@ -645,7 +713,19 @@ struct Driver {
     outgoing: Vec<(SocketAddr, BytesMut)>,
     /// Listeners' media produced since the last flush, packed in one buffer.
     packed: PackedDatagrams,
+    /// Threads that share a large fan-out (`None`: one worker, this task).
+    workers: Option<FanOutWorkers>,
+    /// The last large fan-out's list and each peer's place in it: a room sends the same list
+    /// (the same `Arc`) tick after tick until its membership changes.
+    fan_out_positions: Option<(Arc<[u64]>, PeerPositions)>,
+    /// How busy this task is, published to `counters` at the end of each window.
+    load: LoadMeter,
+    /// The origin of `Counters::busy_published_ms`.
+    epoch: Instant,
 }
+
+/// Each peer's place in one fan-out list.
+type PeerPositions = FxHashMap<u64, usize>;
 
 impl Driver {
     async fn run(mut self, shutdown: CancellationToken) {
@@ -658,9 +738,12 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            // When the work of this turn began (the wait before it is idle time).
+            let woke;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 readable = self.socket.readable() => {
+                    woke = Instant::now();
                     if let Err(err) = readable {
                         warn!(%err, "media socket failed; stopping the port");
                         break;
@@ -668,18 +751,38 @@ impl Driver {
                     self.receive_batch(&mut buffer);
                 }
                 command = self.commands.recv() => {
+                    woke = Instant::now();
                     let Some(command) = command else { break };
+                    let started = woke;
                     self.handle_command(command);
                     for _ in 1..COMMAND_BATCH {
+                        // A backlog of large fan-outs must not starve the socket: consent checks
+                        // wait in its buffer, and a listener whose checks go unanswered for 30 s
+                        // is let go. Past the budget the socket gets its turn; frames wait in
+                        // the queue, and a full queue drops new frames, never a participant.
+                        if started.elapsed() >= COMMAND_BUDGET {
+                            break;
+                        }
                         match self.commands.try_recv() {
                             Ok(command) => self.handle_command(command),
                             Err(_) => break,
                         }
                     }
                 }
-                () = sleep => self.handle_timers(),
+                () = sleep => {
+                    woke = Instant::now();
+                    self.handle_timers();
+                }
             }
             self.flush().await;
+            let now = Instant::now();
+            if let Some(busy) = self.load.record(now - woke, now) {
+                let at = now.saturating_duration_since(self.epoch).as_millis() as u64;
+                self.counters
+                    .busy_share
+                    .store(busy.to_bits(), Ordering::Relaxed);
+                self.counters.busy_published_ms.store(at, Ordering::Relaxed);
+            }
         }
         self.shutdown().await;
     }
@@ -829,8 +932,69 @@ impl Driver {
     /// The room's shared frame to each of `peers`. Never inlined: the bench counts this
     /// function's instructions by name (callgrind's `--toggle-collect`).
     #[inline(never)]
-    fn fan_out(&mut self, peers: &[u64], payload: &Bytes, samples: u32, now: Instant) {
-        for &peer in peers {
+    fn fan_out(&mut self, peers: &Arc<[u64]>, payload: &Bytes, samples: u32, now: Instant) {
+        if self.workers.is_some() && peers.len() >= self.config.parallel_fan_out_min.max(2) {
+            self.fan_out_in_lanes(peers, payload, samples, now);
+            return;
+        }
+        for &peer in peers.iter() {
+            self.send_opus(peer, payload, samples, now);
+        }
+    }
+
+    /// [`Driver::fan_out`] across the workers: the listeners among `peers`, in their order, are
+    /// cut into lanes (`fan_out.rs`); peers carried by `rtc` follow here, one by one.
+    fn fan_out_in_lanes(
+        &mut self,
+        peers: &Arc<[u64]>,
+        payload: &Bytes,
+        samples: u32,
+        now: Instant,
+    ) {
+        let Driver {
+            sessions,
+            workers,
+            fan_out_positions,
+            socket,
+            counters,
+            ..
+        } = self;
+        let Some(workers) = workers.as_mut() else {
+            return;
+        };
+        let positions = match fan_out_positions {
+            Some((list, positions)) if Arc::ptr_eq(list, peers) => positions,
+            _ => {
+                let positions = peers.iter().enumerate().map(|(i, &p)| (p, i)).collect();
+                &mut fan_out_positions.insert((Arc::clone(peers), positions)).1
+            }
+        };
+        let mut listeners: Vec<Option<&mut Session>> = Vec::with_capacity(peers.len());
+        listeners.resize_with(peers.len(), || None);
+        let mut others = Vec::new();
+        for session in sessions.values_mut() {
+            let Some(&at) = positions.get(&session.id) else {
+                continue;
+            };
+            if session.is_listener() {
+                listeners[at] = Some(session);
+            } else {
+                others.push(session.id);
+            }
+        }
+        // Peers that are not on the port count as dropped in the lanes (their slot is `None`),
+        // as in `send_opus`; so do `rtc` peers' slots, which are sent below instead.
+        let counts = workers.fan_out(&mut listeners, socket, payload, samples, now);
+        drop(listeners);
+        bump(&counters.outbound_frames, counts.sealed);
+        bump(&counters.lane_frames, counts.sealed);
+        bump(
+            &counters.outbound_dropped,
+            counts.dropped.saturating_sub(others.len() as u64),
+        );
+        bump(&counters.datagrams_out, counts.sent);
+        bump(&counters.send_errors, counts.send_errors);
+        for peer in others {
             self.send_opus(peer, payload, samples, now);
         }
     }
@@ -966,8 +1130,9 @@ impl Driver {
     async fn flush(&mut self) {
         let outgoing = std::mem::take(&mut self.outgoing);
         let packed = std::mem::take(&mut self.packed);
+        let workers = self.workers.take();
         {
-            let pending = pending_datagrams(&packed, &outgoing);
+            let pending = pending_datagrams(workers.as_ref(), &packed, &outgoing);
             let mut start = 0;
             while start < pending.len() {
                 let end = pending.len().min(start + SEND_BATCH);
@@ -1007,6 +1172,10 @@ impl Driver {
         self.outgoing.clear();
         self.packed = packed;
         self.packed.clear();
+        self.workers = workers;
+        if let Some(workers) = &mut self.workers {
+            workers.clear();
+        }
     }
 
     async fn shutdown(&mut self) {

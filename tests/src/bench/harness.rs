@@ -53,6 +53,11 @@ pub struct Plan {
     pub listener_steps_janus: Vec<usize>,
     /// Listeners in the callgrind count of instructions per listener-packet; 0 skips it.
     pub instruction_listeners: usize,
+    /// Steps of the two-worker scaling ramps (one worker, then two, on the same two CPUs);
+    /// empty skips them.
+    pub scaling_steps: Vec<usize>,
+    /// The scaling servers split fan-outs to at least this many listeners across workers.
+    pub scaling_parallel_min: usize,
     /// One-way link delay for the cross-server scenario, ms.
     pub link_ms: u32,
     /// Onsets in the cross-server scenario.
@@ -90,6 +95,8 @@ impl Plan {
             listener_steps_streaming_max: 2000,
             listener_steps_janus: vec![10, 20, 30, 40, 50, 60, 80, 100],
             instruction_listeners: 100,
+            scaling_steps: vec![500, 1000, 2000],
+            scaling_parallel_min: 256,
             link_ms: 40,
             cross_rounds: 20,
             codec_sizes: vec![10, 100, 1000],
@@ -122,6 +129,9 @@ impl Plan {
             listener_steps_janus: vec![5, 10],
             // valgrind's start-up alone would double the smoke's time; the bench runs it.
             instruction_listeners: 0,
+            scaling_steps: vec![10, 20],
+            // Small enough that the smoke's rooms are split too.
+            scaling_parallel_min: 2,
             link_ms: 20,
             cross_rounds: 2,
             codec_sizes: vec![10, 30],
@@ -183,9 +193,35 @@ fn pin_self(cpus: &str) -> Result<()> {
     Ok(())
 }
 
+/// Every online CPU of the machine, as a `taskset` list. Not `available_parallelism`: that
+/// honours this process's affinity, so once pinned the process would count only the CPUs it
+/// was pinned to, and "unpinning" would pin it to CPU 0 — where the measured server runs.
 fn all_cpus() -> String {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("0-{}", n.saturating_sub(1))
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .map(|list| list.trim().to_owned())
+        .ok()
+        .filter(|list| !list.is_empty())
+        .unwrap_or_else(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            format!("0-{}", n.saturating_sub(1))
+        })
+}
+
+/// The CPUs of a `taskset` list such as "0-3,6,8-9"; malformed parts are skipped.
+fn parse_cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .flat_map(|part| -> Vec<usize> {
+            let mut ends = part
+                .trim()
+                .splitn(2, '-')
+                .map(|n| n.trim().parse::<usize>());
+            match (ends.next(), ends.next()) {
+                (Some(Ok(first)), None) => vec![first],
+                (Some(Ok(first)), Some(Ok(last))) if first <= last => (first..=last).collect(),
+                _ => Vec::new(),
+            }
+        })
+        .collect()
 }
 
 /// While alive, every thread of this process stays off `server_cpu` (the CPU a pinned server
@@ -194,8 +230,8 @@ struct AwayFrom;
 
 impl AwayFrom {
     fn cpu(server_cpu: usize) -> Result<AwayFrom> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let others: Vec<String> = (0..cpus)
+        let others: Vec<String> = parse_cpu_list(&all_cpus())
+            .into_iter()
             .filter(|c| *c != server_cpu)
             .map(|c| c.to_string())
             .collect();
@@ -278,6 +314,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         let server = ServerProcess::start(ProcessOptions {
             cpu: Some(plan.capacity_cpu),
             max_participants: Some(largest + 50),
+            fan_out_workers: Some(1),
             ..ProcessOptions::default()
         })
         .await?;
@@ -291,6 +328,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
             steps: plan.listener_steps.clone(),
             window: plan.listener_window,
             sample_every: plan.listener_sample_every,
+            server_cpus: 1.0,
         };
         // Receive-only listeners: Chorus's own listener transport.
         let t = tokens.clone();
@@ -373,6 +411,61 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         )
         .await?;
         out.insert("janus".to_owned(), c);
+        super::close_all(talkers.iter().map(|b| &**b)).await;
+    }
+    out.extend(worker_scaling(plan).await?);
+    Ok(out)
+}
+
+/// The two-worker scaling ramps: the same swarm (still off `plan.capacity_cpu`) against a
+/// server on every CPU, with one fan-out worker and then two. Keys `chorus_scaling_1_worker`
+/// and `chorus_scaling_2_workers`; nothing when the plan has no scaling steps or the machine
+/// one CPU.
+async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity>> {
+    let mut out = BTreeMap::new();
+    let cpus = parse_cpu_list(&all_cpus()).len();
+    if plan.scaling_steps.is_empty() || cpus < 2 {
+        return Ok(out);
+    }
+    let _away = AwayFrom::cpu(plan.capacity_cpu)?;
+    let largest = plan.scaling_steps.iter().copied().max().unwrap_or(0);
+    for workers in [1, 2] {
+        let server = ServerProcess::start(ProcessOptions {
+            cpu_set: Some(all_cpus()),
+            max_participants: Some(largest + 50),
+            fan_out_workers: Some(workers),
+            parallel_fan_out_min: Some(plan.scaling_parallel_min),
+            ..ProcessOptions::default()
+        })
+        .await?;
+        let room = ChorusRoom {
+            server: &server,
+            room: "scaling".into(),
+        };
+        let talkers = delay::join_talkers(&room).await?;
+        let tokens = server.token_maker("scaling");
+        let c = listeners::measure(
+            |k, n| {
+                let t = tokens.clone();
+                SwarmConfig::new(&server.base_url, "scaling", n, move |i| {
+                    t(&format!("scaling-{k}-{i}"))
+                })
+            },
+            server.pid(),
+            &SwarmPlan {
+                steps: plan.scaling_steps.clone(),
+                window: plan.listener_window,
+                sample_every: plan.listener_sample_every,
+                server_cpus: cpus as f64,
+            },
+        )
+        .await?;
+        let name = if workers == 1 {
+            "chorus_scaling_1_worker".to_owned()
+        } else {
+            format!("chorus_scaling_{workers}_workers")
+        };
+        out.insert(name, c);
         super::close_all(talkers.iter().map(|b| &**b)).await;
     }
     Ok(out)
@@ -941,6 +1034,59 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "instructions_per_listener_packet": med("chorus", |c| {
             c.instructions_per_listener_packet.unwrap_or(f64::NAN)
         }),
+        "two_workers": two_workers_json(runs),
+    })
+}
+
+/// The two-worker scaling figures of [`capacity_json`]: CPU per listener with one fan-out worker
+/// and with two on the same CPUs (the slope, or at the largest step with one point), their
+/// ratio, and the fan-out's spread at the largest step of each.
+fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
+    let per_listener = |c: &ListenerCapacity| {
+        if c.cpu_per_listener.is_finite() {
+            c.cpu_per_listener
+        } else {
+            c.steps
+                .iter()
+                .filter(|s| s.held)
+                .max_by_key(|s| s.listeners)
+                .map_or(f64::NAN, |s| s.server_cpu / s.listeners as f64)
+        }
+    };
+    let spread_at_largest = |c: &ListenerCapacity| {
+        c.steps
+            .iter()
+            .filter(|s| s.held)
+            .max_by_key(|s| s.listeners)
+            .and_then(|s| s.last_minus_first_ms)
+            .unwrap_or(f64::NAN)
+    };
+    let med = |system: &str, get: &dyn Fn(&ListenerCapacity) -> f64| {
+        let s = spread(runs.iter().map(|r| r.get(system).map_or(f64::NAN, get)));
+        s.median.is_finite().then_some(s.median)
+    };
+    let one = med("chorus_scaling_1_worker", &per_listener);
+    let two = med("chorus_scaling_2_workers", &per_listener);
+    let largest = |system: &str| {
+        med(system, &|c: &ListenerCapacity| {
+            c.steps
+                .iter()
+                .filter(|s| s.held)
+                .map(|s| s.listeners as f64)
+                .fold(f64::NAN, f64::max)
+        })
+    };
+    json!({
+        "cpu_per_listener_1_worker": one,
+        "cpu_per_listener_2_workers": two,
+        "ratio_2_to_1": match (one, two) {
+            (Some(one), Some(two)) if one > 0.0 => json!(two / one),
+            _ => Value::Null,
+        },
+        "largest_step_held_1_worker": largest("chorus_scaling_1_worker"),
+        "largest_step_held_2_workers": largest("chorus_scaling_2_workers"),
+        "last_minus_first_ms_1_worker": med("chorus_scaling_1_worker", &spread_at_largest),
+        "last_minus_first_ms_2_workers": med("chorus_scaling_2_workers", &spread_at_largest),
     })
 }
 
@@ -951,4 +1097,23 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     }
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_read_as_taskset_writes_them() {
+        assert_eq!(parse_cpu_list("0-1"), vec![0, 1]);
+        assert_eq!(parse_cpu_list("0-2,5,7-8\n"), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(parse_cpu_list("3"), vec![3]);
+        assert_eq!(parse_cpu_list("2-1,x,4"), vec![4]);
+        assert!(parse_cpu_list("").is_empty());
+    }
+
+    #[test]
+    fn all_cpus_names_at_least_this_cpu() {
+        assert!(!parse_cpu_list(&all_cpus()).is_empty());
+    }
 }

@@ -25,8 +25,9 @@ use crate::mediaserver_process::{ProcessOptions, ServerProcess};
 use crate::swarm::{Swarm, SwarmConfig};
 
 /// The functions whose instructions are counted (callgrind patterns, inclusive of callees).
-pub const COLLECTED: [&str; 3] = [
+pub const COLLECTED: [&str; 4] = [
     "*port::Driver::fan_out*",
+    "*fan_out::fan_out_lane*",
     "*port::pending_datagrams*",
     "*port::send_batch*",
 ];
@@ -110,6 +111,8 @@ pub async fn per_listener_packet(listeners: usize, window: Duration) -> Result<O
         let server = ServerProcess::start(ProcessOptions {
             callgrind_out: Some(prefix.clone()),
             max_participants: Some(listeners + 50),
+            // The one-core path, like the pinned ramp's (valgrind runs one thread at a time).
+            fan_out_workers: Some(1),
             ..ProcessOptions::default()
         })
         .await?;

@@ -185,6 +185,17 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
         num("last_minus_first_delay_ms_at_2000"),
         verdict(num("last_minus_first_delay_ms_at_2000") <= 3.0)
     );
+    let tw = &cj["two_workers"];
+    let twn = |k: &str| tw[k].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        md,
+        "| two fan-out workers: CPU per listener against one worker, same 2 CPUs (last − first at the largest step held: {:.0} listeners) | {:.2}× ({:.1} ms vs {:.1} ms) | does not rise (≤ 1.1×) | {} |",
+        twn("largest_step_held_2_workers"),
+        twn("ratio_2_to_1"),
+        twn("last_minus_first_ms_2_workers"),
+        twn("last_minus_first_ms_1_worker"),
+        verdict(twn("ratio_2_to_1") <= 1.1)
+    );
     let _ = writeln!(
         md,
         "| user-space instructions of the fan-out per listener-packet (callgrind; the kernel not counted) | {} | — | — |",
@@ -575,7 +586,10 @@ pub fn listener_capacity_section(
          last-admitted listener after the first's, from kernel receive stamps of the same \
          payload (Janus encodes per listener, so it has no such pairs). Chorus's listeners offer \
          recvonly; \"streaming silence\" listeners offer sendrecv and send 50 packets/s of \
-         Opus silence, so each is a whole WebRTC peer; Janus's listeners offer recvonly.\n"
+         Opus silence, so each is a whole WebRTC peer; Janus's listeners offer recvonly. The \
+         scaling ramps put the server on every CPU (the swarm still on all but the first) with \
+         one fan-out worker, then two, which cut each frame's listeners into two lanes sealed \
+         and sent on two threads; their \"held\" column is the largest step held on those CPUs.\n"
     );
     let _ = writeln!(
         md,
