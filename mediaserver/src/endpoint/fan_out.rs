@@ -46,6 +46,15 @@ pub(crate) struct LaneCounts {
     pub(crate) send_errors: u64,
 }
 
+/// The frame every lane sends, and what it is sent through.
+#[derive(Clone, Copy)]
+struct Frame<'a> {
+    socket: &'a UdpSocket,
+    payload: &'a Bytes,
+    samples: u32,
+    now: Instant,
+}
+
 /// One worker's buffer: the packets it sealed, and how many of them already left.
 #[derive(Debug, Default)]
 struct Lane {
@@ -87,6 +96,12 @@ impl FanOutWorkers {
         samples: u32,
         now: Instant,
     ) -> LaneCounts {
+        let frame = Frame {
+            socket,
+            payload,
+            samples,
+            now,
+        };
         let per_lane = listeners.len().div_ceil(self.lanes.len()).max(1);
         let mut counts = vec![LaneCounts::default(); self.lanes.len()];
         self.pool.in_place_scope(|scope| {
@@ -98,12 +113,10 @@ impl FanOutWorkers {
             // first so they start while this one works.
             let first = work.next();
             for ((chunk, lane), count) in work {
-                scope.spawn(move |_| {
-                    *count = fan_out_lane(lane, chunk, socket, payload, samples, now)
-                });
+                scope.spawn(move |_| *count = fan_out_lane(lane, chunk, frame));
             }
             if let Some(((chunk, lane), count)) = first {
-                *count = fan_out_lane(lane, chunk, socket, payload, samples, now);
+                *count = fan_out_lane(lane, chunk, frame);
             }
         });
         counts
@@ -141,11 +154,14 @@ impl FanOutWorkers {
 fn fan_out_lane(
     lane: &mut Lane,
     listeners: &mut [Option<&mut Session>],
-    socket: &UdpSocket,
-    payload: &Bytes,
-    samples: u32,
-    now: Instant,
+    frame: Frame<'_>,
 ) -> LaneCounts {
+    let Frame {
+        socket,
+        payload,
+        samples,
+        now,
+    } = frame;
     let mut counts = LaneCounts::default();
     for slot in listeners.iter_mut() {
         let sealed = match slot {
