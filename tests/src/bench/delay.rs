@@ -69,6 +69,38 @@ pub struct DelayResult {
     /// before it was measured.
     #[serde(default)]
     pub last_listener: Option<Percentiles>,
+    /// The server's own view, for Chorus (`chorus_server_delay_seconds`: every packet from its
+    /// arrival to the first packet sent carrying its audio, no codec look-ahead): packets
+    /// counted, and the share of them above [`SERVER_TAIL_MS`]. It tells a hiccup in the server
+    /// from one in the bots or the kernel. Absent for Janus and from older runs.
+    #[serde(default)]
+    pub server_own: Option<ServerOwnDelay>,
+}
+
+/// Where the server's own tail starts: a 20 ms room waits at most a frame plus its margin.
+pub const SERVER_TAIL_MS: f64 = 25.0;
+
+/// [`DelayResult::server_own`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerOwnDelay {
+    /// Packets the server timed.
+    pub packets: f64,
+    /// Of those, the share above [`SERVER_TAIL_MS`].
+    pub share_over_tail: f64,
+}
+
+impl ServerOwnDelay {
+    /// From a server's `/metrics` text; `None` if it timed no packet.
+    pub fn from_metrics(text: &str) -> Option<ServerOwnDelay> {
+        use crate::media_server::metric_sum;
+        let packets = metric_sum(text, "chorus_server_delay_seconds_count", &[]);
+        let le = format!("le=\"{}\"", SERVER_TAIL_MS / 1000.0);
+        let within = metric_sum(text, "chorus_server_delay_seconds_bucket", &[&le]);
+        (packets > 0.0).then(|| ServerOwnDelay {
+            packets,
+            share_over_tail: (packets - within) / packets,
+        })
+    }
 }
 
 fn carrier(i: usize) -> AudioSource {
@@ -214,6 +246,7 @@ where
         bots_ms: bots_offset_ms(0)?,
         samples_ms: samples,
         missed,
+        server_own: None,
     })
 }
 
@@ -265,5 +298,27 @@ impl Venue for JanusRoom<'_> {
 
     async fn join(&self, who: &str, config: BotConfig) -> Result<Self::Member> {
         self.session.join(self.room, who, self.jitter, config).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_servers_own_tail_is_read_from_its_histogram() {
+        let text = "\
+# HELP chorus_server_delay_seconds Server-added delay.
+# TYPE chorus_server_delay_seconds histogram
+chorus_server_delay_seconds_bucket{le=\"0.02\"} 950
+chorus_server_delay_seconds_bucket{le=\"0.025\"} 990
+chorus_server_delay_seconds_bucket{le=\"+Inf\"} 1000
+chorus_server_delay_seconds_sum 9.5
+chorus_server_delay_seconds_count 1000
+";
+        let own = ServerOwnDelay::from_metrics(text).expect("packets were timed");
+        assert_eq!(own.packets, 1000.0);
+        assert!((own.share_over_tail - 0.01).abs() < 1e-12, "{own:?}");
+        assert!(ServerOwnDelay::from_metrics("chorus_server_delay_seconds_count 0\n").is_none());
     }
 }

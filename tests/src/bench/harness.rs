@@ -494,13 +494,14 @@ pub async fn delays(plan: &Plan) -> Result<BTreeMap<String, delay::DelayResult>>
         })
         .await?;
         let s = &server;
-        let d = delay::measure(plan.delay_rooms, plan.delay_onsets, |k| async move {
+        let mut d = delay::measure(plan.delay_rooms, plan.delay_onsets, |k| async move {
             Ok(ChorusRoom {
                 server: s,
                 room: format!("delay-{k}"),
             })
         })
         .await?;
+        d.server_own = delay::ServerOwnDelay::from_metrics(&server.metrics().await?);
         eprintln!("delay {name}: {:?}", d.server_added);
         delays.insert(name.to_owned(), d);
     }
@@ -661,6 +662,23 @@ pub const DELAY_SYSTEMS: [DelaySystem; 6] = [
     },
 ];
 
+/// Chorus's delay systems and the figure of their server's own tail (percent of packets).
+pub const SERVER_TAIL_FIGURES: [(&str, &str); 4] = [
+    ("chorus", "delay.chorus.server_tail_percent"),
+    (
+        "chorus_low_delay",
+        "delay.chorus_low_delay.server_tail_percent",
+    ),
+    (
+        "chorus_low_delay_10ms",
+        "delay.chorus_low_delay_10ms.server_tail_percent",
+    ),
+    (
+        "chorus_fixed_tick",
+        "delay.chorus_fixed_tick.server_tail_percent",
+    ),
+];
+
 /// The delay figures (each system's p50 and p99, and the fixed-tick floor's), each over the
 /// runs, from each run's delays and codec look-ahead.
 pub fn delay_figures(
@@ -684,6 +702,16 @@ pub fn delay_figures(
                 .map_or(f64::NAN, get)
         }))
     };
+    for (key, figure) in SERVER_TAIL_FIGURES {
+        f.insert(
+            figure,
+            spread(runs.iter().map(|(d, _)| {
+                d.get(key)
+                    .and_then(|r| r.server_own.as_ref())
+                    .map_or(f64::NAN, |o| o.share_over_tail * 100.0)
+            })),
+        );
+    }
     f.insert("delay.chorus_last_listener.p50", last(|p| p.p50));
     f.insert("delay.chorus_last_listener.p99", last(|p| p.p99));
     f.insert(

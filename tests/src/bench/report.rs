@@ -70,6 +70,25 @@ pub fn delay_section(
         cell(g("delay.floor.p50"), " ms"),
         cell(g("delay.floor.p99"), " ms")
     );
+    let tails: Vec<String> = super::harness::SERVER_TAIL_FIGURES
+        .iter()
+        .map(|(key, figure)| match g(figure) {
+            Some(t) if t.median.is_finite() => {
+                format!("{key} {:.2} % ({:.2} – {:.2})", t.median, t.min, t.max)
+            }
+            _ => format!("{key} not measured"),
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nThe servers' own view (`chorus_server_delay_seconds`: every packet from its arrival to \
+         the first packet sent carrying its audio, without the codec's look-ahead): the share of \
+         packets that took over {} ms — {}. A probe late by a whole frame at the listener while \
+         its server's own tail stays near zero was delayed outside the server (the bots, the \
+         kernel).",
+        super::delay::SERVER_TAIL_MS,
+        tails.join(", ")
+    );
     md
 }
 
