@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 /// Each window's busy share is folded into the estimate when the window ends.
-pub(crate) const WINDOW: Duration = Duration::from_millis(250);
+const WINDOW: Duration = Duration::from_millis(250);
 
 /// Busy time per window, smoothed over windows.
 #[derive(Debug, Clone)]
@@ -40,8 +40,8 @@ impl LoadMeter {
         if elapsed < WINDOW {
             return None;
         }
-        // The work since the window began, over the time since it began (one long piece of work
-        // may span several windows); then each further whole window that passed idle.
+        // The work since the window began, over the time since it began: one long piece of work
+        // may span several windows, and counts once.
         let share = (self.busy_in_window.as_secs_f64() / elapsed.as_secs_f64()).min(1.0);
         self.estimate = 0.5 * self.estimate + 0.5 * share;
         self.window_start = now;
@@ -53,16 +53,16 @@ impl LoadMeter {
     /// `MediaPort::busy` reads from the published value.
     #[cfg(test)]
     pub(crate) fn estimate_at(&self, now: Instant) -> f64 {
-        let idle_windows = now
-            .saturating_duration_since(self.window_start)
-            .as_secs_f64()
-            / WINDOW.as_secs_f64();
-        decay(self.estimate, idle_windows)
+        decay(
+            self.estimate,
+            now.saturating_duration_since(self.window_start),
+        )
     }
 }
 
-/// `estimate` after `idle_windows` windows without work (each halves it).
-pub(crate) fn decay(estimate: f64, idle_windows: f64) -> f64 {
+/// `estimate` after `idle` without work: each whole [`WINDOW`] of it halves the estimate.
+pub(crate) fn decay(estimate: f64, idle: Duration) -> f64 {
+    let idle_windows = idle.as_secs_f64() / WINDOW.as_secs_f64();
     if idle_windows < 1.0 {
         estimate
     } else {

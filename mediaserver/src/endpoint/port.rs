@@ -555,10 +555,7 @@ impl MediaPort {
             .epoch
             .elapsed()
             .saturating_sub(Duration::from_millis(published));
-        super::load::decay(
-            estimate,
-            since.as_secs_f64() / super::load::WINDOW.as_secs_f64(),
-        )
+        super::load::decay(estimate, since)
     }
 
     /// A snapshot of the port's counters.
