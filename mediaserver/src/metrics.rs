@@ -44,6 +44,8 @@ pub struct Metrics {
     pub joins_rejected: IntCounterVec,
     /// Frames concealed (PLC) or recovered (FEC), by kind.
     pub concealed: IntCounterVec,
+    /// The jitter buffers' changes of delay and their causes, by kind.
+    pub jitter_adjustments: IntCounterVec,
     /// Transfer codes issued.
     pub transfer_codes: IntCounter,
     /// Transfer redemptions, by outcome.
@@ -146,6 +148,14 @@ impl Metrics {
                 &["kind"],
             )
             .expect("static metric definition is valid"),
+            jitter_adjustments: IntCounterVec::new(
+                Opts::new(
+                    "chorus_jitter_adjustments_total",
+                    "Jitter-buffer events that change a talker's delay, by kind: late (a packet after its tick), underrun (ran dry: a pause, an end, or a packet that missed its tick), restart (played again after running dry, a frame or more later), stretch (a frame added), unstretch (an added frame taken back), shed (excess delay dropped).",
+                ),
+                &["kind"],
+            )
+            .expect("static metric definition is valid"),
             transfer_codes: IntCounter::new(
                 "chorus_transfer_codes_issued_total",
                 "Session transfer codes issued (QR codes shown).",
@@ -186,6 +196,7 @@ impl Metrics {
             Box::new(m.packets_dropped.clone()),
             Box::new(m.joins_rejected.clone()),
             Box::new(m.concealed.clone()),
+            Box::new(m.jitter_adjustments.clone()),
             Box::new(m.transfer_codes.clone()),
             Box::new(m.transfer_redemptions.clone()),
             Box::new(m.transfer_switch.clone()),
@@ -195,6 +206,17 @@ impl Metrics {
             m.registry
                 .register(c)
                 .expect("each metric name is registered once");
+        }
+        // Every kind from the start, so a dashboard's rate reads 0 rather than nothing.
+        for kind in [
+            "late",
+            "underrun",
+            "restart",
+            "stretch",
+            "unstretch",
+            "shed",
+        ] {
+            m.jitter_adjustments.with_label_values(&[kind]);
         }
         m
     }

@@ -439,6 +439,70 @@ mod media {
         );
     }
 
+    /// A talker's packet that misses its tick costs a frame of delay (the buffer runs dry and
+    /// plays again a frame later); the tick reports why, so the metric can tell the talker's
+    /// network from the server; and once the frame has not been needed for two seconds it is
+    /// taken back.
+    #[test]
+    fn a_late_packet_is_reported_and_its_frame_taken_back() {
+        let cfg = MixerConfig {
+            jitter_min_ms: 2,
+            ..cfg()
+        };
+        let mut mixer = RoomMixer::new(cfg).expect("mixer");
+        let mut talker = Talker::new(id(1), 440.0, -20.0, 20, true);
+        mixer.add_stream(id(1), StreamOrigin::Local);
+        let mut total = chorus_mediaserver::media::JitterAdjustments::default();
+        let mut waits = Vec::new();
+        let mut held_back = None;
+        for tick in 1..400u64 {
+            let now = Duration::from_millis(tick * 20);
+            if let Some(at) = held_back.take() {
+                mixer.push(talker.packet(at)).expect("accepted");
+            }
+            // Each packet 2.5 ms before its tick; packet 100 comes 4 ms after it.
+            if tick == 100 {
+                held_back = Some(now + Duration::from_millis(4));
+            } else {
+                mixer
+                    .push(talker.packet(now - Duration::from_micros(2_500)))
+                    .expect("accepted");
+            }
+            let out = mixer.tick(now);
+            let j = out.stats.jitter;
+            total.underruns += j.underruns;
+            total.restarts += j.restarts;
+            total.stretched += j.stretched;
+            total.unstretched += j.unstretched;
+            total.shed += j.shed;
+            waits.extend(out.carried.iter().map(|(_, at)| (tick, now - *at)));
+        }
+        assert_eq!(total.underruns, 1, "{total:?}");
+        assert_eq!(total.restarts, 1, "{total:?}");
+        assert_eq!(
+            total.unstretched + total.shed,
+            1,
+            "taken back once: {total:?}"
+        );
+        let slow: Vec<_> = waits
+            .iter()
+            .filter(|(_, w)| *w > Duration::from_millis(20))
+            .collect();
+        assert!(!slow.is_empty(), "the late packet cost nothing?");
+        // A frame late for at most the two seconds (100 ticks) plus two windows it takes.
+        assert!(
+            slow.iter().all(|(tick, _)| *tick < 100 + 150),
+            "still a frame late at {:?}",
+            slow.last()
+        );
+        assert!(
+            waits
+                .iter()
+                .filter(|(t, _)| *t > 300)
+                .all(|(_, w)| *w < Duration::from_millis(3))
+        );
+    }
+
     /// A 10 ms room pulls a 20 ms packet every other tick. When the packets come to sit a whole
     /// room frame before their pull (here: they start arriving 10 ms earlier, as when the
     /// tick moves to another talker), the stream moves its pulls a frame sooner, once, instead

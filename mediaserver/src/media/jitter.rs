@@ -21,7 +21,13 @@
 //!   `T` by whole frames, that delay was never needed and as many frames are dropped at once
 //!   (delay shrinks); if a packet arrived after its tick had passed, or the smallest slack fell below
 //!   `T/2`, one tick plays nothing (delay grows). An underrun also grows the delay, because
-//!   playout restarts only after waiting the (by then larger) target.
+//!   playout restarts only after waiting the (by then larger) target;
+//! - a frame of delay added that way (or by restarting after an underrun) is taken back (one frame dropped) once
+//!   [`UNDO_STRETCH_AFTER_WINDOWS`] windows in a row would have played every frame with slack
+//!   of at least `T/2` and a quarter of `T` to spare without it. Without this, one late packet
+//!   cost a talker whose slack sits between `T/2` and `T` a whole frame for as long as it kept
+//!   talking: the room's aligned tick places the talker who sets it exactly there (its margin
+//!   is the smallest target), and the shrink rule above only sheds slack beyond `T` + a frame.
 //!
 //! An earlier version targeted `frame + 3·J` of buffered *depth*; at jitter near zero that held
 //! two frames, 40 ms, where one phase offset (0–20 ms) suffices. Slack measures what matters: the
@@ -47,6 +53,11 @@ const JITTER_MULTIPLIER: f64 = 3.0;
 
 /// Ticks per adaptation window (half a second at 20 ms).
 const ADAPT_WINDOW_TICKS: u32 = 25;
+
+/// Windows in a row that must show a stretch was no longer needed before it is taken back (two
+/// seconds of 20 ms packets): a talker whose packets are late now and then is stretched and
+/// shrunk at most once per this many windows, not every other window.
+pub const UNDO_STRETCH_AFTER_WINDOWS: u32 = 4;
 
 /// A packet this far (in sequence numbers) from the highest seen is not reordering or loss but a
 /// restarted sender; two consecutive such packets resynchronise the buffer.
@@ -152,8 +163,13 @@ pub struct JitterStats {
     pub resyncs: u64,
     /// Times playout ran dry and had to rebuffer.
     pub underruns: u64,
+    /// Times playout started again after running dry: after a pause, or a frame or more later
+    /// than before after a packet that missed its tick.
+    pub restarts: u64,
     /// Ticks that played nothing on purpose to grow the delay.
     pub stretched: u64,
+    /// Frames dropped to take back a stretch that was no longer needed.
+    pub unstretched: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -199,6 +215,10 @@ pub struct JitterBuffer {
     pending_resync: Option<u16>,
     last_arrival: Option<Duration>,
     last_level: Option<AudioLevel>,
+    /// Frames of delay added by stretching since playout (re)started and not taken back.
+    stretched_frames: u32,
+    /// Consecutive windows in which the stretched delay was not needed.
+    calm_windows: u32,
     stats: JitterStats,
 }
 
@@ -231,6 +251,8 @@ impl JitterBuffer {
             pending_resync: None,
             last_arrival: None,
             last_level: None,
+            stretched_frames: 0,
+            calm_windows: 0,
             stats: JitterStats::default(),
         }
     }
@@ -499,6 +521,14 @@ impl JitterBuffer {
             if waited_ms < self.target_ms && after_first_pop < self.target_frames() {
                 return Playout::Empty;
             }
+            // A restart after running dry (a packet missed its tick with nothing behind it)
+            // adds a frame of delay just as a stretch does, and may be taken back the same way;
+            // the first start has nothing to take back.
+            self.stretched_frames = u32::from(self.next.is_some());
+            if self.next.is_some() {
+                self.stats.restarts += 1;
+            }
+            self.calm_windows = 0;
             // (Re)start at the oldest packet held; positions skipped meanwhile are lost.
             if let Some(n) = self.next
                 && first > n
@@ -525,24 +555,48 @@ impl JitterBuffer {
             {
                 // Frames arrived after (or too close to) their tick: hold one tick to add delay.
                 self.stats.stretched += 1;
+                self.stretched_frames = self.stretched_frames.saturating_add(1);
+                self.calm_windows = 0;
                 return Playout::Empty;
             }
-            if let Some(slack) = window.min_slack_ms
-                && slack >= self.target_ms + frame_ms
-            {
+            let shed = match window.min_slack_ms {
                 // Every frame waited whole frames longer than the margin needs: drop them all
                 // now. After a stall the buffer holds several; shedding one per window would
                 // keep the stall's delay for seconds.
-                let excess = ((slack - self.target_ms) / frame_ms).floor() as u64;
-                for _ in 0..excess.max(1) {
-                    if self.held.remove(&n).is_some() {
-                        self.stats.discarded += 1;
-                    } else {
-                        self.stats.lost += 1;
-                    }
-                    self.advance(1, false);
-                    n += 1;
+                Some(slack) if slack >= self.target_ms + frame_ms => {
+                    self.calm_windows = 0;
+                    ((slack - self.target_ms) / frame_ms).floor() as u64
                 }
+                // A stretch still held: take it back once it has not been needed for long
+                // enough (see the module docs).
+                Some(slack)
+                    if self.stretched_frames > 0 && slack - frame_ms >= self.target_ms * 0.75 =>
+                {
+                    self.calm_windows += 1;
+                    if self.calm_windows >= UNDO_STRETCH_AFTER_WINDOWS {
+                        self.calm_windows = 0;
+                        self.stats.unstretched += 1;
+                        1
+                    } else {
+                        0
+                    }
+                }
+                _ => {
+                    self.calm_windows = 0;
+                    0
+                }
+            };
+            self.stretched_frames = self
+                .stretched_frames
+                .saturating_sub(u32::try_from(shed).unwrap_or(u32::MAX));
+            for _ in 0..shed {
+                if self.held.remove(&n).is_some() {
+                    self.stats.discarded += 1;
+                } else {
+                    self.stats.lost += 1;
+                }
+                self.advance(1, false);
+                n += 1;
             }
         }
 
@@ -866,6 +920,96 @@ mod tests {
             b.stats()
         );
         assert_eq!(b.stats().late, 0);
+    }
+
+    /// The talker who sets a room's aligned tick plays with slack just above the smallest
+    /// target (here 2 ms target, 2.3 ms slack, 0-0.4 ms of jitter). One packet that misses its
+    /// tick (the buffer runs dry and restarts a frame later), or comes so close to it that the
+    /// buffer stretches, costs a frame of delay; two seconds without need take that frame back,
+    /// so the talker is not left a whole frame late for as long as it talks.
+    #[test]
+    fn one_late_packet_costs_a_frame_for_seconds_not_for_good() {
+        // (the hiccup's arrival after its tick in µs, negative: before it)
+        for hiccup_after_tick_us in [3_000i64, -500] {
+            let mut b = buf(2, 200);
+            let jitter = delays(2000, 5, 7);
+            let hiccup = 300u64;
+            let mut slacks = Vec::new();
+            let mut pending = None;
+            for tick in 1..1000u64 {
+                let now_us = tick * F * 1000;
+                if let Some((seq, at)) = pending.take() {
+                    b.push(
+                        seq as u16,
+                        (seq as u32).wrapping_mul(960),
+                        payload(seq as u16),
+                        at,
+                    );
+                }
+                // Packet `seq` is due at this tick; it arrives 2.3 ms before, minus jitter.
+                let seq = tick - 1;
+                let at_us = if seq == hiccup {
+                    now_us.saturating_add_signed(hiccup_after_tick_us)
+                } else {
+                    now_us - 2_300 + jitter[seq as usize] * 100
+                };
+                let at = Duration::from_micros(at_us);
+                if at_us <= now_us {
+                    b.push(
+                        seq as u16,
+                        (seq as u32).wrapping_mul(960),
+                        payload(seq as u16),
+                        at,
+                    );
+                } else {
+                    pending = Some((seq, at));
+                }
+                if let Playout::Frame(_) = b.tick(Duration::from_micros(now_us)) {
+                    slacks.push((tick, slack(&b, tick * F)));
+                }
+            }
+            let s = b.stats();
+            assert_eq!(s.stretched + s.restarts, 1, "one frame added: {s:?}");
+            assert_eq!(s.unstretched, 1, "and taken back once: {s:?}");
+            let undo_by = hiccup + u64::from(ADAPT_WINDOW_TICKS * (UNDO_STRETCH_AFTER_WINDOWS + 2));
+            for (tick, slack) in &slacks {
+                if *tick > undo_by || *tick < hiccup {
+                    assert!(
+                        *slack >= Duration::from_micros(1_500) && *slack < ms(3),
+                        "hiccup {hiccup_after_tick_us} µs: tick {tick}: slack {slack:?} \
+                         (a frame still held), {s:?}"
+                    );
+                }
+            }
+            assert!(
+                slacks.iter().any(|(_, slack)| *slack > ms(F)),
+                "the added frame never showed"
+            );
+        }
+    }
+
+    /// A talker whose packets come too close to the tick in every window keeps its stretch: the
+    /// buffer does not drop and re-add a frame over and over.
+    #[test]
+    fn a_stretch_that_is_still_needed_is_kept() {
+        let mut b = buf(2, 200);
+        for tick in 1..1000u64 {
+            let now = tick * F;
+            let seq = tick - 1;
+            // 2.3 ms before the tick, but every 10th packet only 0.3 ms before it.
+            let early_us = if seq % 10 == 5 { 300 } else { 2_300 };
+            b.push(
+                seq as u16,
+                (seq as u32).wrapping_mul(960),
+                payload(seq as u16),
+                Duration::from_micros((seq + 1) * F * 1000 - early_us),
+            );
+            b.tick(ms(now));
+        }
+        let s = b.stats();
+        assert_eq!(s.stretched, 1, "{s:?}");
+        assert_eq!(s.unstretched, 0, "{s:?}");
+        assert_eq!(s.late, 0, "{s:?}");
     }
 
     #[test]

@@ -218,6 +218,43 @@ pub struct TickStats {
     /// Streams whose packets span several room frames that skipped a frame to pull their
     /// packets a room frame sooner (see [`PULL_SOONER_AFTER`]).
     pub pulled_sooner: u32,
+    /// What the streams' jitter buffers did to their delay since the last tick.
+    pub jitter: JitterAdjustments,
+}
+
+/// Changes of the jitter buffers' delay and their causes, summed over a room's streams: what an
+/// operator reads to tell a talker's network from the server when delay jumps by a frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JitterAdjustments {
+    /// Packets that arrived after their tick had passed (dropped).
+    pub late: u64,
+    /// Times a buffer ran dry (a pause, the end of a stream, or a packet that missed its tick).
+    pub underruns: u64,
+    /// Times a buffer played again after running dry: after a pause, or a frame or more later
+    /// than before.
+    pub restarts: u64,
+    /// Frames of delay added because frames came too close to their tick.
+    pub stretched: u64,
+    /// Frames of added delay taken back once they were no longer needed.
+    pub unstretched: u64,
+    /// Frames dropped because every frame waited whole frames longer than needed (after a
+    /// stall), or to honour the buffer's capacity.
+    pub shed: u64,
+}
+
+impl JitterAdjustments {
+    /// Adds what a buffer's counters gained from `before` to `after`.
+    fn add_between(&mut self, before: &JitterStats, after: &JitterStats) {
+        self.late += after.late.saturating_sub(before.late);
+        self.underruns += after.underruns.saturating_sub(before.underruns);
+        self.restarts += after.restarts.saturating_sub(before.restarts);
+        self.stretched += after.stretched.saturating_sub(before.stretched);
+        self.unstretched += after.unstretched.saturating_sub(before.unstretched);
+        // Frames taken back are counted as discarded too; shed is what is left.
+        let discarded = after.discarded.saturating_sub(before.discarded);
+        let unstretched = after.unstretched.saturating_sub(before.unstretched);
+        self.shed += discarded.saturating_sub(unstretched);
+    }
 }
 
 impl TickStats {
@@ -328,6 +365,8 @@ struct Stream {
     origin: StreamOrigin,
     muted: bool,
     jitter: JitterBuffer,
+    /// The jitter buffer's counters at the last tick (for [`TickStats::jitter`]).
+    jitter_seen: JitterStats,
     /// Created on first need: a silent stream with RFC 6464 levels may never need one.
     decoder: Option<Decoder>,
     level: LevelTracker,
@@ -511,6 +550,7 @@ impl RoomMixer {
                 let stream_cfg = jitter_config(&cfg, s.frames_per_packet)?;
                 if !s.jitter.set_bounds(stream_cfg) {
                     s.jitter = JitterBuffer::new(stream_cfg);
+                    s.jitter_seen = JitterStats::default();
                     s.phase = 0;
                     s.split = None;
                 }
@@ -533,6 +573,7 @@ impl RoomMixer {
                 origin,
                 muted: false,
                 jitter: JitterBuffer::new(self.jitter_cfg),
+                jitter_seen: JitterStats::default(),
                 decoder: None,
                 level: LevelTracker::new(self.cfg.frame_ms),
                 pending_level: None,
@@ -563,6 +604,7 @@ impl RoomMixer {
     pub fn restart_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.get_mut(&id) {
             s.jitter = JitterBuffer::new(self.jitter_cfg);
+            s.jitter_seen = JitterStats::default();
             s.decoder = None;
             s.decoder_warm = false;
             s.underrun_concealed = 0;
@@ -596,6 +638,11 @@ impl RoomMixer {
     /// A stream's jitter-buffer counters.
     pub fn jitter_stats(&self, id: StreamId) -> Option<JitterStats> {
         self.streams.get(&id).map(|s| s.jitter.stats())
+    }
+
+    /// A stream's jitter-buffer target: the margin its frames need after their arrival.
+    pub fn jitter_target(&self, id: StreamId) -> Option<Duration> {
+        self.streams.get(&id).map(|s| s.jitter.target())
     }
 
     /// A stream's current importance and voice flag, whatever its origin.
@@ -641,6 +688,7 @@ impl RoomMixer {
             // The sender's packet length changed (or the room's frame did): a new clock for
             // this stream's buffer and decoder.
             s.jitter = JitterBuffer::new(jitter_config(&self.cfg, frames)?);
+            s.jitter_seen = JitterStats::default();
             s.decoder = None;
             s.decoder_warm = false;
             s.frames_per_packet = frames;
@@ -830,6 +878,9 @@ impl RoomMixer {
                 (Playout::Empty, None)
             };
             stats.jitter_depth.push((id, s.jitter.depth()));
+            let seen = s.jitter.stats();
+            stats.jitter.add_between(&s.jitter_seen, &seen);
+            s.jitter_seen = seen;
             if matches!(playout, Playout::Lost { .. }) {
                 stats.lost += 1;
             }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use codec::{Decoder, Encoder};
 pub use jitter::{JitterBuffer, JitterConfig, JitterStats, Playout};
 pub use level::LevelTracker;
-pub use mixer::{MixOutput, MixerConfig, RoomMixer, SoftLimiter, TickStats};
+pub use mixer::{JitterAdjustments, MixOutput, MixerConfig, RoomMixer, SoftLimiter, TickStats};
 pub use ranking::{Ranker, RankingConfig};
 
 /// The only sample rate the media core runs at (Opus' native rate; RTP timestamps tick at it).

@@ -4,7 +4,8 @@
 //! from nothing to a whole frame, half a frame on average. But the talkers a room mixes each send
 //! on their own packetisation clock, so their frames arrive at a few stable phases of the frame.
 //! The [`TickClock`] moves the room's tick, by at most `max_step` per frame, to sit `margin` after
-//! the latest arrival phase before the largest gap between those phases: the frames of the
+//! the latest arrival phase before the largest gap between those phases (a stream whose jitter
+//! buffer needs more than `margin` gets its own, [`TickClock::observe_with_margin`]): the frames of the
 //! cluster wait about as little as the margin allows, and only a talker alone on the far side of
 //! the largest gap waits longer. With one talker, its frames wait the margin.
 //!
@@ -62,6 +63,8 @@ pub struct TickClock {
 struct Arrivals {
     phases: VecDeque<i64>,
     last_tick: u64,
+    /// The margin this stream asks for beyond the clock's own (its jitter buffer's target), µs.
+    margin_us: i64,
 }
 
 impl TickClock {
@@ -100,6 +103,15 @@ impl TickClock {
 
     /// The tick that is due now played a frame of `stream` that arrived at `arrival`.
     pub fn observe(&mut self, stream: StreamId, arrival: Duration) {
+        self.observe_with_margin(stream, arrival, Duration::ZERO);
+    }
+
+    /// [`Self::observe`], for a stream whose frames need `margin` after its late edge if that is
+    /// more than the clock's own margin (its jitter buffer's target, plus the timer's slack).
+    /// Without it a talker with more jitter than the clock's margin allows comes too close to
+    /// the tick now and then, and its jitter buffer adds a whole frame where a few
+    /// milliseconds would do.
+    pub fn observe_with_margin(&mut self, stream: StreamId, arrival: Duration, margin: Duration) {
         let phase = micros(arrival).rem_euclid(self.frame_us);
         let tick = self.next;
         let a = self.streams.entry(stream).or_default();
@@ -108,6 +120,7 @@ impl TickClock {
             a.phases.pop_front();
         }
         a.last_tick = tick;
+        a.margin_us = micros(margin);
     }
 
     /// The due tick has run: forget streams silent for a window, move the offset one step
@@ -140,9 +153,11 @@ impl TickClock {
         (x + f / 2).rem_euclid(f) - f / 2
     }
 
-    /// The late edge of each stream, as a phase in `[0, frame)`: the [`EDGE_RANK`]-th latest of
-    /// its window's phases, taken around the newest one.
-    fn late_edges(&self) -> Vec<i64> {
+    /// When each stream is ready, as a phase in `[0, frame)`: its late edge (the
+    /// [`EDGE_RANK`]-th latest of its window's phases, taken around the newest one) plus its
+    /// margin (the clock's, or the stream's own if larger; whole frames of it are the jitter
+    /// buffer's to hold, so only the rest moves the tick).
+    fn ready_phases(&self) -> Vec<i64> {
         let f = self.frame_us;
         self.streams
             .values()
@@ -158,15 +173,16 @@ impl TickClock {
                     .get(EDGE_RANK.min(around.len() - 1))
                     .copied()
                     .unwrap_or(0);
-                Some((newest + edge).rem_euclid(f))
+                let margin = a.margin_us.max(self.margin_us);
+                Some((newest + edge + margin).rem_euclid(f))
             })
             .collect()
     }
 
-    /// Where the tick should sit: `margin` after the late edge that the largest gap follows, as
-    /// an offset in `[-frame/2, frame/2)`; `None` with nothing observed.
+    /// Where the tick should sit: at the ready phase that the largest gap between ready phases
+    /// follows, as an offset in `[-frame/2, frame/2)`; `None` with nothing observed.
     fn target_offset(&self) -> Option<i64> {
-        let mut edges = self.late_edges();
+        let mut edges = self.ready_phases();
         edges.sort_unstable();
         let f = self.frame_us;
         let last = *edges.last()?;
@@ -178,7 +194,7 @@ impl TickClock {
                 best = (gap, pair[0]);
             }
         }
-        Some(self.wrap_half(best.1 + self.margin_us))
+        Some(self.wrap_half(best.1))
     }
 }
 
@@ -401,6 +417,38 @@ mod tests {
         for (_, slacks) in &ticks[20..] {
             assert_eq!(slacks, &vec![5_000]);
         }
+    }
+
+    /// A talker whose jitter buffer asks for more than the clock's margin (here 6 ms against 3)
+    /// gets it: the tick waits 6 ms after its late edge, so its frames are not played so close
+    /// to their arrival that its buffer adds a whole frame. The others keep the clock's margin
+    /// when their ready phase comes first.
+    #[test]
+    fn a_talker_that_needs_a_larger_margin_gets_it() {
+        let mut c = clock();
+        let talkers = [Talker::steady(1, 2), Talker::steady(2, 5)];
+        let mut played = [0u64; 2];
+        let mut last = Vec::new();
+        for _ in 0..100 {
+            let at = c.next_tick().as_micros() as u64;
+            let mut slacks = Vec::new();
+            for (i, (t, next)) in talkers.iter().zip(played.iter_mut()).enumerate() {
+                let mut newest = None;
+                while t.arrival(*next) <= at {
+                    newest = Some(t.arrival(*next));
+                    *next += 1;
+                }
+                if let Some(arrival) = newest {
+                    let margin = if i == 1 { us(6_000) } else { Duration::ZERO };
+                    c.observe_with_margin(t.id, us(arrival), margin);
+                    slacks.push(at - arrival);
+                }
+            }
+            last = slacks;
+            c.advance();
+        }
+        // Ready at 2 + 3 = 5 ms and 5 + 6 = 11 ms: the tick sits at 11 ms.
+        assert_eq!(last, vec![9_000, 6_000]);
     }
 
     proptest! {

@@ -186,6 +186,11 @@ impl RoomCore {
         &self.members
     }
 
+    /// A mixed stream's jitter-buffer target (see [`RoomMixer::jitter_target`]).
+    pub fn jitter_target(&self, id: StreamId) -> Option<Duration> {
+        self.mixer.jitter_target(id)
+    }
+
     /// Whether a stream is voice-active now (its smoothed level, with the hangover): a listed
     /// speaker resting in their slot is not.
     pub fn voice_active(&self, id: StreamId) -> bool {

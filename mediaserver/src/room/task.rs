@@ -229,7 +229,13 @@ impl RoomTask {
                         .tick_lateness
                         .observe(now.saturating_sub(due_at).as_secs_f64());
                     for (stream, arrival) in &tick.mix.carried {
-                        clock.observe(*stream, arrival.saturating_sub(epoch_shift));
+                        // The tick waits for each talker as long as its own jitter buffer asks.
+                        let margin = self
+                            .core
+                            .jitter_target(*stream)
+                            .map_or(Duration::ZERO, |t| t + timer_slack(&due));
+                        let arrival = arrival.saturating_sub(epoch_shift);
+                        clock.observe_with_margin(*stream, arrival, margin);
                     }
                     let next = clock.advance() + epoch_shift;
                     due.reset(epoch + next);
@@ -522,6 +528,19 @@ impl RoomTask {
         m.concealed
             .with_label_values(&["fec"])
             .inc_by(u64::from(out.stats.fec));
+        let j = &out.stats.jitter;
+        for (kind, n) in [
+            ("late", j.late),
+            ("underrun", j.underruns),
+            ("restart", j.restarts),
+            ("stretch", j.stretched),
+            ("unstretch", j.unstretched),
+            ("shed", j.shed),
+        ] {
+            if n > 0 {
+                m.jitter_adjustments.with_label_values(&[kind]).inc_by(n);
+            }
+        }
         m.ticks.inc();
         m.tick_duration.observe(started.elapsed().as_secs_f64());
     }
