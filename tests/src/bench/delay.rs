@@ -21,6 +21,8 @@
 //! frame arrives, uniformly 0–20 ms, and its encoder's look-ahead delays the onset once more. The
 //! look-ahead is measured like the bots' (one more encode/decode pass through the codec).
 
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -69,6 +71,10 @@ pub struct DelayResult {
     /// before it was measured.
     #[serde(default)]
     pub last_listener: Option<Percentiles>,
+    /// The raw samples at the last listener, in the order of `samples_ms` (room by room, round
+    /// by round, talker by talker). Empty in older runs.
+    #[serde(default)]
+    pub last_samples_ms: Vec<f64>,
     /// The server's own view, for Chorus (`chorus_server_delay_seconds`: every packet from its
     /// arrival to the first packet sent carrying its audio, no codec look-ahead): packets
     /// counted, and the share of them above [`SERVER_TAIL_MS`]. It tells a hiccup in the server
@@ -80,6 +86,16 @@ pub struct DelayResult {
 /// Where the server's own tail starts: a 20 ms room waits at most a frame plus its margin.
 pub const SERVER_TAIL_MS: f64 = 25.0;
 
+/// The kinds of `chorus_jitter_adjustments_total`.
+pub const JITTER_ADJUSTMENTS: [&str; 6] = [
+    "late",
+    "underrun",
+    "restart",
+    "stretch",
+    "unstretch",
+    "shed",
+];
+
 /// [`DelayResult::server_own`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerOwnDelay {
@@ -87,6 +103,10 @@ pub struct ServerOwnDelay {
     pub packets: f64,
     /// Of those, the share above [`SERVER_TAIL_MS`].
     pub share_over_tail: f64,
+    /// Its jitter buffers' changes of delay by kind (`chorus_jitter_adjustments_total`: late,
+    /// underrun, restart, stretch, unstretch, shed) over all its rooms. Absent from older runs.
+    #[serde(default)]
+    pub jitter_adjustments: BTreeMap<String, f64>,
 }
 
 impl ServerOwnDelay {
@@ -96,9 +116,18 @@ impl ServerOwnDelay {
         let packets = metric_sum(text, "chorus_server_delay_seconds_count", &[]);
         let le = format!("le=\"{}\"", SERVER_TAIL_MS / 1000.0);
         let within = metric_sum(text, "chorus_server_delay_seconds_bucket", &[&le]);
+        let jitter_adjustments = JITTER_ADJUSTMENTS
+            .iter()
+            .map(|kind| {
+                let label = format!("kind=\"{kind}\"");
+                let n = metric_sum(text, "chorus_jitter_adjustments_total", &[&label]);
+                ((*kind).to_owned(), n)
+            })
+            .collect();
         (packets > 0.0).then(|| ServerOwnDelay {
             packets,
             share_over_tail: (packets - within) / packets,
+            jitter_adjustments,
         })
     }
 }
@@ -111,9 +140,28 @@ fn probe(i: usize) -> AudioSource {
     tone(PROBES_HZ[i], LEVEL_DBFS)
 }
 
-/// What the bots add for talker `i`'s probe, ms.
+/// What the bots add for talker `i`'s probe, ms. Computed once per talker and kept: it runs
+/// libopus over 35 frames, a few milliseconds of CPU on a runtime thread. Run just before each
+/// probe, as it once was, it could hold back the talker's own sending task on that thread, so
+/// that the very packet carrying the onset reached the server late (an underrun: a whole frame
+/// more, at that onset alone).
 fn bots_offset_ms(i: usize) -> Result<f64> {
-    codec_onset_offset(&carrier(i), &probe(i), PROBES_HZ[i])
+    static OFFSETS: OnceLock<Result<[f64; TALKERS], String>> = OnceLock::new();
+    let offsets = OFFSETS.get_or_init(|| {
+        let mut offsets = [0.0; TALKERS];
+        for (k, offset) in offsets.iter_mut().enumerate() {
+            *offset = codec_onset_offset(&carrier(k), &probe(k), PROBES_HZ[k])
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        Ok(offsets)
+    });
+    match offsets {
+        Ok(offsets) => offsets
+            .get(i)
+            .copied()
+            .with_context(|| format!("no talker {i}: the bench has {TALKERS}")),
+        Err(e) => Err(anyhow::anyhow!("the bots' codec offset: {e}")),
+    }
 }
 
 /// The floor's codec part: how much later one more Opus encode/decode pass (a mixing server's)
@@ -132,6 +180,8 @@ pub fn floor_ms(lookahead_ms: f64) -> (f64, f64) {
 
 /// Joins the talkers, each humming its carrier.
 pub async fn join_talkers<V: Venue>(venue: &V) -> Result<Vec<V::Member>> {
+    // The bots' offsets are computed before anyone talks (see `bots_offset_ms`).
+    bots_offset_ms(0)?;
     let mut talkers = Vec::new();
     for i in 0..TALKERS {
         talkers.push(
@@ -242,6 +292,7 @@ where
     }
     Ok(DelayResult {
         last_listener: Some(percentiles(&last)),
+        last_samples_ms: last,
         server_added: percentiles(&samples),
         bots_ms: bots_offset_ms(0)?,
         samples_ms: samples,
@@ -315,10 +366,17 @@ chorus_server_delay_seconds_bucket{le=\"0.025\"} 990
 chorus_server_delay_seconds_bucket{le=\"+Inf\"} 1000
 chorus_server_delay_seconds_sum 9.5
 chorus_server_delay_seconds_count 1000
+chorus_jitter_adjustments_total{kind=\"late\"} 2
+chorus_jitter_adjustments_total{kind=\"underrun\"} 3
+chorus_jitter_adjustments_total{kind=\"unstretch\"} 1
 ";
         let own = ServerOwnDelay::from_metrics(text).expect("packets were timed");
         assert_eq!(own.packets, 1000.0);
         assert!((own.share_over_tail - 0.01).abs() < 1e-12, "{own:?}");
+        assert_eq!(own.jitter_adjustments["late"], 2.0);
+        assert_eq!(own.jitter_adjustments["underrun"], 3.0);
+        assert_eq!(own.jitter_adjustments["stretch"], 0.0);
+        assert_eq!(own.jitter_adjustments["unstretch"], 1.0);
         assert!(ServerOwnDelay::from_metrics("chorus_server_delay_seconds_count 0\n").is_none());
     }
 }

@@ -679,6 +679,25 @@ pub const SERVER_TAIL_FIGURES: [(&str, &str); 4] = [
     ),
 ];
 
+/// Chorus's delay systems and the figure of how often their jitter buffers added a frame of
+/// delay (a restart after running dry, or a stretch), per 1,000 packets. The bench's talkers and
+/// listeners never pause, so a restart is a packet that missed its tick (or a stream's end).
+pub const FRAMES_ADDED_FIGURES: [(&str, &str); 4] = [
+    ("chorus", "delay.chorus.frames_added_per_1000"),
+    (
+        "chorus_low_delay",
+        "delay.chorus_low_delay.frames_added_per_1000",
+    ),
+    (
+        "chorus_low_delay_10ms",
+        "delay.chorus_low_delay_10ms.frames_added_per_1000",
+    ),
+    (
+        "chorus_fixed_tick",
+        "delay.chorus_fixed_tick.frames_added_per_1000",
+    ),
+];
+
 /// The delay figures (each system's p50 and p99, and the fixed-tick floor's), each over the
 /// runs, from each run's delays and codec look-ahead.
 pub fn delay_figures(
@@ -709,6 +728,21 @@ pub fn delay_figures(
                 d.get(key)
                     .and_then(|r| r.server_own.as_ref())
                     .map_or(f64::NAN, |o| o.share_over_tail * 100.0)
+            })),
+        );
+    }
+    for (key, figure) in FRAMES_ADDED_FIGURES {
+        f.insert(
+            figure,
+            spread(runs.iter().map(|(d, _)| {
+                d.get(key)
+                    .and_then(|r| r.server_own.as_ref())
+                    .filter(|o| !o.jitter_adjustments.is_empty())
+                    .map_or(f64::NAN, |o| {
+                        let added = o.jitter_adjustments.get("restart").copied().unwrap_or(0.0)
+                            + o.jitter_adjustments.get("stretch").copied().unwrap_or(0.0);
+                        added / o.packets * 1000.0
+                    })
             })),
         );
     }

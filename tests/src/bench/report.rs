@@ -79,13 +79,32 @@ pub fn delay_section(
             _ => format!("{key} not measured"),
         })
         .collect();
+    let added: Vec<String> = super::harness::FRAMES_ADDED_FIGURES
+        .iter()
+        .filter_map(|(key, figure)| match g(figure) {
+            Some(t) if t.median.is_finite() => Some(format!(
+                "{key} {:.2} ({:.2} – {:.2})",
+                t.median, t.min, t.max
+            )),
+            _ => None,
+        })
+        .collect();
+    let added = if added.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " Frames of delay its jitter buffers added (a restart after running dry, or a stretch, \
+             `chorus_jitter_adjustments_total`), per 1,000 packets: {}.",
+            added.join(", ")
+        )
+    };
     let _ = writeln!(
         md,
         "\nThe servers' own view (`chorus_server_delay_seconds`: every packet from its arrival to \
          the first packet sent carrying its audio, without the codec's look-ahead): the share of \
          packets that took over {} ms — {}. A probe late by a whole frame at the listener while \
          its server's own tail stays near zero was delayed outside the server (the bots, the \
-         kernel).",
+         kernel).{added}",
         super::delay::SERVER_TAIL_MS,
         tails.join(", ")
     );
