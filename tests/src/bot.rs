@@ -103,6 +103,9 @@ pub struct BotConfig {
     /// frames against everyone else's. `None`: at once, so bots joined one after another get
     /// phases set by how long each join took (on loopback, regularly spaced, not random).
     pub send_phase: Option<Duration>,
+    /// A send clock on a shared grid instead: frames go at `epoch + phase + k·20 ms`, so bots
+    /// given the same epoch keep exactly the phases asked of them, whenever each joined.
+    pub send_clock: Option<(Instant, Duration)>,
 }
 
 impl BotConfig {
@@ -115,7 +118,15 @@ impl BotConfig {
             decode: true,
             dtx: false,
             send_phase: None,
+            send_clock: None,
         }
+    }
+
+    /// The same bot, sending on the grid `epoch + phase + k·20 ms` (see
+    /// [`BotConfig::send_clock`]).
+    pub fn with_send_clock(mut self, epoch: Instant, phase: Duration) -> Self {
+        self.send_clock = Some((epoch, phase));
+        self
     }
 
     /// The same bot, starting its send clock `phase` after its track is ready (see
@@ -327,6 +338,8 @@ struct Shared {
     dtx: bool,
     /// See [`BotConfig::send_phase`].
     send_phase: Option<Duration>,
+    /// See [`BotConfig::send_clock`].
+    send_clock: Option<(Instant, Duration)>,
     packets_sent: AtomicU64,
     packets_received: AtomicU64,
     /// Highest extended RTP sequence number received, plus 1 (0 before the first packet): with
@@ -500,7 +513,13 @@ async fn send_audio(
     let mut timestamp: u32 = rand::random();
     let mut first = true;
     let mut previous_level: u8 = 127;
-    if let Some(phase) = shared.send_phase {
+    if let Some((epoch, phase)) = shared.send_clock {
+        // The next instant on the grid `epoch + phase + k·frame`.
+        let frame = Duration::from_millis(20).as_nanos();
+        let into = Instant::now().saturating_duration_since(epoch).as_nanos() % frame;
+        let wait = (phase.as_nanos() % frame + frame - into) % frame;
+        tokio::time::sleep(Duration::from_nanos(u64::try_from(wait).unwrap_or(0))).await;
+    } else if let Some(phase) = shared.send_phase {
         tokio::time::sleep(phase).await;
     }
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
@@ -669,6 +688,7 @@ impl Bot {
             decode: config.decode,
             dtx: config.dtx,
             send_phase: config.send_phase,
+            send_clock: config.send_clock,
             packets_sent: AtomicU64::new(0),
             packets_received: AtomicU64::new(0),
             sequence_end: AtomicU64::new(0),

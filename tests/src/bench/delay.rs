@@ -11,11 +11,14 @@
 //! two loopback hops.
 //!
 //! The mixing tick's phase against each talker's packets is fixed for as long as both run, so one
-//! room gives one phase per talker. Several rooms, each with fresh bots, sample the phases. Each
-//! talker starts its send clock at a random phase ([`BotConfig::with_send_phase`]): bots joined one
-//! after another otherwise take phases set by how long each join took, which on loopback spaced
-//! the three talkers about 5 ms apart in every room (a 10 ms arc, where three independent talkers
-//! span 7.8 ms on average) — one geometry, not a sample of them.
+//! room gives one phase per talker. Several rooms, each with fresh bots, sample the phases. The
+//! talkers send on one shared grid ([`BotConfig::with_send_clock`]) at phases that cover the
+//! geometries of three independent talkers evenly, on a randomly shifted lattice
+//! ([`lattice_phases`]): bots joined one after another otherwise take phases set by how long each
+//! join took, which on loopback spaced the three talkers about 5 ms apart in every room (one
+//! geometry, not a sample of them); and independent random phases in 8 rooms made p50 move by
+//! ±2 ms between runs, set by which few geometries were drawn. Many rooms with few onsets each
+//! sample the geometries; each onset of one talker in one room measures the same one.
 //!
 //! The physical floor: a server that mixes on a fixed 20 ms tick waits for the next tick after a
 //! frame arrives, uniformly 0–20 ms, and its encoder's look-ahead delays the onset once more. The
@@ -178,23 +181,56 @@ pub fn floor_ms(lookahead_ms: f64) -> (f64, f64) {
     (10.0 + lookahead_ms, 19.8 + lookahead_ms)
 }
 
-/// Joins the talkers, each humming its carrier.
+/// Joins the talkers, each humming its carrier, at random send phases.
 pub async fn join_talkers<V: Venue>(venue: &V) -> Result<Vec<V::Member>> {
+    join_talkers_with(venue, |_, config| {
+        config.with_send_phase(Duration::from_micros(rand::random_range(0..20_000)))
+    })
+    .await
+}
+
+/// Joins the talkers, each humming its carrier, on one send grid at `phases`.
+pub async fn join_talkers_at<V: Venue>(
+    venue: &V,
+    phases: [Duration; TALKERS],
+) -> Result<Vec<V::Member>> {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    join_talkers_with(venue, |i, config| config.with_send_clock(epoch, phases[i])).await
+}
+
+async fn join_talkers_with<V: Venue>(
+    venue: &V,
+    clock: impl Fn(usize, BotConfig) -> BotConfig,
+) -> Result<Vec<V::Member>> {
     // The bots' offsets are computed before anyone talks (see `bots_offset_ms`).
     bots_offset_ms(0)?;
     let mut talkers = Vec::new();
     for i in 0..TALKERS {
-        talkers.push(
-            venue
-                .join(
-                    &format!("talker-{i}"),
-                    BotConfig::new(carrier(i))
-                        .with_send_phase(Duration::from_micros(rand::random_range(0..20_000))),
-                )
-                .await?,
-        );
+        let config = clock(i, BotConfig::new(carrier(i)));
+        talkers.push(venue.join(&format!("talker-{i}"), config).await?);
     }
     Ok(talkers)
+}
+
+/// The talkers' send phases in room `k` of `rooms`: talker 0 at 0, talkers 1 and 2 at `(Δ1, Δ2)`
+/// on a rank-1 lattice over the 20 ms square (the first coordinate evenly spaced, the second by
+/// the golden ratio), moved by `shift` (each a fraction of the frame, drawn once per system and
+/// run). Three independent talkers' phases differ by two independent uniform offsets; the
+/// lattice covers those geometries evenly, and the random shift keeps the estimate unbiased.
+/// With 8 rooms at random phases a run's p50 moved by ±2 ms between runs; a model of the aligned
+/// tick puts 24 rooms on a shifted lattice within ±0.4 ms (5th to 95th percentile of runs).
+pub fn lattice_phases(k: usize, rooms: usize, shift: (f64, f64)) -> [Duration; TALKERS] {
+    const GOLDEN: f64 = 0.618_033_988_749_894_9;
+    let at = k as f64 + 0.5;
+    let u = (at / rooms.max(1) as f64 + shift.0).rem_euclid(1.0);
+    let v = (at * GOLDEN + shift.1).rem_euclid(1.0);
+    let frame_us = 20_000.0;
+    [
+        Duration::ZERO,
+        Duration::from_micros((u * frame_us) as u64),
+        Duration::from_micros((v * frame_us) as u64),
+    ]
 }
 
 /// One probe onset per talker, measured at each of `ears`: server-added delays (ms) per ear, in
@@ -229,14 +265,15 @@ pub async fn probe_round<T: std::ops::Deref<Target = Bot>>(
     Ok((samples, missed))
 }
 
-/// Fills one room of `venue` (20 participants, 3 talking), lets it settle, and measures
+/// Fills one room of `venue` (20 participants, 3 talking at `phases`), lets it settle, and measures
 /// `onsets` probe onsets per talker at the first and the last listener to join (the others
 /// only count packets): (first's delays, last's delays, onsets unheard).
 pub async fn measure_room<V: Venue>(
     venue: &V,
     onsets: usize,
+    phases: [Duration; TALKERS],
 ) -> Result<(Vec<f64>, Vec<f64>, usize)> {
-    let talkers = join_talkers(venue).await?;
+    let talkers = join_talkers_at(venue, phases).await?;
     let ear = venue
         .join("listener-0", BotConfig::new(AudioSource::Silence))
         .await?;
@@ -283,9 +320,10 @@ where
 {
     let (mut samples, mut last) = (Vec::new(), Vec::new());
     let mut missed = 0;
+    let shift = (rand::random::<f64>(), rand::random::<f64>());
     for k in 0..rooms {
         let venue = venue_for(k).await?;
-        let (s, l, m) = measure_room(&venue, onsets).await?;
+        let (s, l, m) = measure_room(&venue, onsets, lattice_phases(k, rooms, shift)).await?;
         samples.extend(s);
         last.extend(l);
         missed += m;
@@ -355,6 +393,33 @@ impl Venue for JanusRoom<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lattice_covers_the_talkers_geometries_evenly() {
+        let rooms = 8;
+        let points: Vec<[Duration; TALKERS]> = (0..rooms)
+            .map(|k| lattice_phases(k, rooms, (0.3, 0.9)))
+            .collect();
+        for p in &points {
+            assert_eq!(p[0], Duration::ZERO);
+            assert!(p.iter().all(|d| *d < Duration::from_millis(20)), "{p:?}");
+        }
+        // One point per eighth of each axis: every offset of talker 1 and of talker 2 is sampled.
+        for axis in 1..TALKERS {
+            let mut cells: Vec<u128> = points.iter().map(|p| p[axis].as_micros() / 2_500).collect();
+            cells.sort_unstable();
+            cells.dedup();
+            assert!(cells.len() >= rooms - 1, "axis {axis}: {cells:?}");
+        }
+        // The shift moves every room's point by the same offset, modulo the frame.
+        let moved = lattice_phases(3, rooms, (0.5, 0.0));
+        let base = lattice_phases(3, rooms, (0.0, 0.0));
+        assert_eq!(
+            (moved[1].as_micros() + 20_000 - base[1].as_micros()) % 20_000,
+            10_000
+        );
+        assert_eq!(moved[2], base[2]);
+    }
 
     #[test]
     fn the_servers_own_tail_is_read_from_its_histogram() {

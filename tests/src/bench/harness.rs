@@ -84,8 +84,8 @@ impl Plan {
         Plan {
             runs,
             // 120 onsets per system per run, over 24 talker phases: p99 needs hundreds.
-            delay_rooms: 8,
-            delay_onsets: 5,
+            delay_rooms: 24,
+            delay_onsets: 2,
             delay_systems: Vec::new(),
             capacity_max_listeners: 3000,
             capacity_cpu: 0,

@@ -37,8 +37,8 @@ struct Args {
     report_from: Option<PathBuf>,
     /// Run one scenario only and write its figures alone (to `--out` and `--markdown`; point
     /// them away from the real report): `telephony`, `transfer`, `list_stability` (the demo
-    /// shape's list changes, consistency and newcomers) or `delay` (every delay system, with more
-    /// rooms than the full run: 8 rooms × 5 onsets × 3 talkers each).
+    /// shape's list changes, consistency and newcomers) or `delay` (every delay system, as in
+    /// the full run: 24 rooms × 2 onsets × 3 talkers each).
     /// `listeners` is the swarm's listener capacity alone.
     #[arg(long, value_parser = ["telephony", "transfer", "list_stability", "delay", "listeners"])]
     only: Option<String>,
@@ -208,8 +208,7 @@ async fn only_listeners(args: &Args, plan: &harness::Plan) -> Result<()> {
     )
 }
 
-/// `--only delay`: every system's server-added delay, `--runs` times, over more rooms (so more
-/// tick phases) than the full run samples.
+/// `--only delay`: every system's server-added delay, `--runs` times, over the full run's rooms.
 async fn only_delay(args: &Args, plan: &harness::Plan) -> Result<()> {
     let mut plan = plan.clone();
     plan.delay_systems.clone_from(&args.delay_systems);
