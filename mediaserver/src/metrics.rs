@@ -208,14 +208,7 @@ impl Metrics {
                 .expect("each metric name is registered once");
         }
         // Every kind from the start, so a dashboard's rate reads 0 rather than nothing.
-        for kind in [
-            "late",
-            "underrun",
-            "restart",
-            "stretch",
-            "unstretch",
-            "shed",
-        ] {
+        for kind in crate::media::JitterAdjustments::KINDS {
             m.jitter_adjustments.with_label_values(&[kind]);
         }
         m

@@ -243,6 +243,30 @@ pub struct JitterAdjustments {
 }
 
 impl JitterAdjustments {
+    /// The kinds, in the order of [`Self::by_kind`]: the `kind` label of
+    /// `chorus_jitter_adjustments_total`.
+    pub const KINDS: [&'static str; 6] = [
+        "late",
+        "underrun",
+        "restart",
+        "stretch",
+        "unstretch",
+        "shed",
+    ];
+
+    /// Each count with its kind (see [`Self::KINDS`]).
+    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
+        let counts = [
+            self.late,
+            self.underruns,
+            self.restarts,
+            self.stretched,
+            self.unstretched,
+            self.shed,
+        ];
+        std::array::from_fn(|i| (Self::KINDS[i], counts[i]))
+    }
+
     /// Adds what a buffer's counters gained from `before` to `after`.
     fn add_between(&mut self, before: &JitterStats, after: &JitterStats) {
         self.late += after.late.saturating_sub(before.late);

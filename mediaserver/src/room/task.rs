@@ -528,15 +528,7 @@ impl RoomTask {
         m.concealed
             .with_label_values(&["fec"])
             .inc_by(u64::from(out.stats.fec));
-        let j = &out.stats.jitter;
-        for (kind, n) in [
-            ("late", j.late),
-            ("underrun", j.underruns),
-            ("restart", j.restarts),
-            ("stretch", j.stretched),
-            ("unstretch", j.unstretched),
-            ("shed", j.shed),
-        ] {
+        for (kind, n) in out.stats.jitter.by_kind() {
             if n > 0 {
                 m.jitter_adjustments.with_label_values(&[kind]).inc_by(n);
             }

@@ -89,16 +89,6 @@ pub struct DelayResult {
 /// Where the server's own tail starts: a 20 ms room waits at most a frame plus its margin.
 pub const SERVER_TAIL_MS: f64 = 25.0;
 
-/// The kinds of `chorus_jitter_adjustments_total`.
-pub const JITTER_ADJUSTMENTS: [&str; 6] = [
-    "late",
-    "underrun",
-    "restart",
-    "stretch",
-    "unstretch",
-    "shed",
-];
-
 /// [`DelayResult::server_own`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerOwnDelay {
@@ -119,7 +109,7 @@ impl ServerOwnDelay {
         let packets = metric_sum(text, "chorus_server_delay_seconds_count", &[]);
         let le = format!("le=\"{}\"", SERVER_TAIL_MS / 1000.0);
         let within = metric_sum(text, "chorus_server_delay_seconds_bucket", &[&le]);
-        let jitter_adjustments = JITTER_ADJUSTMENTS
+        let jitter_adjustments = chorus_mediaserver::media::JitterAdjustments::KINDS
             .iter()
             .map(|kind| {
                 let label = format!("kind=\"{kind}\"");

@@ -721,29 +721,26 @@ pub fn delay_figures(
                 .map_or(f64::NAN, get)
         }))
     };
+    // A figure from each Chorus system's server-own view, over the runs (NaN where absent).
+    let own = |key: &str, get: &dyn Fn(&delay::ServerOwnDelay) -> Option<f64>| {
+        spread(runs.iter().map(|(d, _)| {
+            d.get(key)
+                .and_then(|r| r.server_own.as_ref())
+                .and_then(get)
+                .unwrap_or(f64::NAN)
+        }))
+    };
     for (key, figure) in SERVER_TAIL_FIGURES {
-        f.insert(
-            figure,
-            spread(runs.iter().map(|(d, _)| {
-                d.get(key)
-                    .and_then(|r| r.server_own.as_ref())
-                    .map_or(f64::NAN, |o| o.share_over_tail * 100.0)
-            })),
-        );
+        f.insert(figure, own(key, &|o| Some(o.share_over_tail * 100.0)));
     }
     for (key, figure) in FRAMES_ADDED_FIGURES {
         f.insert(
             figure,
-            spread(runs.iter().map(|(d, _)| {
-                d.get(key)
-                    .and_then(|r| r.server_own.as_ref())
-                    .filter(|o| !o.jitter_adjustments.is_empty())
-                    .map_or(f64::NAN, |o| {
-                        let added = o.jitter_adjustments.get("restart").copied().unwrap_or(0.0)
-                            + o.jitter_adjustments.get("stretch").copied().unwrap_or(0.0);
-                        added / o.packets * 1000.0
-                    })
-            })),
+            own(key, &|o| {
+                let count = |kind: &str| o.jitter_adjustments.get(kind).copied();
+                // Absent from runs recorded before the metric existed.
+                Some((count("restart")? + count("stretch")?) / o.packets * 1000.0)
+            }),
         );
     }
     f.insert("delay.chorus_last_listener.p50", last(|p| p.p50));
