@@ -22,12 +22,12 @@
 //!   (delay shrinks); if a packet arrived after its tick had passed, or the smallest slack fell below
 //!   `T/2`, one tick plays nothing (delay grows). An underrun also grows the delay, because
 //!   playout restarts only after waiting the (by then larger) target;
-//! - a frame of delay added that way (or by restarting after an underrun) is taken back (one frame dropped) once
-//!   [`UNDO_STRETCH_AFTER_WINDOWS`] windows in a row would have played every frame with slack
-//!   of at least `T/2` and a quarter of `T` to spare without it. Without this, one late packet
-//!   cost a talker whose slack sits between `T/2` and `T` a whole frame for as long as it kept
-//!   talking: the room's aligned tick places the talker who sets it exactly there (its margin
-//!   is the smallest target), and the shrink rule above only sheds slack beyond `T` + a frame.
+//! - a frame of delay added that way (or by restarting after an underrun) is taken back, one
+//!   frame dropped, once [`UNDO_STRETCH_AFTER_WINDOWS`] windows in a row would have played every
+//!   frame without it with slack of at least `T/2` and a quarter of `T` to spare. Without this,
+//!   one late packet cost a talker whose slack sits between `T/2` and `T` a whole frame for as
+//!   long as it kept talking: the room's aligned tick places the talker it follows exactly there,
+//!   and the shrink rule above only sheds slack beyond `T` + a frame.
 //!
 //! An earlier version targeted `frame + 3·J` of buffered *depth*; at jitter near zero that held
 //! two frames, 40 ms, where one phase offset (0–20 ms) suffices. Slack measures what matters: the
@@ -168,7 +168,7 @@ pub struct JitterStats {
     pub restarts: u64,
     /// Ticks that played nothing on purpose to grow the delay.
     pub stretched: u64,
-    /// Frames dropped to take back a stretch that was no longer needed.
+    /// Frames dropped to take back a stretch (or a restart's frame) that was no longer needed.
     pub unstretched: u64,
 }
 
@@ -215,7 +215,8 @@ pub struct JitterBuffer {
     pending_resync: Option<u16>,
     last_arrival: Option<Duration>,
     last_level: Option<AudioLevel>,
-    /// Frames of delay added by stretching since playout (re)started and not taken back.
+    /// Frames of delay added by stretching, or by the last restart after running dry, and not
+    /// taken back yet.
     stretched_frames: u32,
     /// Consecutive windows in which the stretched delay was not needed.
     calm_windows: u32,

@@ -5,9 +5,9 @@
 //! on their own packetisation clock, so their frames arrive at a few stable phases of the frame.
 //! The [`TickClock`] moves the room's tick, by at most `max_step` per frame, to sit `margin` after
 //! the latest arrival phase before the largest gap between those phases (a stream whose jitter
-//! buffer needs more than `margin` gets its own, [`TickClock::observe_with_margin`]): the frames of the
-//! cluster wait about as little as the margin allows, and only a talker alone on the far side of
-//! the largest gap waits longer. With one talker, its frames wait the margin.
+//! buffer needs more than `margin` gets its own, [`TickClock::observe_with_margin`]): the frames
+//! of the cluster wait about as little as the margin allows, and only a talker alone on the far
+//! side of the largest gap waits longer. With one talker, its frames wait the margin.
 //!
 //! Each mixed stream's phase is its *late edge*: about the 90th percentile of the phases of its
 //! last [`WINDOW`] frames (taken around the newest one, so jitter widens it only on the late
