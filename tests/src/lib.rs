@@ -18,6 +18,7 @@ pub mod media_server;
 pub mod mediaserver_process;
 pub mod mesh_cluster;
 pub mod swarm;
+pub mod swarm_network;
 pub mod telephony;
 pub mod transfer;
 

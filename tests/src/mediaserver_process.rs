@@ -30,6 +30,10 @@ pub struct ProcessOptions {
     /// Split fan-outs to at least this many participants across the workers
     /// (`--parallel-fan-out-min`).
     pub parallel_fan_out_min: Option<usize>,
+    /// Bind the media socket on this address and advertise it (`--udp-addr`,
+    /// `--public-address`), instead of 127.0.0.1: the bench's swarm network
+    /// ([`crate::swarm_network::SERVER_IP`]).
+    pub udp_ip: Option<std::net::IpAddr>,
     /// Participants the server and one room accept (the defaults are lower than a capacity run).
     pub max_participants: Option<usize>,
     /// Place phone calls: the server runs as the one node of a mesh plan (file, CA and
@@ -88,7 +92,13 @@ impl ServerProcess {
         let key = random_key();
         let key_file = workdir.join("join-key");
         std::fs::write(&key_file, &key)?;
-        let (http, udp) = (crate::free_tcp_addr()?, crate::free_udp_addr()?);
+        let udp_ip = options
+            .udp_ip
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let udp = std::net::UdpSocket::bind((udp_ip, 0))
+            .and_then(|s| s.local_addr())
+            .with_context(|| format!("no free UDP port on {udp_ip}"))?;
+        let http = crate::free_tcp_addr()?;
         // A server with telephony runs as the one node of a mesh plan (where the block lives).
         let mesh = match &options.telephony {
             Some(t) => {
@@ -135,7 +145,7 @@ impl ServerProcess {
             .arg("serve")
             .args(["--http-addr", &http.to_string()])
             .args(["--udp-addr", &udp.to_string()])
-            .args(["--public-address", "127.0.0.1"])
+            .args(["--public-address", &udp_ip.to_string()])
             .args(["--conference", &conference])
             .arg("--join-key-file")
             .arg(&key_file)

@@ -144,6 +144,9 @@ pub struct SwarmConfig {
     /// never charges the server. Polling keeps the sockets' wait queues empty. `None` waits
     /// in `epoll` (lowest reaction time, for tests that time single packets).
     pub poll_interval: Option<Duration>,
+    /// Create the listeners' sockets in another network namespace (the bench's
+    /// [`crate::swarm_network`]); `bind_ip` must then be an address of that namespace.
+    pub netns: Option<crate::swarm_network::NetnsBinder>,
 }
 
 impl std::fmt::Debug for SwarmConfig {
@@ -164,6 +167,7 @@ impl std::fmt::Debug for SwarmConfig {
             .field("consent_interval", &self.consent_interval)
             .field("rtcp_interval", &self.rtcp_interval)
             .field("poll_interval", &self.poll_interval)
+            .field("netns", &self.netns.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -194,6 +198,7 @@ impl SwarmConfig {
             consent_interval: Duration::from_millis(2500),
             rtcp_interval: Duration::from_secs(5),
             poll_interval: Some(Duration::from_millis(1)),
+            netns: None,
         }
     }
 
@@ -636,6 +641,7 @@ impl Swarm {
             crypto: Arc::clone(&crypto),
             direction: config.direction,
             bind_ip: config.bind_ip,
+            netns: config.netns.clone(),
             recv_buffer_bytes: config.recv_buffer_bytes,
             connect_timeout: config.connect_timeout,
         });

@@ -58,6 +58,10 @@ pub struct Plan {
     pub scaling_steps: Vec<usize>,
     /// The scaling servers split fan-outs to at least this many listeners across workers.
     pub scaling_parallel_min: usize,
+    /// Put the swarm in its own network namespace behind a veth pair
+    /// ([`crate::swarm_network`]) when this machine allows it; false, or where it cannot be
+    /// built: loopback.
+    pub swarm_on_veth: bool,
     /// One-way link delay for the cross-server scenario, ms.
     pub link_ms: u32,
     /// Onsets in the cross-server scenario.
@@ -97,6 +101,7 @@ impl Plan {
             instruction_listeners: 100,
             scaling_steps: vec![500, 1000, 2000],
             scaling_parallel_min: 256,
+            swarm_on_veth: true,
             link_ms: 40,
             cross_rounds: 20,
             codec_sizes: vec![10, 100, 1000],
@@ -132,6 +137,7 @@ impl Plan {
             scaling_steps: vec![10, 20],
             // Small enough that the smoke's rooms are split too.
             scaling_parallel_min: 2,
+            swarm_on_veth: true,
             link_ms: 20,
             cross_rounds: 2,
             codec_sizes: vec![10, 30],
@@ -301,6 +307,70 @@ async fn capacities(plan: &Plan, delay_limits: (f64, f64)) -> Result<BTreeMap<St
     Ok(out)
 }
 
+/// Where a ramp's listeners live: the swarm's own network namespace behind a veth pair
+/// ([`crate::swarm_network`]) when the plan asks for it and this machine can build it, else
+/// loopback (as in runs before the choice existed).
+struct SwarmPlace {
+    network: Option<crate::swarm_network::SwarmNetwork>,
+}
+
+impl SwarmPlace {
+    /// The swarm network with the server side's NAPI thread on `server_cpu` and the swarm
+    /// side's on the first other CPU (or loopback, saying why).
+    fn build(plan: &Plan) -> SwarmPlace {
+        if !plan.swarm_on_veth {
+            return SwarmPlace { network: None };
+        }
+        let swarm_cpu = parse_cpu_list(&all_cpus())
+            .into_iter()
+            .find(|c| *c != plan.capacity_cpu)
+            .unwrap_or(plan.capacity_cpu);
+        match crate::swarm_network::SwarmNetwork::up(plan.capacity_cpu, swarm_cpu) {
+            Ok(network) => SwarmPlace {
+                network: Some(network),
+            },
+            Err(err) => {
+                eprintln!("listeners: no swarm network, the swarm runs over loopback: {err:#}");
+                SwarmPlace { network: None }
+            }
+        }
+    }
+
+    /// The address the server's media socket binds and advertises.
+    fn server_ip(&self) -> Option<std::net::IpAddr> {
+        self.network
+            .as_ref()
+            .map(|_| crate::swarm_network::SERVER_IP)
+    }
+
+    /// `config`'s listeners, placed here.
+    fn place(&self, mut config: SwarmConfig) -> SwarmConfig {
+        if let Some(network) = &self.network {
+            config.bind_ip = crate::swarm_network::SWARM_IP;
+            config.netns = Some(network.binder());
+        }
+        config
+    }
+
+    /// `plan`, charging this place's kernel threads to the server and the generator.
+    fn charge(&self, plan: SwarmPlan) -> SwarmPlan {
+        match &self.network {
+            Some(network) => SwarmPlan {
+                server_threads: network.server_threads().to_vec(),
+                generator_threads: network.swarm_threads().to_vec(),
+                network: "veth",
+                ..plan
+            },
+            None => SwarmPlan {
+                server_threads: Vec::new(),
+                generator_threads: Vec::new(),
+                network: "loopback",
+                ..plan
+            },
+        }
+    }
+}
+
 /// Listener capacity by swarm: a fresh server pinned to `plan.capacity_cpu` with 3 talkers,
 /// this process (talkers and swarm) on the other CPUs.
 pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity>> {
@@ -309,12 +379,14 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         return Ok(out);
     }
     let _away = AwayFrom::cpu(plan.capacity_cpu)?;
+    let place = SwarmPlace::build(plan);
     {
         let largest = plan.listener_steps.iter().copied().max().unwrap_or(0);
         let server = ServerProcess::start(ProcessOptions {
             cpu: Some(plan.capacity_cpu),
             max_participants: Some(largest + 50),
             fan_out_workers: Some(1),
+            udp_ip: place.server_ip(),
             ..ProcessOptions::default()
         })
         .await?;
@@ -324,20 +396,26 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         };
         let talkers = delay::join_talkers(&room).await?;
         let tokens = server.token_maker("listeners");
-        let swarm_plan = SwarmPlan {
+        let swarm_plan = place.charge(SwarmPlan {
             steps: plan.listener_steps.clone(),
             window: plan.listener_window,
             sample_every: plan.listener_sample_every,
             server_cpus: 1.0,
-        };
+            server_threads: Vec::new(),
+            generator_threads: Vec::new(),
+            network: "loopback",
+        });
         // Receive-only listeners: Chorus's own listener transport.
         let t = tokens.clone();
         let c = listeners::measure(
             |k, n| {
                 let t = t.clone();
-                SwarmConfig::new(&server.base_url, "listeners", n, move |i| {
-                    t(&format!("listener-{k}-{i}"))
-                })
+                place.place(SwarmConfig::new(
+                    &server.base_url,
+                    "listeners",
+                    n,
+                    move |i| t(&format!("listener-{k}-{i}")),
+                ))
             },
             server.pid(),
             &swarm_plan,
@@ -375,7 +453,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
                 });
                 config.direction = Direction::SendRecv;
                 config.upstream = Upstream::Silence;
-                config
+                place.place(config)
             },
             server.pid(),
             &silence_plan,
@@ -386,7 +464,8 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         drop(room);
         drop(server);
 
-        // Janus AudioBridge by the same method: its listeners offer recvonly too.
+        // Janus AudioBridge by the same method: its listeners offer recvonly too. It gathers
+        // its host candidates at start, the swarm network's side among them.
         let janus = JanusServer::start(JanusOptions {
             cpu: Some(plan.capacity_cpu),
             debug_level: 3,
@@ -402,7 +481,13 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         };
         let talkers = delay::join_talkers(&venue).await?;
         let c = listeners::measure(
-            |_, n| SwarmConfig::janus(janus.base_url(), JanusTarget::new(janus_room), n),
+            |_, n| {
+                place.place(SwarmConfig::janus(
+                    janus.base_url(),
+                    JanusTarget::new(janus_room),
+                    n,
+                ))
+            },
             janus.pid(),
             &SwarmPlan {
                 steps: plan.listener_steps_janus.clone(),
@@ -428,6 +513,7 @@ async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity
         return Ok(out);
     }
     let _away = AwayFrom::cpu(plan.capacity_cpu)?;
+    let place = SwarmPlace::build(plan);
     let largest = plan.scaling_steps.iter().copied().max().unwrap_or(0);
     for workers in [1, 2] {
         let server = ServerProcess::start(ProcessOptions {
@@ -435,6 +521,7 @@ async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity
             max_participants: Some(largest + 50),
             fan_out_workers: Some(workers),
             parallel_fan_out_min: Some(plan.scaling_parallel_min),
+            udp_ip: place.server_ip(),
             ..ProcessOptions::default()
         })
         .await?;
@@ -447,17 +534,20 @@ async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity
         let c = listeners::measure(
             |k, n| {
                 let t = tokens.clone();
-                SwarmConfig::new(&server.base_url, "scaling", n, move |i| {
+                place.place(SwarmConfig::new(&server.base_url, "scaling", n, move |i| {
                     t(&format!("scaling-{k}-{i}"))
-                })
+                }))
             },
             server.pid(),
-            &SwarmPlan {
+            &place.charge(SwarmPlan {
                 steps: plan.scaling_steps.clone(),
                 window: plan.listener_window,
                 sample_every: plan.listener_sample_every,
                 server_cpus: cpus as f64,
-            },
+                server_threads: Vec::new(),
+                generator_threads: Vec::new(),
+                network: "loopback",
+            }),
         )
         .await?;
         let name = if workers == 1 {
@@ -1081,7 +1171,13 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
             Value::Null
         }
     };
+    // Where the swarm ran in the last run (`veth` or `loopback`; older runs: loopback).
+    let network = runs
+        .last()
+        .and_then(|r| r.get("chorus"))
+        .map(|c| c.network.clone().unwrap_or_else(|| "loopback".to_owned()));
     json!({
+        "network": network,
         "held_one_core": med("chorus", |c| c.held_one_core as f64),
         "per_core_cpu": chorus_per_core,
         "cpu_seconds_per_listener_second": med("chorus", |c| c.cpu_per_listener),

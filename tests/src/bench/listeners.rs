@@ -41,6 +41,8 @@ pub fn last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64
 pub const MAX_LOSS: f64 = 0.001;
 /// A server above this share of its core is saturated: the step does not hold.
 const SERVER_SATURATED: f64 = 0.95;
+/// A generator above this share of its core may have been the limit, not the server.
+const GENERATOR_SATURATED: f64 = 0.8;
 
 /// How a ramp runs.
 #[derive(Debug, Clone)]
@@ -53,6 +55,27 @@ pub struct SwarmPlan {
     pub sample_every: u32,
     /// CPUs the server may use: a step whose server is above 95 % of them does not hold.
     pub server_cpus: f64,
+    /// Other threads (pids) whose CPU is charged to the server: on the swarm network, its
+    /// side's NAPI thread (`crate::swarm_network`).
+    pub server_threads: Vec<u32>,
+    /// Other threads whose CPU is the generator's, beside the swarm's media thread: on the
+    /// swarm network, the listeners' NAPI thread, on the swarm's CPU.
+    pub generator_threads: Vec<u32>,
+    /// The network between the server and the swarm, for the results: `"veth"` or
+    /// `"loopback"`.
+    pub network: &'static str,
+}
+
+/// The CPU time of `pid` and of `others` together.
+fn cpu_time_of(pid: Option<u32>, others: &[u32]) -> Result<Duration> {
+    let mut total = match pid {
+        Some(pid) => process_cpu_time(pid)?,
+        None => Duration::ZERO,
+    };
+    for &other in others {
+        total += process_cpu_time(other)?;
+    }
+    Ok(total)
 }
 
 /// One step of the ramp.
@@ -117,6 +140,11 @@ pub struct ListenerCapacity {
     /// (`super::instructions`); `None` where not counted.
     #[serde(default)]
     pub instructions_per_listener_packet: Option<f64>,
+    /// The network between the server and the swarm: `"veth"` (the swarm's own namespace,
+    /// `crate::swarm_network`) or `"loopback"`; `None` in runs recorded before the choice
+    /// existed (loopback).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`, which reads back as NaN here.
@@ -143,7 +171,7 @@ pub fn fit_line(points: &[(f64, f64)]) -> (f64, f64) {
 }
 
 /// The summary of a ramp's steps.
-pub fn summarize(steps: Vec<SwarmStep>) -> ListenerCapacity {
+pub fn summarize(steps: Vec<SwarmStep>, network: Option<String>) -> ListenerCapacity {
     // Only steps that held: a saturated server, or one that dropped or lost packets, did less
     // than the step asked of it, and its CPU would flatten the slope (Janus at 100 listeners
     // used 98 % of its core and lost packets; counted, it doubled Janus's listeners per core).
@@ -166,6 +194,7 @@ pub fn summarize(steps: Vec<SwarmStep>) -> ListenerCapacity {
         per_core: 1.0 / slope,
         held_one_core,
         instructions_per_listener_packet: None,
+        network,
     }
 }
 
@@ -185,10 +214,16 @@ pub async fn measure(
         let join_seconds = swarm.join_duration().as_secs_f64();
         // Warm up: every listener past its first packets, the server's batches steady.
         swarm.run_for(Duration::from_secs(1)).await?;
-        let server0 = process_cpu_time(server_pid)?;
+        let server0 = cpu_time_of(Some(server_pid), &plan.server_threads)?;
+        let generator0 = cpu_time_of(None, &plan.generator_threads)?;
         let report = swarm.run_for(plan.window).await?;
+        let window = report.window.as_secs_f64();
         let server_cpu =
-            (process_cpu_time(server_pid)? - server0).as_secs_f64() / report.window.as_secs_f64();
+            (cpu_time_of(Some(server_pid), &plan.server_threads)? - server0).as_secs_f64() / window;
+        // The media thread and (on the swarm network) the listeners' NAPI thread share the
+        // swarm's CPU: together they say whether the generator kept up.
+        let generator_cpu = report.swarm_core_fraction
+            + (cpu_time_of(None, &plan.generator_threads)? - generator0).as_secs_f64() / window;
         // A failed leave (a participant the server had already let go, say) is recorded, not
         // fatal: the window's figures above are complete whatever happens after it.
         let leave_error = swarm.leave().await.err().map(|e| format!("{e:#}"));
@@ -205,7 +240,7 @@ pub async fn measure(
         if let Err(err) = &checked {
             eprintln!("listeners: {n}: {err:#}");
         }
-        let generator_limited = report.generator_saturated();
+        let generator_limited = generator_cpu > GENERATOR_SATURATED;
         // The fan-out's spread: the last-admitted listener's delay after the first's, by kernel
         // receive stamps of the same payload (listener 0, the reference, is admitted first).
         let last_minus_first_ms = report
@@ -217,7 +252,7 @@ pub async fn measure(
             joined: report.listeners_joined,
             join_seconds,
             server_cpu,
-            generator_cpu: report.swarm_core_fraction,
+            generator_cpu,
             packets: report.packets_received,
             loss,
             kernel_drops,
@@ -267,7 +302,7 @@ pub async fn measure(
         // Let the server forget the last swarm before the next one joins.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(summarize(steps))
+    Ok(summarize(steps, Some(plan.network.to_owned())))
 }
 
 #[cfg(test)]
@@ -296,15 +331,18 @@ mod tests {
 
     #[test]
     fn the_slope_and_intercept_come_from_the_steps_that_held() {
-        let c = summarize(vec![
-            step(250, 0.05 + 250.0 * 1e-4, false, true),
-            step(500, 0.05 + 500.0 * 1e-4, false, true),
-            step(1000, 0.05 + 1000.0 * 1e-4, false, true),
-            // A generator-limited step, or a saturated server's, would bend the line: both
-            // are left out.
-            step(2000, 0.10, true, false),
-            step(4000, 0.98, false, false),
-        ]);
+        let c = summarize(
+            vec![
+                step(250, 0.05 + 250.0 * 1e-4, false, true),
+                step(500, 0.05 + 500.0 * 1e-4, false, true),
+                step(1000, 0.05 + 1000.0 * 1e-4, false, true),
+                // A generator-limited step, or a saturated server's, would bend the line: both
+                // are left out.
+                step(2000, 0.10, true, false),
+                step(4000, 0.98, false, false),
+            ],
+            Some("veth".into()),
+        );
         assert!((c.cpu_per_listener - 1e-4).abs() < 1e-9, "{c:?}");
         assert!((c.fixed_cpu - 0.05).abs() < 1e-9, "{c:?}");
         assert!((c.per_core - 10_000.0).abs() < 1e-3, "{c:?}");
@@ -313,7 +351,7 @@ mod tests {
 
     #[test]
     fn one_point_makes_no_slope() {
-        let c = summarize(vec![step(250, 0.1, false, true)]);
+        let c = summarize(vec![step(250, 0.1, false, true)], None);
         assert!(c.cpu_per_listener.is_nan());
         assert_eq!(c.held_one_core, 250);
         let (slope, _) = fit_line(&[(1.0, 1.0), (1.0, 2.0)]);

@@ -616,30 +616,38 @@ pub fn listener_capacity_section(
         "One server pinned to a core, 3 talkers, and a swarm of receive-only listeners in one \
          process on the other core: each listener with real ICE, DTLS and its own SRTP keys; \
          every listener's sequence numbers tracked, 1 packet in 100 decrypted and compared with \
-         a reference listener's. A step holds at ≤ 0.1 % loss, every listener checked, no kernel \
-         drop, the server below 95 % of its core and the swarm below 80 % of its own (else the \
-         step is marked as limited by the generator). The slope is server CPU over listeners, \
-         by least squares over the steps that held (a failed step did less than it asked); a \
-         ramp with one such step has none. \"Last − first\" is the median delay of the \
-         last-admitted listener after the first's, from kernel receive stamps of the same \
-         payload (Janus encodes per listener, so it has no such pairs). Chorus's listeners offer \
-         recvonly; \"streaming silence\" listeners offer sendrecv and send 50 packets/s of \
-         Opus silence, so each is a whole WebRTC peer; Janus's listeners offer recvonly. The \
-         scaling ramps put the server on every CPU (the swarm still on all but the first) with \
-         one fan-out worker, then two, which cut each frame's listeners into two lanes sealed \
-         and sent on two threads; their \"held\" column is the largest step held on those CPUs.\n"
+         a reference listener's. The network column says where the swarm ran: `veth` is its own \
+         network namespace behind a veth pair with threaded NAPI (`scripts/swarm-netns`), so the \
+         kernel's delivery to the listeners' sockets runs on a kernel thread on the swarm's CPU \
+         (charged to the generator) and the server's send ends at the veth, as at a NIC; the \
+         server side's NAPI thread is on the server's CPU and charged to the server. Over \
+         `loopback` the server's `sendmmsg` also runs the delivery to every listener's socket. \
+         A step holds at ≤ 0.1 % loss, every listener checked, no kernel drop, the server below \
+         95 % of its core and the swarm (its media thread and, on veth, its NAPI thread) below \
+         80 % of its own (else the step is marked as limited by the generator). The slope is \
+         server CPU over listeners, by least squares over the steps that held (a failed step \
+         did less than it asked); a ramp with one such step has none. \"Last − first\" is the \
+         median delay of the last-admitted listener after the first's, from kernel receive \
+         stamps of the same payload (Janus encodes per listener, so it has no such pairs). \
+         Chorus's listeners offer recvonly; \"streaming silence\" listeners offer sendrecv and \
+         send 50 packets/s of Opus silence, so each is a whole WebRTC peer; Janus's listeners \
+         offer recvonly. The scaling ramps put the server on every CPU (the swarm still on all \
+         but the first) with one fan-out worker, then two, which cut each frame's listeners \
+         into two lanes sealed and sent on two threads; their \"held\" column is the largest \
+         step held on those CPUs.\n"
     );
     let _ = writeln!(
         md,
-        "| run | system | CPU-seconds per listener-second | fixed cost | listeners per core (slope) | held on one core |"
+        "| run | system | network | CPU-seconds per listener-second | fixed cost | listeners per core (slope) | held on one core |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for (k, run) in runs.iter().enumerate() {
         for (name, c) in run.iter() {
             let _ = writeln!(
                 md,
-                "| {} | {name} | {:.3e} | {:.1} % of a core | {:.0} | {} |",
+                "| {} | {name} | {} | {:.3e} | {:.1} % of a core | {:.0} | {} |",
                 k + 1,
+                c.network.as_deref().unwrap_or("loopback"),
                 c.cpu_per_listener,
                 c.fixed_cpu * 100.0,
                 c.per_core,

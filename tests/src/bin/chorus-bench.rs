@@ -46,16 +46,28 @@ struct Args {
     /// `chorus,chorus_low_delay`); the others are reported as missing.
     #[arg(long, value_delimiter = ',')]
     delay_systems: Vec<String>,
+    /// Run the listener swarm over loopback even where its own network namespace (a veth pair
+    /// with threaded NAPI, `scripts/swarm-netns`) can be built: for comparing the two.
+    #[arg(long)]
+    swarm_loopback: bool,
+    /// With `--only listeners`: these receive-only steps instead of the plan's (comma-separated
+    /// listener counts), for a quick look; the other ramps keep theirs.
+    #[arg(long, value_delimiter = ',')]
+    listener_steps: Vec<usize>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let plan = if args.smoke {
+    let mut plan = if args.smoke {
         harness::Plan::smoke()
     } else {
         harness::Plan::full(args.runs.max(1))
     };
+    plan.swarm_on_veth = !args.swarm_loopback;
+    if !args.listener_steps.is_empty() {
+        plan.listener_steps.clone_from(&args.listener_steps);
+    }
     match args.only.as_deref() {
         Some("transfer") => return only_transfer(&args, &plan).await,
         Some("delay") => return only_delay(&args, &plan).await,
@@ -82,7 +94,7 @@ async fn main() -> Result<()> {
             for c in run.listener_capacity.values_mut() {
                 // The callgrind count is not in the steps: kept as measured.
                 let counted = c.instructions_per_listener_packet;
-                *c = listeners::summarize(std::mem::take(&mut c.steps));
+                *c = listeners::summarize(std::mem::take(&mut c.steps), c.network.clone());
                 c.instructions_per_listener_packet = counted;
             }
         }

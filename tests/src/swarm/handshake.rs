@@ -88,6 +88,8 @@ pub(crate) struct JoinContext {
     pub(crate) crypto: Arc<dyn RTCCryptoProvider>,
     pub(crate) direction: Direction,
     pub(crate) bind_ip: IpAddr,
+    /// Where the sockets are created, when not in this process's namespace.
+    pub(crate) netns: Option<crate::swarm_network::NetnsBinder>,
     pub(crate) recv_buffer_bytes: usize,
     pub(crate) connect_timeout: Duration,
 }
@@ -191,9 +193,16 @@ impl std::fmt::Debug for Joined {
 
 /// Binds a listener socket on `ip` port 0, with a receive buffer of `recv_buffer_bytes` and
 /// SO_RXQ_OVFL on (so every datagram read reports the socket's drop counter).
-fn bind_socket(ip: IpAddr, recv_buffer_bytes: usize) -> Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
-        .with_context(|| format!("binding a listener socket on {ip}"))?;
+fn bind_socket(
+    ip: IpAddr,
+    netns: Option<&crate::swarm_network::NetnsBinder>,
+    recv_buffer_bytes: usize,
+) -> Result<std::net::UdpSocket> {
+    let socket = match netns {
+        Some(binder) => binder.bind(SocketAddr::new(ip, 0))?,
+        None => std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding a listener socket on {ip}"))?,
+    };
     socket.set_nonblocking(true)?;
     // SO_RCVBUFFORCE passes net.core.rmem_max when privileged; otherwise the capped SO_RCVBUF.
     if setsockopt(&socket, sockopt::RcvBufForce, &recv_buffer_bytes).is_err() {
@@ -352,7 +361,7 @@ pub(crate) async fn join_one(
     index: usize,
     token: String,
 ) -> Result<(Joined, Membership)> {
-    let socket = bind_socket(ctx.bind_ip, ctx.recv_buffer_bytes)?;
+    let socket = bind_socket(ctx.bind_ip, ctx.netns.as_ref(), ctx.recv_buffer_bytes)?;
     let local = socket.local_addr()?;
     let socket = tokio::net::UdpSocket::from_std(socket)?;
     let (local_ufrag, local_pwd) = ice::local_credentials();
@@ -468,8 +477,8 @@ async fn connect(
         let now = Instant::now();
         if now >= deadline {
             bail!(
-                "listener {index} ({local}) not connected {:?} after the answer: ICE {}, DTLS \
-                 not complete",
+                "listener {index} ({local}) not connected to {remote} {:?} after the answer: ICE \
+                 {}, DTLS not complete",
                 ctx.connect_timeout,
                 if ice_done.is_some() {
                     "done"

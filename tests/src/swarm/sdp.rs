@@ -117,8 +117,9 @@ pub(crate) const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-
 
 /// Parses the server's answer. Session-level attributes count as defaults for the one media
 /// section, as RFC 8866 says. Of several candidates (a full ICE agent such as Janus lists one
-/// per interface and family), the first on `local_ip` itself wins, then the first of its
-/// family: the listener has one socket and checks one pair.
+/// per interface and family), the first on `local_ip` itself wins, then the first on its
+/// IPv4 /24 (the server's side of the bench's swarm network), then the first of its family:
+/// the listener has one socket and checks one pair.
 pub(crate) fn parse_answer(sdp: &str, local_ip: IpAddr) -> Result<Answer> {
     let mut ice_ufrag = None;
     let mut ice_pwd = None;
@@ -169,6 +170,7 @@ pub(crate) fn parse_answer(sdp: &str, local_ip: IpAddr) -> Result<Answer> {
     let candidate = candidates
         .iter()
         .find(|c| c.ip() == local_ip)
+        .or_else(|| candidates.iter().find(|c| same_slash_24(c.ip(), local_ip)))
         .or_else(|| {
             candidates
                 .iter()
@@ -195,6 +197,14 @@ pub(crate) fn parse_answer(sdp: &str, local_ip: IpAddr) -> Result<Answer> {
         direction: direction.unwrap_or_else(|| "sendrecv".to_owned()),
         audio_level_id,
     })
+}
+
+/// Whether `a` and `b` are IPv4 addresses of one /24.
+fn same_slash_24(a: IpAddr, b: IpAddr) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a.octets()[..3] == b.octets()[..3],
+        _ => false,
+    }
 }
 
 /// `foundation component transport priority address port typ type ...`: the address of a
@@ -246,6 +256,17 @@ mod tests {
         // Another IPv4 address is second best; IPv6 only is unusable from an IPv4 socket.
         let elsewhere = parse_answer(answer, IpAddr::from([10, 0, 0, 1])).expect("parses");
         assert_eq!(elsewhere.candidate, parsed.candidate);
+        // A candidate on the listener's own /24 beats the first of the family.
+        let two_nets = answer.replace(
+            "a=candidate:1 1 udp 2130706431 127.0.0.1 4000 typ host\r\n",
+            "a=candidate:1 1 udp 2130706431 192.0.2.2 4000 typ host\r\n\
+             a=candidate:2 1 udp 2130706431 10.77.0.1 4002 typ host\r\n",
+        );
+        let on_own_net = parse_answer(&two_nets, IpAddr::from([10, 77, 0, 2])).expect("parses");
+        assert_eq!(
+            on_own_net.candidate,
+            "10.77.0.1:4002".parse::<SocketAddr>().expect("addr")
+        );
         let v6_only = answer.replace(
             "a=candidate:1 1 udp 2130706431 127.0.0.1 4000 typ host\r\n",
             "",
