@@ -93,7 +93,7 @@ impl Plan {
             delay_systems: Vec::new(),
             capacity_max_listeners: 3000,
             capacity_cpu: 0,
-            listener_steps: vec![250, 500, 1000, 2000, 4000, 8000],
+            listener_steps: vec![250, 500, 1000, 2000, 3000, 4000, 8000],
             listener_window: std::time::Duration::from_secs(5),
             listener_sample_every: 100,
             listener_steps_streaming_max: 2000,
