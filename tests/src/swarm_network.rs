@@ -95,6 +95,22 @@ pub struct SwarmNetwork {
     binder: NetnsBinder,
     server_threads: Vec<u32>,
     swarm_threads: Vec<u32>,
+    // Declared last, so the pair goes down after the binder's channel has closed.
+    _pair: PairDown,
+}
+
+/// Takes the namespace and pair down when dropped, whatever failed after they went up.
+#[derive(Debug)]
+struct PairDown;
+
+impl Drop for PairDown {
+    fn drop(&mut self) {
+        let script = crate::workspace_root().join("scripts/swarm-netns");
+        match Command::new(&script).arg("down").status() {
+            Ok(s) if s.success() => {}
+            other => eprintln!("swarm network: {} down: {other:?}", script.display()),
+        }
+    }
 }
 
 impl SwarmNetwork {
@@ -106,6 +122,9 @@ impl SwarmNetwork {
             .args(["up", &server_cpu.to_string(), &swarm_cpu.to_string()])
             .output()
             .with_context(|| format!("running {}", script.display()))?;
+        // From here on the guard takes the pair down, also when `up` stopped half-way (the
+        // script stops at its first error and leaves what it built).
+        let pair = PairDown;
         if !out.status.success() {
             bail!(
                 "{} up failed ({}): {}",
@@ -114,18 +133,12 @@ impl SwarmNetwork {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        // From here on, Drop takes the pair down again, whatever fails next.
-        let mut network = SwarmNetwork {
-            binder: NetnsBinder {
-                requests: mpsc::channel().0,
-            },
-            server_threads: Vec::new(),
-            swarm_threads: Vec::new(),
-        };
-        network.server_threads = napi_threads("csrv")?;
-        network.swarm_threads = napi_threads("cswarm")?;
-        network.binder = NetnsBinder::spawn(NAMESPACE)?;
-        Ok(network)
+        Ok(SwarmNetwork {
+            server_threads: napi_threads("csrv")?,
+            swarm_threads: napi_threads("cswarm")?,
+            binder: NetnsBinder::spawn(NAMESPACE)?,
+            _pair: pair,
+        })
     }
 
     /// Binds sockets on [`SWARM_IP`].
@@ -141,16 +154,6 @@ impl SwarmNetwork {
     /// Kernel threads whose CPU is the swarm's (the listeners' delivery).
     pub fn swarm_threads(&self) -> &[u32] {
         &self.swarm_threads
-    }
-}
-
-impl Drop for SwarmNetwork {
-    fn drop(&mut self) {
-        let script = crate::workspace_root().join("scripts/swarm-netns");
-        match Command::new(&script).arg("down").status() {
-            Ok(s) if s.success() => {}
-            other => eprintln!("swarm network: {} down: {other:?}", script.display()),
-        }
     }
 }
 
