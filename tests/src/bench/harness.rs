@@ -352,21 +352,25 @@ impl SwarmPlace {
         config
     }
 
-    /// `plan`, charging this place's kernel threads to the server and the generator.
-    fn charge(&self, plan: SwarmPlan) -> SwarmPlan {
-        match &self.network {
-            Some(network) => SwarmPlan {
-                server_threads: network.server_threads().to_vec(),
-                generator_threads: network.swarm_threads().to_vec(),
-                network: "veth",
-                ..plan
-            },
-            None => SwarmPlan {
-                server_threads: Vec::new(),
-                generator_threads: Vec::new(),
-                network: "loopback",
-                ..plan
-            },
+    /// A ramp of `steps` run here: this place's kernel threads charged to the server and the
+    /// generator, and its network named in the results.
+    fn ramp(&self, steps: Vec<usize>, plan: &Plan, server_cpus: f64) -> SwarmPlan {
+        let (server_threads, generator_threads, network) = match &self.network {
+            Some(n) => (
+                n.server_threads().to_vec(),
+                n.swarm_threads().to_vec(),
+                "veth",
+            ),
+            None => (Vec::new(), Vec::new(), "loopback"),
+        };
+        SwarmPlan {
+            steps,
+            window: plan.listener_window,
+            sample_every: plan.listener_sample_every,
+            server_cpus,
+            server_threads,
+            generator_threads,
+            network,
         }
     }
 }
@@ -396,15 +400,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         };
         let talkers = delay::join_talkers(&room).await?;
         let tokens = server.token_maker("listeners");
-        let swarm_plan = place.charge(SwarmPlan {
-            steps: plan.listener_steps.clone(),
-            window: plan.listener_window,
-            sample_every: plan.listener_sample_every,
-            server_cpus: 1.0,
-            server_threads: Vec::new(),
-            generator_threads: Vec::new(),
-            network: "loopback",
-        });
+        let swarm_plan = place.ramp(plan.listener_steps.clone(), plan, 1.0);
         // Receive-only listeners: Chorus's own listener transport.
         let t = tokens.clone();
         let c = listeners::measure(
@@ -539,15 +535,7 @@ async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity
                 }))
             },
             server.pid(),
-            &place.charge(SwarmPlan {
-                steps: plan.scaling_steps.clone(),
-                window: plan.listener_window,
-                sample_every: plan.listener_sample_every,
-                server_cpus: cpus as f64,
-                server_threads: Vec::new(),
-                generator_threads: Vec::new(),
-                network: "loopback",
-            }),
+            &place.ramp(plan.scaling_steps.clone(), plan, cpus as f64),
         )
         .await?;
         let name = if workers == 1 {
