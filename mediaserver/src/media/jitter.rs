@@ -250,8 +250,8 @@ pub struct JitterBuffer {
     windows_since_skip: u32,
     /// The RTP timestamp of the last frame played from a real packet.
     last_played_timestamp: Option<u32>,
-    /// While playout has run dry: the tick it ran dry at, and the ticks since.
-    dry: Option<(Duration, u32)>,
+    /// While playout has run dry: ticks since it did (one tick call per frame).
+    dry_ticks: Option<u32>,
     stats: JitterStats,
 }
 
@@ -289,7 +289,7 @@ impl JitterBuffer {
             close_last_window: false,
             windows_since_skip: SKIP_LATE_EVERY_WINDOWS,
             last_played_timestamp: None,
-            dry: None,
+            dry_ticks: None,
             stats: JitterStats::default(),
         }
     }
@@ -411,7 +411,7 @@ impl JitterBuffer {
         self.window = SlackWindow::default();
         self.pending_resync = None;
         self.last_played_timestamp = None;
-        self.dry = None;
+        self.dry_ticks = None;
         self.stats.resyncs += 1;
     }
 
@@ -545,9 +545,9 @@ impl JitterBuffer {
     /// numbers but not its timestamps, and its first packet is the onset, never skipped.
     fn skip_late_packet(&mut self, first: u64) -> bool {
         let frame_samples = self.cfg.frame_ms.saturating_mul(SAMPLE_RATE / 1000);
-        let missed = match (self.dry, self.next, self.last_played_timestamp) {
+        let missed = match (self.dry_ticks, self.next, self.last_played_timestamp) {
             // It was not here at the tick it was due (the buffer ran dry), so it came since.
-            (Some((_, 1)), Some(next), Some(last)) if next == first => self
+            (Some(1), Some(next), Some(last)) if next == first => self
                 .held
                 .get(&first)
                 .is_some_and(|h| h.timestamp == last.wrapping_add(frame_samples)),
@@ -573,16 +573,14 @@ impl JitterBuffer {
     pub fn tick(&mut self, now: Duration) -> Playout {
         self.last_arrival = None;
         self.last_level = None;
-        if let Some((at, ticks)) = self.dry.as_mut()
-            && *at < now
-        {
+        if let Some(ticks) = self.dry_ticks.as_mut() {
             *ticks += 1;
         }
         let Some((&first, _)) = self.held.first_key_value() else {
             if self.playing {
                 // Ran dry: rebuffer before playing again, which also adds delay.
                 self.playing = false;
-                self.dry = Some((now, 0));
+                self.dry_ticks = Some(0);
                 self.stats.underruns += 1;
             }
             return Playout::Empty;
@@ -594,7 +592,7 @@ impl JitterBuffer {
         if !self.playing && self.skip_late_packet(first) {
             // Playout goes on at its old delay, with the frame after the late one.
             self.playing = true;
-            self.dry = None;
+            self.dry_ticks = None;
         } else if !self.playing {
             let earliest = self.held.values().map(|h| h.arrival).min().unwrap_or(now);
             let waited_ms = now.saturating_sub(earliest).as_secs_f64() * 1000.0;
@@ -619,7 +617,7 @@ impl JitterBuffer {
             }
             self.next = Some(first);
             self.playing = true;
-            self.dry = None;
+            self.dry_ticks = None;
             self.window = SlackWindow::default();
         }
 
