@@ -151,7 +151,7 @@ impl Metrics {
             jitter_adjustments: IntCounterVec::new(
                 Opts::new(
                     "chorus_jitter_adjustments_total",
-                    "Jitter-buffer events that change a talker's delay, by kind: late (a packet after its tick), underrun (ran dry: a pause, an end, or a packet that missed its tick), restart (played again after running dry, a frame or more later), stretch (a frame added), unstretch (an added frame taken back), shed (excess delay dropped), skip (a packet that missed its tick by less than a frame dropped, the next being on time: one frame concealed, no delay added).",
+                    "Jitter-buffer events that change a talker's delay, by kind: late (a packet after its tick), underrun (ran dry: a pause, an end, or a packet that missed its tick), restart (played again after running dry, a frame or more later), stretch (a frame added), unstretch (an added frame taken back), shed (excess delay dropped).",
                 ),
                 &["kind"],
             )

@@ -19,13 +19,9 @@
 //!   enough is buffered to cover `T` after the first pop;
 //! - over each window of ticks the smallest slack of the frames played is tracked: if it exceeded
 //!   `T` by whole frames, that delay was never needed and as many frames are dropped at once
-//!   (delay shrinks); if a packet arrived after its tick had passed, or frames came closer to
-//!   their tick than `T/2` twice (in one window, or in two in a row), one tick plays nothing
-//!   (delay grows). An underrun also grows the delay, because playout restarts only after
-//!   waiting the (by then larger) target;
-//! - except once in a while: a packet that misses its tick by less than a frame, while the one
-//!   after it is on time, is dropped (its frame was concealed) and playout keeps its delay
-//!   ([`SKIP_LATE_EVERY_WINDOWS`]), and a single near miss adds nothing;
+//!   (delay shrinks); if a packet arrived after its tick had passed, or the smallest slack fell below
+//!   `T/2`, one tick plays nothing (delay grows). An underrun also grows the delay, because
+//!   playout restarts only after waiting the (by then larger) target;
 //! - a frame of delay added that way (or by restarting after an underrun) is taken back, one
 //!   frame dropped, once [`UNDO_STRETCH_AFTER_WINDOWS`] windows in a row would have played every
 //!   frame without it with slack of at least `T/2` and a quarter of `T` to spare. Without this,
@@ -62,17 +58,6 @@ const ADAPT_WINDOW_TICKS: u32 = 25;
 /// seconds of 20 ms packets): a talker whose packets are late now and then is stretched and
 /// shrunk at most once per this many windows, not every other window.
 pub const UNDO_STRETCH_AFTER_WINDOWS: u32 = 4;
-
-/// A packet that misses its tick by less than a frame, while the packet after it is on time, is
-/// dropped (its frame was concealed at the tick it missed) and playout goes on at the same delay,
-/// at most once per this many windows (one second of 20 ms packets, so at most 2 % of frames).
-/// A second miss sooner restarts playout a frame later, as any run-dry does. Without it, one
-/// packet a scheduler or a queue held back for a few milliseconds cost the talker the aligned
-/// tick follows (whose frames wait only the tick's margin) a frame of delay for the seconds it
-/// takes to be sure the frame is not needed, and a second glitch when it is taken back: the
-/// largest part of the delay's tail in the bench. Real jitter buffers likewise accept a little
-/// late loss rather than chase every outlier.
-pub const SKIP_LATE_EVERY_WINDOWS: u32 = 2;
 
 /// A packet this far (in sequence numbers) from the highest seen is not reordering or loss but a
 /// restarted sender; two consecutive such packets resynchronise the buffer.
@@ -185,9 +170,6 @@ pub struct JitterStats {
     pub stretched: u64,
     /// Frames dropped to take back a stretch (or a restart's frame) that was no longer needed.
     pub unstretched: u64,
-    /// Packets that missed their tick by less than a frame and were dropped, the frame after
-    /// them being on time: playout went on at the same delay (see [`SKIP_LATE_EVERY_WINDOWS`]).
-    pub skipped: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -195,7 +177,6 @@ struct Held {
     payload: Bytes,
     arrival: Duration,
     level: Option<AudioLevel>,
-    timestamp: u32,
 }
 
 /// What a tumbling window of ticks saw of the slack (tick time minus arrival) of played frames.
@@ -206,16 +187,11 @@ struct SlackWindow {
     min_slack_ms: Option<f64>,
     /// Packets that arrived after their tick had passed.
     late: u32,
-    /// Frames played with less slack than half the target: near misses.
-    close: u32,
 }
 
 impl SlackWindow {
-    fn played(&mut self, slack_ms: f64, target_ms: f64) {
+    fn played(&mut self, slack_ms: f64) {
         self.min_slack_ms = Some(self.min_slack_ms.map_or(slack_ms, |m| m.min(slack_ms)));
-        if slack_ms < target_ms / 2.0 {
-            self.close += 1;
-        }
     }
 }
 
@@ -244,14 +220,6 @@ pub struct JitterBuffer {
     stretched_frames: u32,
     /// Consecutive windows in which the stretched delay was not needed.
     calm_windows: u32,
-    /// The last window had a near miss (see [`SlackWindow::close`]).
-    close_last_window: bool,
-    /// Windows since a late packet was last skipped (see [`SKIP_LATE_EVERY_WINDOWS`]).
-    windows_since_skip: u32,
-    /// The RTP timestamp of the last frame played from a real packet.
-    last_played_timestamp: Option<u32>,
-    /// While playout has run dry: ticks since it did (one tick call per frame).
-    dry_ticks: Option<u32>,
     stats: JitterStats,
 }
 
@@ -286,10 +254,6 @@ impl JitterBuffer {
             last_level: None,
             stretched_frames: 0,
             calm_windows: 0,
-            close_last_window: false,
-            windows_since_skip: SKIP_LATE_EVERY_WINDOWS,
-            last_played_timestamp: None,
-            dry_ticks: None,
             stats: JitterStats::default(),
         }
     }
@@ -410,8 +374,6 @@ impl JitterBuffer {
         self.last_transit = None;
         self.window = SlackWindow::default();
         self.pending_resync = None;
-        self.last_played_timestamp = None;
-        self.dry_ticks = None;
         self.stats.resyncs += 1;
     }
 
@@ -527,7 +489,6 @@ impl JitterBuffer {
                 payload,
                 arrival,
                 level,
-                timestamp: rtp_timestamp,
             },
         );
         self.enforce_capacity();
@@ -538,49 +499,14 @@ impl JitterBuffer {
         }
     }
 
-    /// At the first tick after running dry: if the packet that ran it dry (`first`, due at that
-    /// tick) has come since, less than a frame late, and the one after it is here on time, drops
-    /// it and moves on to the next (see [`SKIP_LATE_EVERY_WINDOWS`]). Its timestamp must follow
-    /// the last frame played: a talker resuming after a pause (DTX, mute) keeps its sequence
-    /// numbers but not its timestamps, and its first packet is the onset, never skipped.
-    fn skip_late_packet(&mut self, first: u64) -> bool {
-        let frame_samples = self.cfg.frame_ms.saturating_mul(SAMPLE_RATE / 1000);
-        let missed = match (self.dry_ticks, self.next, self.last_played_timestamp) {
-            // It was not here at the tick it was due (the buffer ran dry), so it came since.
-            (Some(1), Some(next), Some(last)) if next == first => self
-                .held
-                .get(&first)
-                .is_some_and(|h| h.timestamp == last.wrapping_add(frame_samples)),
-            _ => false,
-        };
-        if !missed
-            || !self.held.contains_key(&(first + 1))
-            || self.windows_since_skip < SKIP_LATE_EVERY_WINDOWS
-            || self.window.late > 0
-        {
-            return false;
-        }
-        self.held.remove(&first);
-        self.advance(1, false);
-        self.stats.lost += 1;
-        self.stats.skipped += 1;
-        self.windows_since_skip = 0;
-        self.calm_windows = 0;
-        true
-    }
-
     /// The playout decision for the tick at `now`. Call once per frame duration.
     pub fn tick(&mut self, now: Duration) -> Playout {
         self.last_arrival = None;
         self.last_level = None;
-        if let Some(ticks) = self.dry_ticks.as_mut() {
-            *ticks += 1;
-        }
         let Some((&first, _)) = self.held.first_key_value() else {
             if self.playing {
                 // Ran dry: rebuffer before playing again, which also adds delay.
                 self.playing = false;
-                self.dry_ticks = Some(0);
                 self.stats.underruns += 1;
             }
             return Playout::Empty;
@@ -589,11 +515,7 @@ impl JitterBuffer {
             return Playout::Empty;
         };
 
-        if !self.playing && self.skip_late_packet(first) {
-            // Playout goes on at its old delay, with the frame after the late one.
-            self.playing = true;
-            self.dry_ticks = None;
-        } else if !self.playing {
+        if !self.playing {
             let earliest = self.held.values().map(|h| h.arrival).min().unwrap_or(now);
             let waited_ms = now.saturating_sub(earliest).as_secs_f64() * 1000.0;
             let after_first_pop = hi - first;
@@ -617,7 +539,6 @@ impl JitterBuffer {
             }
             self.next = Some(first);
             self.playing = true;
-            self.dry_ticks = None;
             self.window = SlackWindow::default();
         }
 
@@ -627,15 +548,12 @@ impl JitterBuffer {
         self.window.ticks += 1;
         if self.window.ticks >= ADAPT_WINDOW_TICKS {
             let window = std::mem::take(&mut self.window);
-            self.windows_since_skip = self.windows_since_skip.saturating_add(1);
             let frame_ms = f64::from(self.cfg.frame_ms);
-            // One near miss is an outlier, as one late packet is for `skip_late_packet` (and the
-            // latest two of 25 arrivals for the aligned tick): a frame added for it would cost
-            // a glitch now and another when it is taken back. Two, in one window or in two in a
-            // row, say the margin is too thin.
-            let close = window.close >= 2 || (window.close >= 1 && self.close_last_window);
-            self.close_last_window = window.close >= 1 && !close;
-            if window.late > 0 || close {
+            if window.late > 0
+                || window
+                    .min_slack_ms
+                    .is_some_and(|s| s < self.target_ms / 2.0)
+            {
                 // Frames arrived after (or too close to) their tick: hold one tick to add delay.
                 self.stats.stretched += 1;
                 self.stretched_frames = self.stretched_frames.saturating_add(1);
@@ -689,9 +607,8 @@ impl JitterBuffer {
                 self.stats.played += 1;
                 self.last_arrival = Some(h.arrival);
                 self.last_level = h.level;
-                self.last_played_timestamp = Some(h.timestamp);
-                let slack_ms = now.saturating_sub(h.arrival).as_secs_f64() * 1000.0;
-                self.window.played(slack_ms, self.target_ms);
+                self.window
+                    .played(now.saturating_sub(h.arrival).as_secs_f64() * 1000.0);
                 Playout::Frame(h.payload)
             }
             None => {
@@ -1006,154 +923,70 @@ mod tests {
         assert_eq!(b.stats().late, 0);
     }
 
-    /// A steady talker as the aligned tick sees the one it follows (2 ms target, frames arrive
-    /// 2.3 ms before their tick with 0–0.4 ms of jitter), except that the packets in `late` arrive
-    /// `after_tick_us` after their own tick (negative: before it). Returns each played frame's
-    /// tick and slack, and the buffer's counters.
-    fn aligned_talker_with(
-        late: &[u64],
-        after_tick_us: i64,
-    ) -> (Vec<(u64, Duration)>, JitterStats) {
-        let mut b = buf(2, 200);
-        let jitter = delays(2000, 5, 7);
-        let mut slacks = Vec::new();
-        let mut pending: Vec<(u64, Duration)> = Vec::new();
-        for tick in 1..1000u64 {
-            let now_us = tick * F * 1000;
-            let now = Duration::from_micros(now_us);
-            // Packet `seq` is due at this tick.
-            let seq = tick - 1;
-            let at_us = if late.contains(&seq) {
-                now_us.saturating_add_signed(after_tick_us)
-            } else {
-                now_us - 2_300 + jitter[seq as usize] * 100
-            };
-            pending.push((seq, Duration::from_micros(at_us)));
-            pending.sort_by_key(|(_, at)| *at);
-            while let Some(&(seq, at)) = pending.first()
-                && at <= now
-            {
-                pending.remove(0);
-                b.push(
-                    seq as u16,
-                    (seq as u32).wrapping_mul(960),
-                    payload(seq as u16),
-                    at,
-                );
-            }
-            if let Playout::Frame(_) = b.tick(now) {
-                slacks.push((tick, slack(&b, tick * F)));
-            }
-        }
-        (slacks, b.stats())
-    }
-
-    /// Every frame before `from` and after `until` waits about the margin, none a frame more.
-    fn assert_slack_at_margin(slacks: &[(u64, Duration)], from: u64, until: u64, s: &JitterStats) {
-        for (tick, slack) in slacks {
-            if *tick > until || *tick < from {
-                assert!(
-                    *slack >= Duration::from_micros(1_500) && *slack < ms(3),
-                    "tick {tick}: slack {slack:?} (a frame still held), {s:?}"
-                );
-            }
-        }
-    }
-
     /// The talker who sets a room's aligned tick plays with slack just above the smallest
-    /// target. Two packets in a row that come so close to their ticks that the buffer stretches,
-    /// or that miss them (the buffer runs dry and restarts a frame later), cost a frame of delay; two seconds without need take that frame back, so the talker is not left a
-    /// whole frame late for as long as it talks.
+    /// target (here 2 ms target, 2.3 ms slack, 0-0.4 ms of jitter). One packet that misses its
+    /// tick (the buffer runs dry and restarts a frame later), or comes so close to it that the
+    /// buffer stretches, costs a frame of delay; two seconds without need take that frame back,
+    /// so the talker is not left a whole frame late for as long as it talks.
     #[test]
-    fn a_near_miss_or_a_stall_costs_a_frame_for_seconds_not_for_good() {
-        let hiccup = 300u64;
-        for (late, after_tick_us) in [
-            (vec![hiccup, hiccup + 1], -500i64),
-            (vec![hiccup, hiccup + 1], 3_000),
-        ] {
-            let (slacks, s) = aligned_talker_with(&late, after_tick_us);
-            assert_eq!(
-                s.stretched + s.restarts,
-                1,
-                "{late:?}: one frame added: {s:?}"
-            );
-            assert_eq!(s.unstretched, 1, "{late:?}: and taken back once: {s:?}");
-            assert_eq!(s.skipped, 0, "{late:?}: {s:?}");
+    fn one_late_packet_costs_a_frame_for_seconds_not_for_good() {
+        // (the hiccup's arrival after its tick in µs, negative: before it)
+        for hiccup_after_tick_us in [3_000i64, -500] {
+            let mut b = buf(2, 200);
+            let jitter = delays(2000, 5, 7);
+            let hiccup = 300u64;
+            let mut slacks = Vec::new();
+            let mut pending = None;
+            for tick in 1..1000u64 {
+                let now_us = tick * F * 1000;
+                if let Some((seq, at)) = pending.take() {
+                    b.push(
+                        seq as u16,
+                        (seq as u32).wrapping_mul(960),
+                        payload(seq as u16),
+                        at,
+                    );
+                }
+                // Packet `seq` is due at this tick; it arrives 2.3 ms before, minus jitter.
+                let seq = tick - 1;
+                let at_us = if seq == hiccup {
+                    now_us.saturating_add_signed(hiccup_after_tick_us)
+                } else {
+                    now_us - 2_300 + jitter[seq as usize] * 100
+                };
+                let at = Duration::from_micros(at_us);
+                if at_us <= now_us {
+                    b.push(
+                        seq as u16,
+                        (seq as u32).wrapping_mul(960),
+                        payload(seq as u16),
+                        at,
+                    );
+                } else {
+                    pending = Some((seq, at));
+                }
+                if let Playout::Frame(_) = b.tick(Duration::from_micros(now_us)) {
+                    slacks.push((tick, slack(&b, tick * F)));
+                }
+            }
+            let s = b.stats();
+            assert_eq!(s.stretched + s.restarts, 1, "one frame added: {s:?}");
+            assert_eq!(s.unstretched, 1, "and taken back once: {s:?}");
             let undo_by = hiccup + u64::from(ADAPT_WINDOW_TICKS * (UNDO_STRETCH_AFTER_WINDOWS + 2));
-            assert_slack_at_margin(&slacks, hiccup, undo_by, &s);
+            for (tick, slack) in &slacks {
+                if *tick > undo_by || *tick < hiccup {
+                    assert!(
+                        *slack >= Duration::from_micros(1_500) && *slack < ms(3),
+                        "hiccup {hiccup_after_tick_us} µs: tick {tick}: slack {slack:?} \
+                         (a frame still held), {s:?}"
+                    );
+                }
+            }
             assert!(
                 slacks.iter().any(|(_, slack)| *slack > ms(F)),
-                "{late:?}: the added frame never showed"
+                "the added frame never showed"
             );
         }
-    }
-
-    /// One packet that misses its tick by a few milliseconds, the next being on time: its frame
-    /// is concealed, the packet dropped, and the talker keeps its delay. Not more often than
-    /// [`SKIP_LATE_EVERY_WINDOWS`] allows: a second miss soon after adds a frame as before.
-    #[test]
-    fn an_isolated_late_packet_is_skipped_and_the_delay_kept() {
-        let (slacks, s) = aligned_talker_with(&[300], 3_000);
-        assert_eq!(s.skipped, 1, "{s:?}");
-        assert_eq!((s.underruns, s.restarts, s.stretched), (1, 0, 0), "{s:?}");
-        assert_eq!(s.lost, 1, "the late packet's frame: {s:?}");
-        assert_slack_at_margin(&slacks, u64::MAX, 0, &s);
-        assert!(
-            !slacks.iter().any(|(tick, _)| *tick == 301),
-            "its tick played nothing"
-        );
-
-        // Two isolated misses a second apart: both skipped. Two within a second: one frame added.
-        let (_, s) = aligned_talker_with(&[300, 360], 3_000);
-        assert_eq!((s.skipped, s.restarts + s.stretched), (2, 0), "{s:?}");
-        let (slacks, s) = aligned_talker_with(&[300, 310], 3_000);
-        assert_eq!((s.skipped, s.restarts + s.stretched), (1, 1), "{s:?}");
-        assert!(slacks.iter().any(|(_, slack)| *slack > ms(F)), "{s:?}");
-    }
-
-    /// One packet that comes within half the target of its tick (0.5 ms, target 2 ms) adds
-    /// nothing; two a second apart neither.
-    #[test]
-    fn a_single_near_miss_adds_no_delay() {
-        for late in [vec![300], vec![300, 360]] {
-            let (slacks, s) = aligned_talker_with(&late, -500);
-            assert_eq!(
-                (s.stretched, s.restarts, s.lost),
-                (0, 0, 0),
-                "{late:?}: {s:?}"
-            );
-            // Every frame but the near misses themselves (due at tick `seq + 1`) at the margin.
-            let others: Vec<_> = slacks
-                .into_iter()
-                .filter(|(tick, _)| !late.contains(&(tick - 1)))
-                .collect();
-            assert_slack_at_margin(&others, u64::MAX, 0, &s);
-        }
-    }
-
-    /// A talker who pauses and resumes keeps its sequence numbers but not its timestamps: the
-    /// packets of its new talkspurt are never taken for late ones, even when two are already
-    /// here at the first tick that can play them.
-    #[test]
-    fn a_resumed_talkspurt_is_not_skipped() {
-        let mut b = buf(2, 200);
-        for i in 0..50u16 {
-            push(&mut b, i, u64::from(i) * F + 2);
-            b.tick(ms((u64::from(i) + 1) * F));
-        }
-        // Ran dry at tick 51; resumes a second later, its timestamps a second on.
-        b.tick(ms(51 * F));
-        let resume_ts = 100u32 * 960;
-        b.push(50, resume_ts, payload(50), ms(52 * F + 1));
-        b.push(51, resume_ts + 960, payload(51), ms(52 * F + 10));
-        let mut played = Vec::new();
-        for tick in 53..60u64 {
-            if let Playout::Frame(p) = b.tick(ms(tick * F)) {
-                played.push(p);
-            }
-        }
-        assert_eq!(played.first(), Some(&payload(50)), "{:?}", b.stats());
-        assert_eq!(b.stats().skipped, 0);
     }
 
     /// A talker whose packets come too close to the tick in every window keeps its stretch: the

@@ -240,26 +240,22 @@ pub struct JitterAdjustments {
     /// Frames dropped because every frame waited whole frames longer than needed (after a
     /// stall), or to honour the buffer's capacity.
     pub shed: u64,
-    /// Packets that missed their tick by less than a frame and were dropped, the frame after
-    /// them being on time: a concealed frame and no delay added.
-    pub skipped: u64,
 }
 
 impl JitterAdjustments {
     /// The kinds, in the order of [`Self::by_kind`]: the `kind` label of
     /// `chorus_jitter_adjustments_total`.
-    pub const KINDS: [&'static str; 7] = [
+    pub const KINDS: [&'static str; 6] = [
         "late",
         "underrun",
         "restart",
         "stretch",
         "unstretch",
         "shed",
-        "skip",
     ];
 
     /// Each count with its kind (see [`Self::KINDS`]).
-    pub fn by_kind(&self) -> [(&'static str, u64); 7] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
         let counts = [
             self.late,
             self.underruns,
@@ -267,7 +263,6 @@ impl JitterAdjustments {
             self.stretched,
             self.unstretched,
             self.shed,
-            self.skipped,
         ];
         std::array::from_fn(|i| (Self::KINDS[i], counts[i]))
     }
@@ -279,7 +274,6 @@ impl JitterAdjustments {
         self.restarts += after.restarts.saturating_sub(before.restarts);
         self.stretched += after.stretched.saturating_sub(before.stretched);
         self.unstretched += after.unstretched.saturating_sub(before.unstretched);
-        self.skipped += after.skipped.saturating_sub(before.skipped);
         // Frames taken back are counted as discarded too; shed is what is left.
         let discarded = after.discarded.saturating_sub(before.discarded);
         let unstretched = after.unstretched.saturating_sub(before.unstretched);

@@ -222,15 +222,6 @@ impl RoomTask {
                 },
                 Some(audio) = packets.recv() => self.on_packet(audio, epoch),
                 () = due.wait() => {
-                    // Packets already handed to the room belong before this tick: `select!`
-                    // picks among ready branches at random, and a tick run ahead of them would
-                    // find a talker's packet missing that the port received before the tick
-                    // was due (its jitter buffer then runs dry and plays it a frame later).
-                    // Only those queued now: a flood cannot hold the tick back.
-                    for _ in 0..packets.len() {
-                        let Ok(audio) = packets.try_recv() else { break };
-                        self.on_packet(audio, epoch);
-                    }
                     let now = epoch.elapsed();
                     let due_at = clock.next_tick() + epoch_shift;
                     let tick = self.core.tick(now);

@@ -97,8 +97,7 @@ pub struct ServerOwnDelay {
     /// Of those, the share above [`SERVER_TAIL_MS`].
     pub share_over_tail: f64,
     /// Its jitter buffers' changes of delay by kind (`chorus_jitter_adjustments_total`: late,
-    /// underrun, restart, stretch, unstretch, shed, skip) over all its rooms. Absent from older
-    /// runs.
+    /// underrun, restart, stretch, unstretch, shed) over all its rooms. Absent from older runs.
     #[serde(default)]
     pub jitter_adjustments: BTreeMap<String, f64>,
 }
