@@ -565,6 +565,80 @@ mod media {
         );
     }
 
+    /// One 20 ms packet that misses its pull in a 10 ms room costs one room frame once: the
+    /// stream tries again at the next room tick (not a whole packet later), and the next
+    /// packet, on time again, moves the pulls back. Before, the late packet made the stream a
+    /// whole packet (20 ms) late for as long as half a second.
+    #[test]
+    fn a_ten_ms_room_loses_one_room_frame_to_one_late_twenty_ms_packet() {
+        let cfg = MixerConfig {
+            frame_ms: 10,
+            jitter_min_ms: 2,
+            ..cfg()
+        };
+        let mut mixer = RoomMixer::new(cfg).expect("mixer");
+        let mut talker = Talker::new(id(1), 440.0, -20.0, 20, true);
+        mixer.add_stream(id(1), StreamOrigin::Local);
+        let (mut decoder, mut heard) = (Decoder::new(10).expect("decoder"), Vec::new());
+        let (mut sooner, mut restarts) = (0, 0);
+        let mut waits = Vec::new();
+        // Packet j arrives 2 ms before the tick of 20j + 10 ms; packet 100 comes 3 ms after it.
+        let arrival = |j: u64| {
+            let on_time = Duration::from_millis(20 * j + 8);
+            if j == 100 {
+                on_time + Duration::from_millis(5)
+            } else {
+                on_time
+            }
+        };
+        let mut next = 0;
+        for tick in 0..400u64 {
+            let now = Duration::from_millis(tick * 10);
+            while arrival(next) <= now {
+                mixer
+                    .push(talker.packet(arrival(next)))
+                    .expect("a 20 ms packet is accepted");
+                next += 1;
+            }
+            let out = mixer.tick(now);
+            if tick >= 100 {
+                sooner += out.stats.pulled_sooner;
+                restarts += out.stats.jitter.restarts;
+                waits.extend(out.carried.iter().map(|(_, at)| (tick, now - *at)));
+                heard.extend(decoder.decode(&out.shared).expect("decodes"));
+            }
+        }
+        assert_eq!(restarts, 1, "the late packet ran the buffer dry once");
+        assert_eq!(
+            sooner, 1,
+            "and the next packet moved the pulls back at once"
+        );
+        // The late packet plays 7 ms after it came (at the next room tick), its successors
+        // as before: 2 ms after they came, and their second halves 10 ms later.
+        let worst = waits.iter().map(|(_, w)| *w).max().expect("frames carried");
+        assert!(worst <= Duration::from_millis(12), "{worst:?}");
+        let late: Vec<_> = waits
+            .iter()
+            .filter(|(tick, _)| (200..=204).contains(tick))
+            .collect();
+        assert!(
+            late.iter().any(|(_, w)| *w == Duration::from_millis(7)),
+            "{late:?}"
+        );
+        let after: Vec<_> = waits.iter().filter(|(tick, _)| *tick >= 206).collect();
+        assert!(
+            after
+                .iter()
+                .all(|(_, w)| *w == Duration::from_millis(2) || *w == Duration::from_millis(12)),
+            "{after:?}"
+        );
+        assert_hears(
+            &ToneReport::analyze(&heard, &[440.0], 48_000),
+            &[440.0],
+            "around the late packet",
+        );
+    }
+
     /// Browsers send 20 ms packets; a 10 ms room plays each as two frames, with or without
     /// RFC 6464 levels, and a speaker still never hears itself.
     #[test]

@@ -62,6 +62,18 @@ pub const PREROLL_MS: u32 = 300;
 /// the rotation, and the skip costs one room frame of audio, once.
 pub const PULL_SOONER_AFTER: u32 = 25;
 
+/// A stream whose packets span several room frames and whose buffer ran dry at a pull plays
+/// again a room frame later if its packet was only a little late, on a rotation a frame later.
+/// If it plays again within this many room ticks of running dry, a single late packet did it,
+/// and for the next [`RECOVER_PULLS`] pulls one packet on time (waiting at the tick before its
+/// pull) moves the pulls back a frame sooner. Without it the stream kept the late rotation
+/// until [`PULL_SOONER_AFTER`] packets in a row were early, which jitter made take seconds
+/// (measured: +10 ms on one talker for 0.5–1.5 s after each late packet).
+const RECOVER_WITHIN_TICKS: u32 = 3;
+
+/// See [`RECOVER_WITHIN_TICKS`].
+const RECOVER_PULLS: u32 = 2;
+
 /// Frames without voice for this long end a talkspurt: what came before is not replayed (ms).
 const ONSET_GAP_MS: u32 = 200;
 
@@ -411,6 +423,10 @@ struct Stream {
     /// Consecutive packets (of a stream whose packets span several frames) already waiting long
     /// enough at the tick before their pull (see [`PULL_SOONER_AFTER`]).
     early_packets: u32,
+    /// Room ticks since this stream's buffer ran dry at a pull, while it has not played again.
+    dry_ticks: Option<u32>,
+    /// Pulls left in which one early packet moves the pulls sooner (see [`RECOVER_PULLS`]).
+    recovering: u32,
     /// The RFC 6464 level of the current packet, observed again on ticks that pull none.
     last_level: Option<AudioLevel>,
     /// While not mixed: its last [`PREROLL_MS`] of frames (and a peer's backlog).
@@ -577,6 +593,8 @@ impl RoomMixer {
                     s.jitter_seen = JitterStats::default();
                     s.phase = 0;
                     s.split = None;
+                    s.dry_ticks = None;
+                    s.recovering = 0;
                 }
             }
             self.jitter_cfg = next.jitter_cfg;
@@ -608,6 +626,8 @@ impl RoomMixer {
                 phase: 0,
                 split: None,
                 early_packets: 0,
+                dry_ticks: None,
+                recovering: 0,
                 last_level: None,
                 history: VecDeque::new(),
                 replay: VecDeque::new(),
@@ -635,6 +655,8 @@ impl RoomMixer {
             s.frames_per_packet = 1;
             s.phase = 0;
             s.split = None;
+            s.dry_ticks = None;
+            s.recovering = 0;
             s.history.clear();
             s.replay.clear();
         }
@@ -718,6 +740,8 @@ impl RoomMixer {
             s.frames_per_packet = frames;
             s.phase = 0;
             s.split = None;
+            s.dry_ticks = None;
+            s.recovering = 0;
         }
         s.header_levels = pkt.level.is_some();
         if let Some(l) = pkt.level
@@ -874,21 +898,32 @@ impl RoomMixer {
         // 1-2. Pull a frame from every stream; update importance. A stream whose packets span
         //    several frames pulls a packet every few ticks and plays it a frame at a time.
         let frame_samples = self.frame_samples;
+        let room_frame = Duration::from_millis(u64::from(self.cfg.frame_ms));
         for (&id, s) in &mut self.streams {
             let mut index = s.phase;
             if s.frames_per_packet > 1 && index + 1 == s.frames_per_packet {
                 // The tick before this stream's next pull: is its next packet already here, and
-                // has it waited as long as the buffer asks of a frame at its tick?
-                let early = s
-                    .jitter
-                    .next_arrival()
-                    .is_some_and(|arrival| now.saturating_sub(arrival) >= s.jitter.target() / 2);
+                // has it waited as long as the buffer asks of a frame at its tick? Not a room
+                // frame more than that: then its own buffer sheds whole packets, and pulling
+                // sooner as well would take back more delay than there is.
+                let target = s.jitter.target();
+                let early = s.jitter.next_arrival().is_some_and(|arrival| {
+                    let waited = now.saturating_sub(arrival);
+                    waited >= target / 2 && waited < target + room_frame
+                });
                 s.early_packets = if early { s.early_packets + 1 } else { 0 };
-                if s.early_packets >= PULL_SOONER_AFTER {
-                    // Every packet of a whole window sat a room frame longer than it had to:
-                    // pull now, skipping the current packet's last frame, and from here on a
-                    // frame sooner.
+                let needed = if s.recovering > 0 {
+                    1
+                } else {
+                    PULL_SOONER_AFTER
+                };
+                s.recovering = s.recovering.saturating_sub(1);
+                if s.early_packets >= needed {
+                    // Every packet of a whole window sat a room frame longer than it had to (or,
+                    // just after one late packet, the next is on time): pull now, skipping the
+                    // current packet's last frame, and from here on a frame sooner.
                     s.early_packets = 0;
+                    s.recovering = 0;
                     s.split = None;
                     index = 0;
                     stats.pulled_sooner += 1;
@@ -896,11 +931,32 @@ impl RoomMixer {
             }
             let pull = index == 0;
             s.phase = (index + 1) % s.frames_per_packet.max(1);
+            let was_playing = s.jitter.is_playing();
             let (playout, arrival) = if pull {
                 (s.jitter.tick(now), s.jitter.last_arrival())
             } else {
                 (Playout::Empty, None)
             };
+            if pull && s.frames_per_packet > 1 {
+                if playout == Playout::Empty {
+                    // Nothing to play yet (not started, ran dry, or held back to add delay):
+                    // try again at the next room tick, not a whole packet later, so delay grows
+                    // by a room frame at a time.
+                    s.phase = 0;
+                    if was_playing && !s.jitter.is_playing() {
+                        s.dry_ticks = Some(0);
+                    }
+                } else if s.dry_ticks.take().is_some_and(|t| t < RECOVER_WITHIN_TICKS) {
+                    // Playing again right after one packet missed its pull: that packet moved
+                    // the rotation a frame late, and the next packet on time moves it back.
+                    s.recovering = RECOVER_PULLS;
+                }
+            }
+            if s.jitter.is_playing() {
+                s.dry_ticks = None;
+            } else if let Some(t) = s.dry_ticks.as_mut() {
+                *t = t.saturating_add(1);
+            }
             stats.jitter_depth.push((id, s.jitter.depth()));
             let seen = s.jitter.stats();
             stats.jitter.add_between(&s.jitter_seen, &seen);

@@ -222,6 +222,24 @@ impl RoomTask {
                 },
                 Some(audio) = packets.recv() => self.on_packet(audio, epoch),
                 () = due.wait() => {
+                    // `select!` picks at random among ready branches, so a packet that arrived
+                    // before the tick was due could otherwise wait behind it for a whole frame
+                    // (its buffer runs dry, a frame of delay for seconds). Hand the tick what
+                    // is already queued; only that much, so a flood cannot hold the tick back.
+                    for _ in 0..packets.len() {
+                        match packets.try_recv() {
+                            Ok(audio) => self.on_packet(audio, epoch),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(inbox) = inbox.as_deref_mut() {
+                        for _ in 0..inbox.len() {
+                            match inbox.try_recv() {
+                                Ok(remote) => self.on_remote(remote, epoch),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     let now = epoch.elapsed();
                     let due_at = clock.next_tick() + epoch_shift;
                     let tick = self.core.tick(now);
