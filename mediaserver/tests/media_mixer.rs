@@ -503,21 +503,28 @@ mod media {
         );
     }
 
-    /// A 10 ms room pulls a 20 ms packet every other tick. When the packets come to sit a whole
-    /// room frame before their pull (here: they start arriving 10 ms earlier, as when the
-    /// tick moves to another talker), the stream moves its pulls a frame sooner, once, instead
-    /// of holding every packet 10 ms longer than needed.
-    #[test]
-    fn a_ten_ms_room_pulls_twenty_ms_packets_as_soon_as_they_are_here() {
+    /// A 10 ms room (2 ms jitter margin) with one talker sending 20 ms packets of 440 Hz, and a
+    /// 10 ms decoder standing in for its listener.
+    fn ten_ms_room_with_a_twenty_ms_talker() -> (RoomMixer, Talker, Decoder) {
         let cfg = MixerConfig {
             frame_ms: 10,
             jitter_min_ms: 2,
             ..cfg()
         };
         let mut mixer = RoomMixer::new(cfg).expect("mixer");
-        let mut talker = Talker::new(id(1), 440.0, -20.0, 20, true);
         mixer.add_stream(id(1), StreamOrigin::Local);
-        let (mut decoder, mut heard) = (Decoder::new(10).expect("decoder"), Vec::new());
+        let talker = Talker::new(id(1), 440.0, -20.0, 20, true);
+        (mixer, talker, Decoder::new(10).expect("decoder"))
+    }
+
+    /// A 10 ms room pulls a 20 ms packet every other tick. When the packets come to sit a whole
+    /// room frame before their pull (here: they start arriving 10 ms earlier, as when the
+    /// tick moves to another talker), the stream moves its pulls a frame sooner, once, instead
+    /// of holding every packet 10 ms longer than needed.
+    #[test]
+    fn a_ten_ms_room_pulls_twenty_ms_packets_as_soon_as_they_are_here() {
+        let (mut mixer, mut talker, mut decoder) = ten_ms_room_with_a_twenty_ms_talker();
+        let mut heard = Vec::new();
         let (mut sooner, mut lost) = (0, 0);
         let mut waits = Vec::new();
         for tick in 0..300u64 {
@@ -571,15 +578,8 @@ mod media {
     /// whole packet (20 ms) late for as long as half a second.
     #[test]
     fn a_ten_ms_room_loses_one_room_frame_to_one_late_twenty_ms_packet() {
-        let cfg = MixerConfig {
-            frame_ms: 10,
-            jitter_min_ms: 2,
-            ..cfg()
-        };
-        let mut mixer = RoomMixer::new(cfg).expect("mixer");
-        let mut talker = Talker::new(id(1), 440.0, -20.0, 20, true);
-        mixer.add_stream(id(1), StreamOrigin::Local);
-        let (mut decoder, mut heard) = (Decoder::new(10).expect("decoder"), Vec::new());
+        let (mut mixer, mut talker, mut decoder) = ten_ms_room_with_a_twenty_ms_talker();
+        let mut heard = Vec::new();
         let (mut sooner, mut restarts) = (0, 0);
         let mut waits = Vec::new();
         // Packet j arrives 2 ms before the tick of 20j + 10 ms; packet 100 comes 3 ms after it.
