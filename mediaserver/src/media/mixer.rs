@@ -437,6 +437,17 @@ struct Stream {
     behind_ticks: u32,
 }
 
+impl Stream {
+    /// Back to the first room frame of a packet, with nothing split and no late rotation to
+    /// recover from: for a new buffer, decoder or packet length.
+    fn restart_rotation(&mut self) {
+        self.phase = 0;
+        self.split = None;
+        self.dry_ticks = None;
+        self.recovering = 0;
+    }
+}
+
 /// One decoded packet longer than the room's frame, played a frame at a time.
 #[derive(Debug)]
 struct SplitPacket {
@@ -591,10 +602,7 @@ impl RoomMixer {
                 if !s.jitter.set_bounds(stream_cfg) {
                     s.jitter = JitterBuffer::new(stream_cfg);
                     s.jitter_seen = JitterStats::default();
-                    s.phase = 0;
-                    s.split = None;
-                    s.dry_ticks = None;
-                    s.recovering = 0;
+                    s.restart_rotation();
                 }
             }
             self.jitter_cfg = next.jitter_cfg;
@@ -653,10 +661,7 @@ impl RoomMixer {
             s.decoder_warm = false;
             s.underrun_concealed = 0;
             s.frames_per_packet = 1;
-            s.phase = 0;
-            s.split = None;
-            s.dry_ticks = None;
-            s.recovering = 0;
+            s.restart_rotation();
             s.history.clear();
             s.replay.clear();
         }
@@ -738,10 +743,7 @@ impl RoomMixer {
             s.decoder = None;
             s.decoder_warm = false;
             s.frames_per_packet = frames;
-            s.phase = 0;
-            s.split = None;
-            s.dry_ticks = None;
-            s.recovering = 0;
+            s.restart_rotation();
         }
         s.header_levels = pkt.level.is_some();
         if let Some(l) = pkt.level

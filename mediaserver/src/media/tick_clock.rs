@@ -190,7 +190,7 @@ impl TickClock {
 
     /// Where the tick should sit: at the ready phase that the largest gap between ready phases
     /// follows, as an offset in `[-frame/2, frame/2)`; `None` with nothing observed. The stream
-    /// the tick follows keeps it unless another's gap is larger by [`SWITCH_GAP`]: two gaps
+    /// the tick follows keeps it unless another's gap is larger by [`SWITCH_GAP_US`]: two gaps
     /// of about the same size otherwise trade places with every wobble of the late edges, and
     /// each time the tick walks across the talkers between them (measured in 10 ms rooms:
     /// 3–5 ms walks every few hundred milliseconds, and the talkers it walked back across
