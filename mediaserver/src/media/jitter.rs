@@ -523,9 +523,14 @@ impl JitterBuffer {
                 return Playout::Empty;
             }
             // A restart after running dry (a packet missed its tick with nothing behind it)
-            // adds a frame of delay just as a stretch does, and may be taken back the same way;
-            // the first start has nothing to take back.
-            self.stretched_frames = u32::from(self.next.is_some());
+            // adds a frame of delay just as a stretch does, and may be taken back the same way.
+            // So may the first start: it comes at the first tick at which the oldest packet has
+            // waited the target, a whole frame after the tick before it when the packet came
+            // less than the target before that one; and a slack between a frame and the target
+            // plus a frame is never shed by the window's rule (measured: talkers of a room held
+            // a frame more than they needed from their first packet for seconds). Whether the
+            // frame is needed is the take-back rule's to judge.
+            self.stretched_frames = 1;
             if self.next.is_some() {
                 self.stats.restarts += 1;
             }
