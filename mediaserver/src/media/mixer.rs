@@ -922,7 +922,9 @@ impl RoomMixer {
     /// are [`ready`](RoomMixer::ready) (DESIGN §13: the tick sits just after the top talkers'
     /// packets arrive). Those streams are ticked as at `due`: each has its frame already, so
     /// their jitter buffers see the slack and make the choices they would have made at `due`,
-    /// and an early tick never makes them shrink, stretch or run dry. Every other stream is
+    /// and an early tick never makes them shrink, stretch or run dry; and a frame of delay one
+    /// of them holds only because ticks used not to wait for it is dropped at once
+    /// ([`JitterBuffer::take_back_before_early_tick`]). Every other stream is
     /// ticked at `now`: a packet of it that comes between `now` and `due` is late for this
     /// tick, which its buffer absorbs as any late packet (it runs dry once and plays on a
     /// frame later). With `now ≥ due` this is [`RoomMixer::tick`] at `now`.
@@ -935,6 +937,7 @@ impl RoomMixer {
         //    several frames pulls a packet every few ticks and plays it a frame at a time.
         let frame_samples = self.frame_samples;
         let room_frame = Duration::from_millis(u64::from(self.cfg.frame_ms));
+        let orig_now = now;
         for (&id, s) in &mut self.streams {
             let now = if due > now && awaited.contains(&id) {
                 due
@@ -973,6 +976,9 @@ impl RoomMixer {
             let pull = index == 0;
             s.phase = (index + 1) % s.frames_per_packet.max(1);
             let was_playing = s.jitter.is_playing();
+            if pull && due > orig_now && awaited.contains(&id) {
+                s.jitter.take_back_before_early_tick(due);
+            }
             let (playout, arrival) = if pull {
                 (s.jitter.tick(now), s.jitter.last_arrival())
             } else {
