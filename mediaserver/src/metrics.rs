@@ -22,6 +22,9 @@ pub struct Metrics {
     /// How late past its deadline a room's tick woke (the timer's and the scheduler's share of
     /// server-added delay).
     pub tick_lateness: Histogram,
+    /// How long before its deadline a room's tick ran because the talkers it waits for were all
+    /// here (0 for a tick that ran at its deadline).
+    pub tick_early: Histogram,
     /// Opus decodes in one tick of one room.
     pub decodes_per_tick: Histogram,
     /// Opus encodes in one tick of one room.
@@ -95,6 +98,11 @@ impl Metrics {
                 "chorus_mixer_tick_lateness_seconds",
                 "How late past its deadline a room's mixer tick woke.",
                 ms(&[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]),
+            ),
+            tick_early: histogram(
+                "chorus_mixer_tick_early_seconds",
+                "How long before its deadline a room's mixer tick ran because the talkers it waits for had all arrived (0 at the deadline).",
+                ms(&[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0]),
             ),
             decodes_per_tick: histogram(
                 "chorus_mixer_decodes_per_tick",
@@ -185,6 +193,7 @@ impl Metrics {
             Box::new(m.jitter_depth.clone()),
             Box::new(m.tick_duration.clone()),
             Box::new(m.tick_lateness.clone()),
+            Box::new(m.tick_early.clone()),
             Box::new(m.decodes_per_tick.clone()),
             Box::new(m.encodes_per_tick.clone()),
             Box::new(m.ticks.clone()),

@@ -572,6 +572,92 @@ mod media {
         );
     }
 
+    /// An early tick (DESIGN §13: the tick runs as soon as the talkers it waits for are here,
+    /// before its deadline) plays the talker it waited for at once, every frame, and that
+    /// talker's jitter buffer sees the slack it would have had at the deadline: it never
+    /// stretches, though its frames now wait a tenth of a millisecond. A stream the tick does
+    /// not wait for (not mixed), whose packets come between the early tick and the deadline,
+    /// runs dry once, as when a packet misses its tick, and plays on a frame later.
+    #[test]
+    fn an_early_tick_plays_the_talker_it_waited_for_without_stretching_it() {
+        let cfg = MixerConfig {
+            top_speakers: 1,
+            jitter_min_ms: 2,
+            ..cfg()
+        };
+        let mut mixer = RoomMixer::new(cfg).expect("mixer");
+        // A forwarded talker: mixed, with no mix of its own and so no backfill to wait for.
+        mixer.add_stream(id(1), StreamOrigin::Remote);
+        mixer.add_stream(id(2), StreamOrigin::Local);
+        let mut talker = Talker::new(id(1), 440.0, -20.0, 20, true);
+        let mut quiet = Talker::new(id(2), 1100.0, -40.0, 20, true);
+        let mut decoder = Decoder::new(20).expect("decoder");
+        let us = Duration::from_micros;
+        let (mut heard, mut waits) = (Vec::new(), Vec::new());
+        let mut quiet_lost_at_300 = 0;
+        for tick in 0..500u64 {
+            // Tick k is due at 20k + 10 ms; the talker's packet k comes at 20k + 5 ms and the
+            // quiet one's at 20k + 7 ms.
+            let base = 20_000 * tick;
+            let due = us(base + 10_000);
+            let out = if tick < 100 {
+                // Ticks at their deadline: both streams' packets are there before.
+                mixer
+                    .push(talker.packet(us(base + 5_000)))
+                    .expect("accepted");
+                mixer
+                    .push(quiet.packet(us(base + 7_000)))
+                    .expect("accepted");
+                mixer.tick(due)
+            } else {
+                assert!(
+                    !mixer.ready(),
+                    "tick {tick}: the talker's packet is not here yet"
+                );
+                mixer
+                    .push(talker.packet(us(base + 5_000)))
+                    .expect("accepted");
+                assert!(mixer.ready(), "tick {tick}: the talker's packet is here");
+                let out = mixer.tick_before(us(base + 5_100), due);
+                // Too late for the early tick: the quiet stream's buffer absorbs it.
+                let _ = mixer.push(quiet.packet(us(base + 7_000)));
+                out
+            };
+            assert_eq!(out.mixed, ids(&[1]), "tick {tick}");
+            if tick >= 100 {
+                waits.extend(out.carried.iter().map(|(_, at)| us(base + 5_100) - *at));
+            }
+            if tick >= 150 {
+                heard.extend(decoder.decode(&out.shared).expect("decodes"));
+            }
+            if tick == 300 {
+                quiet_lost_at_300 = mixer.jitter_stats(id(2)).expect("stream").lost;
+            }
+        }
+        let loud = mixer.jitter_stats(id(1)).expect("stream");
+        assert_eq!(
+            (loud.stretched, loud.lost, loud.underruns),
+            (0, 0, 0),
+            "the awaited talker plays every frame: {loud:?}"
+        );
+        assert!(
+            waits.len() == 400 && waits.iter().all(|w| *w == us(100)),
+            "each of its frames is mixed 0.1 ms after it came: {waits:?}"
+        );
+        let quiet = mixer.jitter_stats(id(2)).expect("stream");
+        assert_eq!(
+            (quiet.underruns, quiet.restarts, quiet.lost, quiet.played),
+            (1, 1, 0, 499),
+            "it ran dry at the first early tick and played on a frame later: {quiet:?}"
+        );
+        assert_eq!(quiet.lost, quiet_lost_at_300);
+        assert_hears(
+            &ToneReport::analyze(&heard, &[440.0, 1100.0], 48_000),
+            &[440.0],
+            "the listener",
+        );
+    }
+
     /// One 20 ms packet that misses its pull in a 10 ms room costs one room frame once: the
     /// stream tries again at the next room tick (not a whole packet later), and the next
     /// packet, on time again, moves the pulls back. Before, the late packet made the stream a

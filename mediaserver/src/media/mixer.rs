@@ -519,6 +519,9 @@ pub struct RoomMixer {
     loss_percent: Option<u8>,
     bus: Vec<i32>,
     scratch: Vec<i16>,
+    /// The streams the last tick mixed (and its backfill): the ones an early tick waits for
+    /// ([`RoomMixer::ready`]).
+    awaited: Vec<StreamId>,
 }
 
 impl RoomMixer {
@@ -553,6 +556,7 @@ impl RoomMixer {
             loss_percent: None,
             bus: vec![0; frame_samples],
             scratch: vec![0; frame_samples],
+            awaited: Vec::new(),
         })
     }
 
@@ -894,6 +898,38 @@ impl RoomMixer {
 
     /// Runs one frame tick at `now`. Call every `frame_ms`.
     pub fn tick(&mut self, now: Duration) -> MixOutput {
+        self.tick_before(now, now)
+    }
+
+    /// Whether every stream the last tick mixed (and its backfill) has the frame this tick
+    /// would take from it: its next packet is here, or it needs none this tick (a 20 ms packet's
+    /// second half in a 10 ms room), or it is not playing (paused, muted, gone). `false` when
+    /// the last tick mixed nothing: an early tick ([`RoomMixer::tick_before`]) would then gain
+    /// no one anything.
+    pub fn ready(&self) -> bool {
+        !self.awaited.is_empty()
+            && self.awaited.iter().all(|id| {
+                self.streams.get(id).is_none_or(|s| {
+                    s.muted
+                        || !s.jitter.is_playing()
+                        || (s.frames_per_packet > 1 && s.phase != 0)
+                        || s.jitter.next_arrival().is_some()
+                })
+            })
+    }
+
+    /// The tick due at `due`, run at `now` (at or before it) because the streams it waits for
+    /// are [`ready`](RoomMixer::ready) (DESIGN §13: the tick sits just after the top talkers'
+    /// packets arrive). Those streams are ticked as at `due`: each has its frame already, so
+    /// their jitter buffers see the slack and make the choices they would have made at `due`,
+    /// and an early tick never makes them shrink, stretch or run dry; and a frame of delay one
+    /// of them holds only because ticks used not to wait for it is dropped at once
+    /// ([`JitterBuffer::take_back_before_early_tick`]). Every other stream is
+    /// ticked at `now`: a packet of it that comes between `now` and `due` is late for this
+    /// tick, which its buffer absorbs as any late packet (it runs dry once and plays on a
+    /// frame later). With `now ≥ due` this is [`RoomMixer::tick`] at `now`.
+    pub fn tick_before(&mut self, now: Duration, due: Duration) -> MixOutput {
+        let awaited = std::mem::take(&mut self.awaited);
         let mut stats = TickStats::default();
         let mut pulled: BTreeMap<StreamId, Pulled> = BTreeMap::new();
 
@@ -901,7 +937,13 @@ impl RoomMixer {
         //    several frames pulls a packet every few ticks and plays it a frame at a time.
         let frame_samples = self.frame_samples;
         let room_frame = Duration::from_millis(u64::from(self.cfg.frame_ms));
+        let orig_now = now;
         for (&id, s) in &mut self.streams {
+            let now = if due > now && awaited.contains(&id) {
+                due
+            } else {
+                now
+            };
             let mut index = s.phase;
             if s.frames_per_packet > 1 && index + 1 == s.frames_per_packet {
                 // The tick before this stream's next pull: is its next packet already here, and
@@ -934,6 +976,9 @@ impl RoomMixer {
             let pull = index == 0;
             s.phase = (index + 1) % s.frames_per_packet.max(1);
             let was_playing = s.jitter.is_playing();
+            if pull && due > orig_now && awaited.contains(&id) {
+                s.jitter.take_back_before_early_tick(due);
+            }
             let (playout, arrival) = if pull {
                 (s.jitter.tick(now), s.jitter.last_arrival())
             } else {
@@ -1140,6 +1185,7 @@ impl RoomMixer {
         stats.decoded.sort_unstable();
         stats.decoded.dedup();
         stats.local_speakers = local_speakers.len();
+        self.awaited = mix_set.iter().copied().chain(backfill).collect();
         MixOutput {
             mixed: mix_set,
             shared,

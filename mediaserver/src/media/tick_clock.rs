@@ -105,6 +105,26 @@ impl TickClock {
         Duration::from_micros(u64::try_from(at.max(0)).unwrap_or(u64::MAX))
     }
 
+    /// How long before the next tick is due it may run, if the talkers it waits for are all
+    /// here: the margin the tick keeps after the late edge of the talker it follows (so an
+    /// early tick runs no earlier than that edge), at most a quarter of a frame. The margin is
+    /// there for the packet that comes late; the tick need not wait it out for one that came on
+    /// time. Zero for a fixed tick (no step) and before any talker is followed: consecutive
+    /// ticks then stay at least `frame - max_step - frame/4` apart, never two in one frame.
+    pub fn early_window(&self) -> Duration {
+        if self.max_step_us == 0 {
+            return Duration::ZERO;
+        }
+        let Some(lead) = self.lead.and_then(|id| self.streams.get(&id)) else {
+            return Duration::ZERO;
+        };
+        let window = lead
+            .margin_us
+            .max(self.margin_us)
+            .clamp(0, self.frame_us / 4);
+        Duration::from_micros(u64::try_from(window).unwrap_or(0))
+    }
+
     /// The next tick's offset from the fixed grid, in microseconds (for metrics).
     pub fn offset_micros(&self) -> i64 {
         self.offset_us
@@ -306,6 +326,27 @@ mod tests {
                 "ticks {step} µs apart"
             );
         }
+    }
+
+    /// The tick may run early by the margin it keeps after the talker it follows (that
+    /// talker's own when larger), never by more than a quarter of a frame, and a fixed tick or
+    /// a clock that follows no one never runs early.
+    #[test]
+    fn the_early_window_is_the_followed_talkers_margin() {
+        let mut c = clock();
+        assert_eq!(c.early_window(), Duration::ZERO, "no talker followed yet");
+        run(&mut c, &[Talker::steady(1, 5)], 10);
+        assert_eq!(c.early_window(), us(3_000), "the clock's own margin");
+        c.observe_with_margin(StreamId(1), us(c.next_tick().as_micros() as u64), us(4_000));
+        c.advance();
+        assert_eq!(c.early_window(), us(4_000), "the talker's larger margin");
+        c.observe_with_margin(StreamId(1), us(c.next_tick().as_micros() as u64), us(9_000));
+        c.advance();
+        assert_eq!(c.early_window(), us(F / 4), "at most a quarter of a frame");
+
+        let mut fixed = TickClock::new(us(F), us(3_000), Duration::ZERO);
+        run(&mut fixed, &[Talker::steady(1, 5)], 10);
+        assert_eq!(fixed.early_window(), Duration::ZERO, "a fixed tick");
     }
 
     #[test]

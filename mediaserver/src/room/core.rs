@@ -435,12 +435,27 @@ impl RoomCore {
 
     /// One frame tick at `now`.
     pub fn tick(&mut self, now: Duration) -> Tick {
-        if self.pending.as_ref().is_some_and(|(at, _)| now >= *at)
+        self.tick_before(now, now)
+    }
+
+    /// Whether the streams the last tick mixed all have their next frame here, so the tick due
+    /// next may run now ([`RoomMixer::ready`](crate::media::RoomMixer::ready)).
+    pub fn ready(&self) -> bool {
+        self.mixer.ready()
+    }
+
+    /// The tick due at `due`, run at `now` (at or before it) because [`RoomCore::ready`] said
+    /// so. It is the tick of `due` in every respect but when it runs: a list stamped to switch
+    /// at `due` switches here, and the streams it waited for are ticked as at `due`
+    /// ([`RoomMixer::tick_before`](crate::media::RoomMixer::tick_before)).
+    pub fn tick_before(&mut self, now: Duration, due: Duration) -> Tick {
+        let logical = now.max(due);
+        if self.pending.as_ref().is_some_and(|(at, _)| logical >= *at)
             && let Some((_, selection)) = self.pending.take()
         {
             self.mixer.set_selection(selection);
         }
-        let mix = self.mixer.tick(now);
+        let mix = self.mixer.tick_before(now, due);
         let deliveries = self.deliveries(&mix);
         self.ticks = self.ticks.wrapping_add(1);
         let periodic = self

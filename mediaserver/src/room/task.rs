@@ -11,6 +11,13 @@
 //!   core mixes, the task hands frames to transports, reports to the mesh, records metrics,
 //!   publishes the roster and removes members whose transport ended.
 //!
+//! The clock's deadline keeps a margin after the talkers' late edge for the packet that comes
+//! late. A tick need not wait it out for packets that came on time: within the clock's early
+//! window (that margin, at most a quarter of a frame) the tick runs as soon as every stream the
+//! last tick mixed has its frame here ([`RoomCore::ready`], checked as each packet comes), and at
+//! the deadline otherwise. Ticks stay on the clock's grid (an early tick is the deadline's tick,
+//! run sooner), so they come at least `frame - max_step - frame/4` apart: never two in a frame.
+//!
 //! The room ends when it has no member and no join in flight: it removes itself from the
 //! registry under the registry's lock, so a join never lands in a room that is ending.
 
@@ -157,6 +164,37 @@ fn tick_limits(settings: &MixerConfig, timer: &TickTimer) -> (Duration, Duration
     (margin, step)
 }
 
+/// When the room's next tick runs: the [`TickClock`]'s deadline, or earlier within the clock's
+/// early window once the talkers the tick waits for are all here ([`RoomCore::ready`]).
+struct Schedule {
+    clock: TickClock,
+    /// Set to the early window's opening, then (once it opened without the talkers) to the
+    /// deadline.
+    timer: TickTimer,
+    epoch: Instant,
+    /// Where the clock's grid starts, since the epoch (a new frame length starts a new grid).
+    epoch_shift: Duration,
+    /// The early window is open: a packet that completes the talkers runs the tick.
+    window_open: bool,
+}
+
+impl Schedule {
+    /// The next tick's deadline, since the epoch.
+    fn due_at(&self) -> Duration {
+        self.clock.next_tick() + self.epoch_shift
+    }
+
+    /// The due tick ran: the clock moves on, and the timer waits for the next early window.
+    fn advance(&mut self) {
+        let next = self.clock.advance() + self.epoch_shift;
+        let opens = next
+            .saturating_sub(self.clock.early_window())
+            .max(self.epoch_shift);
+        self.window_open = false;
+        self.timer.reset(self.epoch + opens);
+    }
+}
+
 impl RoomTask {
     pub(super) async fn run(
         mut self,
@@ -166,10 +204,15 @@ impl RoomTask {
         let epoch = Instant::now();
         // Ticks on the room's grid, moved towards the mixed talkers' arrivals (DESIGN §13). A
         // tick that is due runs at once: a late task catches up, as a burst, on the same grid.
-        let mut due = TickTimer::new(epoch);
-        let mut clock = tick_clock(&self.core.settings(), &due);
-        // Where the clock's grid starts, since the epoch (a new frame length starts a new grid).
-        let mut epoch_shift = Duration::ZERO;
+        let timer = TickTimer::new(epoch);
+        let clock = tick_clock(&self.core.settings(), &timer);
+        let mut schedule = Schedule {
+            clock,
+            timer,
+            epoch,
+            epoch_shift: Duration::ZERO,
+            window_open: false,
+        };
         let mut link = self.link.take();
         let (mut inbox, mut view, reporter) = match link.as_mut() {
             Some(link) => {
@@ -179,8 +222,13 @@ impl RoomTask {
             None => (None, None, None),
         };
         loop {
+            // Whether a packet that just came completes what an early tick waits for.
+            let mut arrived = false;
             tokio::select! {
-                Some(remote) = recv_remote(inbox.as_deref_mut()) => self.on_remote(remote, epoch),
+                Some(remote) = recv_remote(inbox.as_deref_mut()) => {
+                    self.on_remote(remote, epoch);
+                    arrived = true;
+                }
                 Some(view) = view_changed(view.as_deref_mut()) => {
                     let switch_at = view.switch_at.map(|at| at.saturating_duration_since(epoch));
                     match self.core.apply_view(view, switch_at) {
@@ -204,14 +252,15 @@ impl RoomTask {
                     match self.core.reconfigure(settings) {
                         Ok(()) if settings.frame() != frame => {
                             // A new grid from now on: its first tick is due at once.
-                            clock = tick_clock(&settings, &due);
-                            epoch_shift = epoch.elapsed();
-                            due.reset(Instant::now());
+                            schedule.clock = tick_clock(&settings, &schedule.timer);
+                            schedule.epoch_shift = epoch.elapsed();
+                            schedule.window_open = false;
+                            schedule.timer.reset(Instant::now());
                         }
                         // Aligned or fixed, with the new margin, from where the tick is now.
                         Ok(()) => {
-                            let (margin, step) = tick_limits(&settings, &due);
-                            clock.retune(margin, step);
+                            let (margin, step) = tick_limits(&settings, &schedule.timer);
+                            schedule.clock.retune(margin, step);
                         }
                         Err(e) => tracing::error!(room = %self.name, error = %e, "mixing settings refused; keeping the running ones"),
                     }
@@ -220,47 +269,29 @@ impl RoomTask {
                     Some(command) => self.on_command(command),
                     None => break,
                 },
-                Some(audio) = packets.recv() => self.on_packet(audio, epoch),
-                () = due.wait() => {
-                    // `select!` picks at random among ready branches, so a packet that arrived
-                    // before the tick was due could otherwise wait behind it for a whole frame
-                    // (its buffer runs dry, a frame of delay for seconds). Hand the tick what
-                    // is already queued; only that much, so a flood cannot hold the tick back.
-                    for _ in 0..packets.len() {
-                        match packets.try_recv() {
-                            Ok(audio) => self.on_packet(audio, epoch),
-                            Err(_) => break,
+                Some(audio) = packets.recv() => {
+                    self.on_packet(audio, epoch);
+                    arrived = true;
+                }
+                () = schedule.timer.wait() => {
+                    self.take_queued(&mut packets, inbox.as_deref_mut(), epoch);
+                    let due_at = schedule.due_at();
+                    if epoch.elapsed() >= due_at || self.core.ready() {
+                        if self.tick(&mut schedule, reporter) {
+                            break;
                         }
+                    } else {
+                        // The early window opened before the talkers it waits for are all
+                        // here: tick as soon as they are, or at the deadline.
+                        schedule.window_open = true;
+                        schedule.timer.reset(epoch + due_at);
                     }
-                    if let Some(inbox) = inbox.as_deref_mut() {
-                        for _ in 0..inbox.len() {
-                            match inbox.try_recv() {
-                                Ok(remote) => self.on_remote(remote, epoch),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    let now = epoch.elapsed();
-                    let due_at = clock.next_tick() + epoch_shift;
-                    let tick = self.core.tick(now);
-                    self.metrics
-                        .tick_lateness
-                        .observe(now.saturating_sub(due_at).as_secs_f64());
-                    for (stream, arrival) in &tick.mix.carried {
-                        // The tick waits for each talker as long as its own jitter buffer asks.
-                        let margin = self
-                            .core
-                            .jitter_target(*stream)
-                            .map_or(Duration::ZERO, |t| t + timer_slack(&due));
-                        let arrival = arrival.saturating_sub(epoch_shift);
-                        clock.observe_with_margin(*stream, arrival, margin);
-                    }
-                    let next = clock.advance() + epoch_shift;
-                    due.reset(epoch + next);
-                    self.on_tick(tick, reporter, epoch);
-                    if self.core.is_empty() && self.end_if_unused() {
-                        break;
-                    }
+                }
+            }
+            if arrived && schedule.window_open && self.core.ready() {
+                self.take_queued(&mut packets, inbox.as_deref_mut(), epoch);
+                if self.tick(&mut schedule, reporter) {
+                    break;
                 }
             }
         }
@@ -437,6 +468,60 @@ impl RoomTask {
                 .with_label_values(&[e.category()])
                 .inc();
         }
+    }
+
+    /// `select!` picks at random among ready branches, so a packet that arrived before the
+    /// tick was due could otherwise wait behind it for a whole frame (its buffer runs dry, a
+    /// frame of delay for seconds). Hand the tick what is already queued; only that much, so a
+    /// flood cannot hold the tick back.
+    fn take_queued(
+        &mut self,
+        packets: &mut mpsc::Receiver<InboundAudio>,
+        inbox: Option<&mut mpsc::Receiver<RemotePacket>>,
+        epoch: Instant,
+    ) {
+        for _ in 0..packets.len() {
+            match packets.try_recv() {
+                Ok(audio) => self.on_packet(audio, epoch),
+                Err(_) => break,
+            }
+        }
+        if let Some(inbox) = inbox {
+            for _ in 0..inbox.len() {
+                match inbox.try_recv() {
+                    Ok(remote) => self.on_remote(remote, epoch),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Runs the tick `schedule` has due, now (at its deadline, or early in its window because
+    /// the talkers it waits for are here), and sets the timer for the next one. Returns whether
+    /// the room has ended.
+    fn tick(&mut self, schedule: &mut Schedule, reporter: Option<&Reporter>) -> bool {
+        let epoch = schedule.epoch;
+        let now = epoch.elapsed();
+        let due_at = schedule.due_at();
+        let tick = self.core.tick_before(now, due_at);
+        self.metrics
+            .tick_lateness
+            .observe(now.saturating_sub(due_at).as_secs_f64());
+        self.metrics
+            .tick_early
+            .observe(due_at.saturating_sub(now).as_secs_f64());
+        for (stream, arrival) in &tick.mix.carried {
+            // The tick waits for each talker as long as its own jitter buffer asks.
+            let margin = self
+                .core
+                .jitter_target(*stream)
+                .map_or(Duration::ZERO, |t| t + timer_slack(&schedule.timer));
+            let arrival = arrival.saturating_sub(schedule.epoch_shift);
+            schedule.clock.observe_with_margin(*stream, arrival, margin);
+        }
+        schedule.advance();
+        self.on_tick(tick, reporter, epoch);
+        self.core.is_empty() && self.end_if_unused()
     }
 
     fn on_tick(&mut self, tick: Tick, reporter: Option<&Reporter>, epoch: Instant) {
