@@ -333,6 +333,11 @@ impl JitterBuffer {
         self.held.get(&self.next?).map(|h| h.arrival)
     }
 
+    /// The RFC 6464 level of the packet the next tick would play, if it is here.
+    pub fn next_level(&self) -> Option<AudioLevel> {
+        self.held.get(&self.next?).and_then(|h| h.level)
+    }
+
     /// The RFC 6464 level the packet of the last tick's frame carried (`None` for a loss, an
     /// empty tick, or a packet without one): the frame's own level, where the level of the
     /// packets *received* since the last tick describes a later frame.

@@ -74,6 +74,12 @@ const RECOVER_WITHIN_TICKS: u32 = 3;
 /// See [`RECOVER_WITHIN_TICKS`].
 const RECOVER_PULLS: u32 = 2;
 
+/// Ticks a stream must have been waited for (mixed) before an early tick may take back a voiced
+/// frame it holds but does not need ([`JitterBuffer::take_back_before_early_tick`]): a second.
+/// Until then only a voiceless frame is taken back, so an entering talker's first syllables are
+/// never cut.
+const TAKE_BACK_VOICED_AFTER_TICKS: u32 = 50;
+
 /// Frames without voice for this long end a talkspurt: what came before is not replayed (ms).
 const ONSET_GAP_MS: u32 = 200;
 
@@ -435,6 +441,8 @@ struct Stream {
     replay: VecDeque<PastFrame>,
     /// Ticks the stream has been behind.
     behind_ticks: u32,
+    /// Consecutive ticks the stream has been waited for (in the last tick's mix set).
+    awaited_ticks: u32,
 }
 
 impl Stream {
@@ -644,6 +652,7 @@ impl RoomMixer {
                 history: VecDeque::new(),
                 replay: VecDeque::new(),
                 behind_ticks: 0,
+                awaited_ticks: 0,
             },
         );
     }
@@ -976,7 +985,20 @@ impl RoomMixer {
             let pull = index == 0;
             s.phase = (index + 1) % s.frames_per_packet.max(1);
             let was_playing = s.jitter.is_playing();
-            if pull && due > orig_now && awaited.contains(&id) {
+            s.awaited_ticks = if awaited.contains(&id) {
+                s.awaited_ticks.saturating_add(1)
+            } else {
+                0
+            };
+            // Taking a frame back skips what it carried: of a talker the tick has waited for
+            // only briefly (one entering the mix set, whose first syllables must arrive
+            // whole), only a frame without voice.
+            if pull
+                && due > orig_now
+                && s.awaited_ticks > 0
+                && (s.awaited_ticks >= TAKE_BACK_VOICED_AFTER_TICKS
+                    || !voiced(s.jitter.next_level()))
+            {
                 s.jitter.take_back_before_early_tick(due);
             }
             let (playout, arrival) = if pull {
