@@ -946,13 +946,10 @@ impl RoomMixer {
         //    several frames pulls a packet every few ticks and plays it a frame at a time.
         let frame_samples = self.frame_samples;
         let room_frame = Duration::from_millis(u64::from(self.cfg.frame_ms));
-        let orig_now = now;
+        let early = due > now;
         for (&id, s) in &mut self.streams {
-            let now = if due > now && awaited.contains(&id) {
-                due
-            } else {
-                now
-            };
+            let waited_for = awaited.contains(&id);
+            let now = if early && waited_for { due } else { now };
             let mut index = s.phase;
             if s.frames_per_packet > 1 && index + 1 == s.frames_per_packet {
                 // The tick before this stream's next pull: is its next packet already here, and
@@ -985,7 +982,7 @@ impl RoomMixer {
             let pull = index == 0;
             s.phase = (index + 1) % s.frames_per_packet.max(1);
             let was_playing = s.jitter.is_playing();
-            s.awaited_ticks = if awaited.contains(&id) {
+            s.awaited_ticks = if waited_for {
                 s.awaited_ticks.saturating_add(1)
             } else {
                 0
@@ -994,8 +991,8 @@ impl RoomMixer {
             // only briefly (one entering the mix set, whose first syllables must arrive
             // whole), only a frame without voice.
             if pull
-                && due > orig_now
-                && s.awaited_ticks > 0
+                && early
+                && waited_for
                 && (s.awaited_ticks >= TAKE_BACK_VOICED_AFTER_TICKS
                     || !voiced(s.jitter.next_level()))
             {
