@@ -18,14 +18,16 @@
 //! time with jittery, drifting and disappearing talkers. Written here because it is one small
 //! policy over the room's own grid; no crate schedules a mixer.
 //!
-//! Invariants:
+//! Invariants (for a tick run at its deadline, [`TickClock::next_tick`], or early, anywhere from
+//! [`TickClock::earliest_tick`] on):
 //! - tick `n` happens at `n·frame + offset_n` with `-frame ≤ offset_n < frame`: the tick never
 //!   drifts a frame from the fixed grid, so after `n` frames of real time the room has ticked
 //!   `n` times, give or take one. A talker whose clock drifts is followed up to that bound; then
 //!   the tick goes back round the other way (at 100 ppm of drift, once every few minutes);
-//! - consecutive offsets differ by at most `max_step` (below half a frame), so ticks come
-//!   `frame ± max_step` apart: never two in one frame's time, and the jitter buffers see slack
-//!   change smoothly and adapt without dropping or stretching.
+//! - consecutive deadlines differ from a frame by at most `max_step` (below half a frame), and a
+//!   tick runs at most a quarter of a frame early, so ticks come `frame ± (max_step + frame/4)`
+//!   apart: never two in one frame's time, and the jitter buffers see slack change smoothly and
+//!   adapt without dropping or stretching.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -123,6 +125,17 @@ impl TickClock {
             .max(self.margin_us)
             .clamp(0, self.frame_us / 4);
         Duration::from_micros(u64::try_from(window).unwrap_or(0))
+    }
+
+    /// The earliest the next tick may run once the talkers it waits for are all here: its
+    /// [`early_window`](Self::early_window) before it is due, but never more than a frame before
+    /// its place on the grid, so an early tick keeps the grid invariant (module doc).
+    pub fn earliest_tick(&self) -> Duration {
+        let grid_floor = (i128::from(self.next) - 1) * i128::from(self.frame_us);
+        let floor = Duration::from_micros(u64::try_from(grid_floor.max(0)).unwrap_or(u64::MAX));
+        self.next_tick()
+            .saturating_sub(self.early_window())
+            .max(floor)
     }
 
     /// The next tick's offset from the fixed grid, in microseconds (for metrics).
@@ -555,33 +568,55 @@ mod tests {
 
     proptest! {
         /// Whatever arrives (any phases, jitter, bursts, duplicates, streams that come and go,
-        /// arrivals far from the tick), the grid invariants hold.
+        /// talkers asking for any margin, arrivals far from the tick), and whether each tick
+        /// runs at its deadline or anywhere in its early window, the grid invariants hold.
         #[test]
         fn the_tick_stays_within_a_frame_of_its_grid_and_about_a_frame_apart(
             events in prop::collection::vec(
-                (0u64..6, 0u64..100_000, 0u8..3),
+                (0u64..6, 0u64..100_000, 0u8..3, prop_oneof![Just(0u64), 0u64..30_000], any::<u8>()),
                 0..400,
             ),
             max_step in 0u64..15_000,
         ) {
             let mut c = TickClock::new(us(F), us(3_000), us(max_step));
+            let mut deadlines = Vec::new();
             let mut times = Vec::new();
-            for (stream, arrival, advance) in events {
+            for (stream, arrival, advance, margin, early) in events {
                 let at = c.next_tick().as_micros() as u64;
-                c.observe(StreamId(stream), us(at.saturating_sub(arrival % 60_000)));
+                let arrival = us(at.saturating_sub(arrival % 60_000));
+                if margin == 0 {
+                    c.observe(StreamId(stream), arrival);
+                } else {
+                    c.observe_with_margin(StreamId(stream), arrival, us(margin));
+                }
                 for _ in 0..advance {
-                    times.push(c.next_tick().as_micros() as i64);
+                    let due = c.next_tick().as_micros() as u64;
+                    let earliest = c.earliest_tick().as_micros() as u64;
+                    prop_assert!(earliest <= due);
+                    // Ran at its deadline, or early once its talkers were here.
+                    let ran = earliest + (due - earliest) * u64::from(early) / 255;
+                    deadlines.push(due as i64);
+                    times.push(ran as i64);
                     c.advance();
                 }
             }
             let step_bound = (max_step as i64).min(F as i64 / 2 - 1);
-            for (n, at) in times.iter().enumerate() {
-                let offset = at - n as i64 * F as i64;
-                prop_assert!((-(F as i64)..F as i64).contains(&offset), "tick {n}: {offset}");
+            for ticks in [&deadlines, &times] {
+                for (n, at) in ticks.iter().enumerate() {
+                    let offset = at - n as i64 * F as i64;
+                    prop_assert!((-(F as i64)..F as i64).contains(&offset), "tick {n}: {offset}");
+                }
             }
-            for pair in times.windows(2) {
+            for pair in deadlines.windows(2) {
                 prop_assert!(pair[1] > pair[0]);
                 prop_assert!((pair[1] - pair[0] - F as i64).abs() <= step_bound);
+            }
+            let early_bound = if max_step == 0 { 0 } else { F as i64 / 4 };
+            for pair in times.windows(2) {
+                prop_assert!(
+                    (pair[1] - pair[0] - F as i64).abs() <= step_bound + early_bound,
+                    "ticks {} µs apart", pair[1] - pair[0]
+                );
             }
         }
     }

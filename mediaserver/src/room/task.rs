@@ -186,10 +186,8 @@ impl Schedule {
 
     /// The due tick ran: the clock moves on, and the timer waits for the next early window.
     fn advance(&mut self) {
-        let next = self.clock.advance() + self.epoch_shift;
-        let opens = next
-            .saturating_sub(self.clock.early_window())
-            .max(self.epoch_shift);
+        self.clock.advance();
+        let opens = self.clock.earliest_tick() + self.epoch_shift;
         self.window_open = false;
         self.timer.reset(self.epoch + opens);
     }
