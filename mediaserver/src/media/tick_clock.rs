@@ -108,10 +108,11 @@ impl TickClock {
     }
 
     /// How long before the next tick is due it may run, if the talkers it waits for are all
-    /// here: the margin the tick keeps after the late edge of the talker it follows (so an
-    /// early tick runs no earlier than that edge), at most a quarter of a frame. The margin is
-    /// there for the packet that comes late; the tick need not wait it out for one that came on
-    /// time. Zero for a fixed tick (no step) and before any talker is followed: consecutive
+    /// here: the margin the tick keeps after the late edge of the talker it follows, plus how
+    /// far that edge sits after the talker's median arrival (so an early tick runs no earlier
+    /// than the talker's typical packet), at most a quarter of a frame. The margin and the edge
+    /// are there for the packet that comes late; the tick need not wait them out for one that
+    /// came on time. Zero for a fixed tick (no step) and before any talker is followed: consecutive
     /// ticks then stay at least `frame - max_step - frame/4` apart, never two in one frame.
     pub fn early_window(&self) -> Duration {
         if self.max_step_us == 0 {
@@ -120,10 +121,10 @@ impl TickClock {
         let Some(lead) = self.lead.and_then(|id| self.streams.get(&id)) else {
             return Duration::ZERO;
         };
-        let window = lead
-            .margin_us
-            .max(self.margin_us)
-            .clamp(0, self.frame_us / 4);
+        let spread = self
+            .late_edge(lead)
+            .map_or(0, |(_, edge, median)| (edge - median).max(0));
+        let window = (lead.margin_us.max(self.margin_us) + spread).clamp(0, self.frame_us / 4);
         Duration::from_micros(u64::try_from(window).unwrap_or(0))
     }
 
@@ -204,21 +205,26 @@ impl TickClock {
         self.streams
             .iter()
             .filter_map(|(&id, a)| {
-                let newest = *a.phases.back()?;
-                let mut around: Vec<i64> = a
-                    .phases
-                    .iter()
-                    .map(|p| self.wrap_half(p - newest))
-                    .collect();
-                around.sort_unstable_by(|x, y| y.cmp(x));
-                let edge = around
-                    .get(EDGE_RANK.min(around.len() - 1))
-                    .copied()
-                    .unwrap_or(0);
+                let (newest, edge, _) = self.late_edge(a)?;
                 let margin = a.margin_us.max(self.margin_us);
                 Some(((newest + edge + margin).rem_euclid(f), id))
             })
             .collect()
+    }
+
+    /// A stream's newest phase, and its late edge and median phase relative to it (both in
+    /// `[-frame/2, frame/2)` around the newest); `None` before its first frame.
+    fn late_edge(&self, a: &Arrivals) -> Option<(i64, i64, i64)> {
+        let newest = *a.phases.back()?;
+        let mut around: Vec<i64> = a
+            .phases
+            .iter()
+            .map(|p| self.wrap_half(p - newest))
+            .collect();
+        around.sort_unstable_by(|x, y| y.cmp(x));
+        let edge = around[EDGE_RANK.min(around.len() - 1)];
+        let median = around[around.len() / 2];
+        Some((newest, edge, median))
     }
 
     /// Where the tick should sit: at the ready phase that the largest gap between ready phases
@@ -360,6 +366,33 @@ mod tests {
         let mut fixed = TickClock::new(us(F), us(3_000), Duration::ZERO);
         run(&mut fixed, &[Talker::steady(1, 5)], 10);
         assert_eq!(fixed.early_window(), Duration::ZERO, "a fixed tick");
+    }
+
+    /// A jittery talker's window also spans how far its late edge sits after its median
+    /// arrival: an early tick may run on its typical packet, not only after a late one's edge.
+    #[test]
+    fn a_jittery_talkers_early_window_reaches_back_to_its_typical_packet() {
+        let mut c = clock();
+        // 0–4 ms of pseudo-random jitter on top of phase 8 ms: median about 10 ms, late edge
+        // (the third latest of 25) about 11.6 ms, the tick due about 3 ms after that.
+        let t = Talker {
+            id: StreamId(1),
+            phase: 8_000,
+            period: F,
+            jitter: Box::new(|k| k * 2_654_435_761 % 4_001),
+        };
+        let ticks = run(&mut c, &[t], 300);
+        check_grid(&ticks);
+        let window = c.early_window().as_micros() as u64;
+        assert!(
+            (4_000..=F / 4).contains(&window),
+            "window {window} µs: the margin (3 ms) and the edge's lead over the median"
+        );
+        let opens = c.earliest_tick().as_micros() as u64 % F;
+        assert!(
+            (9_000..=11_000).contains(&opens),
+            "the window opens at phase {opens} µs, not near the median arrival (10 ms)"
+        );
     }
 
     #[test]
