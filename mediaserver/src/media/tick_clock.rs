@@ -297,6 +297,14 @@ mod tests {
             }
         }
 
+        /// 0–4 ms of pseudo-random jitter on top of `phase_ms`.
+        fn jittery(id: u64, phase_ms: u64) -> Self {
+            Self {
+                jitter: Box::new(|k| k * 2_654_435_761 % 4_001),
+                ..Self::steady(id, phase_ms)
+            }
+        }
+
         fn arrival(&self, k: u64) -> u64 {
             k * self.period + self.phase + (self.jitter)(k)
         }
@@ -373,14 +381,9 @@ mod tests {
     #[test]
     fn a_jittery_talkers_early_window_reaches_back_to_its_typical_packet() {
         let mut c = clock();
-        // 0–4 ms of pseudo-random jitter on top of phase 8 ms: median about 10 ms, late edge
-        // (the third latest of 25) about 11.6 ms, the tick due about 3 ms after that.
-        let t = Talker {
-            id: StreamId(1),
-            phase: 8_000,
-            period: F,
-            jitter: Box::new(|k| k * 2_654_435_761 % 4_001),
-        };
+        // 0–4 ms of jitter on top of phase 8 ms: median about 10 ms, late edge (the third
+        // latest of 25) about 11.6 ms, the tick due about 3 ms after that.
+        let t = Talker::jittery(1, 8);
         let ticks = run(&mut c, &[t], 300);
         check_grid(&ticks);
         let window = c.early_window().as_micros() as u64;
@@ -481,13 +484,8 @@ mod tests {
     #[test]
     fn jitter_is_covered_by_the_late_edge() {
         let mut c = clock();
-        // 0–4 ms of pseudo-random jitter on top of phase 8 ms, near the grid's half-frame edge.
-        let t = Talker {
-            id: StreamId(1),
-            phase: 8_000,
-            period: F,
-            jitter: Box::new(|k| k * 2_654_435_761 % 4_001),
-        };
+        // 0–4 ms of jitter on top of phase 8 ms, near the grid's half-frame edge.
+        let t = Talker::jittery(1, 8);
         let ticks = run(&mut c, &[t], 300);
         check_grid(&ticks);
         let mut total = 0;
