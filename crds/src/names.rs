@@ -151,6 +151,8 @@ pub mod env {
     pub const MAX_PARTICIPANTS: &str = "CHORUS_MAX_PARTICIPANTS";
     /// Threads that share a large room's listener fan-out (0: one per core).
     pub const FAN_OUT_WORKERS: &str = "CHORUS_FAN_OUT_WORKERS";
+    /// `true`: listeners' media leaves through packet sockets (needs `CAP_NET_RAW`).
+    pub const LINK_LAYER_FAN_OUT: &str = "CHORUS_LINK_LAYER_FAN_OUT";
     /// The join-token HMAC key (from its Secret).
     pub const JOIN_KEY: &str = "CHORUS_JOIN_KEY";
     /// The directory holding the SIP credentials as the files `username` and `password` (the

@@ -74,6 +74,10 @@ pub struct Config {
     /// A room frame going to at least this many participants is split across the fan-out
     /// workers; smaller fan-outs are sent by the port's own thread.
     pub parallel_fan_out_min: usize,
+    /// Send listeners' media as whole Ethernet frames through packet sockets, skipping the
+    /// kernel's UDP/IP send path, where the process has `CAP_NET_RAW` and a listener's next hop
+    /// is known; the rest keeps the UDP socket. The frames skip the pod's own netfilter rules.
+    pub link_layer_fan_out: bool,
     /// Rooms this server hosts at once.
     pub max_rooms: usize,
     /// Participants one room accepts.
@@ -142,6 +146,7 @@ impl std::fmt::Debug for Config {
             .field("max_participants", &self.max_participants)
             .field("fan_out_workers", &self.fan_out_workers)
             .field("parallel_fan_out_min", &self.parallel_fan_out_min)
+            .field("link_layer_fan_out", &self.link_layer_fan_out)
             .field("max_rooms", &self.max_rooms)
             .field("max_room_participants", &self.max_room_participants)
             .field("frame_ms", &self.frame_ms)
@@ -178,6 +183,7 @@ impl Default for Config {
             max_participants: 500,
             fan_out_workers: 0,
             parallel_fan_out_min: 256,
+            link_layer_fan_out: false,
             max_rooms: 100,
             max_room_participants: 500,
             frame_ms: mixing.frame_ms,
@@ -223,6 +229,8 @@ pub struct Layer {
     pub fan_out_workers: Option<usize>,
     /// See [`Config::parallel_fan_out_min`].
     pub parallel_fan_out_min: Option<usize>,
+    /// See [`Config::link_layer_fan_out`].
+    pub link_layer_fan_out: Option<bool>,
     /// See [`Config::max_rooms`].
     pub max_rooms: Option<usize>,
     /// See [`Config::max_room_participants`].
@@ -308,6 +316,7 @@ impl Layer {
             udp_addr: udp_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
             max_participants: parse(&get, env::MAX_PARTICIPANTS)?,
             fan_out_workers: parse(&get, env::FAN_OUT_WORKERS)?,
+            link_layer_fan_out: parse(&get, env::LINK_LAYER_FAN_OUT)?,
             sip_addr: sip_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
             sip_credentials_dir: get(env::SIP_CREDENTIALS_DIR).map(PathBuf::from),
             sip_ca_file: get(env::SIP_CA_FILE).map(PathBuf::from),
@@ -336,6 +345,7 @@ impl Config {
             max_participants,
             fan_out_workers,
             parallel_fan_out_min,
+            link_layer_fan_out,
             max_rooms,
             max_room_participants,
             frame_ms,

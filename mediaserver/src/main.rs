@@ -137,6 +137,11 @@ struct ServeArgs {
     /// Fan-outs to at least this many participants are split across the fan-out workers.
     #[arg(long)]
     parallel_fan_out_min: Option<usize>,
+    /// Send listeners' media as whole Ethernet frames through packet sockets (needs
+    /// CAP_NET_RAW; falls back on the UDP socket where it cannot), skipping the kernel's UDP/IP
+    /// send path. The frames skip this host's netfilter OUTPUT rules.
+    #[arg(long)]
+    link_layer_fan_out: bool,
     /// Length of the top list.
     #[arg(long)]
     top_speakers: Option<usize>,
@@ -358,6 +363,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_room_participants: args.max_room_participants,
         fan_out_workers: args.fan_out_workers,
         parallel_fan_out_min: args.parallel_fan_out_min,
+        link_layer_fan_out: args.link_layer_fan_out.then_some(true),
         top_speakers: args.top_speakers,
         frame_ms: args.frame_ms,
         low_delay: args.low_delay.then_some(true),

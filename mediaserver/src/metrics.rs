@@ -251,6 +251,7 @@ pub struct PortCollector {
     peers: IntGauge,
     listeners: IntGauge,
     lane_frames: IntCounter,
+    link_layer_datagrams: IntCounter,
     busy: prometheus::Gauge,
 }
 
@@ -289,6 +290,11 @@ impl PortCollector {
                 "Opus frames to listeners sealed and sent by the fan-out workers' lanes, a large room's frame split across threads (a subset of chorus_media_frames_total{direction=\"out\"}).",
             )
             .expect("static metric definition is valid"),
+            link_layer_datagrams: IntCounter::new(
+                "chorus_media_link_layer_datagrams_total",
+                "Datagrams to listeners sent as whole Ethernet frames through packet sockets (--link-layer-fan-out), skipping the kernel's UDP/IP send path (a subset of chorus_media_datagrams_total{direction=\"out\"}).",
+            )
+            .expect("static metric definition is valid"),
             busy: prometheus::Gauge::new(
                 "chorus_media_port_busy_ratio",
                 "Share of the time the media port's task spends working rather than waiting (smoothed over about a second); above its limit (0.9) new participants are refused.",
@@ -311,6 +317,7 @@ impl prometheus::core::Collector for PortCollector {
         d.extend(self.peers.desc());
         d.extend(self.listeners.desc());
         d.extend(self.lane_frames.desc());
+        d.extend(self.link_layer_datagrams.desc());
         d.extend(self.busy.desc());
         d
     }
@@ -342,6 +349,7 @@ impl prometheus::core::Collector for PortCollector {
         catch_up(&self.frames.with_label_values(&["in"]), s.inbound_frames);
         catch_up(&self.frames.with_label_values(&["out"]), s.outbound_frames);
         catch_up(&self.lane_frames, s.lane_frames);
+        catch_up(&self.link_layer_datagrams, s.link_layer_datagrams);
         self.busy.set(s.busy_permille as f64 / 1000.0);
         self.peers.set(i64::try_from(s.peers).unwrap_or(i64::MAX));
         self.listeners
@@ -352,6 +360,7 @@ impl prometheus::core::Collector for PortCollector {
         m.extend(self.peers.collect());
         m.extend(self.listeners.collect());
         m.extend(self.lane_frames.collect());
+        m.extend(self.link_layer_datagrams.collect());
         m.extend(self.busy.collect());
         m
     }

@@ -130,6 +130,7 @@ pub async fn start(
     let mut port_config = crate::endpoint::PortConfig::new(config.public_address);
     port_config.max_peers = port_config.max_peers.max(config.max_participants);
     port_config.fan_out_workers = config.fan_out_threads();
+    port_config.link_layer_fan_out = config.link_layer_fan_out;
     port_config.parallel_fan_out_min = config.parallel_fan_out_min;
     let port = Arc::new(MediaPort::start_with(udp, port_config, shutdown.clone())?);
     metrics

@@ -1,7 +1,7 @@
 //! An in-process media server for end-to-end tests: real sockets on 127.0.0.1 port 0, a fresh
 //! join key, and a handle that mints tokens and stops the server when dropped.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -33,14 +33,28 @@ impl MediaServer {
         Self::start_with_key(&random_key(), adjust).await
     }
 
+    /// Start a server whose media socket binds and advertises `media_ip` (the bench's swarm
+    /// network's server side, say) instead of 127.0.0.1.
+    pub async fn start_on(media_ip: IpAddr, adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        Self::start_inner(&random_key(), media_ip, adjust).await
+    }
+
     /// Start a server with a given join key (servers of one conference share it).
     pub async fn start_with_key(
         key_bytes: &[u8],
         adjust: impl FnOnce(&mut Config),
     ) -> Result<Self> {
+        Self::start_inner(key_bytes, [127, 0, 0, 1].into(), adjust).await
+    }
+
+    async fn start_inner(
+        key_bytes: &[u8],
+        media_ip: IpAddr,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let key_bytes = key_bytes.to_vec();
         let mut config = Config {
-            public_address: [127, 0, 0, 1].into(),
+            public_address: media_ip,
             conference: "e2e".into(),
             join_key: key_bytes.clone(),
             ..Config::default()
@@ -48,7 +62,7 @@ impl MediaServer {
         adjust(&mut config);
         config.validate().context("test server configuration")?;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let udp = tokio::net::UdpSocket::bind(SocketAddr::new(media_ip, 0)).await?;
         let http_addr = http.local_addr()?;
         let udp_addr = udp.local_addr()?;
         let sip = match config.sip_addr {

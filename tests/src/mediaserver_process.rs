@@ -34,6 +34,8 @@ pub struct ProcessOptions {
     /// `--public-address`), instead of 127.0.0.1: the bench's swarm network
     /// ([`crate::swarm_network::SERVER_IP`]).
     pub udp_ip: Option<std::net::IpAddr>,
+    /// Send listeners' media through packet sockets (`--link-layer-fan-out`).
+    pub link_layer_fan_out: bool,
     /// Participants the server and one room accept (the defaults are lower than a capacity run).
     pub max_participants: Option<usize>,
     /// Place phone calls: the server runs as the one node of a mesh plan (file, CA and
@@ -162,6 +164,9 @@ impl ServerProcess {
         }
         if let Some(workers) = options.fan_out_workers {
             command.args(["--fan-out-workers", &workers.to_string()]);
+        }
+        if options.link_layer_fan_out {
+            command.arg("--link-layer-fan-out");
         }
         if let Some(min) = options.parallel_fan_out_min {
             command.args(["--parallel-fan-out-min", &min.to_string()]);

@@ -11,7 +11,10 @@
 //! frequency probed.
 //!
 //! The same test runs with three fan-out workers, so the room's frame is cut into lanes sealed
-//! and sent on three threads.
+//! and sent on three threads; and, where this process is root (as CI and the bench are here),
+//! across the bench's veth pair with the link-layer fan-out on, one worker and three, so every
+//! listener's media leaves as whole Ethernet frames from a packet socket and the same checks
+//! hold on what the listeners receive.
 //!
 //! A further test has sendrecv listeners stream Opus silence upstream (as browsers with an
 //! unmuted microphone do): they still receive everything, and the server counts their packets.
@@ -25,6 +28,7 @@ use chorus_tests::bot::{BotConfig, SAMPLE_RATE, tone};
 use chorus_tests::heavy_test_guard;
 use chorus_tests::media_server::{MediaServer, metric};
 use chorus_tests::swarm::{Direction, Swarm, SwarmConfig, SwarmReport, Upstream};
+use chorus_tests::swarm_network::{SERVER_IP, SWARM_IP, SwarmNetwork};
 
 /// The direction the listeners offer: receive-only, so the server's own listener transport
 /// (ICE-lite, DTLS, SRTP keyed from the DTLS exporter) carries them.
@@ -83,7 +87,31 @@ fn check_offsets(report: &SwarmReport) -> Result<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
-    swarm_hears_the_talker(1).await
+    swarm_hears_the_talker(1, Network::Loopback).await
+}
+
+/// Across a veth pair into another network namespace (the bench's swarm network), with the
+/// link-layer fan-out on: every listener's media leaves through the server's packet socket as
+/// a whole Ethernet frame, and every check of the loopback test still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_across_a_veth_pair_hears_the_talker_through_packet_sockets() -> Result<()> {
+    swarm_hears_the_talker(1, Network::VethLinkLayer).await
+}
+
+/// The same with three fan-out workers: each lane hands its frames to the packet socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_lanes_across_a_veth_pair_hand_their_frames_to_packet_sockets() -> Result<()> {
+    swarm_hears_the_talker(3, Network::VethLinkLayer).await
+}
+
+/// Where the swarm's listeners are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Network {
+    /// On 127.0.0.1, the server's UDP socket sending everything.
+    Loopback,
+    /// In the bench's namespace behind a veth pair, the server sending listeners' media
+    /// through packet sockets (`--link-layer-fan-out`).
+    VethLinkLayer,
 }
 
 /// The same with the room's frame cut into three lanes of ten listeners, each sealed and sent
@@ -91,17 +119,37 @@ async fn a_swarm_of_listeners_hears_the_talker() -> Result<()> {
 /// in the room's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swarm_served_by_three_fan_out_workers_hears_the_talker() -> Result<()> {
-    swarm_hears_the_talker(3).await
+    swarm_hears_the_talker(3, Network::Loopback).await
 }
 
-async fn swarm_hears_the_talker(fan_out_workers: usize) -> Result<()> {
+async fn swarm_hears_the_talker(fan_out_workers: usize, network: Network) -> Result<()> {
     let _serial = heavy_test_guard().await;
-    let server = MediaServer::start(|config| {
+    let veth = match network {
+        Network::Loopback => None,
+        Network::VethLinkLayer => {
+            // `/proc/self` belongs to the process's effective user.
+            let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
+            if !root {
+                eprintln!(
+                    "SKIPPED: the veth pair and packet sockets need root (CAP_NET_ADMIN, \
+                     CAP_NET_RAW); run as root to test the link-layer fan-out"
+                );
+                return Ok(());
+            }
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Some(SwarmNetwork::up(0, cpus.saturating_sub(1)).context("the swarm's veth pair")?)
+        }
+    };
+    let adjust = |config: &mut chorus_mediaserver::config::Config| {
         config.fan_out_workers = fan_out_workers;
         // Small enough that this room's fan-out is split whenever there is more than one worker.
         config.parallel_fan_out_min = 2;
-    })
-    .await?;
+        config.link_layer_fan_out = veth.is_some();
+    };
+    let server = match &veth {
+        None => MediaServer::start(adjust).await?,
+        Some(_) => MediaServer::start_on(SERVER_IP, adjust).await?,
+    };
     let frame_ms = chorus_mediaserver::media::MixerConfig::default().frame_ms;
     let talker = server
         .join_bot(
@@ -122,6 +170,10 @@ async fn swarm_hears_the_talker(fan_out_workers: usize) -> Result<()> {
     config.join_concurrency = 8;
     // Short enough that every listener reports at least twice in the window.
     config.rtcp_interval = Duration::from_secs(1);
+    if let Some(veth) = &veth {
+        config.bind_ip = SWARM_IP;
+        config.netns = Some(veth.binder());
+    }
     let mut swarm = Swarm::join(config).await.context("joining the swarm")?;
     assert_eq!(swarm.joined(), LISTENERS, "{swarm:?}");
 
@@ -143,6 +195,20 @@ async fn swarm_hears_the_talker(fan_out_workers: usize) -> Result<()> {
         );
     } else {
         assert_eq!(lane_frames, 0.0, "a single worker has no lanes");
+    }
+    // Over the veth pair nearly every listener datagram left through the packet socket (the
+    // first frame to a new destination goes through the UDP socket while its next hop is
+    // looked up); on loopback the flag is off and none did.
+    let link_layer =
+        metric(&server.metrics(), "chorus_media_link_layer_datagrams_total").unwrap_or(0.0);
+    let frames_in_window = (WINDOW.as_millis() as f64) / f64::from(frame_ms);
+    if veth.is_some() {
+        assert!(
+            link_layer >= LISTENERS as f64 * frames_in_window * 0.9,
+            "only {link_layer} datagrams went through the packet socket"
+        );
+    } else {
+        assert_eq!(link_layer, 0.0, "the link-layer fan-out is off");
     }
     println!("swarm: {}", report.summary());
     let slowest = report.listeners.iter().max_by_key(|l| l.join.dtls);

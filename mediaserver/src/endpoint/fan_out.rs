@@ -18,6 +18,9 @@
 //! - Nothing is lost to a full socket buffer: a lane that meets `EWOULDBLOCK` stops sending and
 //!   leaves the rest of its packets to the port's next flush, which waits for the socket.
 //!
+//! With the link-layer fan-out on (`link_layer.rs`), a lane hands its frames to the packet
+//! socket of their interface instead, from its own thread, as it would write the UDP socket.
+//!
 //! The pool is rayon's: it lends borrowed work to long-lived threads safely, which is exactly
 //! this. What runs in a lane is the same `Session::send_opus` the single-threaded path calls.
 
@@ -27,6 +30,7 @@ use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tracing::debug;
 
+use super::link_layer::LinkLayer;
 use super::packed::PackedDatagrams;
 use super::session::Session;
 
@@ -50,6 +54,7 @@ pub(crate) struct LaneCounts {
 #[derive(Clone, Copy)]
 struct Frame<'a> {
     socket: &'a UdpSocket,
+    link: Option<&'a LinkLayer>,
     payload: &'a Bytes,
     samples: u32,
     now: Instant,
@@ -92,12 +97,14 @@ impl FanOutWorkers {
         &mut self,
         listeners: &mut [Option<&mut Session>],
         socket: &UdpSocket,
+        link: Option<&LinkLayer>,
         payload: &Bytes,
         samples: u32,
         now: Instant,
     ) -> LaneCounts {
         let frame = Frame {
             socket,
+            link,
             payload,
             samples,
             now,
@@ -158,6 +165,7 @@ fn fan_out_lane(
 ) -> LaneCounts {
     let Frame {
         socket,
+        link,
         payload,
         samples,
         now,
@@ -174,15 +182,20 @@ fn fan_out_lane(
             counts.dropped += 1;
         }
         if lane.packed.len() - lane.sent >= LANE_SEND_BATCH {
-            send_lane(lane, socket, &mut counts);
+            send_lane(lane, socket, link, &mut counts);
         }
     }
-    send_lane(lane, socket, &mut counts);
+    send_lane(lane, socket, link, &mut counts);
     counts
 }
 
 /// Sends what `lane` has not sent yet, until the socket would block.
-fn send_lane(lane: &mut Lane, socket: &UdpSocket, counts: &mut LaneCounts) {
+fn send_lane(
+    lane: &mut Lane,
+    socket: &UdpSocket,
+    link: Option<&LinkLayer>,
+    counts: &mut LaneCounts,
+) {
     while !lane.blocked && lane.sent < lane.packed.len() {
         let batch: Vec<_> = lane
             .packed
@@ -190,7 +203,11 @@ fn send_lane(lane: &mut Lane, socket: &UdpSocket, counts: &mut LaneCounts) {
             .skip(lane.sent)
             .take(LANE_SEND_BATCH)
             .collect();
-        match super::port::send_batch(socket, &batch) {
+        let sent = match link {
+            Some(link) => link.send_batch(socket, &batch),
+            None => super::port::send_batch(socket, &batch),
+        };
+        match sent {
             Ok(0) => {
                 // The kernel took none and reported no error: count the first as failed
                 // rather than spin on it (as the port's flush does).

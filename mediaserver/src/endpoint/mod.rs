@@ -24,6 +24,9 @@
 //!   participants are refused with a clear error, so those already in keep being served.
 //! - `fan_out.rs`: with [`PortConfig::fan_out_workers`] above one, a large room's listeners are
 //!   cut into contiguous lanes, each sealed and sent on its own thread from the same socket.
+//! - `link_layer.rs`: with [`PortConfig::link_layer_fan_out`], listeners' media leaves as whole
+//!   Ethernet frames through packet sockets (hand-built headers, the kernel's own route and
+//!   neighbour), skipping the kernel's UDP/IP send path; whatever it cannot carry keeps the socket.
 //!
 //! Invariants:
 //! - Nothing received from the network can panic this module or reach another participant's
@@ -35,6 +38,7 @@
 mod demux;
 mod fan_out;
 mod gcm_seal;
+mod link_layer;
 mod listener;
 mod load;
 mod offer;

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::demux::{Datagram, classify, is_binding_success};
 use super::fan_out::FanOutWorkers;
+use super::link_layer::LinkLayer;
 use super::load::LoadMeter;
 use super::packed::PackedDatagrams;
 use super::session::{Session, SessionChannels};
@@ -92,6 +93,11 @@ pub struct PortConfig {
     /// drain, and a 4 MiB one (tried in the capacity bench) kept thousands of datagrams alive
     /// at once and cost the server 15–20 % more CPU per listener in an A/B run.
     pub receive_buffer_bytes: usize,
+    /// Send listeners' media as whole Ethernet frames through packet sockets
+    /// (`link_layer.rs`), skipping the kernel's UDP and IP send path, where the process may
+    /// (`CAP_NET_RAW`) and the destination's next hop is known; everything else keeps the UDP
+    /// socket. Off by default: the frames skip the pod's own netfilter rules.
+    pub link_layer_fan_out: bool,
 }
 
 /// [`PortConfig::receive_buffer_bytes`] by default: 4 MiB, some 4,000 audio datagrams in the
@@ -112,6 +118,7 @@ impl PortConfig {
             parallel_fan_out_min: 256,
             overload_busy: 0.9,
             receive_buffer_bytes: DEFAULT_RECEIVE_BUFFER_BYTES,
+            link_layer_fan_out: false,
         }
     }
 }
@@ -169,6 +176,9 @@ pub struct PortStats {
     pub listeners: u64,
     /// Of `outbound_frames`, those sealed and sent by the fan-out workers' lanes.
     pub lane_frames: u64,
+    /// Of `datagrams_out`, those sent as whole frames through a packet socket
+    /// ([`PortConfig::link_layer_fan_out`]).
+    pub link_layer_datagrams: u64,
     /// How busy the port's task is, in thousandths of the time (`load.rs`).
     pub busy_permille: u64,
 }
@@ -188,6 +198,7 @@ struct Counters {
     peers: AtomicU64,
     listeners: AtomicU64,
     lane_frames: AtomicU64,
+    link_layer_datagrams: AtomicU64,
     /// The task's last published busy share (an `f64`'s bits), and when (ms after `epoch`).
     busy_share: AtomicU64,
     busy_published_ms: AtomicU64,
@@ -404,6 +415,22 @@ impl MediaPort {
             0 | 1 => None,
             n => Some(FanOutWorkers::new(n).map_err(EndpointError::Workers)?),
         };
+        let link = if config.link_layer_fan_out {
+            match LinkLayer::open(local_addr) {
+                Ok(link) => {
+                    info!(
+                        "listener media goes to the network device where its next hop is known (link-layer fan-out)"
+                    );
+                    Some(link)
+                }
+                Err(why) => {
+                    warn!(%why, "link-layer fan-out asked for but unavailable; listener media goes through the UDP socket");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let driver = Driver {
             socket,
             candidate_addr,
@@ -418,6 +445,7 @@ impl MediaPort {
             outgoing: Vec::new(),
             packed: PackedDatagrams::default(),
             workers,
+            link,
             fan_out_positions: None,
             load: LoadMeter::new(epoch),
             epoch,
@@ -614,6 +642,7 @@ impl MediaPort {
             peers: load(&c.peers),
             listeners: load(&c.listeners),
             lane_frames: load(&c.lane_frames),
+            link_layer_datagrams: load(&c.link_layer_datagrams),
             busy_permille: (self.busy() * 1000.0).round() as u64,
         }
     }
@@ -751,6 +780,8 @@ struct Driver {
     packed: PackedDatagrams,
     /// Threads that share a large fan-out (`None`: one worker, this task).
     workers: Option<FanOutWorkers>,
+    /// Packet sockets for listeners' media (`None`: the UDP socket carries everything).
+    link: Option<LinkLayer>,
     /// The last large fan-out's list and each peer's place in it: a room sends the same list
     /// (the same `Arc`) tick after tick until its membership changes.
     fan_out_positions: Option<(Arc<[u64]>, PeerPositions)>,
@@ -990,6 +1021,7 @@ impl Driver {
         let Driver {
             sessions,
             workers,
+            link,
             fan_out_positions,
             socket,
             counters,
@@ -1020,7 +1052,7 @@ impl Driver {
         }
         // Peers that are not on the port count as dropped in the lanes (their slot is `None`),
         // as in `send_opus`; so do `rtc` peers' slots, which are sent below instead.
-        let counts = workers.fan_out(&mut listeners, socket, payload, samples, now);
+        let counts = workers.fan_out(&mut listeners, socket, link.as_ref(), payload, samples, now);
         drop(listeners);
         bump(&counters.outbound_frames, counts.sealed);
         bump(&counters.lane_frames, counts.sealed);
@@ -1169,13 +1201,20 @@ impl Driver {
         let workers = self.workers.take();
         {
             let pending = pending_datagrams(workers.as_ref(), &packed, &outgoing);
+            // Listeners' media comes first; only it may take the packet sockets.
+            let media = pending.len() - outgoing.len();
             let mut start = 0;
             while start < pending.len() {
-                let end = pending.len().min(start + SEND_BATCH);
+                let end = if start < media { media } else { pending.len() };
+                let end = end.min(start + SEND_BATCH);
                 let batch = &pending[start..end];
-                let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                    send_batch(&self.socket, batch)
-                });
+                let link = self.link.as_ref().filter(|_| start < media);
+                let result = self
+                    .socket
+                    .try_io(tokio::io::Interest::WRITABLE, || match link {
+                        Some(link) => link.send_batch(&self.socket, batch),
+                        None => send_batch(&self.socket, batch),
+                    });
                 match result {
                     Ok(sent) => {
                         bump(&self.counters.datagrams_out, sent as u64);
@@ -1211,6 +1250,11 @@ impl Driver {
         self.workers = workers;
         if let Some(workers) = &mut self.workers {
             workers.clear();
+        }
+        if let Some(link) = &mut self.link {
+            bump(&self.counters.link_layer_datagrams, link.take_sent());
+            // Destinations this flush sent through the UDP socket for want of a next hop.
+            link.resolve(Instant::now());
         }
     }
 

@@ -62,6 +62,10 @@ pub struct Plan {
     /// ([`crate::swarm_network`]) when this machine allows it; false, or where it cannot be
     /// built: loopback.
     pub swarm_on_veth: bool,
+    /// With the swarm on its veth pair, the capacity servers send listeners' media through
+    /// packet sockets (`--link-layer-fan-out`); over loopback they cannot (a frame from and to
+    /// this host is a martian to the kernel), and the UDP socket sends it.
+    pub link_layer_fan_out: bool,
     /// One-way link delay for the cross-server scenario, ms.
     pub link_ms: u32,
     /// Onsets in the cross-server scenario.
@@ -102,6 +106,7 @@ impl Plan {
             scaling_steps: vec![500, 1000, 2000],
             scaling_parallel_min: 256,
             swarm_on_veth: true,
+            link_layer_fan_out: true,
             link_ms: 40,
             cross_rounds: 20,
             codec_sizes: vec![10, 100, 1000],
@@ -138,6 +143,7 @@ impl Plan {
             // Small enough that the smoke's rooms are split too.
             scaling_parallel_min: 2,
             swarm_on_veth: true,
+            link_layer_fan_out: true,
             link_ms: 20,
             cross_rounds: 2,
             codec_sizes: vec![10, 30],
@@ -343,6 +349,12 @@ impl SwarmPlace {
             .map(|_| crate::swarm_network::SERVER_IP)
     }
 
+    /// Whether the server sends listeners' media through packet sockets here: only across the
+    /// veth pair, and only if the plan asks.
+    fn link_layer(&self, plan: &Plan) -> bool {
+        self.network.is_some() && plan.link_layer_fan_out
+    }
+
     /// `config`'s listeners, placed here.
     fn place(&self, mut config: SwarmConfig) -> SwarmConfig {
         if let Some(network) = &self.network {
@@ -391,6 +403,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
             max_participants: Some(largest + 50),
             fan_out_workers: Some(1),
             udp_ip: place.server_ip(),
+            link_layer_fan_out: place.link_layer(plan),
             ..ProcessOptions::default()
         })
         .await?;
@@ -417,6 +430,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
             &swarm_plan,
         )
         .await?;
+        let c = with_link_layer_share(c, &server).await;
         out.insert("chorus".to_owned(), c);
         // The same path's user-space instructions per listener-packet, by callgrind, on a
         // server of its own (instrumented, so not pinned: its CPU time means nothing).
@@ -518,6 +532,7 @@ async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity
             fan_out_workers: Some(workers),
             parallel_fan_out_min: Some(plan.scaling_parallel_min),
             udp_ip: place.server_ip(),
+            link_layer_fan_out: place.link_layer(plan),
             ..ProcessOptions::default()
         })
         .await?;
@@ -538,6 +553,7 @@ async fn worker_scaling(plan: &Plan) -> Result<BTreeMap<String, ListenerCapacity
             &place.ramp(plan.scaling_steps.clone(), plan, cpus as f64),
         )
         .await?;
+        let c = with_link_layer_share(c, &server).await;
         let name = if workers == 1 {
             "chorus_scaling_1_worker".to_owned()
         } else {
@@ -1178,7 +1194,33 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
             c.instructions_per_listener_packet.unwrap_or(f64::NAN)
         }),
         "two_workers": two_workers_json(runs),
+        "link_layer_share": med("chorus", |c| c.link_layer_share.unwrap_or(f64::NAN)),
     })
+}
+
+/// `c` with the share of `server`'s outgoing datagrams that left through packet sockets (from
+/// its metrics), where it sent any that way.
+async fn with_link_layer_share(
+    mut c: ListenerCapacity,
+    server: &ServerProcess,
+) -> ListenerCapacity {
+    match server.metrics().await {
+        Ok(text) => {
+            let link =
+                crate::media_server::metric(&text, "chorus_media_link_layer_datagrams_total")
+                    .unwrap_or(0.0);
+            let out = crate::media_server::metric_sum(
+                &text,
+                "chorus_media_datagrams_total",
+                &["direction=\"out\""],
+            );
+            if link > 0.0 && out > 0.0 {
+                c.link_layer_share = Some(link / out);
+            }
+        }
+        Err(err) => eprintln!("listeners: cannot read the server's metrics: {err:#}"),
+    }
+    c
 }
 
 /// The two-worker scaling figures of [`capacity_json`]: CPU per listener with one fan-out worker

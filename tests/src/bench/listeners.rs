@@ -145,6 +145,10 @@ pub struct ListenerCapacity {
     /// existed (loopback).
     #[serde(default)]
     pub network: Option<String>,
+    /// Of the server's outgoing datagrams over the ramp, the share sent as whole frames through
+    /// packet sockets (`--link-layer-fan-out`); `None` where the server did not use them.
+    #[serde(default)]
+    pub link_layer_share: Option<f64>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`, which reads back as NaN here.
@@ -195,6 +199,7 @@ pub fn summarize(steps: Vec<SwarmStep>, network: Option<String>) -> ListenerCapa
         held_one_core,
         instructions_per_listener_packet: None,
         network,
+        link_layer_share: None,
     }
 }
 

@@ -50,6 +50,11 @@ struct Args {
     /// with threaded NAPI, `scripts/swarm-netns`) can be built: for comparing the two.
     #[arg(long)]
     swarm_loopback: bool,
+    /// Keep every listener datagram on the server's UDP socket in the capacity ramps (no
+    /// `--link-layer-fan-out`, which they use where the swarm is on its veth pair): for
+    /// comparing the two send paths.
+    #[arg(long)]
+    udp_socket_fan_out: bool,
     /// With `--only listeners`: these receive-only steps instead of the plan's (comma-separated
     /// listener counts), for a quick look; the other ramps keep theirs.
     #[arg(long, value_delimiter = ',')]
@@ -65,6 +70,7 @@ async fn main() -> Result<()> {
         harness::Plan::full(args.runs.max(1))
     };
     plan.swarm_on_veth = !args.swarm_loopback;
+    plan.link_layer_fan_out = !args.udp_socket_fan_out;
     if !args.listener_steps.is_empty() {
         plan.listener_steps.clone_from(&args.listener_steps);
     }
