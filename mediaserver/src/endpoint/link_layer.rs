@@ -201,11 +201,11 @@ impl LinkLayer {
             .hop(first_to)
             .filter(|_| batch[0].1.len() <= MAX_LINK_PAYLOAD);
         let Some(first) = first else {
-            let run = batch
+            // `batch[0]` is known to go this way; the run ends before the next that need not.
+            let run = batch[1..]
                 .iter()
                 .position(|&(to, d)| d.len() <= MAX_LINK_PAYLOAD && self.hop(to).is_some())
-                .unwrap_or(batch.len())
-                .max(1);
+                .map_or(batch.len(), |i| i + 1);
             return super::port::send_batch(udp, &batch[..run]);
         };
         let mut hops = Vec::with_capacity(batch.len());
@@ -253,7 +253,8 @@ impl LinkLayer {
             write_headers(
                 &mut headers[i],
                 hop,
-                self.bound.unwrap_or(hop.source),
+                // Already the bound address where there is one (`resolve_one`).
+                hop.source,
                 self.source_port,
                 *to,
                 first_id.wrapping_add(i as u16),
