@@ -12,6 +12,7 @@ pub mod call_me;
 pub mod calls_api;
 pub mod demo_shape;
 pub mod edge;
+pub mod egress_tap;
 pub mod janus;
 pub mod link;
 pub mod media_server;

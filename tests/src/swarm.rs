@@ -320,6 +320,10 @@ pub struct ListenerReport {
     /// The same offsets from the times read right after each `recvmmsg` call (include the
     /// media thread's reading order and delay).
     pub read_offset_vs_reference_ms: Option<OffsetStats>,
+    /// Its RTP sequence number minus the reference's for the same payload, as most matched
+    /// samples show it (the server numbers every listener's packets in step); `None` without
+    /// matched samples.
+    pub seq_delta_vs_reference: Option<u16>,
     /// The SSRC it sends upstream with (None: it sends nothing).
     pub send_ssrc: Option<u32>,
     /// The answer's RFC 6464 audio-level extension id (None: not negotiated).
@@ -568,8 +572,33 @@ pub struct Swarm {
     wake: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
     members: Vec<Membership>,
+    /// Every joined listener's sockets, in the order their joins finished.
+    endpoints: Vec<ListenerEndpoints>,
     join_failures: Vec<(usize, String)>,
     join_duration: Duration,
+}
+
+/// Where one listener's media flows: its own socket and the server's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListenerEndpoints {
+    /// The listener's number (0 = the reference).
+    pub index: usize,
+    /// The listener's socket.
+    pub local: SocketAddr,
+    /// The server's, as ICE chose it.
+    pub remote: SocketAddr,
+    answered_at: Instant,
+}
+
+impl ListenerEndpoints {
+    fn of(joined: &handshake::Joined) -> Self {
+        ListenerEndpoints {
+            index: joined.index,
+            local: joined.local,
+            remote: joined.remote,
+            answered_at: joined.answered_at,
+        }
+    }
 }
 
 impl std::fmt::Debug for Swarm {
@@ -670,6 +699,7 @@ impl Swarm {
             wake,
             thread: Some(thread),
             members: Vec::new(),
+            endpoints: Vec::new(),
             join_failures: Vec::new(),
             join_duration: Duration::ZERO,
         };
@@ -680,6 +710,7 @@ impl Swarm {
             .await
             .context("the reference listener (0) could not join")?;
         swarm.members.push(membership);
+        swarm.endpoints.push(ListenerEndpoints::of(&reference));
         swarm.send(Command::Register(Box::new(reference)))?;
 
         let semaphore = Arc::new(Semaphore::new(swarm.config.join_concurrency.max(1)));
@@ -699,18 +730,22 @@ impl Swarm {
                 // Registered at once, so nothing piles up in the socket while others join.
                 result
                     .and_then(|(joined, membership)| {
+                        let endpoints = ListenerEndpoints::of(&joined);
                         commands
                             .send(Command::Register(Box::new(joined)))
                             .map_err(|_| anyhow!("the media thread is gone"))?;
                         let _ = wake.write(1);
-                        Ok(membership)
+                        Ok((membership, endpoints))
                     })
                     .map_err(|e| (index, format!("{e:#}")))
             });
         }
         while let Some(outcome) = tasks.join_next().await {
             match outcome {
-                Ok(Ok(membership)) => swarm.members.push(membership),
+                Ok(Ok((membership, endpoints))) => {
+                    swarm.members.push(membership);
+                    swarm.endpoints.push(endpoints);
+                }
                 Ok(Err(failure)) => swarm.join_failures.push(failure),
                 Err(panic) => swarm.join_failures.push((usize::MAX, panic.to_string())),
             }
@@ -731,6 +766,19 @@ impl Swarm {
     /// Listeners connected.
     pub fn joined(&self) -> usize {
         self.members.len()
+    }
+
+    /// The reference's endpoints and those of the listener whose answer came last (the
+    /// server's last-admitted listener, as in [`FanOut::last_answered`]); `None` with fewer
+    /// than two listeners.
+    pub fn fan_out_ends(&self) -> Option<(ListenerEndpoints, ListenerEndpoints)> {
+        let reference = self.endpoints.iter().find(|e| e.index == 0)?;
+        let last = self
+            .endpoints
+            .iter()
+            .filter(|e| e.index != 0)
+            .max_by_key(|e| e.answered_at)?;
+        Some((*reference, *last))
     }
 
     /// How long [`Swarm::join`] took.
@@ -760,6 +808,7 @@ impl Swarm {
             for l in listeners.iter_mut().filter(|l| !l.is_reference) {
                 l.offset_vs_reference_ms = None;
                 l.read_offset_vs_reference_ms = None;
+                l.seq_delta_vs_reference = None;
             }
         }
         let sum = |f: fn(&ListenerReport) -> u64| listeners.iter().map(f).sum::<u64>();

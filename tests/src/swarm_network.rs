@@ -32,6 +32,8 @@ use anyhow::{Context, Result, bail};
 
 /// The namespace's name (in `/run/netns`), as `scripts/swarm-netns` makes it.
 pub const NAMESPACE: &str = "chorus-swarm";
+/// The server side of the pair's interface, in this process's namespace.
+pub const SERVER_INTERFACE: &str = "csrv";
 /// The server side of the pair, in this process's namespace.
 pub const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1));
 /// The swarm side, in [`NAMESPACE`].
@@ -134,7 +136,7 @@ impl SwarmNetwork {
             );
         }
         Ok(SwarmNetwork {
-            server_threads: napi_threads("csrv")?,
+            server_threads: napi_threads(SERVER_INTERFACE)?,
             swarm_threads: napi_threads("cswarm")?,
             binder: NetnsBinder::spawn(NAMESPACE)?,
             _pair: pair,

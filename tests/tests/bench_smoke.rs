@@ -41,6 +41,23 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
             "{system}: {c:?}"
         );
     }
+    // On the swarm's own network, the egress tap followed the fan-out: pairs of the same frame
+    // leaving for the first and the last listener, within a frame of each other.
+    let chorus = &run.listener_capacity["chorus"];
+    if chorus.network.as_deref() == Some("veth") {
+        assert!(
+            chorus.steps.iter().any(|s| s
+                .egress_spread
+                .is_some_and(|e| e.pairs >= 20 && e.p50_ms.abs() < 20.0)),
+            "{chorus:?}"
+        );
+    }
+    assert!(
+        run.machine_speed
+            .is_some_and(|s| s.cpu_loop_ns > 0.0 && s.loopback_datagram_us > 0.0),
+        "{:?}",
+        run.machine_speed
+    );
     assert!(
         run.cross_server.cross_server.n >= 1,
         "{:?}",

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -192,6 +193,55 @@ pub struct RunResult {
     /// existed).
     #[serde(default)]
     pub listener_capacity: BTreeMap<String, ListenerCapacity>,
+    /// The machine's speed at the run's start (absent from runs recorded before it was taken).
+    #[serde(default)]
+    pub machine_speed: Option<MachineSpeed>,
+}
+
+/// A fixed piece of work timed at a run's start, so that runs on different days can be told
+/// apart: the same VM type has run some days at half the speed of others (a shared host), and
+/// every CPU figure moves with it. Ratios taken within one run (against Janus, two workers over
+/// one) do not.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MachineSpeed {
+    /// ns per step of a dependent integer loop (multiply and xor-shift; the best of 5 passes).
+    pub cpu_loop_ns: f64,
+    /// µs per 120-byte datagram over loopback, sent and received by one thread (the best of 5).
+    pub loopback_datagram_us: f64,
+}
+
+/// Times [`MachineSpeed`]'s work (about half a second).
+pub fn machine_speed() -> Result<MachineSpeed> {
+    const STEPS: u64 = 20_000_000;
+    const DATAGRAMS: u32 = 20_000;
+    let mut cpu = f64::INFINITY;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15_u64);
+        for _ in 0..STEPS {
+            x = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            x ^= x >> 29;
+        }
+        std::hint::black_box(x);
+        cpu = cpu.min(started.elapsed().as_nanos() as f64 / STEPS as f64);
+    }
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    sender.connect(receiver.local_addr()?)?;
+    let (datagram, mut buffer) = ([7u8; 120], [0u8; 256]);
+    let mut udp = f64::INFINITY;
+    for _ in 0..5 {
+        let started = Instant::now();
+        for _ in 0..DATAGRAMS {
+            sender.send(&datagram)?;
+            receiver.recv(&mut buffer)?;
+        }
+        udp = udp.min(started.elapsed().as_secs_f64() * 1e6 / f64::from(DATAGRAMS));
+    }
+    Ok(MachineSpeed {
+        cpu_loop_ns: cpu,
+        loopback_datagram_us: udp,
+    })
 }
 
 /// Pins every thread of this process to `cpus` (a `taskset` list such as "1" or "0-1").
@@ -367,13 +417,14 @@ impl SwarmPlace {
     /// A ramp of `steps` run here: this place's kernel threads charged to the server and the
     /// generator, and its network named in the results.
     fn ramp(&self, steps: Vec<usize>, plan: &Plan, server_cpus: f64) -> SwarmPlan {
-        let (server_threads, generator_threads, network) = match &self.network {
+        let (server_threads, generator_threads, network, egress_interface) = match &self.network {
             Some(n) => (
                 n.server_threads().to_vec(),
                 n.swarm_threads().to_vec(),
                 "veth",
+                Some(crate::swarm_network::SERVER_INTERFACE),
             ),
-            None => (Vec::new(), Vec::new(), "loopback"),
+            None => (Vec::new(), Vec::new(), "loopback", None),
         };
         SwarmPlan {
             steps,
@@ -383,6 +434,7 @@ impl SwarmPlace {
             server_threads,
             generator_threads,
             network,
+            egress_interface,
         }
     }
 }
@@ -434,11 +486,16 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
         out.insert("chorus".to_owned(), c);
         // The same path's user-space instructions per listener-packet, by callgrind, on a
         // server of its own (instrumented, so not pinned: its CPU time means nothing).
+        // A failed count is reported as not counted ("null"), not fatal to the whole run.
         let counted = super::instructions::per_listener_packet(
             plan.instruction_listeners,
             plan.listener_window,
         )
-        .await?;
+        .await
+        .unwrap_or_else(|err| {
+            eprintln!("instructions: not counted: {err:#}");
+            None
+        });
         if let Some(c) = out.get_mut("chorus") {
             c.instructions_per_listener_packet = counted;
         }
@@ -631,6 +688,8 @@ pub async fn delays(plan: &Plan) -> Result<BTreeMap<String, delay::DelayResult>>
 
 /// One run of every scenario.
 pub async fn run_once(plan: &Plan) -> Result<RunResult> {
+    let speed = machine_speed()?;
+    eprintln!("machine speed: {speed:?}");
     let delays = delays(plan).await?;
     let lookahead_ms = delay::server_codec_lookahead_ms()?;
     // A step holds while its p99 stays within 10 ms of the same system's unloaded p99 (and, for
@@ -677,6 +736,7 @@ pub async fn run_once(plan: &Plan) -> Result<RunResult> {
         transfer: Some(moves),
         list_stability: Some(lists),
         listener_capacity,
+        machine_speed: Some(speed),
     })
 }
 
@@ -1163,18 +1223,13 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         (Some(c), Some(j)) if j > 0.0 => json!(c / j),
         _ => Value::Null,
     };
-    let last_minus_first = {
-        let s = spread(runs.iter().map(|r| {
-            r.get("chorus")
-                .and_then(|c| listeners::last_minus_first_at(c, 2000))
-                .unwrap_or(f64::NAN)
-        }));
-        if s.median.is_finite() {
-            json!(s.median)
-        } else {
-            Value::Null
-        }
-    };
+    let last_minus_first = med("chorus", |c| {
+        listeners::last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
+    });
+    // The same spread where the server's interface transmits (the egress tap, veth only).
+    let last_minus_first_egress = med("chorus", |c| {
+        listeners::egress_last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
+    });
     // Where the swarm ran in the last run (`veth` or `loopback`; older runs: loopback).
     let network = runs
         .last()
@@ -1190,6 +1245,7 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "janus_per_core_cpu": janus_per_core,
         "ratio_vs_janus": ratio,
         "last_minus_first_delay_ms_at_2000": last_minus_first,
+        "last_minus_first_egress_ms_at_2000": last_minus_first_egress,
         "instructions_per_listener_packet": med("chorus", |c| {
             c.instructions_per_listener_packet.unwrap_or(f64::NAN)
         }),
@@ -1246,6 +1302,14 @@ fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
             .and_then(|s| s.last_minus_first_ms)
             .unwrap_or(f64::NAN)
     };
+    let egress_at_largest = |c: &ListenerCapacity| {
+        c.steps
+            .iter()
+            .filter(|s| s.held)
+            .max_by_key(|s| s.listeners)
+            .and_then(|s| s.egress_spread)
+            .map_or(f64::NAN, |e| e.p50_ms)
+    };
     let med = |system: &str, get: &dyn Fn(&ListenerCapacity) -> f64| {
         let s = spread(runs.iter().map(|r| r.get(system).map_or(f64::NAN, get)));
         s.median.is_finite().then_some(s.median)
@@ -1272,6 +1336,8 @@ fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "largest_step_held_2_workers": largest("chorus_scaling_2_workers"),
         "last_minus_first_ms_1_worker": med("chorus_scaling_1_worker", &spread_at_largest),
         "last_minus_first_ms_2_workers": med("chorus_scaling_2_workers", &spread_at_largest),
+        "last_minus_first_egress_ms_1_worker": med("chorus_scaling_1_worker", &egress_at_largest),
+        "last_minus_first_egress_ms_2_workers": med("chorus_scaling_2_workers", &egress_at_largest),
     })
 }
 

@@ -35,6 +35,11 @@ pub const COLLECTED: [&str; 4] = [
 /// Set (to anything) to keep callgrind's dumps for `callgrind_annotate`.
 pub const KEEP_ENV: &str = "CHORUS_BENCH_KEEP_CALLGRIND";
 
+/// How long the instrumented server may take before its listeners hear the room.
+const WARM_UP_SECONDS: usize = 60;
+/// Counted windows at most, until the listeners receive something (see the loop's comment).
+const MAX_COUNTED_WINDOWS: usize = 6;
+
 /// Whether valgrind is on the `PATH` (`scripts/bootstrap` installs it).
 pub fn available() -> bool {
     std::process::Command::new("valgrind")
@@ -95,6 +100,19 @@ async fn newest_dump_total(prefix: &Path, pid: u32) -> Result<u64> {
     bail!("no callgrind dump with totals for pid {pid} under {dir:?}")
 }
 
+/// The server's metric samples that are not zero, for an error message.
+async fn moving_metrics(server: &ServerProcess) -> String {
+    match server.metrics().await {
+        Ok(text) => text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(err) => format!("(unreadable: {err:#})"),
+    }
+}
+
 /// Counts the fan-out's instructions per listener-packet with `listeners` receive-only listeners
 /// and the bench's talkers over `window`. `Ok(None)` without valgrind.
 pub async fn per_listener_packet(listeners: usize, window: Duration) -> Result<Option<f64>> {
@@ -130,19 +148,49 @@ pub async fn per_listener_packet(listeners: usize, window: Duration) -> Result<O
             move |i| tokens(&format!("counted-{i}")),
         ))
         .await?;
-        swarm.run_for(Duration::from_secs(1)).await?;
+        // Warm up until the listeners hear the room: under valgrind the server is tens of times
+        // slower, and its talkers' ICE and DTLS may take many seconds to come up.
+        let mut heard = 0;
+        for second in 1..=WARM_UP_SECONDS {
+            heard = swarm
+                .run_for(Duration::from_secs(1))
+                .await?
+                .packets_received;
+            if heard > 0 {
+                eprintln!("instructions: the listeners hear the room after {second} s");
+                break;
+            }
+        }
+        if heard == 0 {
+            bail!(
+                "the instrumented server's listeners heard nothing in {WARM_UP_SECONDS} s; its \
+                 metrics:\n{}",
+                moving_metrics(&server).await
+            );
+        }
         control(pid, "--instr=on")?;
         control(pid, "--zero")?;
-        let report = swarm.run_for(window).await?;
+        // Instrumented, the server runs far slower than real time and may send little in one
+        // window: windows follow one another until the listeners received something, for at
+        // most MAX_COUNTED_WINDOWS.
+        let mut packets = 0;
+        let mut windows = 0;
+        while packets == 0 && windows < MAX_COUNTED_WINDOWS {
+            packets += swarm.run_for(window).await?.packets_received;
+            windows += 1;
+        }
         control(pid, "--dump")?;
         control(pid, "--instr=off")?;
         let total = newest_dump_total(&prefix, pid).await?;
+        if packets == 0 {
+            bail!(
+                "the swarm received nothing in {windows} counted windows of {window:?}; the \
+                 server's metrics:\n{}",
+                moving_metrics(&server).await
+            );
+        }
         let _ = swarm.leave().await;
         super::close_all(talkers.iter().map(|b| &**b)).await;
-        let packets = report.packets_received;
-        if packets == 0 {
-            bail!("the swarm received nothing in the counted window");
-        }
         let per_packet = total as f64 / packets as f64;
         eprintln!(
             "instructions: {total} in the fan-out for {packets} listener packets ({listeners} \

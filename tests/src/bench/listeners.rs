@@ -26,8 +26,9 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::egress_tap::{EgressSpread, EgressTap};
 use crate::process_cpu_time;
-use crate::swarm::{Swarm, SwarmConfig};
+use crate::swarm::{Swarm, SwarmConfig, SwarmReport};
 
 /// The step nearest to `listeners`' last-minus-first delay, ms.
 pub fn last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
@@ -36,6 +37,17 @@ pub fn last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64
         .filter(|s| s.listeners == listeners)
         .find_map(|s| s.last_minus_first_ms)
 }
+
+/// The step at `listeners`' last-minus-first delay at the server's egress, ms.
+pub fn egress_last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
+    c.steps
+        .iter()
+        .filter(|s| s.listeners == listeners)
+        .find_map(|s| s.egress_spread.map(|e| e.p50_ms))
+}
+
+/// How long the egress tap listens, after the CPU window (see [`crate::egress_tap`]).
+const EGRESS_WINDOW: Duration = Duration::from_secs(2);
 
 /// Loss a step may show.
 pub const MAX_LOSS: f64 = 0.001;
@@ -64,6 +76,44 @@ pub struct SwarmPlan {
     /// The network between the server and the swarm, for the results: `"veth"` or
     /// `"loopback"`.
     pub network: &'static str,
+    /// The server's interface towards the swarm, where [`crate::egress_tap`] watches the
+    /// fan-out leave (a window of its own after each step's); `None`: not tapped.
+    pub egress_interface: Option<&'static str>,
+}
+
+/// The fan-out's spread at the server's egress over [`EGRESS_WINDOW`]: the last-admitted
+/// listener's departures after the reference's.
+async fn egress_spread(
+    swarm: &mut Swarm,
+    interface: &str,
+    window_report: &SwarmReport,
+) -> Result<Option<EgressSpread>> {
+    let Some((reference, last)) = swarm.fan_out_ends() else {
+        return Ok(None);
+    };
+    if reference.remote != last.remote {
+        // A socket per listener (Janus): it encodes per listener too, so there is no one frame
+        // to follow across the fan-out.
+        return Ok(None);
+    }
+    let tap = EgressTap::start(interface, reference.remote, reference.local, last.local)?;
+    let tapped = swarm.run_for(EGRESS_WINDOW).await?;
+    // Which of the reference's frames each of the last listener's is: the swarm's payload
+    // matches, from either window (one constant while the server skips nothing).
+    let delta = |report: &SwarmReport| {
+        report
+            .listeners
+            .iter()
+            .find(|l| l.index == last.index)
+            .and_then(|l| l.seq_delta_vs_reference)
+    };
+    match delta(&tapped).or_else(|| delta(window_report)) {
+        Some(seq_delta) => tap.stop(seq_delta),
+        None => anyhow::bail!(
+            "no payload of listener {} matched the reference's: its frames cannot be paired",
+            last.index
+        ),
+    }
 }
 
 /// The CPU time of `pid` and of `others` together.
@@ -111,6 +161,11 @@ pub struct SwarmStep {
     /// receive stamps of the same payload); `None` where payloads differ per listener.
     #[serde(default)]
     pub last_minus_first_ms: Option<f64>,
+    /// The same spread where the server's interface transmits (by [`crate::egress_tap`], in a
+    /// window of its own after the step's): what the server adds, without the swarm side's
+    /// delivery. `None` where not tapped.
+    #[serde(default)]
+    pub egress_spread: Option<EgressSpread>,
     /// Why leaving after the window failed, if it did (the step's figures stand).
     #[serde(default)]
     pub leave_error: Option<String>,
@@ -229,6 +284,15 @@ pub async fn measure(
         // swarm's CPU: together they say whether the generator kept up.
         let generator_cpu = report.swarm_core_fraction
             + (cpu_time_of(None, &plan.generator_threads)? - generator0).as_secs_f64() / window;
+        let egress_spread = match plan.egress_interface {
+            Some(interface) => egress_spread(&mut swarm, interface, &report)
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("listeners: {n}: egress tap: {e:#}");
+                    None
+                }),
+            None => None,
+        };
         // A failed leave (a participant the server had already let go, say) is recorded, not
         // fatal: the window's figures above are complete whatever happens after it.
         let leave_error = swarm.leave().await.err().map(|e| format!("{e:#}"));
@@ -273,6 +337,7 @@ pub async fn measure(
             every_listener_checked: checked.is_ok(),
             generator_limited,
             last_minus_first_ms,
+            egress_spread,
             leave_error,
             held: checked.is_ok()
                 && loss <= MAX_LOSS
@@ -283,7 +348,7 @@ pub async fn measure(
         eprintln!(
             "listeners: {n}: joined {} in {join_seconds:.1} s, server {:.1} % of a core, swarm \
              {:.0} %, loss {:.4} %, kernel drops {kernel_drops}, samples {} ok / {} bad, last \
-             minus first {:?} ms{}",
+             minus first {:?} ms (at the server's egress {:?} ms){}",
             step.joined,
             server_cpu * 100.0,
             step.generator_cpu * 100.0,
@@ -291,6 +356,7 @@ pub async fn measure(
             step.samples_ok,
             step.samples_bad,
             step.last_minus_first_ms,
+            step.egress_spread.map(|e| e.p50_ms),
             if step.held {
                 ""
             } else if generator_limited {
@@ -329,6 +395,7 @@ mod tests {
             every_listener_checked: held,
             generator_limited,
             last_minus_first_ms: None,
+            egress_spread: None,
             leave_error: None,
             held,
         }

@@ -209,12 +209,15 @@ async fn only_list_stability(args: &Args, plan: &harness::Plan) -> Result<()> {
 /// `--only listeners`: the swarm's listener capacity alone, `--runs` times.
 async fn only_listeners(args: &Args, plan: &harness::Plan) -> Result<()> {
     let mut runs = Vec::new();
+    let speed = harness::machine_speed()?;
+    eprintln!("machine speed: {speed:?}");
     for run in 0..plan.runs {
         eprintln!("chorus-bench: listeners, run {} of {}", run + 1, plan.runs);
         runs.push(harness::listener_capacities(plan).await?);
     }
     let value = serde_json::json!({
         "machine": harness::machine(),
+        "machine_speed": speed,
         "runs": runs.len(),
         "capacity": harness::capacity_json(&runs.iter().collect::<Vec<_>>()),
         "per_run": runs,

@@ -135,6 +135,8 @@ struct Arrival {
     read: Instant,
     /// The kernel's receive timestamp (CLOCK_REALTIME, ns), if it gave one.
     kernel_ns: Option<i64>,
+    /// The RTP sequence number (0 until the datagram is known to be RTP).
+    seq: u16,
 }
 
 /// One sampled payload of a listener.
@@ -595,6 +597,7 @@ impl MediaThread {
                     .collect();
                 let samples_ok = matched.len() as u64;
                 let (offset, read_offset) = offsets(&matched);
+                let seq_delta = sequence_delta(&matched);
                 let j = &l.joined;
                 ListenerReport {
                     index: j.index,
@@ -620,6 +623,7 @@ impl MediaThread {
                     samples_mismatched: w.samples.len() as u64 - samples_ok,
                     offset_vs_reference_ms: offset,
                     read_offset_vs_reference_ms: read_offset,
+                    seq_delta_vs_reference: seq_delta,
                     answered_at: j.answered_at.saturating_duration_since(self.epoch),
                     send_ssrc: self.settings.upstream.is_some().then_some(j.send_ssrc),
                     audio_level_id: j.audio_level_id,
@@ -806,6 +810,7 @@ impl MediaThread {
                 let arrival = Arrival {
                     read: now,
                     kernel_ns: stamps[i],
+                    seq: 0,
                 };
                 self.datagram(slot, arrival, sources[i], datagram);
             }
@@ -911,6 +916,7 @@ fn rtp(
     };
     let now = arrival.read;
     let seq = u16::from_be_bytes([s0, s1]);
+    let arrival = Arrival { seq, ..arrival };
     let timestamp = u32::from_be_bytes([t0, t1, t2, t3]);
     let ssrc = u32::from_be_bytes([c0, c1, c2, c3]);
     if *listener.ssrc.get_or_insert(ssrc) != ssrc {
@@ -1072,6 +1078,21 @@ fn offsets(matched: &[(Arrival, Arrival)]) -> (Option<OffsetStats>, Option<Offse
         OffsetStats::of(best, kernel_stamped),
         OffsetStats::of(read, 0),
     )
+}
+
+/// The difference of RTP sequence numbers (the listener's minus the reference's) that most
+/// matched samples show: the server numbers each listener's packets in step, so it is one
+/// constant while nothing is skipped.
+fn sequence_delta(matched: &[(Arrival, Arrival)]) -> Option<u16> {
+    let mut deltas: Vec<u16> = matched
+        .iter()
+        .map(|(sample, reference)| sample.seq.wrapping_sub(reference.seq))
+        .collect();
+    deltas.sort_unstable();
+    deltas
+        .chunk_by(|a, b| a == b)
+        .max_by_key(|run| run.len())
+        .and_then(|run| run.first().copied())
 }
 
 /// The reference arrival closest to `sample` (by kernel stamps when both have them) among
