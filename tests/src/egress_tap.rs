@@ -1,15 +1,25 @@
-//! The server's egress, tapped: when two listeners' datagrams left the server's network
-//! interface, so the bench can give the fan-out's spread (the last listener's delay after the
-//! first's) as the server adds it, without the receivers' delivery in it.
+//! The server's egress, tapped: when two listeners' datagrams left the server, so the bench can
+//! give the fan-out's spread (the last listener's delay after the first's) as the server adds it,
+//! without the receivers' delivery in it.
 //!
 //! The swarm's own figure comes from kernel receive stamps on its sockets, on the far side of
 //! the veth pair. That holds the server's send *and* the swarm side's delivery: every listener's
 //! datagram goes through one NAPI thread on the swarm's CPU, which on a real network would be
-//! thousands of machines receiving in parallel. This tap sees the frames as the server's
-//! interface transmits them.
+//! thousands of machines receiving in parallel. This tap watches the server's side, at one of
+//! two points ([`TapPoint`]):
+//! - **Transmit**: as the server's interface hands each frame to its driver, after the
+//!   interface's queue. On the bench's veth pair that queue fills whenever the swarm side's ring
+//!   (256 frames) does, and it is then drained at the pace of the swarm side's delivery: from
+//!   about 1,000 listeners on, most of a frame's datagrams wait there (the queue's `requeues` and
+//!   backlog say so), so this point holds the receiver's pace as well.
+//! - **Hand-off**: as the server's send hands each frame to the interface, before its queue, in
+//!   the server's own system call: where the server's work on a datagram ends, as it ends at a
+//!   NIC's queue. A `tc` rule on the interface's egress hook (`clsact`, `u32`) mirrors the two
+//!   listeners' datagrams, and only those, to an `ifb` device, and the tap watches that device
+//!   transmit them; `mirred` transmits its copy at once, in the caller's context.
 //!
 //! How:
-//! - A packet socket for every protocol (`ETH_P_ALL`), bound to the server's interface, gets a
+//! - A packet socket for every protocol (`ETH_P_ALL`), bound to the watched interface, gets a
 //!   copy of each frame the interface transmits. The kernel stamps it as it hands the frame to
 //!   the device's driver (`dev_queue_xmit_nit`, `SO_TIMESTAMPNS`, the realtime clock), after the
 //!   server's whole send path: the link-layer fan-out's frames and the UDP socket's alike.
@@ -26,12 +36,15 @@
 //!   datagrams pairs with the reference's of the sequence number that constant gives; RTCP on
 //!   the same port is left out.
 //!
-//! What it costs the server: the kernel clones every transmitted frame for the tap before the
-//! filter runs, perhaps 0.1–0.2 µs each. So the bench taps in a window of its own, after the
-//! window whose CPU it reports, and what this tap measures errs long, not short.
+//! What it costs the server: at the transmit point the kernel clones every transmitted frame
+//! for the tap before the filter runs, perhaps 0.1–0.2 µs each; at the hand-off point the `u32`
+//! rule reads every frame's headers and only the two listeners' are copied. So the bench taps in
+//! windows of their own, after the window whose CPU it reports, and what this tap measures errs
+//! long, not short. The `tc` rule is removed when the tap stops (or is dropped).
 //!
 //! Written by hand: a pcap library would need libpcap and would copy every frame to this process.
-//! It is safe code over `nix` and `socket2`. Needs `CAP_NET_RAW`.
+//! It is safe code over `nix` and `socket2`, and the `tc` command (iproute2). Needs
+//! `CAP_NET_RAW`, and `CAP_NET_ADMIN` for the hand-off point.
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
@@ -86,17 +99,30 @@ pub struct EgressSpread {
 /// The reference's departures and the other listener's, in the order tapped.
 type Tapped = (Vec<Departure>, Vec<Departure>);
 
+/// Where a tap watches the server's frames leave (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapPoint<'a> {
+    /// As `interface` hands each frame to its driver, after the interface's queue.
+    Transmit { interface: &'a str },
+    /// As the server's send hands each frame to `interface`, before its queue: the two
+    /// listeners' datagrams are mirrored to `mirror` (an `ifb` device that is up), whose
+    /// transmit is tapped.
+    HandOff { interface: &'a str, mirror: &'a str },
+}
+
 /// A running tap (see the module docs). [`EgressTap::stop`] ends it.
 #[derive(Debug)]
 pub struct EgressTap {
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<Result<Tapped>>>,
+    /// The hand-off point's mirror rule, removed when the tap ends.
+    _mirror: Option<MirrorRule>,
 }
 
 impl EgressTap {
-    /// Taps `interface` for the datagrams that `server` sends to `reference` and to `other`.
+    /// Taps `point` for the datagrams that `server` sends to `reference` and to `other`.
     pub fn start(
-        interface: &str,
+        point: TapPoint<'_>,
         server: SocketAddr,
         reference: SocketAddr,
         other: SocketAddr,
@@ -104,10 +130,25 @@ impl EgressTap {
         if reference.port() == other.port() {
             bail!("the two listeners share port {}", reference.port());
         }
-        let socket = open(interface, server.port(), [reference.port(), other.port()])?;
+        let ports = [reference.port(), other.port()];
+        match point {
+            TapPoint::Transmit { interface } => {
+                EgressTap::read(open(interface, server.port(), ports)?, ports, None)
+            }
+            TapPoint::HandOff { interface, mirror } => {
+                // The socket first, so nothing mirrored is missed.
+                let socket = open(mirror, server.port(), ports)?;
+                let rule = MirrorRule::add(interface, mirror, server.port(), ports)?;
+                EgressTap::read(socket, ports, Some(rule))
+            }
+        }
+    }
+
+    /// Starts the reader of `socket`.
+    fn read(socket: OwnedFd, ports: [u16; 2], mirror: Option<MirrorRule>) -> Result<EgressTap> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let ports = (reference.port(), other.port());
+        let ports = (ports[0], ports[1]);
         let reader = std::thread::Builder::new()
             .name("egress-tap".to_owned())
             .spawn(move || read_until(&socket, ports, &stopped))
@@ -115,6 +156,7 @@ impl EgressTap {
         Ok(EgressTap {
             stop,
             reader: Some(reader),
+            _mirror: mirror,
         })
     }
 
@@ -137,6 +179,65 @@ impl Drop for EgressTap {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// The `tc` filter priority of the hand-off point's mirror rule on the server's interface.
+const MIRROR_PRIORITY: &str = "49";
+
+/// The hand-off point's rule (see the module docs): on `interface`'s egress hook, datagrams from
+/// the server's port to either listener's port are mirrored to `mirror`. Removed on drop.
+#[derive(Debug)]
+struct MirrorRule {
+    interface: String,
+}
+
+impl MirrorRule {
+    fn add(interface: &str, mirror: &str, server_port: u16, ports: [u16; 2]) -> Result<Self> {
+        // The hook's qdisc may already be there (`scripts/swarm-netns` adds it).
+        if !tc(&format!("qdisc show dev {interface}"))?.contains("clsact") {
+            tc(&format!("qdisc add dev {interface} clsact"))?;
+        }
+        let rule = MirrorRule {
+            interface: interface.to_owned(),
+        };
+        for port in ports {
+            // `ip sport`/`dport` read the UDP header after a 20-byte IP header, which is what
+            // the server sends (no options).
+            tc(&format!(
+                "filter add dev {interface} egress protocol ip prio {MIRROR_PRIORITY} u32 \
+                 match ip protocol 17 0xff match ip sport {server_port} 0xffff \
+                 match ip dport {port} 0xffff action mirred egress mirror dev {mirror}"
+            ))?;
+        }
+        Ok(rule)
+    }
+}
+
+impl Drop for MirrorRule {
+    fn drop(&mut self) {
+        let interface = &self.interface;
+        if let Err(err) = tc(&format!(
+            "filter del dev {interface} egress protocol ip prio {MIRROR_PRIORITY}"
+        )) {
+            eprintln!("egress tap: removing the mirror rule: {err:#}");
+        }
+    }
+}
+
+/// Runs `tc` with the words of `command` (interface names hold no spaces): its output, or its
+/// error output as the error.
+fn tc(command: &str) -> Result<String> {
+    let out = std::process::Command::new("tc")
+        .args(command.split_whitespace())
+        .output()
+        .context("running tc (iproute2; scripts/bootstrap installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "tc {command} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The packet socket, filtered, bound to `interface`, stamping.
@@ -387,15 +488,14 @@ mod tests {
         assert_eq!(rtp_destination_and_seq(&frame), None);
     }
 
-    /// On loopback, as root: the filter passes the server's datagrams to the two ports and
-    /// nothing else, and the departures pair up by their sequence numbers.
-    #[test]
-    fn the_tap_sees_only_the_two_listeners_datagrams_on_loopback() -> Result<()> {
-        let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
-        if !root {
-            eprintln!("SKIPPED: the egress tap needs CAP_NET_RAW (run as root)");
-            return Ok(());
-        }
+    fn root() -> Result<bool> {
+        Ok(std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0)
+    }
+
+    /// Sends 20 frames from a server socket to three listeners on loopback (with a stranger's
+    /// datagram and the server's RTCP beside them), tapped at `point` for listeners 0 and 2, and
+    /// checks that exactly their RTP was seen and paired.
+    fn loopback_fan_out_is_paired(point: TapPoint<'_>) -> Result<()> {
         let server = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let listeners: Vec<_> = (0..3)
             .map(|_| std::net::UdpSocket::bind("127.0.0.1:0"))
@@ -403,7 +503,7 @@ mod tests {
         let stranger = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let addr = |s: &std::net::UdpSocket| s.local_addr();
         let tap = EgressTap::start(
-            "lo",
+            point,
             addr(&server)?,
             addr(&listeners[0])?,
             addr(&listeners[2])?,
@@ -426,11 +526,61 @@ mod tests {
         assert_eq!(
             (s.reference_datagrams, s.other_datagrams),
             (20, 20),
-            "{s:?}"
+            "{point:?}: {s:?}"
         );
-        assert_eq!(s.pairs, 20, "{s:?}");
+        assert_eq!(s.pairs, 20, "{point:?}: {s:?}");
         // Listener 2's datagram leaves after listener 0's (and 1's), within the same frame.
-        assert!(s.min_ms > 0.0 && s.max_ms < 10.0, "{s:?}");
+        assert!(s.min_ms > 0.0 && s.max_ms < 10.0, "{point:?}: {s:?}");
+        Ok(())
+    }
+
+    /// On loopback, as root: the filter passes the server's datagrams to the two ports and
+    /// nothing else, and the departures pair up by their sequence numbers.
+    #[test]
+    fn the_tap_sees_only_the_two_listeners_datagrams_on_loopback() -> Result<()> {
+        if !root()? {
+            eprintln!("SKIPPED: the egress tap needs CAP_NET_RAW (run as root)");
+            return Ok(());
+        }
+        loopback_fan_out_is_paired(TapPoint::Transmit { interface: "lo" })
+    }
+
+    /// The same at the hand-off point, as root: the mirror rule copies exactly the two
+    /// listeners' datagrams to an `ifb` device of the test's own, and is gone after the tap.
+    #[test]
+    fn the_hand_off_tap_mirrors_only_the_two_listeners_datagrams_on_loopback() -> Result<()> {
+        if !root()? {
+            eprintln!("SKIPPED: the hand-off tap needs CAP_NET_ADMIN (run as root)");
+            return Ok(());
+        }
+        let mirror = format!("ctapt{}", std::process::id() % 100_000);
+        let ip = |args: &str| -> Result<()> {
+            let status = std::process::Command::new("ip")
+                .args(args.split_whitespace())
+                .status()
+                .context("running ip")?;
+            anyhow::ensure!(status.success(), "ip {args}: {status}");
+            Ok(())
+        };
+        // The tap adds loopback's egress hook if it is missing; the test takes it away again.
+        let had_hook = tc("qdisc show dev lo")?.contains("clsact");
+        ip(&format!("link add {mirror} type ifb"))?;
+        let result = ip(&format!("link set {mirror} up")).and_then(|()| {
+            loopback_fan_out_is_paired(TapPoint::HandOff {
+                interface: "lo",
+                mirror: &mirror,
+            })
+        });
+        let rules = tc("filter show dev lo egress")?;
+        ip(&format!("link del {mirror}"))?;
+        if !had_hook {
+            tc("qdisc del dev lo clsact")?;
+        }
+        result?;
+        assert!(
+            !rules.contains(&mirror),
+            "the mirror rule outlived the tap: {rules}"
+        );
         Ok(())
     }
 }

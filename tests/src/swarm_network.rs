@@ -34,6 +34,9 @@ use anyhow::{Context, Result, bail};
 pub const NAMESPACE: &str = "chorus-swarm";
 /// The server side of the pair's interface, in this process's namespace.
 pub const SERVER_INTERFACE: &str = "csrv";
+/// The `ifb` device the bench's hand-off tap mirrors [`SERVER_INTERFACE`]'s datagrams to
+/// (`crate::egress_tap::TapPoint::HandOff`), in this process's namespace.
+pub const HAND_OFF_MIRROR: &str = "ctap";
 /// The server side of the pair, in this process's namespace.
 pub const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1));
 /// The swarm side, in [`NAMESPACE`].

@@ -41,14 +41,20 @@ async fn the_whole_harness_runs_once_and_writes_its_files() -> Result<()> {
             "{system}: {c:?}"
         );
     }
-    // On the swarm's own network, the egress tap followed the fan-out: pairs of the same frame
-    // leaving for the first and the last listener, within a frame of each other.
+    // On the swarm's own network, both egress taps followed the fan-out: pairs of the same
+    // frame leaving for the first and the last listener, within a frame of each other, at the
+    // server's hand-off and after the interface's queue.
     let chorus = &run.listener_capacity["chorus"];
     if chorus.network.as_deref() == Some("veth") {
+        let paired = |e: Option<chorus_tests::egress_tap::EgressSpread>| {
+            e.is_some_and(|e| e.pairs >= 20 && e.p50_ms.abs() < 20.0)
+        };
         assert!(
-            chorus.steps.iter().any(|s| s
-                .egress_spread
-                .is_some_and(|e| e.pairs >= 20 && e.p50_ms.abs() < 20.0)),
+            chorus.steps.iter().any(|s| paired(s.egress_spread)),
+            "{chorus:?}"
+        );
+        assert!(
+            chorus.steps.iter().any(|s| paired(s.hand_off_spread)),
             "{chorus:?}"
         );
     }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::capacity::{self, Capacity};
 use super::delay::{self, ChorusRoom, DelayResult, JanusRoom};
 use super::list_stability::{self, ListStability};
-use super::listeners::{self, ListenerCapacity, SwarmPlan};
+use super::listeners::{self, ListenerCapacity, SwarmPlan, SwarmStep};
 use super::mesh::{self, Convergence, MeshBytes};
 use super::telephony::{self, PhoneCalls, PhonePlan};
 use super::transfer::{self, TransferFigures};
@@ -417,15 +417,17 @@ impl SwarmPlace {
     /// A ramp of `steps` run here: this place's kernel threads charged to the server and the
     /// generator, and its network named in the results.
     fn ramp(&self, steps: Vec<usize>, plan: &Plan, server_cpus: f64) -> SwarmPlan {
-        let (server_threads, generator_threads, network, egress_interface) = match &self.network {
-            Some(n) => (
-                n.server_threads().to_vec(),
-                n.swarm_threads().to_vec(),
-                "veth",
-                Some(crate::swarm_network::SERVER_INTERFACE),
-            ),
-            None => (Vec::new(), Vec::new(), "loopback", None),
-        };
+        let (server_threads, generator_threads, network, egress_interface, hand_off_mirror) =
+            match &self.network {
+                Some(n) => (
+                    n.server_threads().to_vec(),
+                    n.swarm_threads().to_vec(),
+                    "veth",
+                    Some(crate::swarm_network::SERVER_INTERFACE),
+                    Some(crate::swarm_network::HAND_OFF_MIRROR),
+                ),
+                None => (Vec::new(), Vec::new(), "loopback", None, None),
+            };
         SwarmPlan {
             steps,
             window: plan.listener_window,
@@ -435,6 +437,7 @@ impl SwarmPlace {
             generator_threads,
             network,
             egress_interface,
+            hand_off_mirror,
         }
     }
 }
@@ -1226,9 +1229,13 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
     let last_minus_first = med("chorus", |c| {
         listeners::last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
     });
-    // The same spread where the server's interface transmits (the egress tap, veth only).
+    // The same spread where the server's interface transmits, after its queue, and where the
+    // server hands its datagrams to the interface (the egress taps, veth only).
     let last_minus_first_egress = med("chorus", |c| {
         listeners::egress_last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
+    });
+    let last_minus_first_hand_off = med("chorus", |c| {
+        listeners::hand_off_last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
     });
     // Where the swarm ran in the last run (`veth` or `loopback`; older runs: loopback).
     let network = runs
@@ -1246,6 +1253,7 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "ratio_vs_janus": ratio,
         "last_minus_first_delay_ms_at_2000": last_minus_first,
         "last_minus_first_egress_ms_at_2000": last_minus_first_egress,
+        "last_minus_first_hand_off_ms_at_2000": last_minus_first_hand_off,
         "instructions_per_listener_packet": med("chorus", |c| {
             c.instructions_per_listener_packet.unwrap_or(f64::NAN)
         }),
@@ -1283,31 +1291,32 @@ async fn with_link_layer_share(
 /// and with two on the same CPUs (the slope, or at the largest step with one point), their
 /// ratio, and the fan-out's spread at the largest step of each.
 fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
+    fn largest_held(c: &ListenerCapacity) -> Option<&SwarmStep> {
+        c.steps
+            .iter()
+            .filter(|s| s.held)
+            .max_by_key(|s| s.listeners)
+    }
     let per_listener = |c: &ListenerCapacity| {
         if c.cpu_per_listener.is_finite() {
             c.cpu_per_listener
         } else {
-            c.steps
-                .iter()
-                .filter(|s| s.held)
-                .max_by_key(|s| s.listeners)
-                .map_or(f64::NAN, |s| s.server_cpu / s.listeners as f64)
+            largest_held(c).map_or(f64::NAN, |s| s.server_cpu / s.listeners as f64)
         }
     };
     let spread_at_largest = |c: &ListenerCapacity| {
-        c.steps
-            .iter()
-            .filter(|s| s.held)
-            .max_by_key(|s| s.listeners)
+        largest_held(c)
             .and_then(|s| s.last_minus_first_ms)
             .unwrap_or(f64::NAN)
     };
     let egress_at_largest = |c: &ListenerCapacity| {
-        c.steps
-            .iter()
-            .filter(|s| s.held)
-            .max_by_key(|s| s.listeners)
+        largest_held(c)
             .and_then(|s| s.egress_spread)
+            .map_or(f64::NAN, |e| e.p50_ms)
+    };
+    let hand_off_at_largest = |c: &ListenerCapacity| {
+        largest_held(c)
+            .and_then(|s| s.hand_off_spread)
             .map_or(f64::NAN, |e| e.p50_ms)
     };
     let med = |system: &str, get: &dyn Fn(&ListenerCapacity) -> f64| {
@@ -1318,11 +1327,7 @@ fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
     let two = med("chorus_scaling_2_workers", &per_listener);
     let largest = |system: &str| {
         med(system, &|c: &ListenerCapacity| {
-            c.steps
-                .iter()
-                .filter(|s| s.held)
-                .map(|s| s.listeners as f64)
-                .fold(f64::NAN, f64::max)
+            largest_held(c).map_or(f64::NAN, |s| s.listeners as f64)
         })
     };
     json!({
@@ -1338,6 +1343,8 @@ fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "last_minus_first_ms_2_workers": med("chorus_scaling_2_workers", &spread_at_largest),
         "last_minus_first_egress_ms_1_worker": med("chorus_scaling_1_worker", &egress_at_largest),
         "last_minus_first_egress_ms_2_workers": med("chorus_scaling_2_workers", &egress_at_largest),
+        "last_minus_first_hand_off_ms_1_worker": med("chorus_scaling_1_worker", &hand_off_at_largest),
+        "last_minus_first_hand_off_ms_2_workers": med("chorus_scaling_2_workers", &hand_off_at_largest),
     })
 }
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::egress_tap::{EgressSpread, EgressTap};
+use crate::egress_tap::{EgressSpread, EgressTap, TapPoint};
 use crate::process_cpu_time;
 use crate::swarm::{Swarm, SwarmConfig, SwarmReport};
 
@@ -38,7 +38,8 @@ pub fn last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64
         .find_map(|s| s.last_minus_first_ms)
 }
 
-/// The step at `listeners`' last-minus-first delay at the server's egress, ms.
+/// The step at `listeners`' last-minus-first delay where the server's interface transmits
+/// (after its queue), ms.
 pub fn egress_last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
     c.steps
         .iter()
@@ -46,7 +47,16 @@ pub fn egress_last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Opt
         .find_map(|s| s.egress_spread.map(|e| e.p50_ms))
 }
 
-/// How long the egress tap listens, after the CPU window (see [`crate::egress_tap`]).
+/// The step at `listeners`' last-minus-first delay where the server hands its datagrams to the
+/// interface (before its queue), ms.
+pub fn hand_off_last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
+    c.steps
+        .iter()
+        .filter(|s| s.listeners == listeners)
+        .find_map(|s| s.hand_off_spread.map(|e| e.p50_ms))
+}
+
+/// How long each egress tap listens, after the CPU window (see [`crate::egress_tap`]).
 const EGRESS_WINDOW: Duration = Duration::from_secs(2);
 
 /// Loss a step may show.
@@ -79,13 +89,16 @@ pub struct SwarmPlan {
     /// The server's interface towards the swarm, where [`crate::egress_tap`] watches the
     /// fan-out leave (a window of its own after each step's); `None`: not tapped.
     pub egress_interface: Option<&'static str>,
+    /// The `ifb` device the hand-off tap mirrors the interface's datagrams to (a window of its
+    /// own too); `None`: the hand-off is not tapped.
+    pub hand_off_mirror: Option<&'static str>,
 }
 
-/// The fan-out's spread at the server's egress over [`EGRESS_WINDOW`]: the last-admitted
-/// listener's departures after the reference's.
+/// The fan-out's spread at `point` over [`EGRESS_WINDOW`]: the last-admitted listener's
+/// departures after the reference's.
 async fn egress_spread(
     swarm: &mut Swarm,
-    interface: &str,
+    point: TapPoint<'_>,
     window_report: &SwarmReport,
 ) -> Result<Option<EgressSpread>> {
     let Some((reference, last)) = swarm.fan_out_ends() else {
@@ -96,7 +109,7 @@ async fn egress_spread(
         // to follow across the fan-out.
         return Ok(None);
     }
-    let tap = EgressTap::start(interface, reference.remote, reference.local, last.local)?;
+    let tap = EgressTap::start(point, reference.remote, reference.local, last.local)?;
     let tapped = swarm.run_for(EGRESS_WINDOW).await?;
     // Which of the reference's frames each of the last listener's is: the swarm's payload
     // matches, from either window (one constant while the server skips nothing).
@@ -161,11 +174,15 @@ pub struct SwarmStep {
     /// receive stamps of the same payload); `None` where payloads differ per listener.
     #[serde(default)]
     pub last_minus_first_ms: Option<f64>,
-    /// The same spread where the server's interface transmits (by [`crate::egress_tap`], in a
-    /// window of its own after the step's): what the server adds, without the swarm side's
-    /// delivery. `None` where not tapped.
+    /// The same spread where the server's interface transmits, after its queue (by
+    /// [`crate::egress_tap`], in a window of its own after the step's): without the swarm
+    /// side's delivery, but paced by it wherever the queue fills. `None` where not tapped.
     #[serde(default)]
     pub egress_spread: Option<EgressSpread>,
+    /// The same spread where the server hands its datagrams to the interface, before its queue
+    /// (in a window of its own): what the server adds. `None` where not tapped.
+    #[serde(default)]
+    pub hand_off_spread: Option<EgressSpread>,
     /// Why leaving after the window failed, if it did (the step's figures stand).
     #[serde(default)]
     pub leave_error: Option<String>,
@@ -284,15 +301,27 @@ pub async fn measure(
         // swarm's CPU: together they say whether the generator kept up.
         let generator_cpu = report.swarm_core_fraction
             + (cpu_time_of(None, &plan.generator_threads)? - generator0).as_secs_f64() / window;
-        let egress_spread = match plan.egress_interface {
-            Some(interface) => egress_spread(&mut swarm, interface, &report)
+        // The two taps in windows of their own, so neither's cost is in the other's figure.
+        let mut tapped = async |point: Option<TapPoint<'_>>| match point {
+            Some(point) => egress_spread(&mut swarm, point, &report)
                 .await
                 .unwrap_or_else(|e| {
-                    eprintln!("listeners: {n}: egress tap: {e:#}");
+                    eprintln!("listeners: {n}: egress tap at {point:?}: {e:#}");
                     None
                 }),
             None => None,
         };
+        let hand_off_spread = tapped(
+            plan.egress_interface
+                .zip(plan.hand_off_mirror)
+                .map(|(interface, mirror)| TapPoint::HandOff { interface, mirror }),
+        )
+        .await;
+        let egress_spread = tapped(
+            plan.egress_interface
+                .map(|interface| TapPoint::Transmit { interface }),
+        )
+        .await;
         // A failed leave (a participant the server had already let go, say) is recorded, not
         // fatal: the window's figures above are complete whatever happens after it.
         let leave_error = swarm.leave().await.err().map(|e| format!("{e:#}"));
@@ -338,6 +367,7 @@ pub async fn measure(
             generator_limited,
             last_minus_first_ms,
             egress_spread,
+            hand_off_spread,
             leave_error,
             held: checked.is_ok()
                 && loss <= MAX_LOSS
@@ -348,7 +378,8 @@ pub async fn measure(
         eprintln!(
             "listeners: {n}: joined {} in {join_seconds:.1} s, server {:.1} % of a core, swarm \
              {:.0} %, loss {:.4} %, kernel drops {kernel_drops}, samples {} ok / {} bad, last \
-             minus first {:?} ms (at the server's egress {:?} ms){}",
+             minus first {:?} ms (at the server's hand-off {:?} ms, after its interface's \
+             queue {:?} ms){}",
             step.joined,
             server_cpu * 100.0,
             step.generator_cpu * 100.0,
@@ -356,6 +387,7 @@ pub async fn measure(
             step.samples_ok,
             step.samples_bad,
             step.last_minus_first_ms,
+            step.hand_off_spread.map(|e| e.p50_ms),
             step.egress_spread.map(|e| e.p50_ms),
             if step.held {
                 ""
@@ -396,6 +428,7 @@ mod tests {
             generator_limited,
             last_minus_first_ms: None,
             egress_spread: None,
+            hand_off_spread: None,
             leave_error: None,
             held,
         }
