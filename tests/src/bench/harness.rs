@@ -1226,16 +1226,16 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         (Some(c), Some(j)) if j > 0.0 => json!(c / j),
         _ => Value::Null,
     };
+    // At the swarm's sockets; where the server's interface transmits, after its queue; and
+    // where the server hands its datagrams to the interface (the egress taps, veth only).
     let last_minus_first = med("chorus", |c| {
-        listeners::last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
+        listeners::at_step(c, 2000, |s| s.last_minus_first_ms).unwrap_or(f64::NAN)
     });
-    // The same spread where the server's interface transmits, after its queue, and where the
-    // server hands its datagrams to the interface (the egress taps, veth only).
     let last_minus_first_egress = med("chorus", |c| {
-        listeners::egress_last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
+        listeners::at_step(c, 2000, |s| s.egress_spread.map(|e| e.p50_ms)).unwrap_or(f64::NAN)
     });
     let last_minus_first_hand_off = med("chorus", |c| {
-        listeners::hand_off_last_minus_first_at(c, 2000).unwrap_or(f64::NAN)
+        listeners::at_step(c, 2000, |s| s.hand_off_spread.map(|e| e.p50_ms)).unwrap_or(f64::NAN)
     });
     // Where the swarm ran in the last run (`veth` or `loopback`; older runs: loopback).
     let network = runs
@@ -1304,21 +1304,13 @@ fn two_workers_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
             largest_held(c).map_or(f64::NAN, |s| s.server_cpu / s.listeners as f64)
         }
     };
-    let spread_at_largest = |c: &ListenerCapacity| {
-        largest_held(c)
-            .and_then(|s| s.last_minus_first_ms)
-            .unwrap_or(f64::NAN)
+    // A figure of the largest step held: the spread at the swarm's sockets or at a tap.
+    let at_largest = |get: fn(&SwarmStep) -> Option<f64>| {
+        move |c: &ListenerCapacity| largest_held(c).and_then(get).unwrap_or(f64::NAN)
     };
-    let egress_at_largest = |c: &ListenerCapacity| {
-        largest_held(c)
-            .and_then(|s| s.egress_spread)
-            .map_or(f64::NAN, |e| e.p50_ms)
-    };
-    let hand_off_at_largest = |c: &ListenerCapacity| {
-        largest_held(c)
-            .and_then(|s| s.hand_off_spread)
-            .map_or(f64::NAN, |e| e.p50_ms)
-    };
+    let spread_at_largest = at_largest(|s| s.last_minus_first_ms);
+    let egress_at_largest = at_largest(|s| s.egress_spread.map(|e| e.p50_ms));
+    let hand_off_at_largest = at_largest(|s| s.hand_off_spread.map(|e| e.p50_ms));
     let med = |system: &str, get: &dyn Fn(&ListenerCapacity) -> f64| {
         let s = spread(runs.iter().map(|r| r.get(system).map_or(f64::NAN, get)));
         s.median.is_finite().then_some(s.median)

@@ -30,30 +30,17 @@ use crate::egress_tap::{EgressSpread, EgressTap, TapPoint};
 use crate::process_cpu_time;
 use crate::swarm::{Swarm, SwarmConfig, SwarmReport};
 
-/// The step nearest to `listeners`' last-minus-first delay, ms.
-pub fn last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
+/// The figure `get` takes from the step of `listeners` listeners (a last-minus-first delay, say:
+/// [`SwarmStep::last_minus_first_ms`], or the p50 of a tap's spread), if that step has it.
+pub fn at_step(
+    c: &ListenerCapacity,
+    listeners: usize,
+    get: impl Fn(&SwarmStep) -> Option<f64>,
+) -> Option<f64> {
     c.steps
         .iter()
         .filter(|s| s.listeners == listeners)
-        .find_map(|s| s.last_minus_first_ms)
-}
-
-/// The step at `listeners`' last-minus-first delay where the server's interface transmits
-/// (after its queue), ms.
-pub fn egress_last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
-    c.steps
-        .iter()
-        .filter(|s| s.listeners == listeners)
-        .find_map(|s| s.egress_spread.map(|e| e.p50_ms))
-}
-
-/// The step at `listeners`' last-minus-first delay where the server hands its datagrams to the
-/// interface (before its queue), ms.
-pub fn hand_off_last_minus_first_at(c: &ListenerCapacity, listeners: usize) -> Option<f64> {
-    c.steps
-        .iter()
-        .filter(|s| s.listeners == listeners)
-        .find_map(|s| s.hand_off_spread.map(|e| e.p50_ms))
+        .find_map(get)
 }
 
 /// How long each egress tap listens, after the CPU window (see [`crate::egress_tap`]).
