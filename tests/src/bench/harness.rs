@@ -392,39 +392,6 @@ impl SwarmPlace {
         }
     }
 
-    /// The kernel's floor under the hand-off spread at 2,000 listeners, measured on `cpu` through
-    /// the server side's interface (`super::send_floor`), in ms; `None` over loopback, or if it
-    /// could not be measured (said on stderr: the run goes on without it).
-    fn send_floor(&self, cpu: usize) -> Option<f64> {
-        self.network.as_ref()?;
-        let (std::net::IpAddr::V4(source), std::net::IpAddr::V4(destination)) = (
-            crate::swarm_network::SERVER_IP,
-            crate::swarm_network::SWARM_IP,
-        ) else {
-            return None;
-        };
-        match super::send_floor::measure(
-            crate::swarm_network::SERVER_INTERFACE,
-            cpu,
-            source,
-            destination,
-        ) {
-            Ok(floor) => {
-                eprintln!(
-                    "listeners: send floor: {} frames from one thread in {:.2} ms ({:.2} µs each)",
-                    super::send_floor::FRAMES,
-                    floor.p50_ms,
-                    floor.per_frame_us
-                );
-                Some(floor.p50_ms)
-            }
-            Err(err) => {
-                eprintln!("listeners: send floor not measured: {err:#}");
-                None
-            }
-        }
-    }
-
     /// The address the server's media socket binds and advertises.
     fn server_ip(&self) -> Option<std::net::IpAddr> {
         self.network
@@ -484,8 +451,6 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
     }
     let _away = AwayFrom::cpu(plan.capacity_cpu)?;
     let place = SwarmPlace::build(plan);
-    // Before any server or swarm runs on the pair: the kernel's own pace on the server's CPU.
-    let send_floor = place.send_floor(plan.capacity_cpu);
     {
         let largest = plan.listener_steps.iter().copied().max().unwrap_or(0);
         let server = ServerProcess::start(ProcessOptions {
@@ -520,8 +485,7 @@ pub async fn listener_capacities(plan: &Plan) -> Result<BTreeMap<String, Listene
             &swarm_plan,
         )
         .await?;
-        let mut c = with_link_layer_share(c, &server).await;
-        c.send_floor_ms_at_2000 = send_floor;
+        let c = with_link_layer_share(c, &server).await;
         out.insert("chorus".to_owned(), c);
         // The same path's user-space instructions per listener-packet, by callgrind, on a
         // server of its own (instrumented, so not pinned: its CPU time means nothing).
@@ -1290,7 +1254,6 @@ pub fn capacity_json(runs: &[&BTreeMap<String, ListenerCapacity>]) -> Value {
         "last_minus_first_delay_ms_at_2000": last_minus_first,
         "last_minus_first_egress_ms_at_2000": last_minus_first_egress,
         "last_minus_first_hand_off_ms_at_2000": last_minus_first_hand_off,
-        "send_floor_ms_at_2000": med("chorus", |c| c.send_floor_ms_at_2000.unwrap_or(f64::NAN)),
         "instructions_per_listener_packet": med("chorus", |c| {
             c.instructions_per_listener_packet.unwrap_or(f64::NAN)
         }),

@@ -208,12 +208,6 @@ pub struct ListenerCapacity {
     /// packet sockets (`--link-layer-fan-out`); `None` where the server did not use them.
     #[serde(default)]
     pub link_layer_share: Option<f64>,
-    /// The kernel's floor under the hand-off spread at 2,000 listeners: one thread on the
-    /// server's CPU handing 2,000 frames of a listener packet's size to the same interface,
-    /// doing nothing else (`super::send_floor`), p50 in ms. `None` off the veth pair, in the
-    /// ramps that do not measure it, and in runs recorded before it existed.
-    #[serde(default)]
-    pub send_floor_ms_at_2000: Option<f64>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`, which reads back as NaN here.
@@ -265,7 +259,6 @@ pub fn summarize(steps: Vec<SwarmStep>, network: Option<String>) -> ListenerCapa
         instructions_per_listener_packet: None,
         network,
         link_layer_share: None,
-        send_floor_ms_at_2000: None,
     }
 }
 

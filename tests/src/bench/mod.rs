@@ -19,7 +19,6 @@ pub mod list_stability;
 pub mod listeners;
 pub mod mesh;
 pub mod report;
-pub mod send_floor;
 pub mod telephony;
 pub mod transfer;
 

@@ -283,15 +283,6 @@ pub fn markdown(plan: &Plan, runs: &[RunResult], analysis: &str, date: &str) -> 
             );
         }
     }
-    // What no server can go below on one core: the kernel's own send path, 2,000 times.
-    if cj["send_floor_ms_at_2000"].is_number() {
-        let _ = writeln!(
-            md,
-            "| the kernel's floor under the hand-off figure: one thread on the server's CPU handing 2,000 frames of a listener packet's size to the same interface, doing nothing else (p50) | {:.1} ms (the server's hand-off figure: {:.2}× it) | — | — |",
-            num("send_floor_ms_at_2000"),
-            num("last_minus_first_hand_off_ms_at_2000") / num("send_floor_ms_at_2000"),
-        );
-    }
     let _ = writeln!(
         md,
         "| two fan-out workers: CPU per listener against one worker, same 2 CPUs (last − first at the largest step held: {:.0} listeners) | {:.2}× ({:.1} ms vs {:.1} ms) | does not rise (≤ 1.1×) | {} |",
